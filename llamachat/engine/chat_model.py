@@ -1,0 +1,139 @@
+"""A model ready to chat: weights on the device, tokenizer, chat format and end-of-turn tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chat_format import ChatFormat, Message, chat_format_for, render
+from .config import ModelConfig
+from .errors import EngineError, ModelLoadError
+from .loading import load_transformer, resolve_device, resolve_dtype
+from .model import Transformer
+
+# Without an explicit ctx a session gets the model's whole window up to this many tokens, so a
+# 128k-token model does not reserve 16 GiB of cache for a short chat (ollama and llama.cpp also
+# default to a few thousand).
+DEFAULT_CONTEXT = 8192
+
+
+class ChatModel:
+    def __init__(
+        self,
+        folder: Path,
+        config: ModelConfig,
+        transformer: Transformer,
+        tokenizer: Any,
+        chat_format: ChatFormat,
+        eos_token_ids: frozenset[int],
+    ):
+        self.folder = folder
+        self.config = config
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.eos_token_ids = eos_token_ids
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        device: str = "auto",
+        dtype: str | None = None,
+        chat_format: str | None = None,
+    ) -> ChatModel:
+        """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelLoadError(f"{folder} is not a folder")
+        config = ModelConfig.from_file(folder / "config.json")
+        target_device = resolve_device(device)
+        target_dtype = resolve_dtype(dtype, target_device)
+        tokenizer = _load_tokenizer(folder)
+        transformer = load_transformer(folder, config, target_device, target_dtype)
+        chosen_format = chat_format_for(tokenizer, chat_format)
+        eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
+            tokenizer, chosen_format.stop
+        )
+        return cls(folder, config, transformer, tokenizer, chosen_format, eos)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.tok_embeddings.weight.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.config.kv_bytes_per_token(self.dtype.itemsize)
+
+    def kv_bytes(self, ctx: int) -> int:
+        """The KV cache a session of `ctx` tokens allocates."""
+        return ctx * self.kv_bytes_per_token
+
+    def encode(self, text: str) -> list[int]:
+        # Chat templates write the BOS token themselves, so the tokenizer must not add another.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.encode(render(self.tokenizer, self.chat_format, messages))
+
+    def session(self, ctx: int | None = None):  # -> ChatSession (imported late: it imports us)
+        from .session import ChatSession
+
+        if ctx is None:
+            ctx = min(self.context_length, DEFAULT_CONTEXT)
+        if not 16 <= ctx <= self.context_length:
+            raise EngineError(
+                f"ctx must be between 16 and the model's context length {self.context_length}"
+            )
+        return ChatSession(self, ctx)
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # transformers raises many kinds for a broken or absent tokenizer
+        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {error}") from None
+
+
+def _eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a reply: generation_config.json's list (Llama-3 has several: end of
+    text, end of turn, end of message), config.json's, and the tokenizer's."""
+    ids = set(config.eos_token_ids)
+    generation_config = folder / "generation_config.json"
+    if generation_config.exists():
+        try:
+            value = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot read {generation_config}: {error}") from None
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ModelLoadError(f"{folder} names no end-of-sequence token")
+    return frozenset(int(i) for i in ids)
+
+
+def _special_token_ids(tokenizer: Any, strings: Sequence[str]) -> frozenset[int]:
+    """Stop strings that are special tokens (ChatML's <|im_end|>) never show in decoded text, so
+    they must end the reply as token ids."""
+    special = set(tokenizer.all_special_tokens) | {
+        token.content for token in tokenizer.added_tokens_decoder.values() if token.special
+    }
+    return frozenset(tokenizer.convert_tokens_to_ids(s) for s in strings if s in special)

@@ -1,0 +1,47 @@
+"""The per-session key/value cache."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    `k` and `v` are each (layers, n_kv_heads, max_len, head_dim): only the kv heads are stored,
+    so a GQA model (Llama-2-70B: 64 query heads over 8 kv heads) keeps an eighth of what MHA
+    would, and MQA a single head. One token costs 2 × layers × kv_heads × head_dim × dtype bytes.
+    Positions are written by index; what lies past the valid length is never read unmasked.
+    """
+
+    def __init__(self, config: ModelConfig, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    @property
+    def bytes_per_token(self) -> int:
+        layers, kv_heads, _, head_dim = self.k.shape
+        return 2 * layers * kv_heads * head_dim * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def update(
+        self,
+        layer: int,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attend_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (1, n_kv, T, hd) at `positions` (T,) and return this layer's keys and values
+        for positions [0, attend_len), each (1, n_kv, attend_len, hd)."""
+        layer_k, layer_v = self.k[layer], self.v[layer]  # (n_kv, max_len, hd)
+        layer_k.index_copy_(1, positions, k[0])
+        layer_v.index_copy_(1, positions, v[0])
+        return layer_k[None, :, :attend_len], layer_v[None, :, :attend_len]

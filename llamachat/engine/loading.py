@@ -1,0 +1,167 @@
+"""Weights from safetensors onto the target device, in the target dtype, with no pickle and no
+full-precision copy: the model is built on the meta device and the checkpoint's tensors are
+assigned into it as they are read."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import ModelConfig
+from .errors import DeviceError, ModelLoadError
+from .model import Transformer
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# Checkpoint names (Hugging Face layout) → our parameter, the slot the tensor takes in it and how
+# many slots it has: q, k and v are stacked into one matrix, and so are gate and up.
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_LAYER_PARTS: dict[str, tuple[str, int, int]] = {
+    "self_attn.q_proj": ("attention.wqkv", 0, 3),
+    "self_attn.k_proj": ("attention.wqkv", 1, 3),
+    "self_attn.v_proj": ("attention.wqkv", 2, 3),
+    "self_attn.o_proj": ("attention.wo", 0, 1),
+    "mlp.gate_proj": ("feed_forward.w13", 0, 2),
+    "mlp.up_proj": ("feed_forward.w13", 1, 2),
+    "mlp.down_proj": ("feed_forward.w2", 0, 1),
+    "input_layernorm": ("attention_norm", 0, 1),
+    "post_attention_layernorm": ("ffn_norm", 0, 1),
+}
+_TOP_LEVEL = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "CUDA was asked for but this torch build sees no CUDA GPU; use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"no GPU {device.index}: this machine has {torch.cuda.device_count()}"
+            )
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it (fp16 on older ones), fp32 on the CPU, unless asked otherwise."""
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = DTYPES.get(name)
+    if dtype is None:
+        raise DeviceError(f"unknown dtype {name!r}: use float32, bfloat16 or float16")
+    if dtype is torch.float16 and device.type == "cpu":
+        raise DeviceError("float16 is not supported on the CPU: use bfloat16 or float32")
+    return dtype
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"cannot read {index}: {error}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ModelLoadError(f"{folder} is missing weight shards: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pth")):
+        raise ModelLoadError(
+            f"{folder} has only pickle weights (.bin/.pth); llamachat loads safetensors only"
+        )
+    raise ModelLoadError(f"{folder} has no .safetensors weights")
+
+
+def load_transformer(
+    folder: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = model.state_dict()
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    slots: dict[str, int] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as checkpoint:
+                for key in checkpoint.keys():
+                    target = _target_name(key)
+                    if target is None:
+                        continue
+                    name, slot, slots[name] = target
+                    parts.setdefault(name, {})[slot] = checkpoint.get_tensor(key).to(dtype)
+        except (SafetensorError, OSError) as error:
+            raise ModelLoadError(f"cannot read {path.name}: {error}") from None
+    state: dict[str, torch.Tensor] = {}
+    for name, found in parts.items():
+        if len(found) != slots[name]:
+            raise ModelLoadError(f"checkpoint lacks part of {name} ({len(found)} of {slots[name]})")
+        state[name] = (
+            found[0] if slots[name] == 1 else torch.cat([found[i] for i in range(slots[name])])
+        )
+    if config.tie_word_embeddings and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    _check_complete(state, expected)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _target_name(key: str) -> tuple[str, int, int] | None:
+    if key in _TOP_LEVEL:
+        return _TOP_LEVEL[key], 0, 1
+    match = _LAYER_KEY.fullmatch(key)
+    if match and match.group(2) in _LAYER_PARTS:
+        layer, part, kind = match.groups()
+        ours, slot, slot_count = _LAYER_PARTS[part]
+        return f"layers.{layer}.{ours}.{kind}", slot, slot_count
+    if _IGNORED.fullmatch(key):
+        return None
+    raise ModelLoadError(f"unexpected tensor {key!r} in the checkpoint: not a LLaMA layout")
+
+
+def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    missing = [name for name in expected if name not in state]
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise ModelLoadError(f"checkpoint is missing {shown}")
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ModelLoadError(f"checkpoint has {name}, which the config does not describe")
+        if tensor.shape != expected[name].shape:
+            raise ModelLoadError(
+                f"{name} has shape {tuple(tensor.shape)} but the config implies "
+                f"{tuple(expected[name].shape)}"
+            )

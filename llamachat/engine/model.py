@@ -1,0 +1,140 @@
+"""The LLaMA decoder: embedding, N pre-norm blocks of attention and SwiGLU MLP, final norm, LM head.
+
+Query/key/value and gate/up projections are fused into one matrix each (one read of the input,
+one kernel launch); the loader concatenates the checkpoint's separate matrices into them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import apply_rope, rope_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype: bf16 squares lose too much.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.split = (config.q_size, config.kv_size, config.kv_size)
+        self.wqkv = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.wo = nn.Linear(config.q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.update(layer, positions, k, v, mask.shape[-1])  # (B, KV, S, hd)
+        # GQA without repeating kv heads: the query heads that share a kv head are stacked along
+        # the sequence axis, so each kv head is read once for all of its group.
+        groups = self.n_heads // self.n_kv_heads
+        q = q.reshape(batch, self.n_kv_heads, groups * length, self.head_dim)  # (B, KV, G·T, hd)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, KV, G·T, hd)
+        out = out.reshape(batch, self.n_heads, length, self.head_dim)  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer, positions) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, positions)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    def setup_rope(self, max_len: int) -> None:
+        """Build the rotary tables for positions [0, max_len) on the weights' device."""
+        device = self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = rope_tables(self.config, max_len, device)
+
+    @property
+    def rope_len(self) -> int:
+        return 0 if self.rope_cos is None else self.rope_cos.shape[0]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        attend_len: int,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Run tokens (1, T) at `positions` (T,), reading the cache up to `attend_len`.
+
+        Shapes depend only on T and attend_len, never on the positions' values, so a decode step
+        (T = 1) at any position within one attend_len is the same computation graph.
+        Returns float32 logits (1, 1, V) for the last token, or (1, T, V) with last_only=False.
+        """
+        assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope first"
+        x = self.tok_embeddings(tokens)  # (1, T, D)
+        cos = self.rope_cos[positions].to(x.dtype)  # (T, hd)
+        sin = self.rope_sin[positions].to(x.dtype)
+        # Key s is visible to the query at position p when s ≤ p; rows repeat per query group.
+        key_positions = torch.arange(attend_len, device=tokens.device)
+        mask = key_positions[None, :] <= positions[:, None]  # (T, S)
+        mask = mask.repeat(self.config.n_groups, 1)  # (G·T, S)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, index, positions)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()

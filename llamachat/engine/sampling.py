@@ -1,0 +1,87 @@
+"""Choosing the next token: a pure function of (logits, parameters, generator, recent tokens)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is drawn. temperature 0 is greedy (argmax) and ignores the rest.
+
+    The filters run in this order: repetition penalty, temperature, top-k, top-p, min-p.
+    top_k 0, top_p 1 and min_p 0 switch their filter off; repeat_penalty 1 or repeat_last_n 0
+    switch the penalty off, which otherwise covers the last repeat_last_n tokens of the context.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be ≥ 0"),
+            (self.top_k >= 0, "top_k must be ≥ 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= 0, "repeat_last_n must be ≥ 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def apply_repeat_penalty(
+    logits: torch.Tensor, recent: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Make recently seen tokens less likely (CTRL's penalty): positive logits are divided by the
+    penalty and negative ones multiplied, so the push is always towards less probable."""
+    if penalty == 1.0 or recent.numel() == 0:
+        return logits
+    seen = logits.gather(-1, recent)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, recent, seen)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    recent: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick one token id from float32 logits (V,); returns a 0-d long tensor on their device."""
+    if recent is not None and params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
+        logits = apply_repeat_penalty(
+            logits, recent[-params.repeat_last_n :], params.repeat_penalty
+        )
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it
+        # is still short of top_p, so the most likely token always stays.
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return torch.multinomial(probs, 1, generator=generator)[0]

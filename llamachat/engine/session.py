@@ -1,0 +1,253 @@
+"""A chat session: one KV cache, reused across the turns of a conversation.
+
+Each request carries the whole conversation. The session remembers which token ids its cache
+holds, and prefills only what follows the longest common prefix with the new prompt: a new turn
+costs its own tokens, and a regenerated or edited turn rolls the cache back to where the
+conversations part.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .chat_format import Message
+from .chat_model import ChatModel
+from .detokenize import StreamDecoder
+from .errors import ContextOverflowError
+from .kv_cache import KVCache
+from .sampling import GREEDY, SamplingParams, sample
+
+FinishReason = Literal["stop", "length", "context", "cancelled"]
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
+ATTEND_BUCKET = 256  # attention reads the cache in steps of this many positions, not all of it
+DEFAULT_RESERVE = 512  # room kept for the reply when fitting a conversation with no max_new_tokens
+
+
+@dataclass
+class ReplyStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens found in the cache, not computed again
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0  # from the request to the first sampled token
+    decode_s: float = 0.0  # from the first sampled token to the last
+    finish_reason: FinishReason | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    token_ids: list[int]
+    dropped: tuple[int, ...]  # indices of the caller's messages left out to fit the context
+    max_new_tokens: int  # what the context leaves for the reply
+
+
+class ChatSession:
+    def __init__(self, model: ChatModel, ctx: int):
+        self.model = model
+        self.ctx = ctx
+        if model.transformer.rope_len < ctx:
+            model.transformer.setup_rope(ctx)
+        self.cache = KVCache(model.config, ctx, model.device, model.dtype)
+        self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
+
+    def reset(self) -> None:
+        self.cached_ids = []
+
+    def reply(
+        self,
+        messages: Sequence[Message],
+        sampling: SamplingParams = GREEDY,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] = (),
+        cancel: threading.Event | None = None,
+    ) -> Reply:
+        """Prepare the assistant's next reply to `messages`; iterate the Reply to stream it.
+
+        Raises ContextOverflowError when the system prompt and the last message alone do not
+        fit the context; older turns are dropped silently otherwise (see Reply.dropped).
+        """
+        started = time.perf_counter()
+        prompt = self.fit(messages, max_new_tokens)
+        stops = tuple(stop) + self.model.chat_format.stop
+        return Reply(self, prompt, sampling, stops, cancel or threading.Event(), started)
+
+    def fit(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> Prompt:
+        """Template the conversation, dropping the oldest exchanges (never the system prompt)
+        until it and the room for the reply fit the context."""
+        reserve = (
+            max_new_tokens if max_new_tokens is not None else min(DEFAULT_RESERVE, self.ctx // 4)
+        )
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        start = head
+        while True:
+            ids = self.model.prompt_ids([*messages[:head], *messages[start:]])
+            later_turn = next(
+                (i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"), None
+            )
+            if len(ids) + reserve <= self.ctx or later_turn is None:
+                break
+            start = later_turn
+        if len(ids) >= self.ctx:
+            what = (
+                "the last message and the system prompt take" if head else "the last message takes"
+            )
+            raise ContextOverflowError(
+                f"{what} {len(ids)} tokens, more than the context of {self.ctx}; "
+                "shorten it or raise ctx"
+            )
+        room = self.ctx - len(ids)
+        limit = room if max_new_tokens is None else min(max_new_tokens, room)
+        return Prompt(ids, tuple(range(head, start)), limit)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        cancel: threading.Event,
+        stats: ReplyStats,
+    ) -> Iterator[int]:
+        """Yield sampled token ids until an end-of-sequence id, max_new_tokens, or cancel.
+
+        The end-of-sequence id is yielded too, so the caller can tell it apart; the cache keeps
+        every token fed through the model, and survives a stop or an exception half-way.
+        """
+        # At least the last prompt token is computed again: its logits start the reply.
+        reuse = min(_common_prefix(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
+        del self.cached_ids[reuse:]
+        stats.prompt_tokens = len(prompt_ids)
+        stats.reused_tokens = reuse
+        stats.prefilled_tokens = len(prompt_ids) - reuse
+        logits = None
+        for start in range(reuse, len(prompt_ids), PREFILL_CHUNK):
+            if cancel.is_set():
+                stats.finish_reason = "cancelled"
+                return
+            logits = self._forward(prompt_ids[start : start + PREFILL_CHUNK])
+        assert logits is not None
+        generator = torch.Generator(self.model.device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else _random_seed())
+        context = list(prompt_ids)
+        for count in range(1, max_new_tokens + 1):
+            recent = None
+            if sampling.repeat_penalty != 1.0:
+                recent = torch.tensor(context[-sampling.repeat_last_n :], device=self.model.device)
+            token = int(sample(logits[0, -1], sampling, generator, recent))
+            if token in self.model.eos_token_ids:
+                stats.finish_reason = "stop"
+            elif count == max_new_tokens:
+                stats.finish_reason = "length"
+            yield token
+            if stats.finish_reason is not None:
+                return
+            if cancel.is_set():
+                stats.finish_reason = "cancelled"
+                return
+            context.append(token)
+            logits = self._forward([token])
+
+    def _forward(self, token_ids: list[int]) -> torch.Tensor:
+        """Run tokens that follow the cached ones; returns the last token's logits (1, 1, V)."""
+        start = len(self.cached_ids)
+        end = start + len(token_ids)
+        device = self.model.device
+        tokens = torch.tensor([token_ids], device=device)
+        positions = torch.arange(start, end, device=device)
+        attend_len = min(self.ctx, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
+        logits = self.model.transformer(tokens, positions, self.cache, attend_len)
+        self.cached_ids.extend(token_ids)
+        return logits
+
+
+class Reply:
+    """One assistant reply. Iterate it for text pieces as they are generated; afterwards (or
+    after a stop, cancel or break) `text`, `token_ids` and `stats` hold what was produced."""
+
+    def __init__(
+        self,
+        session: ChatSession,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        stop: tuple[str, ...],
+        cancel: threading.Event,
+        started: float,
+    ):
+        self.session = session
+        self.prompt = prompt
+        self.sampling = sampling
+        self.cancel = cancel
+        self.token_ids: list[int] = []
+        self.stats = ReplyStats()
+        self._decoder = StreamDecoder(session.model.decode, stop)
+        self._started = started
+        self._consumed = False
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        """Indices of the messages that were left out to fit the context window."""
+        return self.prompt.dropped
+
+    @property
+    def text(self) -> str:
+        return self._decoder.text
+
+    def __iter__(self) -> Iterator[str]:
+        if self._consumed:
+            raise RuntimeError("a Reply can be streamed only once")
+        self._consumed = True
+        stats, eos = self.stats, self.session.model.eos_token_ids
+        first_token_at = None
+        tokens = self.session.generate(
+            self.prompt.token_ids, self.sampling, self.prompt.max_new_tokens, self.cancel, stats
+        )
+        try:
+            for token in tokens:
+                now = time.perf_counter()
+                if first_token_at is None:
+                    first_token_at = now
+                    stats.time_to_first_token_s = now - self._started
+                stats.decode_s = now - first_token_at
+                stats.generated_tokens += 1
+                if token in eos:
+                    break
+                self.token_ids.append(token)
+                piece = self._decoder.push(token)
+                if piece:
+                    yield piece
+                if self._decoder.stopped:
+                    stats.finish_reason = "stop"
+                    return
+            piece = self._decoder.finish()
+            if piece:
+                yield piece
+        finally:
+            tokens.close()
+        window_full = len(self.prompt.token_ids) + stats.generated_tokens >= self.session.ctx
+        if stats.finish_reason == "length" and window_full:
+            stats.finish_reason = "context"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    length = min(len(a), len(b))
+    for index in range(length):
+        if a[index] != b[index]:
+            return index
+    return length
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") & (2**63 - 1)

@@ -7,33 +7,48 @@
         print(piece, end="", flush=True)
     reply.stats                                       # prompt/reused/prefilled tokens, TTFT, tok/s
 
-This package imports torch and transformers (for tokenizers), never a UI library.
+This package imports torch and transformers (for tokenizers), never a UI library. The names
+below load on first use, so `llamachat.engine.config` and `.errors` (which the model store reads
+without torch) stay cheap to import.
 """
 
-from .chat_format import BUILTIN_FORMATS, ChatFormat, Message
-from .chat_model import DEFAULT_CONTEXT, ChatModel
-from .config import ModelConfig, RopeScaling
-from .errors import (
-    ContextOverflowError,
-    DeviceError,
-    EngineError,
-    ModelLoadError,
-    UnsupportedModelError,
-)
-from .kv_cache import KVCache
-from .sampling import GREEDY, SamplingParams
-from .session import ChatSession, Prompt, Reply, ReplyStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BUILTIN_FORMATS": "chat_format",
+    "ChatFormat": "chat_format",
+    "Message": "chat_format",
+    "DEFAULT_CONTEXT": "chat_model",
+    "ChatModel": "chat_model",
+    "ModelConfig": "config",
+    "RopeScaling": "config",
+    "ContextOverflowError": "errors",
+    "DeviceError": "errors",
+    "EngineError": "errors",
+    "ModelLoadError": "errors",
+    "UnsupportedModelError": "errors",
+    "KVCache": "kv_cache",
+    "GREEDY": "sampling",
+    "SamplingParams": "sampling",
+    "ChatSession": "session",
+    "Prompt": "session",
+    "Reply": "session",
+    "ReplyStats": "session",
+}
 
 __all__ = [
     "BUILTIN_FORMATS",
-    "DEFAULT_CONTEXT",
-    "GREEDY",
     "ChatFormat",
     "ChatModel",
     "ChatSession",
     "ContextOverflowError",
+    "DEFAULT_CONTEXT",
     "DeviceError",
     "EngineError",
+    "GREEDY",
     "KVCache",
     "Message",
     "ModelConfig",
@@ -45,3 +60,25 @@ __all__ = [
     "SamplingParams",
     "UnsupportedModelError",
 ]
+
+if TYPE_CHECKING:
+    from .chat_format import BUILTIN_FORMATS, ChatFormat, Message
+    from .chat_model import DEFAULT_CONTEXT, ChatModel
+    from .config import ModelConfig, RopeScaling
+    from .errors import (
+        ContextOverflowError,
+        DeviceError,
+        EngineError,
+        ModelLoadError,
+        UnsupportedModelError,
+    )
+    from .kv_cache import KVCache
+    from .sampling import GREEDY, SamplingParams
+    from .session import ChatSession, Prompt, Reply, ReplyStats
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llamachat.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

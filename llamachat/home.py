@@ -1,0 +1,46 @@
+"""Where llamachat keeps things.
+
+Models and history live in the platformdirs user data dir, the config file in the user config
+dir. LLAMACHAT_HOME replaces both with one folder (every test sets it). Downloads that are only
+worth keeping to avoid fetching them again (pip wheels) go to the user cache dir, or
+LLAMACHAT_CACHE_DIR; they are not part of a model's install.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+APP_NAME = "llamachat"
+
+
+@dataclass(frozen=True)
+class Home:
+    data: Path
+    config: Path
+    cache: Path
+
+    @classmethod
+    def current(cls) -> Home:
+        from platformdirs import user_cache_path, user_config_path, user_data_path
+
+        cache = os.environ.get("LLAMACHAT_CACHE_DIR")
+        cache_path = Path(cache) if cache else user_cache_path(APP_NAME)
+        home = os.environ.get("LLAMACHAT_HOME")
+        if home:
+            root = Path(home).expanduser()
+            return cls(data=root, config=root, cache=cache_path)
+        return cls(user_data_path(APP_NAME), user_config_path(APP_NAME), cache_path)
+
+    @property
+    def models(self) -> Path:
+        return self.data / "models"
+
+    @property
+    def config_file(self) -> Path:
+        return self.config / "config.toml"
+
+    @property
+    def downloads(self) -> Path:
+        return self.cache / "downloads"

@@ -1,0 +1,129 @@
+"""The user's config file: a flat TOML table of defaults that command-line flags override.
+
+default_model = "smollm2"
+system = "You are a concise assistant."
+temperature = 0.7
+ctx = 4096
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(Exception):
+    """The config file cannot be read, or a value in it (or given to `config set`) is invalid."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    kind: type
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("default_model", str, "model used when -m is not given"),
+    Setting("system", str, "default system prompt"),
+    Setting("temperature", float, "sampling temperature (0 = greedy)"),
+    Setting("top_p", float, "nucleus sampling mass"),
+    Setting("top_k", int, "sample among the k most likely tokens (0 = all)"),
+    Setting("min_p", float, "drop tokens below min_p × the best one's probability"),
+    Setting("repeat_penalty", float, "penalty for recently seen tokens (1 = off)"),
+    Setting("seed", int, "random seed for reproducible sampling"),
+    Setting("max_tokens", int, "most tokens in one reply"),
+    Setting("ctx", int, "context window in tokens"),
+    Setting("device", str, "auto, cpu, cuda or cuda:N"),
+    Setting("dtype", str, "float32, bfloat16 or float16"),
+    Setting("theme", str, "chat app theme"),
+)
+_BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    default_model: str | None = None
+    system: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    ctx: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    theme: str | None = None
+
+    def items(self) -> list[tuple[str, Any]]:
+        """The keys that are set, in the documented order."""
+        values = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        return [(key, value) for key, value in values if value is not None]
+
+
+def load(path: Path) -> Settings:
+    if not path.exists():
+        return Settings()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise SettingsError(f"cannot read {path}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"{path} is not valid TOML: {error}") from None
+    values = {}
+    for key, value in raw.items():
+        values[key] = _checked(key, value, source=str(path))
+    return Settings(**values)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A value typed on the command line (`llamachat config set KEY VALUE`), checked for KEY."""
+    setting = _setting(key, source="config set")
+    if setting.kind is str:
+        return text
+    try:
+        return setting.kind(text)
+    except ValueError:
+        raise SettingsError(f"{key} takes {_kind_name(setting.kind)}, not {text!r}") from None
+
+
+def save(path: Path, settings: Settings) -> None:
+    """Write atomically: a crash mid-write leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{key} = {_toml_value(value)}\n" for key, value in settings.items()]
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text("".join(lines), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _checked(key: str, value: Any, source: str) -> Any:
+    setting = _setting(key, source)
+    if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, setting.kind) or isinstance(value, bool):
+        raise SettingsError(f"{source}: {key} takes {_kind_name(setting.kind)}, not {value!r}")
+    return value
+
+
+def _setting(key: str, source: str) -> Setting:
+    try:
+        return _BY_KEY[key]
+    except KeyError:
+        known = ", ".join(_BY_KEY)
+        raise SettingsError(f"{source}: unknown setting {key!r} (known: {known})") from None
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "text", int: "a whole number", float: "a number"}[kind]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    return repr(value)

@@ -7,7 +7,7 @@ rendered by transformers, exactly as a model's own template would be.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +112,11 @@ def chat_format_for(tokenizer: Any, name: str | None = None) -> ChatFormat:
         return ChatFormat(MODEL_FORMAT, template)
     if name == MODEL_FORMAT:
         raise EngineError("this model has no chat template of its own; choose a built-in format")
-    vocabulary = tokenizer.get_vocab()
+    return builtin_for_vocabulary(tokenizer.get_vocab())
+
+
+def builtin_for_vocabulary(vocabulary: Container[str]) -> ChatFormat:
+    """The built-in format a template-less model most likely speaks, from its special tokens."""
     if "<|im_start|>" in vocabulary:
         return BUILTIN_FORMATS["chatml"]
     if "<|start_header_id|>" in vocabulary:

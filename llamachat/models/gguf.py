@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,10 @@ class ConversionError(Exception):
 ProgressCallback = Callable[[int, int], None]  # (bytes written so far, bytes in all)
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressCallback | None = None) -> None:
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressCallback | None = None) -> str:
     """Write config.json, generation_config.json, tokenizer files and safetensors weights for
-    the model in `gguf_path` into `out_dir` (which must exist)."""
+    the model in `gguf_path` into `out_dir` (which must exist). Returns the file's quantisation:
+    the type of most of its matrices, such as Q4_1 or F16."""
     from gguf import GGUFReader
 
     try:
@@ -84,6 +86,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressCallback | No
         json.dumps(_generation_config(metadata), indent=2) + "\n", encoding="utf-8"
     )
     _save_tokenizer(gguf_path, out_dir)
+    matrices = Counter(t.tensor_type.name for t in tensors.values() if len(t.shape) == 2)
+    return matrices.most_common(1)[0][0] if matrices else "F32"
 
 
 class _Metadata:

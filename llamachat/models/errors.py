@@ -1,0 +1,27 @@
+"""Errors of the model store. Each message is one line that says what to do."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class for everything the store reports to a front end."""
+
+
+class ModelNotFoundError(StoreError):
+    def __init__(self, name: str, suggestions: list[str]):
+        self.name = name
+        self.suggestions = suggestions
+        hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
+        super().__init__(f"no model named {name!r}{hint} (`llamachat list` shows installed models)")
+
+
+class SourceError(StoreError):
+    """The thing to pull cannot be found, reached or read."""
+
+
+class IntegrityError(StoreError):
+    """A downloaded or converted file does not match its checksum."""
+
+
+class BusyError(StoreError):
+    """Another process is installing the same model."""

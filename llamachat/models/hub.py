@@ -1,0 +1,322 @@
+"""Downloads from the Hugging Face Hub, into the Hugging Face cache (HF_HOME).
+
+huggingface_hub answers the questions (which commit a revision is, which files it holds and their
+digests, where each file's bytes are and with which headers); the bytes themselves are fetched
+here, because huggingface_hub discards a partial download when its process dies. Each file
+grows in the cache as blobs/ETAG.incomplete: a pull that is killed, loses the network or runs
+out of disk leaves it there, and the next pull asks only for the missing range. Complete files
+are checked against the Hub's digest (sha256 for LFS files, the git blob id for the rest) and
+then placed exactly as huggingface_hub would place them, so a model already in the cache is
+never downloaded again, by llamachat or by anything else that uses the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import importlib
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import IntegrityError, SourceError
+from .progress import Progress
+
+# What a model needs, at the top level of the repo only: Meta's repos also carry the original
+# consolidated .pth checkpoints under original/, and many repos .bin twins of the weights.
+DEFAULT_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja")
+REQUEST_TIMEOUT_S = 10.0
+MAX_STALLED_ATTEMPTS = 4  # consecutive tries without a new byte before a download gives up
+
+
+@dataclass(frozen=True)
+class HubFile:
+    path: str
+    size: int
+    blob_id: str  # git blob sha1
+    sha256: str | None  # LFS files only
+
+    @property
+    def cache_name(self) -> str:
+        """The file's name in the cache's blobs/ folder (its ETag)."""
+        return self.sha256 or self.blob_id
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    repo: str
+    commit: str
+    folder: Path  # the cache's snapshot folder: one link per file
+    files: tuple[HubFile, ...]
+    sha256: dict[str, str]  # path → verified sha256, for the manifest
+
+
+def resolve(repo: str, revision: str | None) -> tuple[str, tuple[HubFile, ...]]:
+    """The commit a revision names, and the files at that commit."""
+    api = _api()
+    with _hub_errors(repo, revision):
+        info = api.repo_info(repo, revision=revision, timeout=REQUEST_TIMEOUT_S)
+        commit = info.sha
+        files = tuple(
+            HubFile(entry.path, entry.size, entry.blob_id, entry.lfs.sha256 if entry.lfs else None)
+            for entry in api.list_repo_tree(repo, revision=commit, recursive=True)
+            if hasattr(entry, "blob_id")
+        )
+    return commit, files
+
+
+def select(repo: str, files: tuple[HubFile, ...], patterns: tuple[str, ...]) -> tuple[HubFile, ...]:
+    chosen = tuple(
+        f for f in files if "/" not in f.path and any(fnmatch.fnmatch(f.path, p) for p in patterns)
+    )
+    names = {f.path for f in chosen}
+    if "config.json" not in names:
+        raise SourceError(f"{repo} has no config.json: not a Hugging Face model repository")
+    if not any(name.endswith(".safetensors") for name in names):
+        if any(f.path.endswith((".bin", ".pth")) for f in files):
+            raise SourceError(
+                f"{repo} has only pickle weights (.bin/.pth); llamachat installs safetensors only"
+            )
+        raise SourceError(f"{repo} has no safetensors weights")
+    return chosen
+
+
+def download(repo: str, commit: str, files: tuple[HubFile, ...], progress: Progress) -> Snapshot:
+    """Every file of `files` in the cache's snapshot folder for `commit`, each verified."""
+    total = sum(f.size for f in files)
+    task = progress.task(f"downloading {repo}", total)
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        task.update(done)
+
+    snapshot = _cache_folder(repo) / "snapshots" / commit
+    digests = {}
+    with _hub_errors(repo, commit):
+        for hub_file in files:
+            target = snapshot / hub_file.path
+            if not target.exists():
+                _fetch(repo, commit, hub_file, advance)
+            else:
+                advance(hub_file.size)
+            digests[hub_file.path] = _verified_sha256(repo, target, hub_file)
+    task.finish()
+    return Snapshot(repo, commit, snapshot, files, digests)
+
+
+def _fetch(repo: str, commit: str, hub_file: HubFile, advance: Callable[[int], None]) -> None:
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    url = hf_hub_url(repo, hub_file.path, revision=commit)
+    metadata = get_hf_file_metadata(url, timeout=REQUEST_TIMEOUT_S)
+    etag = metadata.etag or hub_file.cache_name
+    storage = _cache_folder(repo)
+    blob = storage / "blobs" / etag
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock = Path(constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        if blob.exists():
+            advance(hub_file.size)
+        else:
+            partial = blob.with_name(blob.name + ".incomplete")
+            # Credentials go to the Hub only, never to the storage a file is redirected to.
+            same_host = urlsplit(metadata.location).netloc == urlsplit(constants.ENDPOINT).netloc
+            headers = build_hf_headers() if same_host else {}
+            _transfer(metadata.location, headers, partial, hub_file, advance)
+            os.replace(partial, blob)
+    link = storage / "snapshots" / commit / hub_file.path
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    try:
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    except OSError:  # no symlinks here: keep a copy, as huggingface_hub does
+        link.write_bytes(blob.read_bytes())
+
+
+def _transfer(
+    url: str,
+    headers: dict[str, str],
+    partial: Path,
+    hub_file: HubFile,
+    advance: Callable[[int], None],
+) -> None:
+    """Fill `partial` up to the file's size, asking only for the bytes it lacks. A dropped
+    connection is retried while it makes progress; then the error goes up, and the partial file
+    stays for the next pull."""
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > hub_file.size:
+        partial.unlink()
+        have = 0
+    advance(have)
+    stalled = 0
+    while have < hub_file.size:
+        before = have
+        try:
+            have = _append_range(url, headers, partial, have, advance)
+            if have < hub_file.size:
+                raise ConnectionError(f"the server sent {have} of {hub_file.size} bytes")
+        except _NetworkError as failure:
+            if isinstance(failure.cause, urllib.error.HTTPError) and failure.cause.code < 500:
+                raise failure.cause from None
+            stalled = 0 if have > before else stalled + 1
+            if stalled >= MAX_STALLED_ATTEMPTS:
+                raise SourceError(
+                    f"the download of {hub_file.path} stopped at {have} of {hub_file.size} bytes "
+                    f"({_reason(failure.cause)}); run the pull again to resume it"
+                ) from None
+            time.sleep(0.25 * 2**stalled)
+        except ConnectionError as short:
+            stalled += 1
+            if stalled >= MAX_STALLED_ATTEMPTS:
+                raise SourceError(
+                    f"the download of {hub_file.path} {short}; run the pull again"
+                ) from None
+
+
+class _NetworkError(Exception):
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _append_range(
+    url: str, headers: dict[str, str], partial: Path, have: int, advance: Callable[[int], None]
+) -> int:
+    """Request bytes from `have` on and append them; returns the new length. Network failures
+    come out as _NetworkError; a disk that fills up raises its own OSError at once."""
+    request = urllib.request.Request(url, headers={**headers, "Range": f"bytes={have}-"})
+    try:
+        response = urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S)
+    except (OSError, HTTPException) as error:
+        raise _NetworkError(error) from None
+    with response:
+        if response.status == 200 and have:  # the server ignored the range: start over
+            advance(-have)
+            have = 0
+        with open(partial, "ab" if have else "wb") as out:
+            while True:
+                try:
+                    block = response.read(1 << 20)
+                except (OSError, HTTPException) as error:
+                    raise _NetworkError(error) from None
+                if not block:
+                    return have
+                out.write(block)
+                have += len(block)
+                advance(len(block))
+
+
+def _verified_sha256(repo: str, path: Path, hub_file: HubFile) -> str:
+    sha256, git_sha1 = _digests(path)
+    if hub_file.sha256:
+        expected, actual = hub_file.sha256, sha256
+    else:
+        expected, actual = hub_file.blob_id, git_sha1
+    if actual != expected:
+        # Throw the bad copy out of the cache, so the next pull fetches it again.
+        blob = path.resolve()
+        path.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+        raise IntegrityError(
+            f"{repo}/{hub_file.path} is corrupt (checksum {actual[:12]}…, expected "
+            f"{expected[:12]}…); it was removed from the cache: run the pull again"
+        )
+    return sha256
+
+
+def _digests(path: Path) -> tuple[str, str]:
+    """sha256 and git blob sha1 of a file, in one read."""
+    sha256 = hashlib.sha256()
+    git = hashlib.sha1()
+    git.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            sha256.update(block)
+            git.update(block)
+    return sha256.hexdigest(), git.hexdigest()
+
+
+def _cache_folder(repo: str) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+@contextlib.contextmanager
+def _hub_errors(repo: str, revision: str | None) -> Iterator[None]:
+    """Turns huggingface_hub's exceptions into one line that says what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    page = f"{constants.ENDPOINT}/{repo}"
+    try:
+        yield
+    except GatedRepoError:
+        raise SourceError(
+            f"{repo} is gated: accept its licence at {page}, then set HF_TOKEN to a token "
+            "of the account that accepted it"
+        ) from None
+    except RepositoryNotFoundError:
+        private = "" if os.environ.get("HF_TOKEN") else " (or it is private: set HF_TOKEN)"
+        raise SourceError(
+            f"no model repository {repo} on the Hub{private}; check the name"
+        ) from None
+    except RevisionNotFoundError:
+        raise SourceError(f"{repo} has no revision {revision!r}") from None
+    except urllib.error.HTTPError as error:
+        raise SourceError(
+            f"the server answered {error.code} for a file of {repo}; try again later"
+        ) from None
+    except (
+        *_transport_errors(),
+        LocalEntryNotFoundError,
+        urllib.error.URLError,
+        ConnectionError,
+    ) as error:
+        raise SourceError(
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({_reason(error)}); "
+            "check the network, or HF_ENDPOINT"
+        ) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "an error"
+        raise SourceError(f"the Hub answered {status} for {repo}; try again later") from None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Network failures of whichever HTTP client this huggingface_hub uses."""
+    classes: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            classes.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(classes)
+
+
+def _reason(error: BaseException) -> str:
+    cause = error.__cause__ or error.__context__
+    text = str(cause or error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,156 @@
+"""Installed models: one folder each under `<data>/models/`, made visible by a single rename.
+
+    models/
+      smollm2/                 an installed model: config, tokenizer, safetensors, manifest.json
+      .staging/NAME.PID/       an install in progress (removed, or left behind if killed)
+      .staging/NAME.lock       held while NAME is being installed
+      .trash/NAME.PID/         a replaced or removed model on its way out
+
+A pull killed at any point leaves at most a stale staging folder, which the next pull of any
+model clears; `list` only ever sees folders that hold a manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BusyError, ModelNotFoundError, StoreError
+from .fs import owner_pid, pid_alive
+from .manifest import MANIFEST_NAME, Manifest
+
+_VALID_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+def check_name(name: str) -> str:
+    if not _VALID_NAME.fullmatch(name):
+        raise StoreError(
+            f"invalid model name {name!r}: use lowercase letters, digits, '.', '_' and '-' "
+            "(at most 64, starting with a letter or digit)"
+        )
+    return name
+
+
+class ModelStore:
+    def __init__(self, root: Path):
+        self.root = root
+        self._staging = root / ".staging"
+        self._trash = root / ".trash"
+
+    def installed(self) -> list[InstalledModel]:
+        models = []
+        if self.root.is_dir():
+            for folder in sorted(self.root.iterdir()):
+                if folder.name.startswith(".") or not (folder / MANIFEST_NAME).is_file():
+                    continue
+                try:
+                    models.append(InstalledModel(folder, Manifest.read(folder)))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # an unreadable manifest: not a model we can vouch for
+        return models
+
+    def get(self, name: str) -> InstalledModel:
+        folder = self.root / name
+        if _VALID_NAME.fullmatch(name) and (folder / MANIFEST_NAME).is_file():
+            return InstalledModel(folder, Manifest.read(folder))
+        names = [model.name for model in self.installed()]
+        raise ModelNotFoundError(name, difflib.get_close_matches(name, names, n=3, cutoff=0.5))
+
+    def latest(self) -> InstalledModel | None:
+        """The most recently installed model."""
+        models = self.installed()
+        return max(models, key=lambda m: m.manifest.installed_at) if models else None
+
+    def remove(self, name: str) -> None:
+        model = self.get(name)
+        self._trash.mkdir(parents=True, exist_ok=True)
+        doomed = self._trash / f"{name}.{os.getpid()}"
+        os.replace(model.path, doomed)  # gone from `list` in one step
+        # The manifest goes first, so a removal killed half-way is never mistaken for a
+        # replacement to roll back (see _clear_leftovers).
+        (doomed / MANIFEST_NAME).unlink()
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def install(self, name: str) -> Iterator[Staging]:
+        """Stage a model; it appears when the block ends normally, and never otherwise."""
+        check_name(name)
+        self._staging.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(self._staging / f"{name}.lock", name):
+            self._clear_leftovers()
+            folder = self._staging / f"{name}.{os.getpid()}"
+            staging = Staging(folder, self.root / name, self._trash)
+            shutil.rmtree(staging.path, ignore_errors=True)
+            staging.path.mkdir()
+            try:
+                yield staging
+                staging.commit()
+            finally:
+                shutil.rmtree(staging.path, ignore_errors=True)
+
+    def _clear_leftovers(self) -> None:
+        """Remove what killed processes left: their staging folders, and finished trash. A model
+        whose replacement was killed half-way is put back."""
+        for folder in list(self._staging.glob("*.*")) + list(self._trash.glob("*.*")):
+            pid = owner_pid(folder)
+            if not folder.is_dir() or pid is None or pid_alive(pid):
+                continue
+            target = self.root / folder.name.rpartition(".")[0]
+            replaced = folder.parent == self._trash and (folder / MANIFEST_NAME).is_file()
+            if replaced and not target.exists():
+                os.replace(folder, target)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class Staging:
+    def __init__(self, path: Path, target: Path, trash: Path):
+        self.path = path
+        self._target = target
+        self._trash = trash
+        self.manifest: Manifest | None = None
+
+    def commit(self) -> None:
+        if self.manifest is None:
+            raise StoreError("internal error: staged model has no manifest")
+        self.manifest.write(self.path)
+        if self._target.exists():
+            self._trash.mkdir(parents=True, exist_ok=True)
+            old = self._trash / f"{self._target.name}.{os.getpid()}"
+            os.replace(self._target, old)
+            os.replace(self.path, self._target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.path, self._target)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path, name: str) -> Iterator[None]:
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(
+                f"another llamachat process is installing {name!r}; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

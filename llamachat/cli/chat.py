@@ -3,21 +3,11 @@ engine session, so each turn prefills only its own tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
-from ..home import Home
-from ..models.store import ModelStore
 from .console import CliError, stderr
-from .generation import (
-    context_size,
-    installed_model,
-    load_model,
-    load_settings,
-    max_tokens,
-    print_stats,
-    sampling_params,
-    system_prompt,
-)
+from .generation import print_stats, start
 from .options import GenerationOptions
 
 HELP = """commands:
@@ -29,18 +19,14 @@ Ctrl+C stops a reply; what was written is kept."""
 
 
 def chat(options: GenerationOptions) -> None:
-    home = Home.current()
-    settings = load_settings(home)
-    installed = installed_model(ModelStore(home.models), settings, options.model)
-    sampling = sampling_params(options, settings)
-    model = load_model(installed, options, settings)
-    session = model.session(context_size(options, settings, model))
-    system = system_prompt(options, settings)
+    conversation = start(options)
+    model, session = conversation.model, conversation.session
     history: list[dict[str, str]] = []
     show_stats = options.verbose
     stderr.print(
-        f"{installed.name} on {model.device} ({str(model.dtype).removeprefix('torch.')}), "
-        f"{session.ctx} tokens of context. /help for commands, /bye to quit.",
+        f"{conversation.installed.name} on {model.device} "
+        f"({str(model.dtype).removeprefix('torch.')}), {session.ctx} tokens of context. "
+        "/help for commands, /bye to quit.",
         markup=False,
     )
     from ..engine import ContextOverflowError
@@ -64,16 +50,17 @@ def chat(options: GenerationOptions) -> None:
             if command == "/clear":
                 history.clear()
             elif command == "/system":
-                system, history = argument.strip() or None, []
+                conversation = dataclasses.replace(conversation, system=argument.strip() or None)
+                history.clear()
             elif command == "/stats":
                 show_stats = not show_stats
             else:
                 print(HELP, file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages = conversation.messages(history)
         try:
-            reply = session.reply(messages, sampling, max_tokens(options, settings))
+            reply = session.reply(messages, conversation.sampling, conversation.max_tokens)
         except ContextOverflowError as error:
             history.pop()
             stderr.print(f"llamachat: {error}", markup=False)

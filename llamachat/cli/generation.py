@@ -3,6 +3,8 @@ parameters from config and flags, and the stats line."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..home import Home
@@ -12,7 +14,40 @@ from .console import CliError, stderr
 from .options import GenerationOptions
 
 if TYPE_CHECKING:
-    from ..engine import ChatModel, ReplyStats, SamplingParams
+    from ..engine import ChatModel, ChatSession, ReplyStats, SamplingParams
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A loaded model and a session on it, with everything the flags and config decided."""
+
+    installed: InstalledModel
+    model: ChatModel
+    session: ChatSession
+    sampling: SamplingParams
+    system: str | None
+    max_tokens: int | None
+
+    def messages(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The turns, after the system prompt when there is one."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + turns
+
+
+def start(options: GenerationOptions) -> Conversation:
+    home = Home.current()
+    settings = load(home.config_file)
+    installed = installed_model(ModelStore(home.models), settings, options.model)
+    sampling = sampling_params(options, settings)
+    model = load_model(installed, options, settings)
+    session = model.session(context_size(options, settings, model))
+    return Conversation(
+        installed=installed,
+        model=model,
+        session=session,
+        sampling=sampling,
+        system=_pick(options.system, settings.system),
+        max_tokens=_pick(options.max_tokens, settings.max_tokens),
+    )
 
 
 def installed_model(store: ModelStore, settings: Settings, requested: str | None) -> InstalledModel:
@@ -23,10 +58,6 @@ def installed_model(store: ModelStore, settings: Settings, requested: str | None
     if latest is None:
         raise CliError("no model is installed: run `llamachat pull smollm2` to get the default one")
     return latest
-
-
-def load_settings(home: Home) -> Settings:
-    return load(home.config_file)
 
 
 def sampling_params(options: GenerationOptions, settings: Settings) -> SamplingParams:
@@ -48,11 +79,8 @@ def load_model(model: InstalledModel, options: GenerationOptions, settings: Sett
 
     device = _pick(options.device, settings.device) or "auto"
     dtype = _pick(options.dtype, settings.dtype)
-    with (
-        stderr.status(f"loading {model.name}…", spinner="dots")
-        if stderr.is_terminal
-        else _nothing()
-    ):
+    status = stderr.status(f"loading {model.name}…") if stderr.is_terminal else nullcontext()
+    with status:
         return ChatModel.load(
             model.path, device=device, dtype=dtype, chat_format=options.chat_format
         )
@@ -65,14 +93,6 @@ def context_size(options: GenerationOptions, settings: Settings, model: ChatMode
             f"--ctx {ctx} is larger than the model's context of {model.context_length}", 2
         )
     return ctx
-
-
-def max_tokens(options: GenerationOptions, settings: Settings) -> int | None:
-    return _pick(options.max_tokens, settings.max_tokens)
-
-
-def system_prompt(options: GenerationOptions, settings: Settings) -> str | None:
-    return _pick(options.system, settings.system)
 
 
 def print_stats(stats: ReplyStats) -> None:
@@ -92,11 +112,3 @@ def print_stats(stats: ReplyStats) -> None:
 
 def _pick(flag, configured):
     return flag if flag is not None else configured
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None

@@ -6,17 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from ..processes import pid_alive
 
 
 def owner_pid(path: Path) -> int | None:

@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..processes import pid_alive
 from .errors import BusyError, ModelNotFoundError, StoreError
-from .fs import owner_pid, pid_alive
+from .fs import owner_pid
 from .manifest import MANIFEST_NAME, Manifest
 
 _VALID_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")

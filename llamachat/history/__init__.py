@@ -1,0 +1,1 @@
+"""Conversations and system-prompt presets, kept in SQLite. Nothing here imports torch."""

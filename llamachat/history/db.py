@@ -1,0 +1,100 @@
+"""The history database: stdlib sqlite3 in WAL mode, schema versioned in PRAGMA user_version.
+
+Migrations are ordered SQL scripts; MIGRATIONS[n] takes a database from version n to n + 1.
+Each runs in one transaction with the version bump, so a crash mid-migration leaves the old
+version intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: conversations, their messages (with per-reply stats), and user presets
+    """
+    CREATE TABLE conversations (
+        id INTEGER PRIMARY KEY,
+        title TEXT NOT NULL DEFAULT '',
+        model TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content TEXT NOT NULL,
+        model TEXT,
+        status TEXT NOT NULL DEFAULT 'complete'
+            CHECK (status IN ('complete', 'streaming', 'interrupted', 'error')),
+        writer_pid INTEGER,
+        created_at TEXT NOT NULL,
+        prompt_tokens INTEGER,
+        reused_tokens INTEGER,
+        generated_tokens INTEGER,
+        time_to_first_token_ms REAL,
+        tokens_per_s REAL
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    CREATE TABLE presets (
+        name TEXT PRIMARY KEY,
+        prompt TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class HistoryError(Exception):
+    """The history database cannot be opened or is newer than this llamachat."""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the settings every writer needs, migrated to the current schema."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        connection = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA foreign_keys = ON")
+        connection.execute("PRAGMA synchronous = NORMAL")
+        migrate(connection)
+    except sqlite3.DatabaseError as error:
+        raise HistoryError(f"cannot open the history at {path}: {error}") from None
+    return connection
+
+
+def migrate(connection: sqlite3.Connection) -> None:
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise HistoryError(
+            f"the history database is at version {version}, newer than this llamachat "
+            f"({SCHEMA_VERSION}); upgrade llamachat"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        # executescript would commit on its own; the version bump must share the transaction.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            current = connection.execute("PRAGMA user_version").fetchone()[0]
+            if current >= target:  # another process migrated meanwhile
+                connection.execute("ROLLBACK")
+                continue
+            for statement in _statements(MIGRATIONS[target - 1]):
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {target}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+
+def _statements(script: str) -> list[str]:
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    return [s for s in statements if s]

@@ -1,0 +1,382 @@
+"""Conversations on disk: every write is one transaction, every thread has its own connection.
+
+A system prompt is a message of role "system" in the conversation, so a change shows where it
+happened and applies from the next turn; the model sees the latest one. A reply is written
+while it streams (status "streaming", with the writer's pid); one whose writer died is marked
+"interrupted" the next time the history is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..processes import pid_alive
+from .db import connect
+
+TITLE_LENGTH = 60
+SAVE_INTERVAL_S = 0.5  # a streaming reply reaches the disk at least this often
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    role: str
+    content: str
+    model: str | None
+    status: str
+    created_at: str
+    prompt_tokens: int | None = None
+    reused_tokens: int | None = None
+    generated_tokens: int | None = None
+    time_to_first_token_ms: float | None = None
+    tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    id: int
+    title: str
+    model: str | None
+    created_at: str
+    updated_at: str
+    message_count: int
+
+
+@dataclass(frozen=True)
+class Conversation:
+    summary: ConversationSummary
+    messages: tuple[Message, ...]
+
+    @property
+    def id(self) -> int:
+        return self.summary.id
+
+    @property
+    def system_prompt(self) -> str | None:
+        for message in reversed(self.messages):
+            if message.role == "system":
+                return message.content or None
+        return None
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """What the model sees: the latest system prompt, then the turns in order."""
+        turns = [
+            {"role": m.role, "content": m.content} for m in self.messages if m.role != "system"
+        ]
+        system = self.system_prompt
+        return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    conversation_id: int
+    title: str
+    message_id: int
+    role: str
+    snippet: str
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    prompt_tokens: int
+    reused_tokens: int
+    generated_tokens: int
+    time_to_first_token_ms: float
+    tokens_per_s: float
+
+
+class HistoryStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self._local = threading.local()
+        self.recover()
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = connect(self.path)
+        return connection
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # Conversations
+
+    def create(
+        self, model: str | None = None, system_prompt: str | None = None, title: str = ""
+    ) -> int:
+        now = _now()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO conversations (title, model, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?)",
+                (title, model, now, now),
+            )
+            conversation_id = cursor.lastrowid
+            if system_prompt:
+                _insert_message(db, conversation_id, "system", system_prompt, None, "complete")
+        return conversation_id
+
+    def conversations(self) -> list[ConversationSummary]:
+        """Newest first."""
+        rows = self._db.execute(
+            """
+            SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)
+                AS message_count
+            FROM conversations c ORDER BY c.updated_at DESC, c.id DESC
+            """
+        ).fetchall()
+        return [_summary(row) for row in rows]
+
+    def latest(self) -> ConversationSummary | None:
+        conversations = self.conversations()
+        return conversations[0] if conversations else None
+
+    def get(self, conversation_id: int) -> Conversation:
+        row = self._db.execute(
+            """
+            SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)
+                AS message_count
+            FROM conversations c WHERE c.id = ?
+            """,
+            (conversation_id,),
+        ).fetchone()
+        if row is None:
+            raise KeyError(conversation_id)
+        messages = self._db.execute(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+        ).fetchall()
+        return Conversation(_summary(row), tuple(_message(m) for m in messages))
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE conversations SET title = ? WHERE id = ?", (title.strip(), conversation_id)
+            )
+
+    def set_model(self, conversation_id: int, model: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE conversations SET model = ? WHERE id = ?", (model, conversation_id))
+
+    def delete(self, conversation_id: int) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    # Messages
+
+    def add_message(
+        self, conversation_id: int, role: str, content: str, model: str | None = None
+    ) -> int:
+        with self._transaction() as db:
+            message_id = _insert_message(db, conversation_id, role, content, model, "complete")
+            if role == "user":
+                db.execute(
+                    "UPDATE conversations SET title = ? WHERE id = ? AND title = ''",
+                    (_title(content), conversation_id),
+                )
+        return message_id
+
+    def set_system_prompt(self, conversation_id: int, prompt: str) -> int:
+        """Record a change of system prompt; it applies from the next turn."""
+        return self.add_message(conversation_id, "system", prompt)
+
+    def start_reply(self, conversation_id: int, model: str | None) -> int:
+        with self._transaction() as db:
+            return _insert_message(db, conversation_id, "assistant", "", model, "streaming")
+
+    def save_reply(self, message_id: int, content: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
+
+    def finish_reply(
+        self, message_id: int, content: str, status: str, stats: ReplyStats | None = None
+    ) -> None:
+        numbers = (
+            (None,) * 5
+            if stats is None
+            else (
+                stats.prompt_tokens,
+                stats.reused_tokens,
+                stats.generated_tokens,
+                stats.time_to_first_token_ms,
+                stats.tokens_per_s,
+            )
+        )
+        with self._transaction() as db:
+            db.execute(
+                """
+                UPDATE messages SET content = ?, status = ?, writer_pid = NULL, prompt_tokens = ?,
+                    reused_tokens = ?, generated_tokens = ?, time_to_first_token_ms = ?,
+                    tokens_per_s = ?
+                WHERE id = ?
+                """,
+                (content, status, *numbers, message_id),
+            )
+
+    def delete_from(self, conversation_id: int, message_id: int) -> None:
+        """Delete a message and everything after it (to regenerate or edit a turn)."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND id >= ?",
+                (conversation_id, message_id),
+            )
+            db.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), conversation_id)
+            )
+
+    def search(self, text: str, limit: int = 50) -> list[SearchHit]:
+        """Messages containing `text` (case-insensitive for ASCII), newest first."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._db.execute(
+            """
+            SELECT m.id, m.conversation_id, m.role, m.content, c.title FROM messages m
+            JOIN conversations c ON c.id = m.conversation_id
+            WHERE m.content LIKE ? ESCAPE '\\' OR (c.title LIKE ? ESCAPE '\\' AND m.role = 'user')
+            ORDER BY m.id DESC LIMIT ?
+            """,
+            (pattern, pattern, limit),
+        ).fetchall()
+        return [
+            SearchHit(
+                row["conversation_id"],
+                row["title"],
+                row["id"],
+                row["role"],
+                _snippet(row["content"], text),
+            )
+            for row in rows
+        ]
+
+    def recover(self) -> int:
+        """Mark replies whose writing process is gone as interrupted; returns how many."""
+        rows = self._db.execute(
+            "SELECT id, writer_pid FROM messages WHERE status = 'streaming'"
+        ).fetchall()
+        dead = [row["id"] for row in rows if not pid_alive(row["writer_pid"])]
+        if dead:
+            with self._transaction() as db:
+                db.executemany(
+                    "UPDATE messages SET status = 'interrupted', writer_pid = NULL WHERE id = ?",
+                    [(message_id,) for message_id in dead],
+                )
+        return len(dead)
+
+    # Presets
+
+    def user_presets(self) -> dict[str, str]:
+        rows = self._db.execute("SELECT name, prompt FROM presets ORDER BY name").fetchall()
+        return {row["name"]: row["prompt"] for row in rows}
+
+    def save_preset(self, name: str, prompt: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO presets (name, prompt, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET prompt = excluded.prompt",
+                (name, prompt, _now()),
+            )
+
+    def delete_preset(self, name: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM presets WHERE name = ?", (name,))
+
+
+class ReplyRecorder:
+    """Saves a reply while it streams: the first piece at once, then at most SAVE_INTERVAL_S
+    apart, so a crash loses less than a second of it."""
+
+    def __init__(self, store: HistoryStore, conversation_id: int, model: str | None):
+        self.store = store
+        self.message_id = store.start_reply(conversation_id, model)
+        self.text = ""
+        self._saved_at = 0.0
+
+    def append(self, piece: str) -> None:
+        self.text += piece
+        now = time.monotonic()
+        if now - self._saved_at >= SAVE_INTERVAL_S:
+            self.store.save_reply(self.message_id, self.text)
+            self._saved_at = now
+
+    def finish(self, status: str, stats: ReplyStats | None = None) -> None:
+        self.store.finish_reply(self.message_id, self.text, status, stats)
+
+
+def _insert_message(
+    db: sqlite3.Connection,
+    conversation_id: int,
+    role: str,
+    content: str,
+    model: str | None,
+    status: str,
+) -> int:
+    now = _now()
+    pid = os.getpid() if status == "streaming" else None
+    cursor = db.execute(
+        "INSERT INTO messages (conversation_id, role, content, model, status, writer_pid, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (conversation_id, role, content, model, status, pid, now),
+    )
+    db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+    return cursor.lastrowid
+
+
+def _summary(row: sqlite3.Row) -> ConversationSummary:
+    return ConversationSummary(
+        row["id"],
+        row["title"],
+        row["model"],
+        row["created_at"],
+        row["updated_at"],
+        row["message_count"],
+    )
+
+
+def _message(row: sqlite3.Row) -> Message:
+    return Message(
+        id=row["id"],
+        role=row["role"],
+        content=row["content"],
+        model=row["model"],
+        status=row["status"],
+        created_at=row["created_at"],
+        prompt_tokens=row["prompt_tokens"],
+        reused_tokens=row["reused_tokens"],
+        generated_tokens=row["generated_tokens"],
+        time_to_first_token_ms=row["time_to_first_token_ms"],
+        tokens_per_s=row["tokens_per_s"],
+    )
+
+
+def _title(content: str) -> str:
+    first_line = next((line.strip() for line in content.splitlines() if line.strip()), "")
+    return first_line if len(first_line) <= TITLE_LENGTH else first_line[: TITLE_LENGTH - 1] + "…"
+
+
+def _snippet(content: str, text: str, width: int = 60) -> str:
+    index = content.lower().find(text.lower())
+    if index < 0:
+        return content[:width].replace("\n", " ")
+    start = max(0, index - width // 3)
+    prefix = "…" if start else ""
+    return (prefix + content[start : start + width]).replace("\n", " ")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")

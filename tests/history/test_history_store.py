@@ -1,0 +1,242 @@
+"""The conversation store: real SQLite, real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from llamachat.history.db import MIGRATIONS, SCHEMA_VERSION, HistoryError, connect
+from llamachat.history.export import to_json, to_markdown
+from llamachat.history.presets import BUILTIN_PRESETS, all_presets, preset_prompt
+from llamachat.history.store import HistoryStore, ReplyRecorder, ReplyStats
+
+
+@pytest.fixture
+def store(tmp_path):
+    return HistoryStore(tmp_path / "history.db")
+
+
+def test_a_conversation_keeps_its_turns_and_its_latest_system_prompt(store):
+    conversation = store.create(model="smollm2", system_prompt="Be brief.")
+    store.add_message(conversation, "user", "Hello there!\nSecond line")
+    store.add_message(conversation, "assistant", "Hi.", model="smollm2")
+    store.set_system_prompt(conversation, "Be verbose.")
+    store.add_message(conversation, "user", "Again")
+    loaded = store.get(conversation)
+    assert loaded.summary.title == "Hello there!"
+    assert loaded.system_prompt == "Be verbose."
+    assert loaded.chat_messages() == [
+        {"role": "system", "content": "Be verbose."},
+        {"role": "user", "content": "Hello there!\nSecond line"},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Again"},
+    ]
+    assert [m.role for m in loaded.messages] == ["system", "user", "assistant", "system", "user"]
+
+
+def test_conversations_are_listed_newest_first(store):
+    first = store.create()
+    second = store.create()
+    store.add_message(first, "user", "bump")
+    assert [c.id for c in store.conversations()] == [first, second]
+    assert store.latest().id == first
+
+
+def test_long_titles_are_cut(store):
+    conversation = store.create()
+    store.add_message(conversation, "user", "x" * 200)
+    assert len(store.get(conversation).summary.title) == 60
+
+
+def test_rename_delete_and_delete_from(store):
+    conversation = store.create()
+    store.add_message(conversation, "user", "one")
+    reply = store.add_message(conversation, "assistant", "two")
+    store.add_message(conversation, "user", "three")
+    store.delete_from(conversation, reply)
+    assert [m.content for m in store.get(conversation).messages] == ["one"]
+    store.rename(conversation, "  Renamed  ")
+    assert store.get(conversation).summary.title == "Renamed"
+    store.delete(conversation)
+    assert store.conversations() == []
+    with pytest.raises(KeyError):
+        store.get(conversation)
+    assert store._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+def test_search_finds_substrings_in_any_script_and_escapes_wildcards(store):
+    one = store.create()
+    store.add_message(one, "user", "长城有多长？")
+    store.add_message(one, "assistant", "About 21,000 km, 100% of it old.")
+    two = store.create()
+    store.add_message(two, "user", "The GREAT wall")
+    assert {hit.conversation_id for hit in store.search("great wall")} == {two}
+    (hit,) = store.search("长城")
+    assert hit.conversation_id == one and hit.role == "user" and "长城" in hit.snippet
+    assert [h.role for h in store.search("100%")] == ["assistant"]
+    assert store.search("1_0") == []
+
+
+def test_a_streaming_reply_is_recorded_and_finished(store):
+    conversation = store.create()
+    store.add_message(conversation, "user", "Hi")
+    recorder = ReplyRecorder(store, conversation, "smollm2")
+    recorder.append("Hel")
+    assert store.get(conversation).messages[-1].content == "Hel"
+    assert store.get(conversation).messages[-1].status == "streaming"
+    recorder.append("lo")
+    recorder.finish("complete", ReplyStats(10, 4, 2, 12.5, 30.0))
+    message = store.get(conversation).messages[-1]
+    assert (message.content, message.status, message.reused_tokens) == ("Hello", "complete", 4)
+
+
+def test_presets_builtin_and_user(store):
+    assert set(BUILTIN_PRESETS) <= set(all_presets(store))
+    assert "中英翻译" in all_presets(store)
+    store.save_preset("pirate", "Talk like a pirate.")
+    store.save_preset("pirate", "Talk like a polite pirate.")
+    assert preset_prompt(store, "pirate") == "Talk like a polite pirate."
+    store.delete_preset("pirate")
+    with pytest.raises(KeyError):
+        preset_prompt(store, "pirate")
+
+
+def test_exports(store):
+    conversation = store.create(model="smollm2", system_prompt="Be brief.")
+    store.add_message(conversation, "user", "Hi 你好")
+    store.add_message(conversation, "assistant", "```python\nprint(1)\n```", model="smollm2")
+    loaded = store.get(conversation)
+    markdown = to_markdown(loaded)
+    assert markdown.startswith("# Hi 你好\n")
+    assert "## System prompt\n\nBe brief." in markdown
+    assert "## Assistant (smollm2)\n\n```python\nprint(1)\n```" in markdown
+    import json
+
+    data = json.loads(to_json(loaded))
+    assert [m["content"] for m in data["messages"]] == [
+        "Be brief.",
+        "Hi 你好",
+        "```python\nprint(1)\n```",
+    ]
+
+
+def _database_at(path, version: int) -> None:
+    """A history database as llamachat version `version` of the schema left it, with data."""
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:version]:
+        db.executescript(script)
+    db.execute(f"PRAGMA user_version = {version}")
+    if version >= 1:
+        db.execute(
+            "INSERT INTO conversations (id, title, created_at, updated_at) "
+            "VALUES (7, 'old', 't', 't')"
+        )
+        db.execute(
+            "INSERT INTO messages (conversation_id, role, content, created_at) "
+            "VALUES (7, 'user', 'kept', 't')"
+        )
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("version", range(SCHEMA_VERSION))
+def test_every_earlier_schema_migrates_to_the_current_one_keeping_data(tmp_path, version):
+    path = tmp_path / "history.db"
+    _database_at(path, version)
+    store = HistoryStore(path)
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    if version >= 1:
+        assert [m.content for m in store.get(7).messages] == ["kept"]
+    conversation = store.create()
+    store.add_message(conversation, "user", "works")
+
+
+def test_a_newer_database_is_refused(tmp_path):
+    path = tmp_path / "history.db"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(HistoryError, match="newer"):
+        connect(path)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from llamachat.history.store import HistoryStore, ReplyRecorder
+    store = HistoryStore(Path(sys.argv[1]))
+    conversation = store.create(model="m")
+    store.add_message(conversation, "user", "Tell me a story")
+    recorder = ReplyRecorder(store, conversation, "m")
+    for index in range(100000):
+        recorder.append(f"word{index} ")
+        time.sleep(0.01)
+    """
+)
+
+
+def test_a_writer_killed_mid_reply_leaves_a_consistent_database(tmp_path):
+    path = tmp_path / "history.db"
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+    deadline = time.monotonic() + 60
+    content = ""
+    while time.monotonic() < deadline and content.count("word") < 50:
+        time.sleep(0.1)
+        if path.exists():
+            try:
+                row = (
+                    sqlite3.connect(path)
+                    .execute("SELECT content FROM messages WHERE role = 'assistant'")
+                    .fetchone()
+                )
+            except sqlite3.OperationalError:
+                continue
+            content = row[0] if row else ""
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = HistoryStore(path)  # opening recovers what the dead writer left
+    (conversation,) = store.conversations()
+    reply = store.get(conversation.id).messages[-1]
+    assert reply.status == "interrupted"
+    words = reply.content.split()
+    assert len(words) >= 50
+    assert words == [f"word{i}" for i in range(len(words))]
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from llamachat.history.store import HistoryStore
+    store = HistoryStore(Path(sys.argv[1]))
+    shared, tag = int(sys.argv[2]), sys.argv[3]
+    own = store.create(title=tag)
+    for index in range(150):
+        store.add_message(own, "user", f"{tag}-{index}")
+        store.add_message(shared, "user", f"{tag}-shared-{index}")
+    """
+)
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    path = tmp_path / "history.db"
+    shared = HistoryStore(path).create(title="shared")
+    writers = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(path), str(shared), tag])
+        for tag in ("a", "b")
+    ]
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
+    store = HistoryStore(path)
+    by_title = {c.title: c for c in store.conversations()}
+    assert by_title["a"].message_count == by_title["b"].message_count == 150
+    contents = {m.content for m in store.get(shared).messages}
+    assert contents == {f"{tag}-shared-{i}" for tag in "ab" for i in range(150)}

@@ -38,6 +38,15 @@ class Home:
         return self.data / "models"
 
     @property
+    def history_db(self) -> Path:
+        return self.data / "history.db"
+
+    @property
+    def themes(self) -> Path:
+        """Where the user's own theme files go."""
+        return self.config / "themes"
+
+    @property
     def config_file(self) -> Path:
         return self.config / "config.toml"
 

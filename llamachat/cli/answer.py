@@ -1,12 +1,14 @@
 """One-shot answers: the question comes on stdin (and/or as an argument), the answer goes to
-stdout, streamed, and nothing else does."""
+stdout, streamed, and nothing else does. The exchange is saved to the history."""
 
 from __future__ import annotations
 
 import sys
 
+from ..history.recording import recorded
+from ..history.store import ReplyRecorder
 from .console import CliError, stdin_is_terminal, warn
-from .generation import print_stats, start
+from .generation import open_history, print_stats, start
 from .options import GenerationOptions
 
 
@@ -29,18 +31,31 @@ def read_question(prompt: str | None) -> str:
 
 def answer(prompt: str | None, options: GenerationOptions) -> None:
     question = read_question(prompt)
-    chat = start(options)
-    messages = chat.messages([{"role": "user", "content": question}])
+    history = open_history()
+    setup = start(options, history)
+    name = setup.installed.name
+    if setup.continued is None:
+        conversation = history.create(model=name, system_prompt=setup.system)
+    else:
+        conversation = setup.continued
+        if setup.system is not None and setup.system != history.get(conversation).system_prompt:
+            history.set_system_prompt(conversation, setup.system)
+        history.set_model(conversation, name)
+    question_id = history.add_message(conversation, "user", question)
+    messages = history.get(conversation).chat_messages()
     from ..engine import ContextOverflowError
 
     try:
-        reply = chat.session.reply(messages, chat.sampling, max_new_tokens=chat.max_tokens)
+        reply = setup.session.reply(messages, setup.sampling, max_new_tokens=setup.max_tokens)
     except ContextOverflowError as error:
-        limit = chat.model.context_length
-        hint = f" (--ctx can go up to {limit})" if chat.session.ctx < limit else ""
+        history.delete_from(conversation, question_id)  # nothing was answered
+        limit = setup.model.context_length
+        hint = f" (--ctx can go up to {limit})" if setup.session.ctx < limit else ""
         raise CliError(f"{error}{hint}") from None
+    if reply.dropped:
+        warn(f"the {len(reply.dropped)} oldest messages no longer fit the context")
     out = sys.stdout
-    for piece in reply:
+    for piece in recorded(reply, ReplyRecorder(history, conversation, name)):
         out.write(piece)
         out.flush()
     out.write("\n")

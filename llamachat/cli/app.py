@@ -14,11 +14,16 @@ from typing import Annotated
 import typer
 
 from ..engine.errors import EngineError
+from ..history.db import HistoryError
 from ..models.errors import StoreError
 from ..settings import SettingsError
-from . import config_cmd, models
+from . import config_cmd, history_cmd, models
 from .console import CliError, error_line, stdin_is_terminal
 from .options import GenerationOptions, generation_options
+
+ThemeOption = Annotated[
+    str | None, typer.Option("--theme", help="Chat app theme (remembered once chosen in the app).")
+]
 
 app = typer.Typer(
     name="llamachat",
@@ -32,6 +37,7 @@ app.command("list")(models.list_models)
 app.command("show")(models.show)
 app.command("rm")(models.rm)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(history_cmd.app, name="history")
 
 
 @app.callback(invoke_without_command=True)
@@ -41,6 +47,7 @@ def root(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show a traceback when something fails.")
     ] = False,
+    theme: ThemeOption = None,
     *,
     options: GenerationOptions,
 ) -> None:
@@ -48,9 +55,7 @@ def root(
     if context.invoked_subcommand is not None:
         return
     if stdin_is_terminal():
-        from .chat import chat
-
-        chat(options)
+        open_chat_app(options, theme)
     else:
         from .answer import answer
 
@@ -74,12 +79,30 @@ def ask(
 
 @app.command("chat")
 @generation_options
-def chat_command(*, options: GenerationOptions) -> None:
-    """Chat on the terminal."""
+def chat_command(
+    plain: Annotated[
+        bool, typer.Option("--plain", help="A line-by-line chat instead of the full-screen app.")
+    ] = False,
+    theme: ThemeOption = None,
+    *,
+    options: GenerationOptions,
+) -> None:
+    """Chat on the terminal: the full-screen app, or --plain for a line-by-line chat."""
     from .chat import chat, ensure_terminal
 
     ensure_terminal()
-    chat(options)
+    if plain:
+        chat(options)
+    else:
+        open_chat_app(options, theme)
+
+
+def open_chat_app(options: GenerationOptions, theme: str | None) -> None:
+    # The one place the command line reaches into the chat app, to start it.
+    from ..tui import run
+    from .generation import app_options
+
+    run(app_options(options, theme))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as error:  # usage errors: a bad option, a missing argument
         error_line(f"{error.format_message()} (see llamachat --help)")
         return error.exit_code
-    except (CliError, StoreError, EngineError, SettingsError) as error:
+    except (CliError, StoreError, EngineError, SettingsError, HistoryError) as error:
         if debug:
             traceback.print_exc()
         error_line(str(error))

@@ -1,32 +1,34 @@
-"""A line-by-line chat on the terminal, like `ollama run`: the conversation is kept in one
-engine session, so each turn prefills only its own tokens."""
+"""A line-by-line chat on the terminal, like `ollama run` (`llamachat chat --plain`): one engine
+session, so each turn prefills only its own tokens, and the same history as the chat app."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
+from ..history.recording import recorded
+from ..history.store import ReplyRecorder
 from .console import CliError, stderr
-from .generation import print_stats, start
+from .generation import open_history, print_stats, start
 from .options import GenerationOptions
 
 HELP = """commands:
   /bye          quit (Ctrl+D does too)
-  /clear        forget the conversation
-  /system TEXT  set the system prompt (and start over)
-  /stats        toggle the token and speed line after each reply
+  /new          start a new conversation
+  /system TEXT  set the system prompt; it applies from the next turn
+  /stats        toggle the token and speed lines after each reply
 Ctrl+C stops a reply; what was written is kept."""
 
 
 def chat(options: GenerationOptions) -> None:
-    conversation = start(options)
-    model, session = conversation.model, conversation.session
-    history: list[dict[str, str]] = []
+    history = open_history()
+    setup = start(options, history)
+    model, session, name = setup.model, setup.session, setup.installed.name
+    conversation = setup.continued
+    pending_system = setup.system  # for the conversation the first message creates
     show_stats = options.verbose
     stderr.print(
-        f"{conversation.installed.name} on {model.device} "
-        f"({str(model.dtype).removeprefix('torch.')}), {session.ctx} tokens of context. "
-        "/help for commands, /bye to quit.",
+        f"{name} on {model.device} ({str(model.dtype).removeprefix('torch.')}), "
+        f"{session.ctx} tokens of context. /help for commands, /bye to quit.",
         markup=False,
     )
     from ..engine import ContextOverflowError
@@ -47,22 +49,26 @@ def chat(options: GenerationOptions) -> None:
             command, _, argument = text.partition(" ")
             if command == "/bye":
                 return
-            if command == "/clear":
-                history.clear()
+            if command == "/new":
+                conversation = None
             elif command == "/system":
-                conversation = dataclasses.replace(conversation, system=argument.strip() or None)
-                history.clear()
+                pending_system = argument.strip() or None
+                if conversation is not None:
+                    history.set_system_prompt(conversation, pending_system or "")
             elif command == "/stats":
                 show_stats = not show_stats
             else:
                 print(HELP, file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        messages = conversation.messages(history)
+        if conversation is None:
+            conversation = history.create(model=name, system_prompt=pending_system)
+        question = history.add_message(conversation, "user", text)
         try:
-            reply = session.reply(messages, conversation.sampling, conversation.max_tokens)
+            reply = session.reply(
+                history.get(conversation).chat_messages(), setup.sampling, setup.max_tokens
+            )
         except ContextOverflowError as error:
-            history.pop()
+            history.delete_from(conversation, question)
             stderr.print(f"llamachat: {error}", markup=False)
             continue
         if reply.dropped:
@@ -71,13 +77,12 @@ def chat(options: GenerationOptions) -> None:
                 markup=False,
             )
         try:
-            for piece in reply:
+            for piece in recorded(reply, ReplyRecorder(history, conversation, name)):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            pass  # Ctrl+C stops the reply; reply.text keeps what was shown, the cache stays valid
+            pass  # Ctrl+C stops the reply; what was shown is saved, the cache stays valid
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply.text})
         if show_stats:
             print_stats(reply.stats)
 

@@ -1,13 +1,16 @@
-"""What the one-shot answer and the chat share: choosing the model, loading it, the sampling
-parameters from config and flags, and the stats line."""
+"""What the one-shot answer and the line chat share: choosing the model and the conversation,
+loading the model, the sampling parameters from config and flags, and the stats line."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..history.presets import all_presets, preset_prompt
+from ..history.store import HistoryStore
 from ..home import Home
+from ..models.errors import StoreError
 from ..models.store import InstalledModel, ModelStore
 from ..settings import Settings, load
 from .console import CliError, stderr
@@ -18,60 +21,115 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Conversation:
-    """A loaded model and a session on it, with everything the flags and config decided."""
+class Setup:
+    """A loaded model and a session on it, with everything the flags and config decided, and
+    the conversation to continue (with --continue) or None for a new one."""
 
     installed: InstalledModel
     model: ChatModel
     session: ChatSession
     sampling: SamplingParams
-    system: str | None
     max_tokens: int | None
-
-    def messages(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
-        """The turns, after the system prompt when there is one."""
-        return ([{"role": "system", "content": self.system}] if self.system else []) + turns
+    system: str | None
+    continued: int | None
 
 
-def start(options: GenerationOptions) -> Conversation:
+def start(options: GenerationOptions, history: HistoryStore) -> Setup:
     home = Home.current()
     settings = load(home.config_file)
-    installed = installed_model(ModelStore(home.models), settings, options.model)
+    store = ModelStore(home.models)
+    continued = None
+    requested = options.model
+    system = _system_prompt(options, history)
+    if options.continue_:
+        latest = history.latest()
+        if latest is None:
+            raise CliError("there is no conversation to continue yet", exit_code=2)
+        continued = latest.id
+        if requested is None and latest.model and _is_installed(store, latest.model):
+            requested = latest.model
+    elif system is None:
+        system = settings.system
+    installed = store.choose(requested, settings.default_model)
     sampling = sampling_params(options, settings)
     model = load_model(installed, options, settings)
     session = model.session(context_size(options, settings, model))
-    return Conversation(
+    return Setup(
         installed=installed,
         model=model,
         session=session,
         sampling=sampling,
-        system=_pick(options.system, settings.system),
         max_tokens=_pick(options.max_tokens, settings.max_tokens),
+        system=system,
+        continued=continued,
     )
 
 
-def installed_model(store: ModelStore, settings: Settings, requested: str | None) -> InstalledModel:
-    name = requested or settings.default_model
-    if name:
-        return store.get(name)
-    latest = store.latest()
-    if latest is None:
-        raise CliError("no model is installed: run `llamachat pull smollm2` to get the default one")
-    return latest
+def open_history() -> HistoryStore:
+    return HistoryStore(Home.current().history_db)
+
+
+def _system_prompt(options: GenerationOptions, history: HistoryStore) -> str | None:
+    """--system, else the prompt of --preset; None when neither is given."""
+    if options.system is not None:
+        return options.system
+    if options.preset is None:
+        return None
+    try:
+        return preset_prompt(history, options.preset)
+    except KeyError:
+        names = ", ".join(all_presets(history))
+        raise CliError(
+            f"no preset named {options.preset!r} (presets: {names})", exit_code=2
+        ) from None
+
+
+def _is_installed(store: ModelStore, name: str) -> bool:
+    try:
+        store.get(name)
+    except StoreError:
+        return False
+    return True
+
+
+def sampling_choices(options: GenerationOptions, settings: Settings) -> dict[str, Any]:
+    """The sampling fields set by a flag or, failing that, by the config file."""
+    return {
+        key: value
+        for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+        if (value := _pick(getattr(options, key), getattr(settings, key))) is not None
+    }
 
 
 def sampling_params(options: GenerationOptions, settings: Settings) -> SamplingParams:
     from ..engine import SamplingParams
 
-    chosen = {
-        key: value
-        for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
-        if (value := _pick(getattr(options, key), getattr(settings, key))) is not None
-    }
     try:
-        return SamplingParams(**chosen)
+        return SamplingParams(**sampling_choices(options, settings))
     except ValueError as error:
         raise CliError(str(error), exit_code=2) from None
+
+
+def app_options(options: GenerationOptions, theme: str | None) -> Any:
+    """The chat app's options (a tui.ChatAppOptions), from the flags over the config file."""
+    from ..tui import ChatAppOptions
+
+    home = Home.current()
+    settings = load(home.config_file)
+    sampling_params(options, settings)  # refuse bad values before the app starts
+    system = _system_prompt(options, HistoryStore(home.history_db))
+    return ChatAppOptions(
+        model=options.model,
+        device=_pick(options.device, settings.device) or "auto",
+        dtype=_pick(options.dtype, settings.dtype),
+        ctx=_pick(options.ctx, settings.ctx),
+        chat_format=options.chat_format,
+        sampling=sampling_choices(options, settings),
+        max_tokens=_pick(options.max_tokens, settings.max_tokens),
+        system=system if system is not None else settings.system,
+        continue_latest=options.continue_,
+        theme=theme,
+    )
 
 
 def load_model(model: InstalledModel, options: GenerationOptions, settings: Settings) -> ChatModel:

@@ -133,6 +133,23 @@ class GenerationOptions:
             rich_help_panel=PANEL,
         ),
     ] = None
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="A system-prompt preset (helpful, concise, coder, 中英翻译, or your own).",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    continue_: Annotated[
+        bool,
+        typer.Option(
+            "--continue",
+            "-c",
+            help="Continue the most recent conversation instead of starting one.",
+            rich_help_panel=PANEL,
+        ),
+    ] = False
     verbose: Annotated[
         bool,
         typer.Option(

@@ -248,10 +248,10 @@ class HistoryStore:
             """
             SELECT m.id, m.conversation_id, m.role, m.content, c.title FROM messages m
             JOIN conversations c ON c.id = m.conversation_id
-            WHERE m.content LIKE ? ESCAPE '\\' OR (c.title LIKE ? ESCAPE '\\' AND m.role = 'user')
+            WHERE m.content LIKE ? ESCAPE '\\'
             ORDER BY m.id DESC LIMIT ?
             """,
-            (pattern, pattern, limit),
+            (pattern, limit),
         ).fetchall()
         return [
             SearchHit(

@@ -74,6 +74,18 @@ class ModelStore:
         names = [model.name for model in self.installed()]
         raise ModelNotFoundError(name, difflib.get_close_matches(name, names, n=3, cutoff=0.5))
 
+    def choose(self, requested: str | None, default: str | None = None) -> InstalledModel:
+        """The model asked for, else the configured default, else the latest installed."""
+        name = requested or default
+        if name:
+            return self.get(name)
+        latest = self.latest()
+        if latest is None:
+            raise StoreError(
+                "no model is installed: run `llamachat pull smollm2` to get the default one"
+            )
+        return latest
+
     def latest(self) -> InstalledModel | None:
         """The most recently installed model."""
         models = self.installed()

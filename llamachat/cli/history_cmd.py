@@ -1,0 +1,122 @@
+"""`llamachat history`: the conversations that the chat app, the line chat and pipes share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..history.export import to_json, to_markdown
+from ..history.store import Conversation, HistoryStore
+from ..home import Home
+from .console import CliError, stderr, stdin_is_terminal, stdout
+
+app = typer.Typer(help="List, show, search, export and remove saved conversations.")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+IdArgument = Annotated[int, typer.Argument(help="A conversation's number (see `history list`).")]
+
+
+def _store() -> HistoryStore:
+    return HistoryStore(Home.current().history_db)
+
+
+def _get(store: HistoryStore, conversation_id: int) -> Conversation:
+    try:
+        return store.get(conversation_id)
+    except KeyError:
+        raise CliError(
+            f"no conversation {conversation_id} (`llamachat history list` shows them)"
+        ) from None
+
+
+@app.command("list")
+def list_conversations(as_json: JsonOption = False) -> None:
+    """Conversations, newest first."""
+    conversations = _store().conversations()
+    if as_json:
+        stdout.print_json(json.dumps([asdict(c) for c in conversations], ensure_ascii=False))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("ID", "UPDATED", "MESSAGES", "MODEL", "TITLE"):
+        table.add_column(column, no_wrap=column != "TITLE")
+    for c in conversations:
+        table.add_row(str(c.id), _when(c.updated_at), str(c.message_count), c.model or "-", c.title)
+    stdout.print(table)
+
+
+@app.command("show")
+def show(conversation_id: IdArgument, as_json: JsonOption = False) -> None:
+    """Print a conversation (Markdown, or JSON)."""
+    conversation = _get(_store(), conversation_id)
+    text = to_json(conversation) if as_json else to_markdown(conversation)
+    stdout.print(text, markup=False, highlight=False, end="")
+
+
+@app.command("export")
+def export(
+    conversation_id: IdArgument,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="md or json.")] = "md",
+) -> None:
+    """Export a conversation as Markdown or JSON."""
+    if format not in ("md", "json"):
+        raise CliError(f"unknown format {format!r}: use md or json", exit_code=2)
+    conversation = _get(_store(), conversation_id)
+    text = to_json(conversation) if format == "json" else to_markdown(conversation)
+    if output is None:
+        stdout.print(text, markup=False, highlight=False, end="")
+        return
+    output.write_text(text, encoding="utf-8")
+    stderr.print(f"wrote {output}", markup=False)
+
+
+@app.command("rm")
+def remove(
+    conversation_id: IdArgument,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a conversation."""
+    store = _store()
+    conversation = _get(store, conversation_id)
+    if not yes:
+        if not stdin_is_terminal():
+            raise CliError(
+                f"not deleting conversation {conversation_id} without --yes", exit_code=2
+            )
+        title = conversation.summary.title or "untitled"
+        if not typer.confirm(f"Delete conversation {conversation_id} ({title})?", err=True):
+            raise typer.Exit(1)
+    store.delete(conversation_id)
+    stderr.print(f"deleted conversation {conversation_id}", markup=False)
+
+
+@app.command("search")
+def search(
+    text: Annotated[str, typer.Argument(help="Text to find in any message.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Find messages containing TEXT."""
+    hits = _store().search(text)
+    if as_json:
+        stdout.print_json(json.dumps([asdict(hit) for hit in hits], ensure_ascii=False))
+        return
+    if not hits:
+        stderr.print(f"nothing matches {text!r}", markup=False)
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("ID", "ROLE", "TITLE", "MATCH"):
+        table.add_column(column, no_wrap=column in ("ID", "ROLE"))
+    for hit in hits:
+        table.add_row(str(hit.conversation_id), hit.role, hit.title, hit.snippet)
+    stdout.print(table)
+
+
+def _when(timestamp: str) -> str:
+    return timestamp[:16].replace("T", " ")

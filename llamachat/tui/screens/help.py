@@ -1,0 +1,32 @@
+"""F1: every key, from the same bindings the footer and the command palette show."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Label, Static
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,f1,q", "close", "Close")]
+
+    def __init__(self, keys: list[tuple[str, str]]):
+        super().__init__(classes="dialog wide")
+        self.keys = keys
+
+    def compose(self) -> ComposeResult:
+        table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 3, 0, 0))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        for key, description in self.keys:
+            table.add_row(key, description)
+        with Vertical():
+            yield Label("llamachat keys (Esc closes)")
+            with VerticalScroll(id="keys"):
+                yield Static(table)
+
+    def action_close(self) -> None:
+        self.dismiss(None)

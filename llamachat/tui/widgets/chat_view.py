@@ -1,0 +1,84 @@
+"""The conversation: user turns as text, replies as Markdown (streamed as they grow), system
+prompt changes as notes. Turns the model no longer sees are dimmed."""
+
+from __future__ import annotations
+
+from textual.containers import VerticalScroll
+from textual.widgets import Markdown, Static
+
+from ...history.store import Conversation, Message
+
+
+class Turn:
+    """What every message widget carries: its id in the history."""
+
+    message_id: int | None = None
+
+
+class UserTurn(Static, Turn):
+    def __init__(self, text: str, message_id: int | None = None):
+        super().__init__(text, markup=False, classes="turn user")
+        self.message_id = message_id
+        self.text = text
+
+
+class SystemNote(Static, Turn):
+    def __init__(self, text: str, message_id: int | None = None):
+        label = f"System prompt: {text}" if text else "System prompt cleared"
+        super().__init__(label, markup=False, classes="turn system")
+        self.message_id = message_id
+
+
+class ReplyTurn(Markdown, Turn):
+    def __init__(self, text: str = "", message_id: int | None = None, status: str = "complete"):
+        super().__init__(text, classes="turn assistant")
+        self.message_id = message_id
+        self.text = text
+        self.set_status(status)
+
+    def set_status(self, status: str) -> None:
+        self.set_class(status == "interrupted", "interrupted")
+        self.set_class(status == "error", "error")
+        self.border_subtitle = {"interrupted": "stopped", "error": "failed"}.get(status, "")
+
+
+class ChatView(VerticalScroll):
+    def show(self, conversation: Conversation | None) -> None:
+        self.remove_children()
+        if conversation is not None:
+            self.mount_all(_widget(message) for message in conversation.messages)
+        self.scroll_end(animate=False)
+        self.anchor()
+
+    def add(self, turn: Turn) -> None:
+        self.mount(turn)
+        self.anchor()
+
+    def settle(self) -> None:
+        """After a reply, lay out and paint the whole view again: the turns above the reply
+        have moved up while it streamed, and a terminal must not keep their old cells."""
+        self.refresh(layout=True, repaint=True)
+
+    def turns(self) -> list[Turn]:
+        return [child for child in self.children if isinstance(child, Turn)]
+
+    def last(self, kind: type) -> Turn | None:
+        matching = [turn for turn in self.turns() if isinstance(turn, kind)]
+        return matching[-1] if matching else None
+
+    def remove_from(self, message_id: int) -> None:
+        for turn in self.turns():
+            if turn.message_id is not None and turn.message_id >= message_id:
+                turn.remove()
+
+    def mark_unseen(self, message_ids: set[int]) -> None:
+        for turn in self.turns():
+            turn.set_class(turn.message_id in message_ids, "unseen")
+
+
+def _widget(message: Message) -> Turn:
+    if message.role == "user":
+        return UserTurn(message.content, message.id)
+    if message.role == "system":
+        return SystemNote(message.content, message.id)
+    return ReplyTurn(message.content, message.id, message.status)

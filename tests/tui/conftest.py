@@ -1,0 +1,77 @@
+"""A llamachat home with tiny real models installed, and a way to drive the app with the Pilot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llamachat.home import Home
+from llamachat.models.pull import pull
+from llamachat.models.store import ModelStore
+from llamachat.tui import ChatAppOptions, LlamaChatApp, make_app
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_model_factory, tmp_path_factory) -> Path:
+    """A models folder with two tiny models, `tiny` and `tiny-mqa`, pulled from local folders."""
+    root = tmp_path_factory.mktemp("tui-models")
+    store = ModelStore(root / "models")
+    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
+    pull(str(tiny_model_factory(num_key_value_heads=1)[0]), store, root / "cache", name="tiny-mqa")
+    return root / "models"
+
+
+@pytest.fixture
+def home(tmp_path, tiny_store) -> Home:
+    data = tmp_path / "home"
+    data.mkdir()
+    (data / "models").symlink_to(tiny_store)
+    return Home(data=data, config=data, cache=tmp_path / "cache")
+
+
+def options(**changes) -> ChatAppOptions:
+    base = {"model": "tiny", "device": "cpu", "sampling": {"temperature": 0.0}, "max_tokens": 12}
+    return ChatAppOptions(**{**base, **changes})
+
+
+def app_for(home: Home, **changes) -> LlamaChatApp:
+    return make_app(home, options(**changes))
+
+
+async def settle(pilot, app: LlamaChatApp, timeout: float = 60) -> None:
+    """Wait until the model is loaded (or failed) and no reply is being written."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        await pilot.pause(0.05)
+        loading = app.session is None and "loading" in app.status.note
+        if not app.generating and not loading and not _running(app):
+            await pilot.pause(0.05)
+            return
+    raise AssertionError("the app did not settle")
+
+
+def _running(app: LlamaChatApp) -> bool:
+    return any(worker.is_running for worker in app.workers)
+
+
+def write_config(home: Home, **values) -> None:
+    lines = [f"{key} = {json.dumps(value)}\n" for key, value in values.items()]
+    home.config_file.write_text("".join(lines))
+
+
+def copy_model(home: Home, source: str, target: str) -> Path:
+    """A writable copy of an installed model (the shared one is a symlink)."""
+    models = home.data / "models"
+    real = models.resolve()
+    (models).unlink()
+    shutil.copytree(real, models, symlinks=False)
+    shutil.copytree(models / source, models / target)
+    manifest = json.loads((models / target / "manifest.json").read_text())
+    manifest["name"] = target
+    (models / target / "manifest.json").write_text(json.dumps(manifest))
+    return models / target

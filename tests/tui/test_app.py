@@ -1,0 +1,377 @@
+"""The chat app, driven with Textual's Pilot against real tiny models and a real history."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llamachat.history.store import HistoryStore
+from llamachat.settings import load
+from llamachat.tui.screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
+from llamachat.tui.screens.help import HelpScreen
+from llamachat.tui.screens.search import SearchScreen
+from llamachat.tui.screens.system_prompt import SystemPromptScreen
+from llamachat.tui.widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn
+from llamachat.tui.widgets.conversation_list import ConversationList
+from llamachat.tui.widgets.prompt_input import PromptInput
+from tests.tui.conftest import app_for, copy_model, settle
+
+
+async def send(pilot, app, text: str) -> None:
+    prompt = app.query_one(PromptInput)
+    prompt.focus()
+    prompt.text = text
+    await pilot.press("enter")
+    await settle(pilot, app)
+
+
+def stored(app, conversation_id=None):
+    return HistoryStore(app.home.history_db).get(conversation_id or app.conversation_id)
+
+
+def turns(app):
+    return app.query_one(ChatView).turns()
+
+
+async def test_send_streams_the_reply_into_the_view_and_the_history(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there")
+        user, reply = turns(app)
+        assert isinstance(user, UserTurn) and user.text == "Hello there"
+        assert isinstance(reply, ReplyTurn) and reply.text
+        conversation = stored(app)
+        assert [(m.role, m.status) for m in conversation.messages] == [
+            ("user", "complete"),
+            ("assistant", "complete"),
+        ]
+        assert conversation.messages[1].content == reply.text
+        assert conversation.summary.title == "Hello there"
+        assert app.query_one(ConversationList).option_count == 1
+        assert app.status.tokens_per_s is not None and app.status.context_used > 0
+        assert app.query_one(PromptInput).text == ""
+
+
+async def test_escape_stops_the_reply_and_keeps_what_was_written(home):
+    app = app_for(home, max_tokens=900)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        app.query_one(PromptInput).text = "Tell me everything"
+        await pilot.press("enter", "escape")
+        await settle(pilot, app)
+        reply = stored(app).messages[-1]
+        assert reply.status == "interrupted"
+        assert reply.generated_tokens < 900
+        assert turns(app)[-1].has_class("interrupted")
+        assert reply.content == turns(app)[-1].text
+
+
+async def test_regenerate_replaces_the_last_reply_reusing_the_cache(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello")
+        first = turns(app)[-1].text
+        await pilot.press("ctrl+r")
+        await settle(pilot, app)
+        assert [m.role for m in stored(app).messages] == ["user", "assistant"]
+        assert turns(app)[-1].text == first  # greedy: the same reply again
+        assert app.status.reused_tokens > 0
+
+
+async def test_edit_last_message_and_resend(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello")
+        await send(pilot, app, "What is a fox?")
+        await pilot.press("up")  # the editor is empty: take the last message back
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == "What is a fox?" and app.editing is not None
+        prompt.text = "What is a dog?"
+        await pilot.press("enter")
+        await settle(pilot, app)
+        contents = [(m.role, m.content) for m in stored(app).messages]
+        assert [c for r, c in contents if r == "user"] == ["Hello", "What is a dog?"]
+        assert [r for r, _ in contents] == ["user", "assistant", "user", "assistant"]
+        assert [t.text for t in turns(app) if isinstance(t, UserTurn)] == [
+            "Hello",
+            "What is a dog?",
+        ]
+
+
+async def test_new_chat_then_switch_back_and_continue(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "First conversation")
+        first = app.conversation_id
+        await pilot.press("ctrl+n")
+        assert app.conversation_id is None and turns(app) == []
+        await send(pilot, app, "Second conversation")
+        assert app.conversation_id != first
+        listing = app.query_one(ConversationList)
+        listing.focus()
+        listing.highlighted = listing.get_option_index(str(first))
+        await pilot.press("enter")
+        await settle(pilot, app)
+        assert app.conversation_id == first
+        assert [t.text for t in turns(app) if isinstance(t, UserTurn)] == ["First conversation"]
+        await send(pilot, app, "Go on")
+        assert app.status.reused_tokens < app.status.context_used // 2  # history prefilled once
+        await send(pilot, app, "And more")
+        assert app.status.reused_tokens > app.status.context_used // 2  # then reused
+        assert len(stored(app, first).messages) == 6
+
+
+async def test_restart_shows_every_conversation_and_continues_the_latest(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Remember me")
+    again = app_for(home, continue_latest=True)
+    async with again.run_test() as pilot:
+        await settle(pilot, again)
+        assert again.query_one(ConversationList).option_count == 1
+        assert [t.text for t in turns(again) if isinstance(t, UserTurn)] == ["Remember me"]
+        await send(pilot, again, "Still there?")
+        assert len(stored(again).messages) == 4
+
+
+async def test_system_prompt_edit_applies_from_the_next_turn(home):
+    app = app_for(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hi")
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SystemPromptScreen)
+        app.screen.query_one("#prompt").text = "Answer like a pirate."
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(turns(app)[-1], SystemNote)
+        await send(pilot, app, "Hello again")
+        conversation = stored(app)
+        assert conversation.system_prompt == "Answer like a pirate."
+        assert conversation.chat_messages()[0] == {
+            "role": "system",
+            "content": "Answer like a pirate.",
+        }
+
+
+async def test_apply_a_preset_to_a_new_chat(home):
+    app = app_for(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        await pilot.press("ctrl+s")
+        presets = app.screen.query_one("#presets")
+        presets.focus()
+        presets.highlighted = presets.get_option_index("coder")
+        await pilot.press("enter")
+        assert "expert programmer" in app.screen.query_one("#prompt").text
+        await pilot.press("ctrl+s")
+        await send(pilot, app, "Sort a list")
+        assert "expert programmer" in stored(app).system_prompt
+
+
+async def test_search_opens_the_conversation_found(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Tell me about zebras")
+        target = app.conversation_id
+        await pilot.press("ctrl+n")
+        await send(pilot, app, "Something else")
+        await pilot.press("ctrl+f")
+        assert isinstance(app.screen, SearchScreen)
+        await pilot.press(*"zebra")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.conversation_id == target
+
+
+async def test_rename_and_delete_with_confirmation(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "To be renamed")
+        await pilot.press("f2")
+        assert isinstance(app.screen, TextPromptScreen)
+        app.screen.query_one("#value").value = "My title"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert stored(app).summary.title == "My title"
+        await pilot.press("f8")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert HistoryStore(home.history_db).conversations() != []
+        await pilot.press("f8", "y")
+        await pilot.pause()
+        assert HistoryStore(home.history_db).conversations() == []
+        assert app.conversation_id is None
+
+
+async def test_export_markdown_and_json(home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Export me")
+        await pilot.press("f5")
+        app.action_export("json")
+        markdown = (tmp_path / f"llamachat-{app.conversation_id}.md").read_text()
+        assert markdown.startswith("# Export me") and "## You\n\nExport me" in markdown
+        data = json.loads((tmp_path / f"llamachat-{app.conversation_id}.json").read_text())
+        assert data["messages"][0]["content"] == "Export me"
+
+
+async def test_switching_theme_is_remembered(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        assert app.theme == "llamachat-dark"
+        assert {"llamachat-light", "high-contrast", "campfire"} <= set(app.available_themes)
+        app.theme = "campfire"
+        await pilot.pause()
+    assert load(home.config_file).theme == "campfire"
+    again = app_for(home)
+    async with again.run_test() as pilot:
+        assert again.theme == "campfire"
+    forced = app_for(home, theme="high-contrast")
+    async with forced.run_test() as pilot:
+        assert forced.theme == "high-contrast"
+
+
+async def test_a_users_own_theme_file_is_registered(home):
+    home.themes.mkdir(parents=True)
+    (home.themes / "mine.toml").write_text('name = "mine"\nprimary = "#123456"\ndark = true\n')
+    (home.themes / "broken.toml").write_text("name = [\n")
+    app = app_for(home, theme="mine")
+    async with app.run_test() as pilot:
+        await pilot.pause()
+        assert app.theme == "mine"
+
+
+async def test_copy_reply_and_code_block(home):
+    history = HistoryStore(home.history_db)
+    conversation = history.create(model="tiny")
+    history.add_message(conversation, "user", "Code please")
+    history.add_message(conversation, "assistant", "Here:\n```python\nprint('hi')\n```\nDone.")
+    app = app_for(home, continue_latest=True)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await pilot.press("f3")
+        assert app.clipboard == "Here:\n```python\nprint('hi')\n```\nDone."
+        await pilot.press("f4")
+        assert app.clipboard == "print('hi')\n"
+
+
+async def test_model_picker_switches_the_conversations_model(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hi")
+        await pilot.press("ctrl+l")
+        assert isinstance(app.screen, PickScreen)
+        choices = app.screen.query_one("#choices")
+        choices.highlighted = choices.get_option_index("tiny-mqa")
+        await pilot.press("enter")
+        await settle(pilot, app)
+        assert app.model_name == "tiny-mqa" and app.model.config.n_kv_heads == 1
+        await send(pilot, app, "Again")
+        assert stored(app).summary.model == "tiny-mqa"
+        assert stored(app).messages[-1].model == "tiny-mqa"
+
+
+async def test_help_lists_every_key(home):
+    app = app_for(home)
+    async with app.run_test(size=(120, 50)) as pilot:
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        keys = {key for key, _ in app.screen.keys}
+        assert {"ctrl+n", "ctrl+r", "ctrl+s", "ctrl+f", "f3", "f4", "escape", "ctrl+q"} <= keys
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_every_action_is_in_the_command_palette(home):
+    app = app_for(home)
+    async with app.run_test():
+        titles = {command.title for command in app.get_system_commands(app.screen)}
+        for title in (
+            "New chat",
+            "Regenerate",
+            "Stop",
+            "System prompt",
+            "Search",
+            "Switch model",
+            "Rename conversation",
+            "Delete conversation",
+            "Export as Markdown",
+            "Export as JSON",
+            "Copy reply",
+            "Copy code block",
+            "Theme",
+            "Quit",
+        ):
+            assert title in titles
+
+
+async def test_a_model_that_fails_to_load_leaves_the_app_usable(home):
+    broken = copy_model(home, "tiny", "broken")
+    (broken / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    app = app_for(home, model="broken")
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        assert app.session is None and app.status.note == "failed to load"
+        assert any("GPT2LMHeadModel" in str(n.message) for n in app._notifications)
+        app.query_one(PromptInput).text = "Hello?"
+        await pilot.press("enter")
+        assert HistoryStore(home.history_db).conversations() == []
+        await pilot.press("ctrl+l")
+        choices = app.screen.query_one("#choices")
+        choices.highlighted = choices.get_option_index("tiny")
+        await pilot.press("enter")
+        await settle(pilot, app)
+        await send(pilot, app, "Hello?")
+        assert stored(app).messages[-1].status == "complete"
+
+
+async def test_a_message_too_long_for_the_context_is_an_error_not_a_crash(home):
+    app = app_for(home, ctx=64)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "the quick brown fox " * 40)
+        assert any("context of 64" in str(n.message) for n in app._notifications)
+        assert [t for t in turns(app) if isinstance(t, UserTurn)] == []
+        await send(pilot, app, "Short")
+        assert stored(app).messages[-1].status == "complete"
+
+
+async def test_turns_the_model_no_longer_sees_are_marked(home):
+    history = HistoryStore(home.history_db)
+    conversation = history.create(model="tiny")
+    for index in range(8):
+        history.add_message(conversation, "user", f"Question {index} about the quick brown fox")
+        history.add_message(conversation, "assistant", f"Answer {index} about the lazy dog")
+    app = app_for(home, ctx=128, continue_latest=True)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "And now?")
+        unseen = [t for t in turns(app) if t.has_class("unseen")]
+        assert unseen and unseen[0] is turns(app)[0]
+        assert app.status.dropped == len(unseen)
+        assert app.query_one("#status").has_class("warning")
+
+
+@pytest.mark.parametrize("key", ["shift+enter", "ctrl+j"])
+async def test_newline_keys_do_not_send(home, key):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        prompt = app.query_one(PromptInput)
+        prompt.focus()
+        await pilot.press("a", key, "b")
+        assert prompt.text == "a\nb"
+        assert HistoryStore(home.history_db).conversations() == []

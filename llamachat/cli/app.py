@@ -17,7 +17,7 @@ from ..engine.errors import EngineError
 from ..history.db import HistoryError
 from ..models.errors import StoreError
 from ..settings import SettingsError
-from . import config_cmd, history_cmd, models
+from . import bench, config_cmd, history_cmd, models
 from .console import CliError, error_line, stdin_is_terminal
 from .options import GenerationOptions, generation_options
 
@@ -36,6 +36,7 @@ app.command("pull")(models.pull)
 app.command("list")(models.list_models)
 app.command("show")(models.show)
 app.command("rm")(models.rm)
+app.command("bench")(bench.bench)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(history_cmd.app, name="history")
 

@@ -91,7 +91,9 @@ class ChatModel:
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         return self.encode(render(self.tokenizer, self.chat_format, messages))
 
-    def session(self, ctx: int | None = None):  # -> ChatSession (imported late: it imports us)
+    def session(self, ctx: int | None = None, cuda_graphs: bool | None = None):
+        """A chat session with its own KV cache of `ctx` tokens. On a GPU its decode steps
+        replay CUDA graphs unless cuda_graphs=False.  (-> ChatSession, imported late.)"""
         from .session import ChatSession
 
         if ctx is None:
@@ -100,7 +102,7 @@ class ChatModel:
             raise EngineError(
                 f"ctx must be between 16 and the model's context length {self.context_length}"
             )
-        return ChatSession(self, ctx)
+        return ChatSession(self, ctx, cuda_graphs)
 
 
 def _load_tokenizer(folder: Path) -> Any:

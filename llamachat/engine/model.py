@@ -22,10 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the activation dtype: bf16 squares lose too much.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One fused kernel, accumulating in float32 whatever the activation dtype.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -49,20 +47,49 @@ class Attention(nn.Module):
         positions: torch.Tensor,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x).view(batch, length, heads + 2 * kv_heads, head_dim)
+        # Queries and keys rotate together: one pass over both instead of two.
+        qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)  # (B, T, H + KV, hd)
+        q = qk[:, :, :heads].transpose(1, 2)  # (B, H, T, hd)
+        k = qk[:, :, heads:].transpose(1, 2)  # (B, KV, T, hd)
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)  # (B, KV, T, hd)
         keys, values = cache.update(layer, positions, k, v, mask.shape[-1])  # (B, KV, S, hd)
         # GQA without repeating kv heads: the query heads that share a kv head are stacked along
         # the sequence axis, so each kv head is read once for all of its group.
-        groups = self.n_heads // self.n_kv_heads
-        q = q.reshape(batch, self.n_kv_heads, groups * length, self.head_dim)  # (B, KV, G·T, hd)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, KV, G·T, hd)
-        out = out.reshape(batch, self.n_heads, length, self.head_dim)  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
-        return self.wo(out)
+        groups = heads // kv_heads
+        q = q.reshape(batch, kv_heads, groups * length, head_dim)  # (B, KV, G·T, hd)
+        if length == 1:
+            out = _decode_attention(q, keys, values, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.reshape(batch, heads, length, head_dim)  # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+
+
+SPLIT = 256  # keys per slice of the attention sum (attention lengths are multiples of it)
+
+
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Attention for one new token as batched matrix products, `bias` being 0 where a key is
+    visible and -inf elsewhere, (G, S).
+
+    With only G query rows per kv head, fused attention kernels leave most of the GPU idle on a
+    long cache. Scores are a wide product (each key read once, spread over the chip); the sum
+    over values is split into slices of SPLIT keys, multiplied in parallel and added up, so it
+    does not run as a handful of long serial reductions."""
+    batch, kv_heads, groups, head_dim = q.shape
+    span = keys.shape[-2]
+    scores = torch.matmul(q * head_dim**-0.5, keys.transpose(-1, -2))  # (B, KV, G, S)
+    probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(values.dtype)
+    if span % SPLIT:
+        return torch.matmul(probs, values)  # (B, KV, G, hd)
+    slices = span // SPLIT
+    probs = probs.view(batch, kv_heads, groups, slices, SPLIT).transpose(2, 3)  # (B, KV, C, G, s)
+    values = values.reshape(batch, kv_heads, slices, SPLIT, head_dim)  # (B, KV, C, s, hd)
+    return torch.matmul(probs, values).sum(dim=2)  # (B, KV, G, hd)
 
 
 class FeedForward(nn.Module):
@@ -127,12 +154,15 @@ class Transformer(nn.Module):
         """
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope first"
         x = self.tok_embeddings(tokens)  # (1, T, D)
-        cos = self.rope_cos[positions].to(x.dtype)  # (T, hd)
-        sin = self.rope_sin[positions].to(x.dtype)
+        cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (T, 1, hd): every head alike
+        sin = self.rope_sin[positions].to(x.dtype)[:, None]
         # Key s is visible to the query at position p when s ≤ p; rows repeat per query group.
         key_positions = torch.arange(attend_len, device=tokens.device)
         mask = key_positions[None, :] <= positions[:, None]  # (T, S)
-        mask = mask.repeat(self.config.n_groups, 1)  # (G·T, S)
+        if tokens.shape[1] == 1:  # decode: an additive bias, 0 or -inf, (1, S)
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+        else:
+            mask = mask.repeat(self.config.n_groups, 1)  # (G·T, S)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, index, positions)
         if last_only:

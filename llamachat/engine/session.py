@@ -19,15 +19,19 @@ import torch
 
 from .chat_format import Message
 from .chat_model import ChatModel
+from .cuda_graphs import GraphedDecoder
 from .detokenize import StreamDecoder
 from .errors import ContextOverflowError
 from .kv_cache import KVCache
+from .model import SPLIT
 from .sampling import GREEDY, SamplingParams, sample
 
 FinishReason = Literal["stop", "length", "context", "cancelled"]
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
-ATTEND_BUCKET = 256  # attention reads the cache in steps of this many positions, not all of it
+# Attention reads the cache in steps of this many positions, not all of it; a multiple of the
+# slice the decode attention splits its sum into.
+ATTEND_BUCKET = SPLIT
 DEFAULT_RESERVE = 512  # room kept for the reply when fitting a conversation with no max_new_tokens
 
 
@@ -55,13 +59,19 @@ class Prompt:
 
 
 class ChatSession:
-    def __init__(self, model: ChatModel, ctx: int):
+    def __init__(self, model: ChatModel, ctx: int, cuda_graphs: bool | None = None):
         self.model = model
         self.ctx = ctx
-        if model.transformer.rope_len < ctx:
-            model.transformer.setup_rope(ctx)
-        self.cache = KVCache(model.config, ctx, model.device, model.dtype)
+        # Room for whole attention buckets: every attention length is then a multiple of
+        # ATTEND_BUCKET, which the decode attention splits its sum by.
+        capacity = -(-ctx // ATTEND_BUCKET) * ATTEND_BUCKET
+        if model.transformer.rope_len < capacity:
+            model.transformer.setup_rope(capacity)
+        self.cache = KVCache(model.config, capacity, model.device, model.dtype)
         self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
+        if cuda_graphs is None:
+            cuda_graphs = model.device.type == "cuda"
+        self.decoder = GraphedDecoder(model.transformer, self.cache) if cuda_graphs else None
 
     def reset(self) -> None:
         self.cached_ids = []
@@ -164,10 +174,14 @@ class ChatSession:
         """Run tokens that follow the cached ones; returns the last token's logits (1, 1, V)."""
         start = len(self.cached_ids)
         end = start + len(token_ids)
+        if self.decoder is not None and len(token_ids) == 1:
+            logits = self.decoder.step(token_ids[0], start)
+            self.cached_ids.append(token_ids[0])
+            return logits
         device = self.model.device
         tokens = torch.tensor([token_ids], device=device)
         positions = torch.arange(start, end, device=device)
-        attend_len = min(self.ctx, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
+        attend_len = min(self.cache.max_len, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
         logits = self.model.transformer(tokens, positions, self.cache, attend_len)
         self.cached_ids.extend(token_ids)
         return logits

@@ -152,3 +152,16 @@ def test_managing_models_never_imports_torch(env, folder):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_bench_measures_an_installed_model(env, folder):
+    run_cli("pull", str(folder), "--as", "tiny", env=env)
+    result = run_cli("bench", "-m", "tiny", "--json", env=env, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    data = json.loads(result.stdout)
+    assert data["device"] == "cpu" and data["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert set(data["prefill_tokens_per_s"]) == {"128", "512"}
+    assert all(rate > 0 for rate in data["decode_tokens_per_s"].values())
+    assert data["ttft_new_turn_reused_ms"] > 0 and data["copy_bandwidth_bytes_per_s"] > 0
+    usage = run_cli("bench", env=env)
+    assert usage.returncode == 2 and b"--model" in usage.stderr

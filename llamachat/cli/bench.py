@@ -1,0 +1,86 @@
+"""`llamachat bench`: how fast the engine runs a model here."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..home import Home
+from ..models.store import ModelStore
+from .console import CliError, stderr, stdout
+
+
+def bench(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="An installed model.")] = None,
+    shape: Annotated[
+        str | None,
+        typer.Option(
+            "--shape", help="A model shape with random weights instead: 1b, 7b, 8b or 70b."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs", help="Replay the decode step as CUDA graphs."
+        ),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Measure prefill, decode and time to first token (with and without the KV cache)."""
+    from ..engine import ChatModel
+    from ..engine.bench import SHAPES, copy_bandwidth, measure, random_model
+    from ..engine.loading import resolve_device, resolve_dtype
+
+    if (model is None) == (shape is None):
+        raise CliError("give either --model NAME or --shape SHAPE", exit_code=2)
+    target = resolve_device(device)
+    if shape is not None:
+        if shape not in SHAPES:
+            raise CliError(f"unknown shape {shape!r}: use {', '.join(SHAPES)}", exit_code=2)
+        stderr.print(f"making a {shape} model with random weights on {target}…", markup=False)
+        chat_model, name = random_model(shape, str(target), resolve_dtype(dtype, target)), shape
+    else:
+        installed = ModelStore(Home.current().models).get(model)
+        chat_model, name = ChatModel.load(installed.path, str(target), dtype), installed.name
+    gpu = target.type == "cuda"
+    limit = chat_model.context_length
+    contexts = tuple(c for c in ((256, 4096, 32768) if gpu else (256, 2048)) if c + 200 <= limit)
+    prefills = tuple(p for p in ((512, 4000) if gpu else (128, 512)) if p + 200 <= limit)
+    history = min(4000 if gpu else 1000, limit - 200)
+    stderr.print("measuring…", markup=False)
+    result = measure(
+        chat_model, name, contexts=contexts, prefills=prefills, history=history,
+        decode_steps=128 if gpu else 32, cuda_graphs=cuda_graphs and gpu,
+    )  # fmt: skip
+    bandwidth = copy_bandwidth(str(target), size=(2 if gpu else 0.5) * 1024**3)
+    if as_json:
+        data = asdict(result) | {"copy_bandwidth_bytes_per_s": bandwidth}
+        data["bandwidth_share"] = {c: result.bandwidth_share(c, bandwidth) for c in contexts}
+        stdout.print_json(json.dumps(data))
+        return
+    table = Table(title=f"{name} on {result.device} ({result.dtype})", box=None, pad_edge=False)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for length, rate in result.prefill_tokens_per_s.items():
+        table.add_row(f"prefill {length} tokens", f"{rate:,.0f} tok/s")
+    for context, rate in result.decode_tokens_per_s.items():
+        share = 100 * result.bandwidth_share(context, bandwidth)
+        table.add_row(
+            f"decode at {context} tokens of context",
+            f"{rate:.1f} tok/s ({share:.0f}% of bandwidth)",
+        )
+    turn = f"TTFT, 64-token turn after {result.history_tokens}"
+    table.add_row(f"{turn}, cache reused", f"{result.ttft_new_turn_reused_ms:.1f} ms")
+    table.add_row(f"{turn}, all prefilled", f"{result.ttft_new_turn_full_ms:.1f} ms")
+    table.add_row("weights", f"{result.weight_bytes / 1e9:.2f} GB")
+    table.add_row("KV cache per token", f"{result.kv_bytes_per_token / 1024:.0f} KiB")
+    table.add_row("copy bandwidth (read + write)", f"{bandwidth / 1e9:,.0f} GB/s")
+    if result.peak_memory_bytes:
+        table.add_row("peak GPU memory", f"{result.peak_memory_bytes / 1e9:.1f} GB")
+    stdout.print(table)

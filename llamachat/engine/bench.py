@@ -1,0 +1,187 @@
+"""Speed measurements of the engine: what `llamachat bench` and benchmarks/gpu_bench.py print.
+
+Speed does not depend on the weights' values, so models of the real shapes are made with random
+weights right on the device (no download). Times on a GPU are taken after a synchronize; every
+figure is the median of several runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .chat_format import BUILTIN_FORMATS
+from .chat_model import ChatModel
+from .config import ModelConfig
+from .model import Transformer
+from .sampling import GREEDY
+from .session import ChatSession, ReplyStats
+
+SHAPES: dict[str, dict] = {
+    "8b": dict(  # Llama-3-8B / 3.1-8B
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0,
+    ),
+    "7b": dict(  # Llama-2-7B
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    ),
+    "70b": dict(  # Llama-2-70B
+        vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
+    ),
+    "1b": dict(  # Llama-3.2-1B
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class BenchResult:
+    name: str
+    device: str
+    dtype: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    prefill_tokens_per_s: dict[int, float] = field(default_factory=dict)
+    decode_tokens_per_s: dict[int, float] = field(default_factory=dict)  # by context length
+    ttft_new_turn_reused_ms: float = 0.0
+    ttft_new_turn_full_ms: float = 0.0
+    history_tokens: int = 0
+    peak_memory_bytes: int = 0
+
+    def bandwidth_share(self, context: int, copy_bytes_per_s: float) -> float:
+        """Decode speed × bytes each token must read, over the measured copy bandwidth."""
+        per_token = self.weight_bytes + self.kv_bytes_per_token * context
+        return self.decode_tokens_per_s[context] * per_token / copy_bytes_per_s
+
+
+def random_model(
+    shape: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+) -> ChatModel:
+    config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[shape]})
+    with torch.device("meta"):
+        transformer = Transformer(config)
+    transformer = transformer.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "norm" in name:
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
+    if config.tie_word_embeddings:
+        transformer.output.weight = transformer.tok_embeddings.weight
+    transformer.eval().requires_grad_(False)
+    # No tokenizer: the benchmark works on token ids.
+    return ChatModel(None, config, transformer, None, BUILTIN_FORMATS["llama-3"], frozenset())
+
+
+def copy_bandwidth(device: str = "cuda", size: float = 2 * 1024**3, repeats: int = 20) -> float:
+    """Bytes read plus bytes written per second by a device-to-device copy."""
+    source = torch.empty(int(size) // 2, dtype=torch.bfloat16, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    seconds = _timed(lambda: [target.copy_(source) for _ in range(repeats)], device)
+    return 2 * source.nbytes * repeats / seconds
+
+
+def measure(
+    model: ChatModel,
+    name: str,
+    contexts: tuple[int, ...] = (256, 4096),
+    prefills: tuple[int, ...] = (512, 4000),
+    decode_steps: int = 128,
+    history: int = 4000,
+    new_turn: int = 64,
+    cuda_graphs: bool | None = None,
+) -> BenchResult:
+    device = model.device
+    ctx = max(*contexts, *prefills, history + new_turn) + decode_steps + 1
+    session = model.session(ctx=min(ctx, model.context_length), cuda_graphs=cuda_graphs)
+    # Tied embeddings are one tensor under two names: count the bytes once.
+    unique = {p.data_ptr(): p for p in model.transformer.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in unique.values())
+    result = BenchResult(
+        name,
+        str(device),
+        str(model.dtype).removeprefix("torch."),
+        weights,
+        model.kv_bytes_per_token,
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens = torch.randint(
+        0, model.config.vocab_size, (ctx,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
+
+    for length in prefills:
+        times = []
+        for _ in range(3):
+            session.reset()
+            times.append(_timed(lambda n=length: session._forward(tokens[:n]), device))
+        result.prefill_tokens_per_s[length] = length / statistics.median(times)
+
+    for context in contexts:
+        session.reset()
+        session._forward(tokens[:context])
+        for step in range(8):  # warm up (and capture the graph for this span)
+            session._forward([tokens[context + step]])
+        del session.cached_ids[context:]
+        seconds = _timed(lambda c=context: _decode(session, tokens, c, decode_steps), device)
+        result.decode_tokens_per_s[context] = decode_steps / seconds
+
+    # Time to first token of a new turn after a long conversation: with the cache, and without.
+    result.history_tokens = history
+    conversation = tokens[: history + new_turn]
+    reused, full = [], []
+    for _ in range(3):
+        session.reset()
+        session._forward(tokens[:history])
+        reused.append(_first_token_ms(session, conversation))
+        session.reset()
+        full.append(_first_token_ms(session, conversation))
+    result.ttft_new_turn_reused_ms = statistics.median(reused)
+    result.ttft_new_turn_full_ms = statistics.median(full)
+    if device.type == "cuda":
+        result.peak_memory_bytes = torch.cuda.max_memory_allocated()
+    return result
+
+
+def _decode(session: ChatSession, tokens: list[int], context: int, steps: int) -> None:
+    """Greedy steps as the chat does them: sample on the device, bring the id to the host."""
+    logits = None
+    for step in range(steps):
+        token = tokens[context + step] if logits is None else int(logits[0, -1].argmax())
+        logits = session._forward([token])
+    del session.cached_ids[context:]
+
+
+def _first_token_ms(session: ChatSession, conversation: list[int]) -> float:
+    stats = ReplyStats()
+    if session.model.device.type == "cuda":
+        torch.cuda.synchronize()  # the history's prefill must not count
+    started = time.perf_counter()
+    tokens = session.generate(conversation, GREEDY, 1, threading.Event(), stats)
+    next(tokens)
+    tokens.close()
+    return (time.perf_counter() - started) * 1000
+
+
+def _timed(work: Callable[[], object], device: torch.device | str) -> float:
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        work()
+    synchronize()
+    return time.perf_counter() - started

@@ -94,31 +94,30 @@ def show(
     if as_json:
         stdout.print_json(json.dumps(details))
         return
-    config = details
     rows = [
         (
             "source",
-            f"{config['source']}" + (f" @ {config['revision']}" if config["revision"] else ""),
+            f"{details['source']}" + (f" @ {details['revision']}" if details["revision"] else ""),
         ),
-        ("installed", config["installed_at"]),
-        ("architecture", config["architecture"]),
-        ("parameters", f"{_count(config['parameters'])} ({config['parameters']:,})"),
-        ("weights", config["weights"]),
-        ("layers", f"{config['layers']}"),
-        ("hidden size", f"{config['hidden_size']}"),
-        ("attention", _attention(config)),
-        ("head dim", f"{config['head_dim']}"),
-        ("MLP hidden", f"{config['intermediate_size']}"),
-        ("context length", f"{config['context_length']}"),
-        ("rope", _rope(config)),
-        ("vocabulary", f"{config['vocab_size']}"),
+        ("installed", details["installed_at"]),
+        ("architecture", details["architecture"]),
+        ("parameters", f"{_count(details['parameters'])} ({details['parameters']:,})"),
+        ("weights", details["weights"]),
+        ("layers", f"{details['layers']}"),
+        ("hidden size", f"{details['hidden_size']}"),
+        ("attention", _attention(details)),
+        ("head dim", f"{details['head_dim']}"),
+        ("MLP hidden", f"{details['intermediate_size']}"),
+        ("context length", f"{details['context_length']}"),
+        ("rope", _rope(details)),
+        ("vocabulary", f"{details['vocab_size']}"),
         (
             "KV cache",
-            f"{_bytes(config['kv_bytes_per_token'])} per token in bf16 "
-            f"({_bytes(config['kv_bytes_full_context'])} for the full context), "
-            f"{_bytes(2 * config['kv_bytes_per_token'])} in fp32",
+            f"{_bytes(details['kv_bytes_per_token'])} per token in bf16 "
+            f"({_bytes(details['kv_bytes_full_context'])} for the full context), "
+            f"{_bytes(2 * details['kv_bytes_per_token'])} in fp32",
         ),
-        ("chat format", config["chat_format"]),
+        ("chat format", details["chat_format"]),
     ]
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
@@ -128,11 +127,11 @@ def show(
     stdout.print(f"[bold]{name}[/bold]")
     stdout.print(table)
     stdout.print("\n[bold]chat template[/bold]")
-    stdout.print(config["chat_template"], markup=False, highlight=False)
+    stdout.print(details["chat_template"], markup=False, highlight=False)
     files = Table(box=None, pad_edge=False)
     for column in ("FILE", "SIZE", "SHA256"):
         files.add_column(column, no_wrap=True)
-    for record in config["files"]:
+    for record in details["files"]:
         files.add_row(record["path"], _bytes(record["size"]), record["sha256"])
     stdout.print()
     stdout.print(files)

@@ -64,7 +64,7 @@ class ChatSession:
         self.ctx = ctx
         # Room for whole attention buckets: every attention length is then a multiple of
         # ATTEND_BUCKET, which the decode attention splits its sum by.
-        capacity = -(-ctx // ATTEND_BUCKET) * ATTEND_BUCKET
+        capacity = _whole_buckets(ctx)
         if model.transformer.rope_len < capacity:
             model.transformer.setup_rope(capacity)
         self.cache = KVCache(model.config, capacity, model.device, model.dtype)
@@ -181,7 +181,7 @@ class ChatSession:
         device = self.model.device
         tokens = torch.tensor([token_ids], device=device)
         positions = torch.arange(start, end, device=device)
-        attend_len = min(self.cache.max_len, -(-end // ATTEND_BUCKET) * ATTEND_BUCKET)
+        attend_len = min(self.cache.max_len, _whole_buckets(end))
         logits = self.model.transformer(tokens, positions, self.cache, attend_len)
         self.cached_ids.extend(token_ids)
         return logits
@@ -253,6 +253,11 @@ class Reply:
         window_full = len(self.prompt.token_ids) + stats.generated_tokens >= self.session.ctx
         if stats.finish_reason == "length" and window_full:
             stats.finish_reason = "context"
+
+
+def _whole_buckets(length: int) -> int:
+    """`length` rounded up to a multiple of ATTEND_BUCKET."""
+    return -(-length // ATTEND_BUCKET) * ATTEND_BUCKET
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

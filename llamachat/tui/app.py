@@ -121,7 +121,8 @@ class LlamaChatApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self._register_themes()
+        settings = load_settings(self.home.config_file)
+        self._register_themes(settings.theme)
         self.refresh_conversations()
         latest = self.history.latest() if self.options.continue_latest else None
         if latest is not None:
@@ -130,22 +131,20 @@ class LlamaChatApp(App):
             self.show_status()
         self.query_one(PromptInput).focus()
         try:
-            installed = self.models.choose(
-                self.options.model, load_settings(self.home.config_file).default_model
-            )
+            installed = self.models.choose(self.options.model, settings.default_model)
         except StoreError as error:
             self.show_status(model="no model", note=str(error))
             self.notify(str(error), severity="error", timeout=15)
             return
         self.start_loading(installed.name)
 
-    def _register_themes(self) -> None:
+    def _register_themes(self, configured: str | None) -> None:
         themes, problems = load_themes([*shipped_theme_folders(), self.home.themes])
         for theme in themes:
             self.register_theme(theme)
         for problem in problems:
             self.notify(f"theme {problem.path.name} skipped: {problem.reason}", severity="warning")
-        wanted = self.options.theme or load_settings(self.home.config_file).theme or DEFAULT_THEME
+        wanted = self.options.theme or configured or DEFAULT_THEME
         if wanted not in self.available_themes:
             self.notify(f"no theme named {wanted!r}; using {DEFAULT_THEME}", severity="warning")
             wanted = DEFAULT_THEME

@@ -24,7 +24,6 @@ class Status:
 
 class StatusBar(Static):
     def show(self, status: Status) -> None:
-        self.status = status
         parts = [status.model]
         if status.device:
             parts.append(status.device)

@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks.md"))
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument(
+        "--quantize", default="none,int8,int4", help="weight formats to run: none, int8, int4"
+    )
     args = parser.parse_args()
 
     name = torch.cuda.get_device_name()
@@ -111,34 +114,37 @@ def main() -> None:
     rows: list[tuple[str, BenchResult]] = []
     peers: dict[str, dict] = {}
     for shape in args.shapes.split(","):
-        model = random_model(shape)
-        limit = model.context_length
-        contexts = tuple(c for c in map(int, args.contexts.split(",")) if c + 200 <= limit)
-        result = measure(
-            model,
-            shape,
-            contexts=contexts,
-            prefills=(512, min(4000, limit - 400)),
-            history=min(4000, limit - 200),
-            cuda_graphs=True,
-        )
-        rows.append(("llamachat, CUDA graphs", result))
-        print(json.dumps(asdict(result)), flush=True)
-        if not args.skip_eager:
-            eager = measure(
+        for quantization in args.quantize.split(","):
+            quantization = None if quantization == "none" else quantization
+            model = random_model(shape, quantization=quantization)
+            limit = model.context_length
+            contexts = tuple(c for c in map(int, args.contexts.split(",")) if c + 200 <= limit)
+            result = measure(
                 model,
                 shape,
-                contexts=contexts[:2],
-                prefills=(512,),
-                decode_steps=32,
+                contexts=contexts,
+                prefills=(512, min(4000, limit - 400)),
                 history=min(4000, limit - 200),
-                cuda_graphs=False,
+                cuda_graphs=True,
             )
-            rows.append(("llamachat, eager", eager))
-            print(json.dumps(asdict(eager)), flush=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+            weights = quantization or "bf16"
+            rows.append((f"llamachat {weights}, CUDA graphs", result))
+            print(json.dumps(asdict(result)), flush=True)
+            if quantization is None and not args.skip_eager:
+                eager = measure(
+                    model,
+                    shape,
+                    contexts=contexts[:2],
+                    prefills=(512,),
+                    decode_steps=32,
+                    history=min(4000, limit - 200),
+                    cuda_graphs=False,
+                )
+                rows.append(("llamachat bf16, eager", eager))
+                print(json.dumps(asdict(eager)), flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
         if not args.skip_transformers:
             peers[shape] = transformers_generate(shape)
             print(json.dumps(peers[shape]), flush=True)
@@ -148,7 +154,7 @@ def main() -> None:
         f"**{name}**, torch {torch.__version__}, Python {platform.python_version()}, {stamp}. "
         f"Device copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written); "
         "% of BW = decode tok/s × (weight bytes + KV bytes at that context) / copy bandwidth. "
-        "Random bf16 weights, "
+        "Random weights (made in bf16, then quantised for the int8/int4 rows), "
         "batch 1, greedy.\n\n" + table(bandwidth, rows, peers) + "\n"
     )
     args.out.write_text(report)

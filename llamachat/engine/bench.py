@@ -19,6 +19,7 @@ from .chat_format import BUILTIN_FORMATS
 from .chat_model import ChatModel
 from .config import ModelConfig
 from .model import Transformer
+from .quantize import quantize_model, weight_bytes
 from .sampling import GREEDY
 from .session import ChatSession, ReplyStats
 
@@ -49,6 +50,7 @@ class BenchResult:
     name: str
     device: str
     dtype: str
+    quantization: str | None
     weight_bytes: int
     kv_bytes_per_token: int
     prefill_tokens_per_s: dict[int, float] = field(default_factory=dict)
@@ -65,7 +67,10 @@ class BenchResult:
 
 
 def random_model(
-    shape: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+    shape: str,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    quantization: str | None = None,
 ) -> ChatModel:
     config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[shape]})
     with torch.device("meta"):
@@ -81,8 +86,12 @@ def random_model(
     if config.tie_word_embeddings:
         transformer.output.weight = transformer.tok_embeddings.weight
     transformer.eval().requires_grad_(False)
+    if quantization:
+        quantize_model(transformer, quantization)
     # No tokenizer: the benchmark works on token ids.
-    return ChatModel(None, config, transformer, None, BUILTIN_FORMATS["llama-3"], frozenset())
+    model = ChatModel(None, config, transformer, None, BUILTIN_FORMATS["llama-3"], frozenset())
+    model.quantization = quantization
+    return model
 
 
 def copy_bandwidth(device: str = "cuda", size: float = 2 * 1024**3, repeats: int = 20) -> float:
@@ -108,14 +117,12 @@ def measure(
     device = model.device
     ctx = max(*contexts, *prefills, history + new_turn) + decode_steps + 1
     session = model.session(ctx=min(ctx, model.context_length), cuda_graphs=cuda_graphs)
-    # Tied embeddings are one tensor under two names: count the bytes once.
-    unique = {p.data_ptr(): p for p in model.transformer.parameters()}
-    weights = sum(p.numel() * p.element_size() for p in unique.values())
     result = BenchResult(
         name,
         str(device),
         str(model.dtype).removeprefix("torch."),
-        weights,
+        model.quantization,
+        weight_bytes(model.transformer),
         model.kv_bytes_per_token,
     )
     if device.type == "cuda":

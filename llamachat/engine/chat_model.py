@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .errors import EngineError, ModelLoadError
 from .loading import load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
+from .quantize import resolve_quantization
 
 # Without an explicit ctx a session gets the model's whole window up to this many tokens, so a
 # 128k-token model does not reserve 16 GiB of cache for a short chat (ollama and llama.cpp also
@@ -37,6 +38,7 @@ class ChatModel:
         self.tokenizer = tokenizer
         self.chat_format = chat_format
         self.eos_token_ids = eos_token_ids
+        self.quantization: str | None = None
 
     @classmethod
     def load(
@@ -45,21 +47,27 @@ class ChatModel:
         device: str = "auto",
         dtype: str | None = None,
         chat_format: str | None = None,
+        quantization: str | None = None,
     ) -> ChatModel:
-        """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights)."""
+        """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights).
+        `quantization` stores the projections' weights as int8, int4 or (CPU) f16, "auto" picks
+        (see quantize.resolve_quantization); None keeps the checkpoint's precision."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder} is not a folder")
         config = ModelConfig.from_file(folder / "config.json")
         target_device = resolve_device(device)
         target_dtype = resolve_dtype(dtype, target_device)
+        quantization = resolve_quantization(quantization, target_device, target_dtype)
         tokenizer = _load_tokenizer(folder)
-        transformer = load_transformer(folder, config, target_device, target_dtype)
+        transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
         chosen_format = chat_format_for(tokenizer, chat_format)
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop
         )
-        return cls(folder, config, transformer, tokenizer, chosen_format, eos)
+        model = cls(folder, config, transformer, tokenizer, chosen_format, eos)
+        model.quantization = quantization
+        return model
 
     @property
     def device(self) -> torch.device:

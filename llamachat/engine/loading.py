@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from .config import ModelConfig
 from .errors import DeviceError, ModelLoadError
 from .model import Transformer
+from .quantize import head_quantization, quantizable, quantize_linear
 
 DTYPES = {
     "float32": torch.float32,
@@ -105,13 +107,32 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def load_transformer(
-    folder: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype
+    folder: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str | None = None,
 ) -> Transformer:
+    """Build the model on the meta device and assign the checkpoint's tensors into it. With a
+    quantisation, each projection is quantised as soon as its tensors are read, so the
+    full-precision copy of the whole model never exists (a 70B model loads as int4 on one GPU)."""
     with torch.device("meta"):
         model = Transformer(config)
     expected = model.state_dict()
     parts: dict[str, dict[int, torch.Tensor]] = {}
     slots: dict[str, int] = {}
+    state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, nn.Module] = {}
+
+    def finish(name: str) -> None:
+        found = parts.pop(name)
+        state[name] = (
+            found[0] if slots[name] == 1 else torch.cat([found[i] for i in range(slots[name])])
+        )
+        module_name = name.rpartition(".")[0]
+        if quantization and quantizable(module_name) and module_name != "output":
+            _quantize_when_whole(module_name, state, expected, quantized, quantization)
+
     for path in weight_files(folder):
         try:
             with safe_open(path, framework="pt", device=str(device)) as checkpoint:
@@ -121,20 +142,44 @@ def load_transformer(
                         continue
                     name, slot, slots[name] = target
                     parts.setdefault(name, {})[slot] = checkpoint.get_tensor(key).to(dtype)
+                    if len(parts[name]) == slots[name]:
+                        finish(name)
         except (SafetensorError, OSError) as error:
             raise ModelLoadError(f"cannot read {path.name}: {error}") from None
-    state: dict[str, torch.Tensor] = {}
-    for name, found in parts.items():
-        if len(found) != slots[name]:
-            raise ModelLoadError(f"checkpoint lacks part of {name} ({len(found)} of {slots[name]})")
-        state[name] = (
-            found[0] if slots[name] == 1 else torch.cat([found[i] for i in range(slots[name])])
-        )
+    if parts:
+        name, found = next(iter(parts.items()))
+        raise ModelLoadError(f"checkpoint lacks part of {name} ({len(found)} of {slots[name]})")
     if config.tie_word_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    _check_complete(state, expected)
-    model.load_state_dict(state, assign=True, strict=True)
+    if quantization:
+        head = head_quantization(quantization)
+        _quantize_when_whole("output", state, expected, quantized, head)
+    _check_complete(state, expected, quantized)
+    for module_name, module in quantized.items():
+        model.set_submodule(module_name, module)
+    model.load_state_dict(state, assign=True, strict=False)
     return model.eval().requires_grad_(False)
+
+
+def _quantize_when_whole(
+    module_name: str,
+    state: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    quantized: dict[str, nn.Module],
+    quantization: str,
+) -> None:
+    """Replace a linear layer by its quantised form once its weight (and bias, if it has one)
+    are read, dropping the full-precision tensors."""
+    names = [n for n in (f"{module_name}.weight", f"{module_name}.bias") if n in expected]
+    if not all(n in state for n in names):
+        return
+    tensors = {n: state.pop(n) for n in names}
+    for name, tensor in tensors.items():
+        _check_shape(name, tensor, expected[name])
+    weight = tensors[f"{module_name}.weight"]
+    quantized[module_name] = quantize_linear(
+        weight, tensors.get(f"{module_name}.bias"), quantization
+    )
 
 
 def _target_name(key: str) -> tuple[str, int, int] | None:
@@ -150,8 +195,13 @@ def _target_name(key: str) -> tuple[str, int, int] | None:
     raise ModelLoadError(f"unexpected tensor {key!r} in the checkpoint: not a LLaMA layout")
 
 
-def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    missing = [name for name in expected if name not in state]
+def _check_complete(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    quantized: dict[str, nn.Module],
+) -> None:
+    loaded = set(state) | {name for name in expected if name.rpartition(".")[0] in quantized}
+    missing = [name for name in expected if name not in loaded]
     if missing:
         shown = ", ".join(missing[:3]) + (
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -160,8 +210,11 @@ def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Te
     for name, tensor in state.items():
         if name not in expected:
             raise ModelLoadError(f"checkpoint has {name}, which the config does not describe")
-        if tensor.shape != expected[name].shape:
-            raise ModelLoadError(
-                f"{name} has shape {tuple(tensor.shape)} but the config implies "
-                f"{tuple(expected[name].shape)}"
-            )
+        _check_shape(name, tensor, expected[name])
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
+    if tensor.shape != expected.shape:
+        raise ModelLoadError(
+            f"{name} has shape {tuple(tensor.shape)} but the config implies {tuple(expected.shape)}"
+        )

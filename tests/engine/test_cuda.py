@@ -119,3 +119,42 @@ def test_graphed_session_matches_an_eager_one_in_a_chat(tiny_model_factory):
         list(second)
         replies.append((first.token_ids, second.token_ids, second.stats.reused_tokens))
     assert replies[0] == replies[1]
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(100, 576), (4096, 4096), (1000, 14336)])
+def test_triton_gemv_kernels_multiply_by_the_dequantized_weight(rows, columns):
+    from llamachat.engine.gemv import int4_gemv, int8_gemv
+    from llamachat.engine.quantize import GROUP, pack_int4, quantize_int4, quantize_int8
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(rows, columns, device="cuda", generator=generator) * 0.02
+    x = torch.randn(1, columns, device="cuda", generator=generator).to(torch.bfloat16)
+    q, scale = quantize_int8(weight)
+    expected = x.float() @ (q.float() * scale[:, None]).T
+    out = int8_gemv(x, q, scale.to(torch.bfloat16))
+    assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    q4, scale4, offset4 = quantize_int4(weight)
+    scale4, offset4 = scale4.half(), offset4.half()
+    dequantized = q4.float().view(rows, -1, GROUP) * scale4.float()[..., None]
+    dequantized = (dequantized + offset4.float()[..., None]).view(rows, columns)
+    expected = x.float() @ dequantized.T
+    out = int4_gemv(x, pack_int4(q4), scale4, offset4, GROUP)
+    assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_model_on_the_gpu_matches_the_cpu_one_and_graphs_match_eager(
+    tiny_model_factory, quantization
+):
+    folder, _ = tiny_model_factory(intermediate_size=384)
+    tokens = torch.randint(0, 384, (1, 200), generator=torch.Generator().manual_seed(0))
+    reference = logits(ChatModel.load(folder, device="cpu"), tokens)
+    model = ChatModel.load(folder, device="cuda", quantization=quantization)
+    quantized = logits(model, tokens)
+    relative = (quantized - reference).norm() / reference.norm()
+    assert relative < {"int8": 0.05, "int4": 0.3}[quantization]
+    prompt = tokens[0].tolist()[:250]
+    eager, _ = decode_logits(model, False, prompt, 12)
+    graphed, _ = decode_logits(model, True, prompt, 12)
+    assert torch.equal(eager.argmax(-1), graphed.argmax(-1))
+    assert (eager - graphed).abs().max().item() <= 2e-2 * eager.abs().max().item()

@@ -1,0 +1,230 @@
+"""Weight-only quantisation: the linear layers' weights stored in fewer bytes, activations kept.
+
+At batch 1 a decode step reads every weight once, so its time is the weight bytes over the memory
+bandwidth: int8 halves what bf16 reads, int4 nearly quarters it.
+
+- int8: one signed byte per weight and one scale per output channel (row).
+- int4: two weights per byte, in groups of GROUP along the input axis, each group with its own
+  scale and offset: w = q·scale + offset, q in 0..15 (the shape of GGUF's Q4_1).
+- f16 (CPU only): half-precision weights multiplied in float32 arithmetic (fbgemm). On a CPU the
+  float32 matrix-vector product is bound by arithmetic, not memory; fbgemm's fp16 one is ~4×
+  faster on the same core and its weights round at 2⁻¹¹, far below any quantisation error.
+
+On CUDA a one-token product runs a fused Triton kernel that dequantises while it reads (see
+gemv.py); longer inputs (prefill) dequantise the weight once per call and use cuBLAS. On the CPU
+int8 and int4 use PyTorch's packed kernels, which take bfloat16 activations.
+
+The LM head is quantised to int8 under int4 too: it is one matrix and it decides every token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DeviceError
+
+QUANTIZATIONS = ("int8", "int4", "f16")
+GROUP = 64  # int4 weights per scale/offset pair: divides every LLaMA width (576 … 28672)
+
+
+CHOICES = ("auto", "none", *QUANTIZATIONS)  # what a user may ask for
+
+
+def resolve_quantization(
+    choice: str | None, device: torch.device, dtype: torch.dtype
+) -> str | None:
+    """A user's choice → the format to load with (None: the weights as they are). `auto` is f16
+    on a CPU computing in float32 where fbgemm runs (same answers, ~2× the speed), else none."""
+    if choice in (None, "auto"):
+        fast_cpu = device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
+        return "f16" if fast_cpu else None
+    if choice == "none":
+        return None
+    check_quantization(choice, device, dtype)
+    return choice
+
+
+def check_quantization(name: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    """One clear error for a combination that has no kernel."""
+    if name is None:
+        return
+    if name not in QUANTIZATIONS:
+        raise DeviceError(f"unknown quantisation {name!r}: use {', '.join(QUANTIZATIONS)}")
+    if name == "f16":
+        if device.type != "cpu":
+            raise DeviceError("f16 weights are a CPU mode: on a GPU use bfloat16, int8 or int4")
+        if dtype != torch.float32:
+            raise DeviceError("f16 weights compute in float32: use --dtype float32 with them")
+        if not fbgemm_available():
+            raise DeviceError("f16 weights need PyTorch's fbgemm kernels (x86 CPUs)")
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> nn.Module:
+    """A linear layer computing x·weightᵀ + bias with `weight` stored as `name` says."""
+    if name == "int8":
+        return Int8Linear(weight, bias)
+    if name == "int4":
+        if weight.shape[1] % GROUP:
+            return Int8Linear(weight, bias)  # no whole groups: the next best thing
+        return Int4Linear(weight, bias)
+    if name == "f16":
+        return HalfWeightLinear(weight, bias)
+    raise ValueError(name)
+
+
+def quantizable(module_name: str) -> bool:
+    """The projections of every block and the LM head; never the embedding or the norms."""
+    return module_name == "output" or module_name.endswith(
+        ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+    )
+
+
+def head_quantization(name: str) -> str:
+    return "int8" if name == "int4" else name
+
+
+def quantize_model(model: nn.Module, name: str) -> None:
+    """Quantise a loaded model's projections in place (the loader does it while reading)."""
+    check_quantization(name, next(model.parameters()).device, next(model.parameters()).dtype)
+    for module_name, module in list(model.named_modules()):
+        if quantizable(module_name) and isinstance(module, nn.Linear):
+            mode = head_quantization(name) if module_name == "output" else name
+            model.set_submodule(module_name, quantize_linear(module.weight, module.bias, mode))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight, quantised or not, shared tensors counted once."""
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    halves = (m for m in model.modules() if isinstance(m, HalfWeightLinear))
+    return total + sum(2 * m.in_features * m.out_features for m in halves)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 (N, K), scale float32 (N,)), weight ≈ q · scale."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of GROUP: (q uint8 (N, K) in 0..15, scale, offset (N, K/GROUP)
+    float32), weight ≈ q · scale + offset."""
+    rows, columns = weight.shape
+    groups = weight.float().view(rows, columns // GROUP, GROUP)
+    low = groups.amin(dim=-1)
+    high = groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15)
+    return q.to(torch.uint8).view(rows, columns), scale, low
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 → (N, K/2) bytes, column 2j in the low nibble, 2j+1 in the high."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        q, scale = quantize_int8(weight)
+        # PyTorch's CPU kernel wants the scales in the activations' dtype, bf16 there.
+        scale_dtype = torch.bfloat16 if weight.device.type == "cpu" else weight.dtype
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale.to(scale_dtype))
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu":
+            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scale)
+            out = out.to(x.dtype)
+        elif flat.shape[0] == 1:
+            from .gemv import int8_gemv
+
+            out = int8_gemv(flat, self.weight, self.scale)
+        else:
+            out = F.linear(flat, self.weight.to(x.dtype)) * self.scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scale.float()[:, None]
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        q, scale, offset = quantize_int4(weight)
+        self.bias = bias
+        self.on_cpu = weight.device.type == "cpu"
+        if self.on_cpu:
+            # PyTorch's CPU kernel computes (q - 8) · scale + zero with its own packing and the
+            # pairs (scale, zero) laid out (K/GROUP, N, 2) in bf16.
+            zero = offset + 8 * scale
+            pairs = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+            self.register_buffer("weight", packed)
+            self.register_buffer("scale_and_zero", pairs.to(torch.bfloat16))
+        else:
+            self.register_buffer("weight", pack_int4(q))
+            self.register_buffer("scale", scale.to(torch.float16))
+            self.register_buffer("offset", offset.to(torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.on_cpu:
+            out = torch._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.weight, GROUP, self.scale_and_zero
+            ).to(x.dtype)
+        elif flat.shape[0] == 1:
+            from .gemv import int4_gemv
+
+            out = int4_gemv(flat, self.weight, self.scale, self.offset, GROUP)
+        else:
+            out = F.linear(flat, self.dequantized().to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.on_cpu:
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+            columns = torch._weight_int4pack_mm_for_cpu(
+                eye, self.weight, GROUP, self.scale_and_zero
+            )
+            return columns.float().T.contiguous()
+        q = unpack_int4(self.weight).view(self.out_features, -1, GROUP)
+        weight = q * self.scale[..., None] + self.offset[..., None]  # (N, K/GROUP, GROUP) fp16
+        return weight.view(self.out_features, self.in_features).float()
+
+
+class HalfWeightLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        # fbgemm's packed matrix is an opaque object, not a tensor: it lives outside state_dict.
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        weight, _ = torch.ops.quantized.linear_unpack_fp16(self.packed)
+        return weight.float()

@@ -35,12 +35,13 @@ CHOICES = ("auto", "none", *QUANTIZATIONS)  # what a user may ask for
 def resolve_quantization(
     choice: str | None, device: torch.device, dtype: torch.dtype
 ) -> str | None:
-    """A user's choice → the format to load with (None: the weights as they are). `auto` is f16
-    on a CPU computing in float32 where fbgemm runs (same answers, ~2× the speed), else none."""
-    if choice in (None, "auto"):
+    """A choice → the format to load with (None and "none": the weights as they are). `auto` is
+    f16 on a CPU computing in float32 where fbgemm runs (same answers, ~2× the speed), else
+    none."""
+    if choice == "auto":
         fast_cpu = device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
         return "f16" if fast_cpu else None
-    if choice == "none":
+    if choice in (None, "none"):
         return None
     check_quantization(choice, device, dtype)
     return choice

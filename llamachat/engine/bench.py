@@ -88,6 +88,7 @@ def random_model(
     transformer.eval().requires_grad_(False)
     if quantization:
         quantize_model(transformer, quantization)
+    transformer.enable_fused_decode()
     # No tokenizer: the benchmark works on token ids.
     model = ChatModel(None, config, transformer, None, BUILTIN_FORMATS["llama-3"], frozenset())
     model.quantization = quantization

@@ -61,6 +61,7 @@ class ChatModel:
         quantization = resolve_quantization(quantization, target_device, target_dtype)
         tokenizer = _load_tokenizer(folder)
         transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
+        transformer.enable_fused_decode()
         chosen_format = chat_format_for(tokenizer, chat_format)
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop

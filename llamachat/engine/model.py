@@ -6,6 +6,8 @@ one kernel launch); the loader concatenates the checkpoint's separate matrices i
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -128,6 +130,24 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        # One-token steps through the fused Triton kernels (decode_kernels.py); set by
+        # enable_fused_decode where they run.
+        self.fused_decode = False
+
+    def enable_fused_decode(self) -> bool:
+        """Use the fused decode kernels if this model can: CUDA, half precision, head_dim a
+        power of two, at most 16 query heads per kv head, and Triton importable."""
+        weight = self.tok_embeddings.weight
+        head_dim, groups = self.config.head_dim, self.config.n_groups
+        self.fused_decode = (
+            weight.device.type == "cuda"
+            and weight.dtype in (torch.bfloat16, torch.float16)
+            and head_dim >= 16
+            and head_dim & (head_dim - 1) == 0
+            and groups <= 16
+            and importlib.util.find_spec("triton") is not None
+        )
+        return self.fused_decode
 
     def setup_rope(self, max_len: int) -> None:
         """Build the rotary tables for positions [0, max_len) on the weights' device."""
@@ -153,6 +173,8 @@ class Transformer(nn.Module):
         Returns float32 logits (1, 1, V) for the last token, or (1, T, V) with last_only=False.
         """
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope first"
+        if self.fused_decode and tokens.shape[1] == 1:
+            return self._fused_decode_step(tokens, positions, cache, attend_len)
         x = self.tok_embeddings(tokens)  # (1, T, D)
         cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (T, 1, hd): every head alike
         sin = self.rope_sin[positions].to(x.dtype)[:, None]
@@ -168,3 +190,42 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
+
+    def _fused_decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attend_len: int
+    ) -> torch.Tensor:
+        """forward() for one token with the fused kernels: per block two norms (each fused with
+        the residual add before it), rotary + cache write, two attention kernels, SwiGLU's gate
+        and the four matrix products."""
+        from .decode_kernels import add_rms_norm, decode_attention, rope_and_cache, silu_mul
+
+        project = _one_row_product
+
+        eps = self.config.rms_norm_eps
+        heads = self.config.n_heads
+        x = self.tok_embeddings(tokens).view(1, -1)  # (1, D): the residual stream
+        h = F.rms_norm(x, x.shape[-1:], self.layers[0].attention_norm.weight, eps)
+        for index, layer in enumerate(self.layers):
+            qkv = project(layer.attention.wqkv, h)  # (1, (H + 2·KV)·hd)
+            k_cache, v_cache = cache.k[index], cache.v[index]  # (KV, max_len, hd)
+            q = rope_and_cache(
+                qkv, self.rope_cos, self.rope_sin, positions, k_cache, v_cache, heads
+            )
+            attended = decode_attention(q, k_cache, v_cache, positions, attend_len)  # (1, H·hd)
+            h = add_rms_norm(x, project(layer.attention.wo, attended), layer.ffn_norm.weight, eps)
+            gated = silu_mul(project(layer.feed_forward.w13, h))  # (1, I)
+            last = index + 1 == len(self.layers)
+            following = self.norm if last else self.layers[index + 1].attention_norm
+            h = add_rms_norm(x, project(layer.feed_forward.w2, gated), following.weight, eps)
+        return project(self.output, h).float().view(1, 1, -1)
+
+
+def _one_row_product(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) for one row x (1, K): plain weights through the Triton GEMV (faster than
+    cuBLAS at one row), quantised layers through their own one-row kernels."""
+    if not isinstance(linear, nn.Linear):
+        return linear(x)
+    from .gemv import gemv
+
+    out = gemv(x, linear.weight)
+    return out if linear.bias is None else out + linear.bias

@@ -128,12 +128,18 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 → (N, K/2) bytes, column 2j in the low nibble, 2j+1 in the high."""
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    """(N, K) values 0..15 → (N, K/2) bytes. Byte j of a group holds the group's column j in its
+    low nibble and column j + GROUP/2 in its high one, so a kernel multiplies each nibble half
+    by a contiguous half of the group's activations."""
+    rows, columns = q.shape
+    groups = q.view(rows, columns // GROUP, 2, GROUP // 2)
+    return (groups[:, :, 0] | (groups[:, :, 1] << 4)).view(rows, columns // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
+    rows = packed.shape[0]
+    groups = packed.view(rows, -1, GROUP // 2)
+    return torch.stack((groups & 15, groups >> 4), dim=2).view(rows, -1)
 
 
 class Int8Linear(nn.Module):
@@ -197,7 +203,10 @@ class Int4Linear(nn.Module):
 
             out = int4_gemv(flat, self.weight, self.scale, self.offset, GROUP)
         else:
-            out = F.linear(flat, self.dequantized().to(x.dtype))
+            from .gemv import int4_dequantize
+
+            weight = int4_dequantize(self.weight, self.scale, self.offset, GROUP, x.dtype)
+            out = F.linear(flat, weight)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

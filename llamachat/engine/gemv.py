@@ -48,25 +48,6 @@ def _gemv_kernel(
     tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-_INT4_CONFIGS = [
-    triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w, num_stages=s)
-    for n, g, w, s in [
-        (2, 32, 4, 3),
-        (2, 64, 4, 3),
-        (4, 16, 4, 3),
-        (4, 32, 4, 3),
-        (4, 32, 8, 4),
-        (8, 8, 4, 3),
-        (8, 16, 4, 3),
-        (8, 16, 8, 4),
-        (16, 8, 4, 3),
-        (16, 16, 8, 3),
-        (32, 4, 4, 3),
-    ]
-]
-
-
-@triton.autotune(configs=_INT4_CONFIGS, key=["N", "K"])
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr,
@@ -143,29 +124,29 @@ def _int4_dequantize_kernel(
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (1, K) · weight (N, K)ᵀ → (1, N) for half-precision weights. One row per program and
-    1024 columns per step beat cuBLAS on every Llama-3-8B and Llama-2-7B matrix in a sweep on an
-    H100 (by 8-21%: cuBLAS launches fewer, longer-running blocks for one row)."""
-    n, k = weight.shape
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_k = min(1024, triton.next_power_of_2(k))
-    _gemv_kernel[(n,)](
-        x.contiguous(), weight, weight, out, n, k, BLOCK_N=1, BLOCK_K=block_k, SCALED=False,
-        num_warps=4, num_stages=3,
-    )  # fmt: skip
-    return out
+    """x (1, K) · weight (N, K)ᵀ → (1, N) for half-precision weights."""
+    return _row_kernel(x, weight, weight, scaled=False)
 
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (1, K) · (weight int8 (N, K) · scale (N,))ᵀ → (1, N) in x's dtype."""
+    return _row_kernel(x, weight, scale, scaled=True)
+
+
+def _row_kernel(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scaled: bool
+) -> torch.Tensor:
+    # One row per program, 1024 columns a step: in a sweep on an H100 over the Llama-3-8B and
+    # Llama-2-7B matrices this beat cuBLAS by 8-21% in bf16 (cuBLAS runs fewer, longer blocks
+    # for one row) and every other tiling in int8, except that int8 rows of 8192+ bytes went
+    # faster with 2048 columns and 8 warps (docs/BENCHMARKS.md).
     n, k = weight.shape
+    long_int8 = scaled and k >= 8192
+    block_k = min(2048 if long_int8 else 1024, triton.next_power_of_2(k))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    # Two rows per program reading 2048 bytes of each per step was the fastest of a sweep on
-    # an H100 for every Llama-3-8B matrix (docs/BENCHMARKS.md): many programs, long reads.
-    block_k = min(2048, triton.next_power_of_2(k))
-    _gemv_kernel[(triton.cdiv(n, 2),)](
-        x.contiguous(), weight, scale, out, n, k, BLOCK_N=2, BLOCK_K=block_k, SCALED=True,
-        num_warps=4, num_stages=3,
+    _gemv_kernel[(n,)](
+        x.contiguous(), weight, scale, out, n, k, BLOCK_N=1, BLOCK_K=block_k, SCALED=scaled,
+        num_warps=8 if long_int8 else 4, num_stages=3,
     )  # fmt: skip
     return out
 
@@ -176,8 +157,13 @@ def int4_gemv(
     """x (1, K) · dequantised(packed (N, K/2), scale, offset (N, K/group))ᵀ → (1, N)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _int4_gemv_kernel[grid](x.contiguous(), packed, scale, offset, out, n, k, group)
+    # From the same sweep: two rows × 32 groups a step, but for the widest matrices (gate/up,
+    # LM head) eight rows × 8 groups.
+    block_n, groups = (8, 8) if n >= 16384 else (2, 32)
+    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x.contiguous(), packed, scale, offset, out, n, k, group, BLOCK_N=block_n, GROUPS=groups,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
     return out
 
 

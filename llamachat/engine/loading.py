@@ -9,13 +9,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig
 from .errors import DeviceError, ModelLoadError
 from .model import Transformer
 from .quantize import head_quantization, quantizable, quantize_linear
+from .weights_reader import read_tensors
 
 DTYPES = {
     "float32": torch.float32,
@@ -135,16 +135,15 @@ def load_transformer(
 
     for path in weight_files(folder):
         try:
-            with safe_open(path, framework="pt", device=str(device)) as checkpoint:
-                for key in checkpoint.keys():
-                    target = _target_name(key)
-                    if target is None:
-                        continue
-                    name, slot, slots[name] = target
-                    parts.setdefault(name, {})[slot] = checkpoint.get_tensor(key).to(dtype)
-                    if len(parts[name]) == slots[name]:
-                        finish(name)
-        except (SafetensorError, OSError) as error:
+            for key, tensor in read_tensors(path, device, dtype):
+                target = _target_name(key)
+                if target is None:
+                    continue
+                name, slot, slots[name] = target
+                parts.setdefault(name, {})[slot] = tensor
+                if len(parts[name]) == slots[name]:
+                    finish(name)
+        except OSError as error:
             raise ModelLoadError(f"cannot read {path.name}: {error}") from None
     if parts:
         name, found = next(iter(parts.items()))

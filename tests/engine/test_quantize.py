@@ -41,13 +41,18 @@ def test_int4_rounds_each_weight_to_within_half_a_step_of_its_group():
     assert (error <= scale[..., None] / 2 + 1e-6).all()
 
 
-def test_int4_packing_round_trips_and_puts_even_columns_in_the_low_nibble():
-    q = torch.randint(
-        0, 16, (5, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
-    )
+def test_int4_packing_round_trips_and_pairs_the_halves_of_each_group():
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (5, 128), dtype=torch.uint8, generator=generator)
     packed = pack_int4(q)
     assert packed.shape == (5, 64)
-    assert torch.equal(packed[:, 0] & 15, q[:, 0]) and torch.equal(packed[:, 0] >> 4, q[:, 1])
+    half = GROUP // 2
+    # Byte j of a group: the group's column j in the low nibble, column j + GROUP/2 in the high.
+    assert torch.equal(packed[:, 1] & 15, q[:, 1])
+    assert torch.equal(packed[:, 1] >> 4, q[:, half + 1])
+    second_group = packed[:, half + 2]
+    assert torch.equal(second_group & 15, q[:, GROUP + 2])
+    assert torch.equal(second_group >> 4, q[:, GROUP + half + 2])
     assert torch.equal(unpack_int4(packed), q)
 
 

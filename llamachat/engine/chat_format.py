@@ -2,16 +2,19 @@
 
 A model's own chat template (tokenizer_config.json, or the GGUF metadata) is used when it has
 one. For models without one, built-in templates can be chosen by name; they are Jinja templates
-rendered by transformers, exactly as a model's own template would be.
+rendered exactly as a model's own template would be (see tokenizer.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import EngineError
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 
@@ -96,7 +99,7 @@ BUILTIN_FORMATS: dict[str, ChatFormat] = {
 }
 
 
-def chat_format_for(tokenizer: Any, name: str | None = None) -> ChatFormat:
+def chat_format_for(tokenizer: Tokenizer, name: str | None = None) -> ChatFormat:
     """The format named, else the model's own template, else a built-in one that matches the
     model's special tokens (ChatML for <|im_start|>, Llama-3 for its headers, else Llama-2)."""
     if name and name != MODEL_FORMAT:
@@ -112,7 +115,7 @@ def chat_format_for(tokenizer: Any, name: str | None = None) -> ChatFormat:
         return ChatFormat(MODEL_FORMAT, template)
     if name == MODEL_FORMAT:
         raise EngineError("this model has no chat template of its own; choose a built-in format")
-    return builtin_for_vocabulary(tokenizer.get_vocab())
+    return builtin_for_vocabulary(tokenizer.vocabulary())
 
 
 def builtin_for_vocabulary(vocabulary: Container[str]) -> ChatFormat:
@@ -124,15 +127,10 @@ def builtin_for_vocabulary(vocabulary: Container[str]) -> ChatFormat:
     return BUILTIN_FORMATS["llama-2"]
 
 
-def render(tokenizer: Any, chat_format: ChatFormat, messages: Sequence[Message]) -> str:
+def render(tokenizer: Tokenizer, chat_format: ChatFormat, messages: Sequence[Message]) -> str:
     """The prompt text for `messages`, ending where the assistant's reply begins."""
     try:
-        return tokenizer.apply_chat_template(
-            [dict(m) for m in messages],
-            chat_template=chat_format.template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+        return tokenizer.render(chat_format.template, messages)
     except Exception as error:  # the template's own checks raise (e.g. roles out of order)
         raise EngineError(
             f"the {chat_format.name} chat template rejected the conversation: {error}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -15,6 +14,7 @@ from .errors import EngineError, ModelLoadError
 from .loading import load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
 from .quantize import resolve_quantization
+from .tokenizer import Tokenizer, load_tokenizer
 
 # Without an explicit ctx a session gets the model's whole window up to this many tokens, so a
 # 128k-token model does not reserve 16 GiB of cache for a short chat (ollama and llama.cpp also
@@ -28,7 +28,7 @@ class ChatModel:
         folder: Path,
         config: ModelConfig,
         transformer: Transformer,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         chat_format: ChatFormat,
         eos_token_ids: frozenset[int],
     ):
@@ -59,7 +59,7 @@ class ChatModel:
         target_device = resolve_device(device)
         target_dtype = resolve_dtype(dtype, target_device)
         quantization = resolve_quantization(quantization, target_device, target_dtype)
-        tokenizer = _load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder)
         transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
         transformer.enable_fused_decode()
         chosen_format = chat_format_for(tokenizer, chat_format)
@@ -91,11 +91,10 @@ class ChatModel:
         return ctx * self.kv_bytes_per_token
 
     def encode(self, text: str) -> list[int]:
-        # Chat templates write the BOS token themselves, so the tokenizer must not add another.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.encode(text)
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.tokenizer.decode(token_ids)
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         return self.encode(render(self.tokenizer, self.chat_format, messages))
@@ -114,16 +113,7 @@ class ChatModel:
         return ChatSession(self, ctx, cuda_graphs)
 
 
-def _load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as error:  # transformers raises many kinds for a broken or absent tokenizer
-        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {error}") from None
-
-
-def _eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Any) -> frozenset[int]:
+def _eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]:
     """Every id that ends a reply: generation_config.json's list (Llama-3 has several: end of
     text, end of turn, end of message), config.json's, and the tokenizer's."""
     ids = set(config.eos_token_ids)
@@ -141,10 +131,9 @@ def _eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Any) -> frozens
     return frozenset(int(i) for i in ids)
 
 
-def _special_token_ids(tokenizer: Any, strings: Sequence[str]) -> frozenset[int]:
+def _special_token_ids(tokenizer: Tokenizer, strings: Sequence[str]) -> frozenset[int]:
     """Stop strings that are special tokens (ChatML's <|im_end|>) never show in decoded text, so
     they must end the reply as token ids."""
-    special = set(tokenizer.all_special_tokens) | {
-        token.content for token in tokenizer.added_tokens_decoder.values() if token.special
-    }
-    return frozenset(tokenizer.convert_tokens_to_ids(s) for s in strings if s in special)
+    special = tokenizer.special_tokens()
+    ids = (tokenizer.token_id(s) for s in strings if s in special)
+    return frozenset(i for i in ids if i is not None)

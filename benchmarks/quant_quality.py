@@ -1,0 +1,97 @@
+"""What quantisation costs in quality, on SmolLM2-135M-Instruct (CPU, one run).
+
+For each prompt the reference model (bf16 weights and activations) answers greedily; each
+quantised model then answers the same prompt (greedy agreement: how many leading tokens are the
+reference's) and reads the reference's whole text teacher-forced (logit error, top-1 agreement
+and KL divergence at every position). f16 weights are compared with float32 the same way.
+
+    python benchmarks/quant_quality.py MODEL_FOLDER [--tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llamachat.engine import GREEDY, ChatModel, KVCache  # noqa: E402
+
+PROMPTS = [
+    "Write a long story about a dragon who learns to read.",
+    "Explain how a hash table works, with a short Python example.",
+    "用三段话介绍长城的历史。",
+    "List ten facts about the planet Mars.",
+]
+PAIRS = [("bfloat16", "int8"), ("bfloat16", "int4"), ("float32", "f16")]
+
+
+def answer(model: ChatModel, prompt: str, tokens: int) -> tuple[list[int], list[int]]:
+    messages = [{"role": "user", "content": prompt}]
+    reply = model.session(ctx=1024).reply(messages, GREEDY, max_new_tokens=tokens, stop=())
+    list(reply)
+    return model.prompt_ids(messages), reply.token_ids
+
+
+def all_logits(model: ChatModel, ids: list[int]) -> torch.Tensor:
+    transformer = model.transformer
+    transformer.setup_rope(1024)
+    cache = KVCache(model.config, 1024, model.device, model.dtype)
+    tokens = torch.tensor([ids])
+    with torch.inference_mode():
+        logits = transformer(tokens, torch.arange(len(ids)), cache, 1024, last_only=False)
+    return logits[0].float()
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args()
+    print(
+        "| weights | vs | greedy tokens agreeing (per prompt) | top-1 agreement (teacher-forced) "
+        "| mean KL (nats) | relative logit error |"
+    )
+    print("|---|---|---|---|---|---|")
+    for dtype, quantization in PAIRS:
+        reference = ChatModel.load(args.folder, device="cpu", dtype=dtype)
+        quantized = ChatModel.load(
+            args.folder, device="cpu", dtype=dtype, quantization=quantization
+        )
+        agreements, top1, kls, errors = [], [], [], []
+        for prompt in PROMPTS:
+            prompt_ids, expected = answer(reference, prompt, args.tokens)
+            _, got = answer(quantized, prompt, args.tokens)
+            agreements.append(f"{leading_agreement(expected, got)}/{len(expected)}")
+            ids = prompt_ids + expected
+            ref_logits = all_logits(reference, ids)[len(prompt_ids) - 1 : -1]
+            q_logits = all_logits(quantized, ids)[len(prompt_ids) - 1 : -1]
+            top1.append((ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item())
+            ref_log_probs = ref_logits.log_softmax(-1)
+            kl = (ref_log_probs.exp() * (ref_log_probs - q_logits.log_softmax(-1))).sum(-1)
+            kls.append(kl.mean().item())
+            errors.append(((q_logits - ref_logits).norm() / ref_logits.norm()).item())
+        base = "float32" if dtype == "float32" else "bf16"
+        print(
+            f"| {quantization} | {base} | {', '.join(agreements)} "
+            f"| {100 * statistics.mean(top1):.1f}% | {statistics.mean(kls):.4f} "
+            f"| {100 * statistics.mean(errors):.2f}% |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

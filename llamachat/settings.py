@@ -15,6 +15,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+# The engine's quantize.CHOICES, kept here too so that reading the config and parsing the command
+# line never import torch (tests/test_settings.py checks that the two agree).
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4", "f16")
+
 
 class SettingsError(Exception):
     """The config file cannot be read, or a value in it (or given to `config set`) is invalid."""
@@ -25,6 +29,7 @@ class Setting:
     key: str
     kind: type
     help: str
+    choices: tuple[str, ...] = ()  # the only values allowed, when not empty
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -40,6 +45,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ctx", int, "context window in tokens"),
     Setting("device", str, "auto, cpu, cuda or cuda:N"),
     Setting("dtype", str, "float32, bfloat16 or float16"),
+    Setting("quantize", str, "weight format: " + ", ".join(QUANTIZE_CHOICES), QUANTIZE_CHOICES),
     Setting("theme", str, "chat app theme"),
 )
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -59,6 +65,7 @@ class Settings:
     ctx: int | None = None
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None
     theme: str | None = None
 
     def items(self) -> list[tuple[str, Any]]:
@@ -86,7 +93,7 @@ def parse_value(key: str, text: str) -> Any:
     """A value typed on the command line (`llamachat config set KEY VALUE`), checked for KEY."""
     setting = _setting(key, source="config set")
     if setting.kind is str:
-        return text
+        return _allowed(setting, text, source="config set")
     try:
         return setting.kind(text)
     except ValueError:
@@ -108,6 +115,13 @@ def _checked(key: str, value: Any, source: str) -> Any:
         value = float(value)
     if not isinstance(value, setting.kind) or isinstance(value, bool):
         raise SettingsError(f"{source}: {key} takes {_kind_name(setting.kind)}, not {value!r}")
+    return _allowed(setting, value, source)
+
+
+def _allowed(setting: Setting, value: Any, source: str) -> Any:
+    if setting.choices and value not in setting.choices:
+        choices = ", ".join(setting.choices)
+        raise SettingsError(f"{source}: {setting.key} takes one of {choices}, not {value!r}")
     return value
 
 

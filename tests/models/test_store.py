@@ -3,6 +3,7 @@ leave behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -136,3 +137,41 @@ def test_latest_is_the_most_recently_installed(tmp_path):
             stage(staging, name)
             staging.manifest = Manifest(**{**staging.manifest.__dict__, "installed_at": when})
     assert store.latest().name == "new"
+
+
+def test_recording_a_weight_format_rewrites_only_the_manifest(tmp_path):
+    store = ModelStore(tmp_path)
+    with store.install("alpha") as staging:
+        stage(staging, "alpha")
+    before = store.get("alpha").manifest
+    assert before.quantization is None
+    (tmp_path / ".staging" / f"alpha.manifest.{dead_pid()}").write_text("{")  # a killed rewrite
+    updated = store.set_quantization("alpha", "int4")
+    assert updated.manifest.quantization == "int4"
+    assert store.get("alpha").manifest == updated.manifest
+    assert updated.manifest.files == before.files
+    assert updated.manifest.installed_at == before.installed_at
+    assert (tmp_path / "alpha" / "model.safetensors").read_text() == "weights"
+    assert sorted(p.name for p in (tmp_path / ".staging").iterdir()) == ["alpha.lock"]
+
+
+def test_a_weight_format_is_not_recorded_while_the_model_is_being_installed(tmp_path):
+    store = ModelStore(tmp_path)
+    with store.install("alpha") as staging:
+        stage(staging, "alpha")
+    with store.install("alpha") as staging:
+        stage(staging, "alpha", "new")
+        with pytest.raises(BusyError):
+            store.set_quantization("alpha", "int8")
+    assert store.get("alpha").manifest.quantization is None
+
+
+def test_a_manifest_written_before_weight_formats_existed_still_reads(tmp_path):
+    store = ModelStore(tmp_path)
+    with store.install("alpha") as staging:
+        stage(staging, "alpha")
+    path = tmp_path / "alpha" / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["quantization"]
+    path.write_text(json.dumps(data))
+    assert store.get("alpha").manifest.quantization is None

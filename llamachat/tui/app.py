@@ -50,6 +50,7 @@ class ChatAppOptions:
     model: str | None = None
     device: str = "auto"
     dtype: str | None = None
+    quantize: str | None = None  # None: the format the model's pull recorded, else auto
     ctx: int | None = None
     chat_format: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
@@ -175,6 +176,7 @@ class LlamaChatApp(App):
                 device=self.options.device,
                 dtype=self.options.dtype,
                 chat_format=self.options.chat_format,
+                quantization=self.options.quantize or installed.manifest.quantization or "auto",
             )
             session = model.session(self.options.ctx)
         except Exception as error:  # shown in the app: a bad model must not kill it
@@ -185,7 +187,10 @@ class LlamaChatApp(App):
     def on_model_ready(self, message: ModelReady) -> None:
         self.model, self.session, self.model_name = message.model, message.session, message.name
         dtype = str(self.model.dtype).removeprefix("torch.")
-        self.show_status(model=message.name, device=f"{self.model.device} {dtype}", note="")
+        weights = f" {self.model.quantization}" if self.model.quantization else ""
+        self.show_status(
+            model=message.name, device=f"{self.model.device} {dtype}{weights}", note=""
+        )
         self.update_context_meter()
 
     def on_model_failed(self, message: ModelFailed) -> None:

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from llamachat.engine.quantize import fbgemm_available
 from llamachat.history.store import HistoryStore
+from llamachat.models.store import ModelStore
 from llamachat.settings import load
 from llamachat.tui.screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
 from llamachat.tui.screens.help import HelpScreen
@@ -15,6 +17,7 @@ from llamachat.tui.screens.system_prompt import SystemPromptScreen
 from llamachat.tui.widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn
 from llamachat.tui.widgets.conversation_list import ConversationList
 from llamachat.tui.widgets.prompt_input import PromptInput
+from llamachat.tui.widgets.status_bar import StatusBar
 from tests.tui.conftest import app_for, copy_model, settle
 
 
@@ -375,3 +378,41 @@ async def test_newline_keys_do_not_send(home, key):
         await pilot.press("a", key, "b")
         assert prompt.text == "a\nb"
         assert HistoryStore(home.history_db).conversations() == []
+
+
+async def test_the_status_bar_shows_the_weight_format_after_the_dtype(home):
+    app = app_for(home, quantize="int4")
+    async with app.run_test(size=(120, 30)) as pilot:
+        await settle(pilot, app)
+        assert app.model.quantization == "int4"
+        assert str(app.query_one(StatusBar).render()).startswith("tiny · cpu float32 int4 · ctx")
+    stored_as_is = app_for(home, quantize="none")
+    async with stored_as_is.run_test(size=(120, 30)) as pilot:
+        await settle(pilot, stored_as_is)
+        assert stored_as_is.model.quantization is None
+        assert stored_as_is.status.device == "cpu float32"
+
+
+async def test_each_model_loads_in_the_format_its_pull_recorded_unless_told_otherwise(home):
+    copy_model(home, "tiny", "tiny-int8")
+    ModelStore(home.models).set_quantization("tiny-int8", "int8")
+    app = app_for(home, model="tiny-int8")
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        assert app.status.device == "cpu float32 int8"
+        app._switch_model("tiny")  # what the model picker does
+        await settle(pilot, app)
+        auto = "cpu float32 f16" if fbgemm_available() else "cpu float32"
+        assert app.model_name == "tiny" and app.status.device == auto
+    forced = app_for(home, model="tiny-int8", quantize="int4")
+    async with forced.run_test() as pilot:
+        await settle(pilot, forced)
+        assert forced.status.device == "cpu float32 int4"
+
+
+async def test_a_format_the_device_cannot_run_is_shown_and_the_app_stays_usable(home):
+    app = app_for(home, dtype="bfloat16", quantize="f16")
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        assert app.session is None and app.status.note == "failed to load"
+        assert any("f16 weights compute in float32" in str(n.message) for n in app._notifications)

@@ -12,6 +12,11 @@ from tests.tui.conftest import app_for, settle
 SIZE = (110, 34)
 
 
+def pinned_app(home, **changes):
+    """int8 weights: a status bar that reads the same on every CPU (auto depends on fbgemm)."""
+    return app_for(home, continue_latest=True, quantize="int8", **changes)
+
+
 @pytest.fixture
 def conversation_home(home):
     history = HistoryStore(home.history_db)
@@ -40,7 +45,7 @@ async def _ready(pilot) -> None:
 
 
 def test_main_screen(snap_compare, conversation_home):
-    app = app_for(conversation_home, continue_latest=True)
+    app = pinned_app(conversation_home)
     assert snap_compare(app, terminal_size=SIZE, run_before=_ready)
 
 
@@ -50,10 +55,10 @@ def test_help_screen(snap_compare, conversation_home):
         await pilot.press("f1")
         await pilot.pause()
 
-    app = app_for(conversation_home, continue_latest=True)
+    app = pinned_app(conversation_home)
     assert snap_compare(app, terminal_size=SIZE, run_before=open_help)
 
 
 def test_high_contrast_theme(snap_compare, conversation_home):
-    app = app_for(conversation_home, continue_latest=True, theme="high-contrast")
+    app = pinned_app(conversation_home, theme="high-contrast")
     assert snap_compare(app, terminal_size=SIZE, run_before=_ready)

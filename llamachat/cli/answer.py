@@ -63,4 +63,4 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
     if reply.stats.finish_reason == "context":
         warn("the answer was cut off: the context window is full (raise --ctx)")
     if options.verbose:
-        print_stats(reply.stats)
+        print_stats(reply.stats, setup.model)

@@ -11,7 +11,9 @@ from rich.table import Table
 
 from ..home import Home
 from ..models.store import ModelStore
+from ..settings import load
 from .console import CliError, stderr, stdout
+from .options import checked_quantize
 
 
 def bench(
@@ -24,6 +26,15 @@ def bench(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="Weight format: auto, none, int8, int4, f16 (CPU)."
+            " [default: the config's, else the model's, else auto]",
+            callback=checked_quantize,
+        ),
+    ] = None,
     cuda_graphs: Annotated[
         bool,
         typer.Option(
@@ -36,18 +47,28 @@ def bench(
     from ..engine import ChatModel
     from ..engine.bench import SHAPES, copy_bandwidth, measure, random_model
     from ..engine.loading import resolve_device, resolve_dtype
+    from ..engine.quantize import resolve_quantization
+    from .generation import quantization_for
 
     if (model is None) == (shape is None):
         raise CliError("give either --model NAME or --shape SHAPE", exit_code=2)
+    home = Home.current()
+    settings = load(home.config_file)
     target = resolve_device(device)
     if shape is not None:
         if shape not in SHAPES:
             raise CliError(f"unknown shape {shape!r}: use {', '.join(SHAPES)}", exit_code=2)
+        torch_dtype = resolve_dtype(dtype, target)
+        choice = quantize or settings.quantize or "auto"
+        quantization = resolve_quantization(choice, target, torch_dtype)
         stderr.print(f"making a {shape} model with random weights on {target}…", markup=False)
-        chat_model, name = random_model(shape, str(target), resolve_dtype(dtype, target)), shape
+        chat_model = random_model(shape, str(target), torch_dtype, quantization)
+        name = shape
     else:
-        installed = ModelStore(Home.current().models).get(model)
-        chat_model, name = ChatModel.load(installed.path, str(target), dtype), installed.name
+        installed = ModelStore(home.models).get(model)
+        choice = quantization_for(installed, quantize, settings)
+        chat_model = ChatModel.load(installed.path, str(target), dtype, quantization=choice)
+        name = installed.name
     gpu = target.type == "cuda"
     limit = chat_model.context_length
     contexts = tuple(c for c in ((256, 4096, 32768) if gpu else (256, 2048)) if c + 200 <= limit)
@@ -64,7 +85,9 @@ def bench(
         data["bandwidth_share"] = {c: result.bandwidth_share(c, bandwidth) for c in contexts}
         stdout.print_json(json.dumps(data))
         return
-    table = Table(title=f"{name} on {result.device} ({result.dtype})", box=None, pad_edge=False)
+    weights = f", {result.quantization}" if result.quantization else ""
+    title = f"{name} on {result.device} ({result.dtype}{weights})"
+    table = Table(title=title, box=None, pad_edge=False)
     table.add_column("measure")
     table.add_column("value", justify="right")
     for length, rate in result.prefill_tokens_per_s.items():

@@ -8,7 +8,7 @@ import sys
 from ..history.recording import recorded
 from ..history.store import ReplyRecorder
 from .console import CliError, stderr
-from .generation import open_history, print_stats, start
+from .generation import dtype_name, open_history, print_stats, start
 from .options import GenerationOptions
 
 HELP = """commands:
@@ -26,8 +26,9 @@ def chat(options: GenerationOptions) -> None:
     conversation = setup.continued
     pending_system = setup.system  # for the conversation the first message creates
     show_stats = options.verbose
+    weights = f", {model.quantization} weights" if model.quantization else ""
     stderr.print(
-        f"{name} on {model.device} ({str(model.dtype).removeprefix('torch.')}), "
+        f"{name} on {model.device} ({dtype_name(model)}{weights}), "
         f"{session.ctx} tokens of context. /help for commands, /bye to quit.",
         markup=False,
     )
@@ -84,7 +85,7 @@ def chat(options: GenerationOptions) -> None:
             pass  # Ctrl+C stops the reply; what was shown is saved, the cache stays valid
         sys.stdout.write("\n")
         if show_stats:
-            print_stats(reply.stats)
+            print_stats(reply.stats, model)
 
 
 def ensure_terminal() -> None:

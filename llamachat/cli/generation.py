@@ -122,6 +122,7 @@ def app_options(options: GenerationOptions, theme: str | None) -> Any:
         model=options.model,
         device=_pick(options.device, settings.device) or "auto",
         dtype=_pick(options.dtype, settings.dtype),
+        quantize=_pick(options.quantize, settings.quantize),
         ctx=_pick(options.ctx, settings.ctx),
         chat_format=options.chat_format,
         sampling=sampling_choices(options, settings),
@@ -137,11 +138,26 @@ def load_model(model: InstalledModel, options: GenerationOptions, settings: Sett
 
     device = _pick(options.device, settings.device) or "auto"
     dtype = _pick(options.dtype, settings.dtype)
+    quantization = quantization_for(model, options.quantize, settings)
     status = stderr.status(f"loading {model.name}…") if stderr.is_terminal else nullcontext()
     with status:
         return ChatModel.load(
-            model.path, device=device, dtype=dtype, chat_format=options.chat_format
+            model.path,
+            device=device,
+            dtype=dtype,
+            chat_format=options.chat_format,
+            quantization=quantization,
         )
+
+
+def quantization_for(model: InstalledModel, flag: str | None, settings: Settings) -> str:
+    """--quantize, else the config's quantize, else the format `pull --quantize` recorded for
+    the model, else auto."""
+    return _pick(flag, settings.quantize) or model.manifest.quantization or "auto"
+
+
+def dtype_name(model: ChatModel) -> str:
+    return str(model.dtype).removeprefix("torch.")
 
 
 def context_size(options: GenerationOptions, settings: Settings, model: ChatModel) -> int | None:
@@ -153,9 +169,11 @@ def context_size(options: GenerationOptions, settings: Settings, model: ChatMode
     return ctx
 
 
-def print_stats(stats: ReplyStats) -> None:
+def print_stats(stats: ReplyStats, model: ChatModel) -> None:
     """Like `ollama run --verbose`: on stderr, after the answer."""
     lines = [
+        ("device", f"{model.device} {dtype_name(model)}"),
+        ("weight format", model.quantization or "none"),
         ("prompt tokens", f"{stats.prompt_tokens}"),
         ("reused from cache", f"{stats.reused_tokens}"),
         ("prefilled", f"{stats.prefilled_tokens}"),

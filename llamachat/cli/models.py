@@ -15,6 +15,7 @@ from ..models.inspect import inspect_folder
 from ..models.pull import pull as pull_model
 from ..models.store import InstalledModel, ModelStore
 from .console import CliError, stderr, stdin_is_terminal, stdout
+from .options import checked_quantize
 from .progress import RichProgress
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -28,6 +29,17 @@ def pull(
         ),
     ] = None,
     alias: Annotated[str | None, typer.Option("--as", help="Install under this name.")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="The weight format the model loads in by default: none, int8, int4, f16 (CPU)"
+            " or auto. The files stay as downloaded; the format is applied each time the model"
+            " loads, and --quantize or the config's quantize override it."
+            " [default: auto, or what an earlier pull chose]",
+            callback=checked_quantize,
+        ),
+    ] = None,
     list_catalog: Annotated[
         bool, typer.Option("--list", help="Show the catalog and exit.")
     ] = False,
@@ -45,14 +57,18 @@ def pull(
         )
     home = Home.current()
     with RichProgress() as progress:
-        result = pull_model(name, ModelStore(home.models), home.downloads, alias, progress)
+        result = pull_model(
+            name, ModelStore(home.models), home.downloads, alias, progress, quantize
+        )
     model = result.model
+    recorded = model.manifest.quantization
+    loads = f"; it loads as {recorded} by default" if recorded else ""
     if result.already_installed:
-        stderr.print(f"{model.name} is already installed and up to date", markup=False)
+        stderr.print(f"{model.name} is already installed and up to date{loads}", markup=False)
     else:
         stderr.print(
             f"installed {model.name}: {_count(model.manifest.parameters)} parameters, "
-            f"{_bytes(model.manifest.size)} on disk",
+            f"{_bytes(model.manifest.size)} on disk{loads}",
             markup=False,
         )
 
@@ -103,6 +119,7 @@ def show(
         ("architecture", details["architecture"]),
         ("parameters", f"{_count(details['parameters'])} ({details['parameters']:,})"),
         ("weights", details["weights"]),
+        ("weight format", details["quantization"]),
         ("layers", f"{details['layers']}"),
         ("hidden size", f"{details['hidden_size']}"),
         ("attention", _attention(details)),
@@ -167,6 +184,7 @@ def _details(model: InstalledModel) -> dict[str, Any]:
         "architecture": config.architecture,
         "parameters": config.parameter_count(),
         "weights": manifest.weights,
+        "quantization": manifest.quantization or "auto",
         "layers": config.n_layers,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -208,6 +226,7 @@ def _summary(model: InstalledModel) -> dict[str, Any]:
         "parameters": manifest.parameters,
         "size": manifest.size,
         "weights": manifest.weights,
+        "quantization": manifest.quantization or "auto",
         "context_length": manifest.context_length,
         "source": manifest.source,
         "revision": manifest.revision,

@@ -15,9 +15,18 @@ from typing import Annotated, Any
 
 import typer
 
+from ..settings import QUANTIZE_CHOICES
+
 PANEL = "Generation"
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPE_PATTERN = re.compile(r"float32|fp32|bfloat16|bf16|float16|fp16")
+QUANTIZE_PATTERN = re.compile("|".join(QUANTIZE_CHOICES))
+QUANTIZE_NAMES = ", ".join(QUANTIZE_CHOICES)
+
+
+def checked_quantize(value: str | None) -> str | None:
+    """The --quantize callback, shared with `pull` and `bench`."""
+    return _checked(value, QUANTIZE_PATTERN, QUANTIZE_NAMES)
 
 
 def _checked(value: str | None, pattern: re.Pattern[str], choices: str) -> str | None:
@@ -121,6 +130,16 @@ class GenerationOptions:
         typer.Option(
             help="float32, bfloat16 or float16. [default: bf16 on GPU, fp32 on CPU]",
             callback=lambda value: _checked(value, DTYPE_PATTERN, "float32, bfloat16 or float16"),
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="Weight format: auto, none, int8, int4, f16 (CPU). "
+            "[default: auto: f16 weights on a CPU, as stored on a GPU]",
+            callback=checked_quantize,
             rich_help_panel=PANEL,
         ),
     ] = None

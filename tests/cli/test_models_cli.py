@@ -145,7 +145,8 @@ def test_managing_models_never_imports_torch(env, folder):
     code = (
         "import sys\n"
         "from llamachat.cli.app import main\n"
-        "for args in (['list'], ['show', 'tiny'], ['config'], ['pull', '--list']):\n"
+        "for args in (['list'], ['show', 'tiny'], ['config'], ['pull', '--list'],\n"
+        "             ['config', 'set', 'quantize', 'int4']):\n"
         "    assert main(args) == 0\n"
         "print('torch' in sys.modules, file=sys.stderr)\n"
     )

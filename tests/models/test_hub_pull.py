@@ -240,3 +240,21 @@ def _wait_for_growth(blobs: Path, process: subprocess.Popen, timeout: float = 60
     start, deadline = partial_size(), time.monotonic() + timeout
     while partial_size() <= start and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def test_pulling_again_with_another_format_changes_only_the_record(hub, env):
+    def recorded() -> str:
+        return json.loads(run_cli("show", "tiny-llama", "--json", env=env).stdout)["quantization"]
+
+    assert run_cli("pull", f"hf:{REPO}", "--quantize", "int4", env=env).returncode == 0
+    assert recorded() == "int4"
+    hub.requests.clear()
+    again = run_cli("pull", f"hf:{REPO}", "--quantize", "int8", env=env)
+    assert again.returncode == 0, again.stderr.decode()
+    assert b"already installed and up to date; it loads as int8 by default" in again.stderr
+    assert not [r for r in hub.requests if "/resolve/" in r.path]
+    assert recorded() == "int8"
+    assert run_cli("pull", f"hf:{REPO}", env=env).returncode == 0
+    assert recorded() == "int8"  # a pull without --quantize keeps the choice
+    assert run_cli("pull", f"hf:{REPO}", "--quantize", "auto", env=env).returncode == 0
+    assert recorded() == "auto"

@@ -4,7 +4,7 @@ At batch 1 a decode step reads every weight once, so its time is the weight byte
 bandwidth: int8 halves what bf16 reads, int4 nearly quarters it.
 
 - int8: one signed byte per weight and one scale per output channel (row).
-- int4: two weights per byte, in groups of GROUP along the input axis, each group with its own
+- int4: two weights per byte, in groups of GROUP (32) along the input axis, each group with its own
   scale and offset: w = q·scale + offset, q in 0..15 (the shape of GGUF's Q4_1).
 - f16 (CPU only): half-precision weights multiplied in float32 arithmetic (fbgemm). On a CPU the
   float32 matrix-vector product is bound by arithmetic, not memory; fbgemm's fp16 one is ~4×
@@ -26,7 +26,9 @@ from torch import nn
 from .errors import DeviceError
 
 QUANTIZATIONS = ("int8", "int4", "f16")
-GROUP = 64  # int4 weights per scale/offset pair: divides every LLaMA width (576 … 28672)
+# int4 weights per scale/offset pair, as in GGUF's Q4_0/Q4_1: divides every LLaMA width (576 …
+# 28672), and a model shipped as Q4_1 (the default SmolLM2) re-quantises to its own values.
+GROUP = 32
 
 
 CHOICES = ("auto", "none", *QUANTIZATIONS)  # what a user may ask for

@@ -15,6 +15,7 @@ import typer
 
 from ..engine.errors import EngineError
 from ..history.db import HistoryError
+from ..home import Home
 from ..models.errors import StoreError
 from ..settings import SettingsError
 from . import bench, config_cmd, history_cmd, models
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     args = [arg for arg in args if arg != "--debug"]
     command = typer.main.get_command(app)
     try:
+        # GPU kernels compiled by Triton are kept with llamachat's other caches (Triton's own
+        # default is ~/.triton), so a second start skips compiling them.
+        os.environ.setdefault("TRITON_CACHE_DIR", str(Home.current().cache / "triton"))
         result = command.main(args=args, prog_name="llamachat", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except typer.TyperException as error:  # usage errors: a bad option, a missing argument

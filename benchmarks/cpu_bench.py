@@ -1,6 +1,7 @@
-"""SmolLM2-135M-Instruct on the CPU, in one run: llamachat's engine, transformers' eager
-`generate` on the same weights, and llama.cpp (llama-cpp-python) on the original GGUF when it is
-installed. Greedy, fp32, the same chat prompt, a fixed number of new tokens.
+"""SmolLM2-135M-Instruct on the CPU, in one run: llamachat's engine in each weight format,
+transformers' eager `generate` on the same weights (fp32), and llama.cpp (llama-cpp-python) on
+the original GGUF when it is installed. Greedy, the same chat prompt, a fixed number of new
+tokens.
 
     python benchmarks/cpu_bench.py MODEL_FOLDER [--gguf FILE.gguf] [--threads 2]
 """
@@ -25,8 +26,8 @@ PROMPT = [{"role": "user", "content": "Write a long story about a dragon who lea
 NEW_TOKENS = 128
 
 
-def ours(folder: Path) -> dict[str, float]:
-    model = ChatModel.load(folder, device="cpu", dtype="float32")
+def ours(folder: Path, quantization: str | None) -> dict[str, float]:
+    model = ChatModel.load(folder, device="cpu", dtype="float32", quantization=quantization)
     runs = []
     for _ in range(3):
         reply = model.session().reply(PROMPT, GREEDY, max_new_tokens=NEW_TOKENS)
@@ -98,7 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [
-        ("llamachat (fp32)", ours(args.folder)),
+        ("llamachat, fp32 weights (--quantize none)", ours(args.folder, None)),
+        ("llamachat, f16 weights, fp32 arithmetic (the CPU default)", ours(args.folder, "f16")),
+        ("llamachat, int8 weights, bf16 activations", ours(args.folder, "int8")),
+        ("llamachat, int4 weights, bf16 activations", ours(args.folder, "int4")),
         ("transformers eager generate (fp32)", transformers_eager(args.folder)),
     ]
     if args.gguf:

@@ -21,6 +21,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        # Each layer's (n_kv, max_len, hd) keys and values, as views made once.
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
 
     @property
     def bytes_per_token(self) -> int:

@@ -19,7 +19,13 @@ from .chat_format import BUILTIN_FORMATS
 from .chat_model import ChatModel
 from .config import ModelConfig
 from .model import Transformer
-from .quantize import quantize_model, weight_bytes
+from .quantize import (
+    check_quantization,
+    head_quantization,
+    quantizable,
+    quantize_linear,
+    weight_bytes,
+)
 from .sampling import GREEDY
 from .session import ChatSession, ReplyStats
 
@@ -72,22 +78,30 @@ def random_model(
     dtype: torch.dtype = torch.bfloat16,
     quantization: str | None = None,
 ) -> ChatModel:
+    """A model of `shape` with random weights (N(0, 0.02), norms at 1) made on `device`. With a
+    quantisation each matrix is quantised as it is made, so a 70B model fits one GPU in int4."""
     config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[shape]})
+    check_quantization(quantization, torch.device(device), dtype)
     with torch.device("meta"):
         transformer = Transformer(config)
-    transformer = transformer.to_empty(device=device).to(dtype)
     generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "norm" in name:
-                parameter.fill_(1.0)
-            else:
-                parameter.normal_(0.0, 0.02, generator=generator)
-    if config.tie_word_embeddings:
+    state: dict[str, torch.Tensor] = {}
+    for name, parameter in list(transformer.named_parameters()):
+        module_name, _, kind = name.rpartition(".")
+        if "norm" in name:
+            state[name] = torch.ones(parameter.shape, device=device, dtype=dtype)
+            continue
+        value = torch.empty(parameter.shape, device=device, dtype=dtype)
+        value.normal_(0.0, 0.02, generator=generator)
+        if quantization and kind == "weight" and quantizable(module_name):
+            mode = head_quantization(quantization) if module_name == "output" else quantization
+            transformer.set_submodule(module_name, quantize_linear(value, None, mode))
+        else:
+            state[name] = value
+    transformer.load_state_dict(state, assign=True, strict=False)
+    if config.tie_word_embeddings and not quantization:
         transformer.output.weight = transformer.tok_embeddings.weight
     transformer.eval().requires_grad_(False)
-    if quantization:
-        quantize_model(transformer, quantization)
     transformer.enable_fused_decode()
     # No tokenizer: the benchmark works on token ids.
     model = ChatModel(None, config, transformer, None, BUILTIN_FORMATS["llama-3"], frozenset())

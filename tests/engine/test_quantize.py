@@ -79,10 +79,10 @@ def full_logits(model: ChatModel, tokens: torch.Tensor) -> torch.Tensor:
 
 
 # Relative error of the logits against fp32 on this random tiny model, bound at about twice what
-# was measured: int8 1.3% (bf16 activations included), int4 14% (random weights fill their
+# was measured: int8 1.3% (bf16 activations included), int4 12% (random weights fill their
 # groups evenly, the worst case for 4 bits), f16 weights 0.04%. Real-model figures are in
 # docs/BENCHMARKS.md.
-BOUNDS = {"int8": 0.03, "int4": 0.3, "f16": 0.001}
+BOUNDS = {"int8": 0.03, "int4": 0.25, "f16": 0.001}
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4", "f16"])

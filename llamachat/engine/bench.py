@@ -104,9 +104,8 @@ def random_model(
     transformer.eval().requires_grad_(False)
     transformer.enable_fused_decode()
     # No tokenizer: the benchmark works on token ids.
-    model = ChatModel(None, config, transformer, None, BUILTIN_FORMATS["llama-3"], frozenset())
-    model.quantization = quantization
-    return model
+    llama3 = BUILTIN_FORMATS["llama-3"]
+    return ChatModel(None, config, transformer, None, llama3, frozenset(), quantization)
 
 
 def copy_bandwidth(device: str = "cuda", size: float = 2 * 1024**3, repeats: int = 20) -> float:

@@ -31,6 +31,7 @@ class ChatModel:
         tokenizer: Tokenizer,
         chat_format: ChatFormat,
         eos_token_ids: frozenset[int],
+        quantization: str | None = None,
     ):
         self.folder = folder
         self.config = config
@@ -38,7 +39,7 @@ class ChatModel:
         self.tokenizer = tokenizer
         self.chat_format = chat_format
         self.eos_token_ids = eos_token_ids
-        self.quantization: str | None = None
+        self.quantization = quantization  # the weights' format; None: as stored
 
     @classmethod
     def load(
@@ -66,9 +67,7 @@ class ChatModel:
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop
         )
-        model = cls(folder, config, transformer, tokenizer, chosen_format, eos)
-        model.quantization = quantization
-        return model
+        return cls(folder, config, transformer, tokenizer, chosen_format, eos, quantization)
 
     @property
     def device(self) -> torch.device:

@@ -2,6 +2,10 @@
 
 Query/key/value and gate/up projections are fused into one matrix each (one read of the input,
 one kernel launch); the loader concatenates the checkpoint's separate matrices into them.
+
+A one-token (decode) step has two faster routes with the same arithmetic: fused Triton kernels on
+a GPU in half precision (decode_kernels.py, gemv.py), and a step with few operations on the CPU.
+Prompts (prefill) take the general forward().
 """
 
 from __future__ import annotations
@@ -230,14 +234,13 @@ class Transformer(nn.Module):
         from .decode_kernels import add_rms_norm, decode_attention, rope_and_cache, silu_mul
 
         project = _one_row_product
-
         eps = self.config.rms_norm_eps
         heads = self.config.n_heads
         x = self.tok_embeddings(tokens).view(1, -1)  # (1, D): the residual stream
         h = F.rms_norm(x, x.shape[-1:], self.layers[0].attention_norm.weight, eps)
-        for index, layer in enumerate(self.layers):
+        layers = list(zip(self.layers, cache.layers, strict=True))
+        for index, (layer, (k_cache, v_cache)) in enumerate(layers):
             qkv = project(layer.attention.wqkv, h)  # (1, (H + 2·KV)·hd)
-            k_cache, v_cache = cache.k[index], cache.v[index]  # (KV, max_len, hd)
             q = rope_and_cache(
                 qkv, self.rope_cos, self.rope_sin, positions, k_cache, v_cache, heads
             )

@@ -132,12 +132,10 @@ class TransformersTokenizer:
         }
 
     def token_id(self, token: str) -> int | None:
+        # transformers answers the unknown token's id for a string it does not know.
         found = self._tokenizer.convert_tokens_to_ids(token)
-        return None if found == self._tokenizer.unk_token_id and token != self._unk else found
-
-    @property
-    def _unk(self) -> str | None:
-        return self._tokenizer.unk_token
+        unknown = found == self._tokenizer.unk_token_id and token != self._tokenizer.unk_token
+        return None if unknown else found
 
     def render(self, template: str, messages: Sequence[Mapping[str, str]]) -> str:
         return self._tokenizer.apply_chat_template(

@@ -74,8 +74,15 @@ def test_a_tokenizer_class_with_its_own_pipeline_goes_through_transformers(tmp_p
     config_file = tmp_path / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = "GPT2Tokenizer"  # transformers may rebuild its pre-tokenizer
+    fast = load_tokenizer(tmp_path)
     config_file.write_text(json.dumps(config))
-    assert isinstance(load_tokenizer(tmp_path), TransformersTokenizer)
+    slow = load_tokenizer(tmp_path)
+    assert isinstance(fast, FastTokenizer) and isinstance(slow, TransformersTokenizer)
+    for text in TEXTS:
+        assert slow.encode(text) == fast.encode(text)
+    assert slow.token_id("<|im_end|>") == fast.token_id("<|im_end|>") is not None
+    assert slow.token_id("no such token") is None and fast.token_id("no such token") is None
+    assert slow.special_tokens() >= {"<|im_start|>", "<|im_end|>"}
 
 
 def test_a_template_error_names_its_message(tmp_path):

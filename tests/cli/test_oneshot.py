@@ -134,6 +134,9 @@ def test_ctrl_c_stops_with_exit_130_and_no_traceback(smollm2_env):
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # As at a terminal: a shell that starts the test run in the background passes SIGINT
+        # down ignored, and Python then keeps ignoring it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     process.stdin.write(b"Write a long essay about the history of Rome, in many chapters.")
     process.stdin.close()

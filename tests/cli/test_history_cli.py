@@ -14,11 +14,6 @@ from tests.conftest import cli_env, run_cli
 
 
 @pytest.fixture
-def env(tmp_path):
-    return cli_env(tmp_path)
-
-
-@pytest.fixture
 def history(env) -> HistoryStore:
     store = HistoryStore(Path(env["LLAMACHAT_HOME"]) / "history.db")
     first = store.create(model="smollm2", system_prompt="Be brief.")

@@ -14,17 +14,7 @@ from pathlib import Path
 import pytest
 
 from llamachat.models.catalog import CATALOG
-from tests.conftest import cli_env, run_cli, sha256_of
-
-
-@pytest.fixture
-def env(tmp_path):
-    return cli_env(tmp_path)
-
-
-@pytest.fixture
-def folder(tiny_model_factory):
-    return tiny_model_factory()[0]
+from tests.conftest import run_cli, sha256_of
 
 
 def listed(env) -> list[dict]:

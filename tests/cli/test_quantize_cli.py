@@ -10,19 +10,9 @@ import pytest
 
 from llamachat.engine import GREEDY, ChatModel
 from llamachat.engine.quantize import fbgemm_available
-from tests.conftest import cli_env, run_cli, sha256_of
+from tests.conftest import run_cli, sha256_of
 
 QUESTION = "Hello, how are you today?"
-
-
-@pytest.fixture
-def env(tmp_path):
-    return cli_env(tmp_path)
-
-
-@pytest.fixture
-def folder(tiny_model_factory):
-    return tiny_model_factory()[0]
 
 
 def pull(env, folder, *args: str) -> str:

@@ -13,6 +13,7 @@ Tests check that both give the same ids, text and prompts.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
@@ -184,13 +185,9 @@ def _clean_up_spaces(text: str) -> str:
     return text
 
 
-_templates: dict[str, Any] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _compiled(template: str) -> Any:
-    if template not in _templates:
-        _templates[template] = _environment().from_string(template)
-    return _templates[template]
+    return _environment().from_string(template)
 
 
 def _environment() -> Any:

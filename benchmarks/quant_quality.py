@@ -5,7 +5,11 @@ quantised model then answers the same prompt (greedy agreement: how many leading
 reference's) and reads the reference's whole text teacher-forced (logit error, top-1 agreement
 and KL divergence at every position). f16 weights are compared with float32 the same way.
 
-    python benchmarks/quant_quality.py MODEL_FOLDER [--tokens 256]
+"int4-cuda" is the CUDA int4 path's arithmetic emulated in float32 on the CPU: int4 weights (fp16
+scales and offsets, as on the GPU) times activations rounded to int8 in groups of 32
+(quantize.quantize_activations), the LM head int8.
+
+    python benchmarks/quant_quality.py MODEL_FOLDER [--tokens 256] [--pairs int8,int4,int4-cuda,f16]
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from torch import nn  # noqa: E402
+
 from llamachat.engine import GREEDY, ChatModel, KVCache  # noqa: E402
+from llamachat.engine.quantize import (  # noqa: E402
+    GROUP,
+    Int8Linear,
+    quantizable,
+    quantize_activations,
+    quantize_int4,
+)
 
 PROMPTS = [
     "Write a long story about a dragon who learns to read.",
@@ -27,7 +40,42 @@ PROMPTS = [
     "用三段话介绍长城的历史。",
     "List ten facts about the planet Mars.",
 ]
-PAIRS = [("bfloat16", "int8"), ("bfloat16", "int4"), ("float32", "f16")]
+PAIRS = {
+    "int8": ("bfloat16", "int8"),
+    "int4": ("bfloat16", "int4"),
+    "int4-cuda": ("bfloat16", "int4-cuda"),
+    "f16": ("float32", "f16"),
+}
+
+
+class CudaInt4Emulation(nn.Module):
+    """What gemv.int4_gemv computes, in float32: int8-rounded activations times the dequantised
+    int4 weight."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        rows = weight.shape[0]
+        q, scale, offset = quantize_int4(weight)
+        scale, offset = scale.half().float(), offset.half().float()
+        dequantized = q.float().view(rows, -1, GROUP) * scale[..., None] + offset[..., None]
+        self.weight = dequantized.view(rows, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (quantize_activations(x) @ self.weight.T).to(x.dtype)
+
+
+def load(folder: Path, dtype: str, quantization: str) -> ChatModel:
+    if quantization != "int4-cuda":
+        return ChatModel.load(folder, device="cpu", dtype=dtype, quantization=quantization)
+    model = ChatModel.load(folder, device="cpu", dtype=dtype)
+    for name, module in list(model.transformer.named_modules()):
+        if quantizable(name) and isinstance(module, nn.Linear):
+            head = name == "output"
+            replacement = (
+                Int8Linear(module.weight, None) if head else CudaInt4Emulation(module.weight)
+            )
+            model.transformer.set_submodule(name, replacement)
+    return model
 
 
 def answer(model: ChatModel, prompt: str, tokens: int) -> tuple[list[int], list[int]]:
@@ -60,17 +108,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--pairs", default=",".join(PAIRS))
     args = parser.parse_args()
     print(
         "| weights | vs | greedy tokens agreeing (per prompt) | top-1 agreement (teacher-forced) "
         "| mean KL (nats) | relative logit error |"
     )
     print("|---|---|---|---|---|---|")
-    for dtype, quantization in PAIRS:
+    for dtype, quantization in (PAIRS[name] for name in args.pairs.split(",")):
         reference = ChatModel.load(args.folder, device="cpu", dtype=dtype)
-        quantized = ChatModel.load(
-            args.folder, device="cpu", dtype=dtype, quantization=quantization
-        )
+        quantized = load(args.folder, dtype, quantization)
         agreements, top1, kls, errors = [], [], [], []
         for prompt in PROMPTS:
             prompt_ids, expected = answer(reference, prompt, args.tokens)

@@ -3,13 +3,21 @@
 A decode step multiplies one activation row by every weight matrix: a matrix-vector product,
 bound by reading the weights. Dequantising into a bf16 copy first would read the small weights,
 write a big copy and read it again; these kernels read each packed byte once and do the
-arithmetic in registers, in float32. Each program owns BLOCK_N output rows and walks the input
-axis; the GPU's many programs keep enough loads in flight to fill the memory bus.
+arithmetic in registers. Each program owns a few output rows and walks the input axis; the GPU's
+many programs keep enough loads in flight to fill the memory bus.
+
+bf16 and int8 weights multiply in float32. int4 weights would need an unpack, an int→float
+conversion and an FMA per weight, which caps a float kernel near half the memory bandwidth
+(measured: 1.3-1.7 TB/s of packed bytes on an H100, whatever the tiling); so the activation row
+is first rounded to int8 in groups of 32 (llama.cpp's Q8_1 idea) and four products at a time run
+as one integer dot-product instruction (dp4a). Groups are quantize.GROUP = 32 columns.
 
 Imported only on CUDA (Triton ships with PyTorch's CUDA builds).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -48,49 +56,91 @@ def _gemv_kernel(
     tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+# The Triton interpreter (TRITON_INTERPRET=1, used to check these kernels on a CPU) runs no PTX.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _dp4a(a, b, c):
+    # c + Σ over the 4 bytes of a (unsigned) · the 4 bytes of b (signed): four products in one
+    # instruction, where float arithmetic needs an unpack, a conversion and an FMA for each.
+    if _INTERPRETED:
+        total = c
+        for i in tl.static_range(4):
+            total += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        return total
+    else:
+        return tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True,
+            pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
+def _quantize_activations_kernel(
+    x_ptr, q_ptr, scale_ptr, sum_ptr, K: tl.constexpr, GROUPS: tl.constexpr
+):  # fmt: skip
+    # Each group of 32 activations → int8 with one scale (largest |x| / 127), and the sum of
+    # the rounded values: the offsets' term then multiplies the same x as the nibbles' term,
+    # whose error stays that of x·w rather than x·q·scale (q in 0..15 is not centred on 0).
+    group = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    group_ok = group < K // 32
+    at = group[:, None] * 32 + tl.arange(0, 32)[None, :]
+    x = tl.load(x_ptr + at, mask=group_ok[:, None], other=0.0).to(tl.float32)
+    largest = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(largest > 0, largest / 127.0, 1.0)
+    q = tl.floor(x / scale[:, None] + 0.5)
+    tl.store(q_ptr + at, q.to(tl.int8), mask=group_ok[:, None])
+    tl.store(scale_ptr + group, scale, mask=group_ok)
+    tl.store(sum_ptr + group, tl.sum(q, axis=1) * scale, mask=group_ok)
+
+
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr,
+    xq_ptr,
+    x_scale_ptr,
+    x_sum_ptr,
     w_ptr,
     scale_ptr,
     offset_ptr,
     out_ptr,
     N,
     K: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
     GROUPS: tl.constexpr,
 ):
-    # A group of GROUP columns is GROUP/2 bytes: byte j holds column j (low nibble) and column
-    # j + GROUP/2 (high), with one scale and one offset: w = q·scale + offset. Per group,
-    # Σ w·x = scale·Σ q·x + offset·Σ x. Each step covers GROUPS groups of BLOCK_N rows.
-    HALF: tl.constexpr = GROUP // 2
-    n_groups: tl.constexpr = K // GROUP
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Int32 word w of a row holds columns 8w+b (low nibble of byte b) and 8w+4+b (high), so
+    # `word & 0x0F0F0F0F` and `(word >> 4) & 0x0F0F0F0F` are four bytes each that pair with four
+    # consecutive int8 activations. A group (32 columns) is 4 words with one scale and offset:
+    # Σ w·x = scale·Σ q·x + offset·Σ x, and Σ q·x = x_scale · Σ q·xq in integers.
+    n_words: tl.constexpr = K // 8
+    n_groups: tl.constexpr = K // 32
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
-    group_ids = tl.arange(0, GROUPS)
-    within = tl.arange(0, HALF)
-    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    word = tl.arange(0, 4)
+    acc = tl.zeros((ROWS, GROUPS), dtype=tl.float32)
     for first in range(0, n_groups, GROUPS):
-        groups = first + group_ids
+        groups = first + tl.arange(0, GROUPS)
         group_ok = groups < n_groups
-        x_at = groups[:, None] * GROUP + within[None, :]  # (GROUPS, HALF)
-        x_low = tl.load(x_ptr + x_at, mask=group_ok[:, None], other=0.0).to(tl.float32)
-        x_high = tl.load(x_ptr + x_at + HALF, mask=group_ok[:, None], other=0.0).to(tl.float32)
-        bytes_at = groups[:, None] * HALF + within[None, :]  # (GROUPS, HALF), contiguous
-        packed = tl.load(
-            w_ptr + rows[:, None, None] * (K // 2) + bytes_at[None, :, :],
-            mask=row_ok[:, None, None] & group_ok[None, :, None],
-            other=0,
-        )
-        low = (packed & 15).to(tl.float32)
-        high = (packed >> 4).to(tl.float32)
-        qx = tl.sum(low * x_low[None, :, :] + high * x_high[None, :, :], axis=2)  # (BN, GROUPS)
-        x_sum = tl.sum(x_low + x_high, axis=1)  # (GROUPS,)
+        # Activation words for each weight word: (GROUPS, 4, 2) → low and high halves.
+        x_at = (groups[:, None] * 8 + word[None, :] * 2)[:, :, None] + tl.arange(0, 2)[
+            None, None, :
+        ]
+        x_low, x_high = tl.split(tl.load(xq_ptr + x_at, mask=group_ok[:, None, None], other=0))
+        w_at = rows[:, None, None] * n_words + (groups[:, None] * 4 + word[None, :])[None, :, :]
+        ok = row_ok[:, None, None] & group_ok[None, :, None]
+        words = tl.load(w_ptr + w_at, mask=ok, other=0)
+        low = words & 0x0F0F0F0F
+        high = (words >> 4) & 0x0F0F0F0F
+        dot = _dp4a(low, tl.broadcast_to(x_low[None], low.shape), tl.zeros_like(low))
+        dot = _dp4a(high, tl.broadcast_to(x_high[None], high.shape), dot)
+        x_scale = tl.load(x_scale_ptr + groups, mask=group_ok, other=0.0)
+        x_sum = tl.load(x_sum_ptr + groups, mask=group_ok, other=0.0)
         at = rows[:, None] * n_groups + groups[None, :]
         pair_ok = row_ok[:, None] & group_ok[None, :]
         scale = tl.load(scale_ptr + at, mask=pair_ok, other=0.0).to(tl.float32)
         offset = tl.load(offset_ptr + at, mask=pair_ok, other=0.0).to(tl.float32)
+        qx = tl.sum(dot, axis=2).to(tl.float32) * x_scale[None, :]
         acc += scale * qx + offset * x_sum[None, :]
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -103,24 +153,23 @@ def _int4_dequantize_kernel(
     out_ptr,
     N,
     K: tl.constexpr,
-    GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Program (row block, group): BLOCK_N rows of one group, packed bytes → weights.
-    HALF: tl.constexpr = GROUP // 2
+    # Program (row block, group): BLOCK_N rows of one group of 32 columns, packed → weights.
+    # Byte j of the group (j = 4c + b, word c) holds column 8c + b low and 8c + 4 + b high.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     group = tl.program_id(1)
     row_ok = rows[:, None] < N
-    within = tl.arange(0, HALF)[None, :]
-    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + group * HALF + within, mask=row_ok, other=0)
-    at = rows * (K // GROUP) + group
+    j = tl.arange(0, 16)
+    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + group * 16 + j[None, :], mask=row_ok)
+    at = rows * (K // 32) + group
     scale = tl.load(scale_ptr + at, mask=rows < N, other=0.0).to(tl.float32)[:, None]
     offset = tl.load(offset_ptr + at, mask=rows < N, other=0.0).to(tl.float32)[:, None]
     low = (packed & 15).to(tl.float32) * scale + offset
     high = (packed >> 4).to(tl.float32) * scale + offset
-    out = out_ptr + rows[:, None] * K + group * GROUP + within
+    out = out_ptr + rows[:, None] * K + group * 32 + ((j // 4) * 8 + j % 4)[None, :]
     tl.store(out, low.to(out_ptr.dtype.element_ty), mask=row_ok)
-    tl.store(out + HALF, high.to(out_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(out + 4, high.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -151,29 +200,46 @@ def _row_kernel(
     return out
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (1, K) → (int8 (K,), scale (K/32,), sum of the rounded x (K/32,)) in groups of 32
+    (quantize.quantize_activations is the same arithmetic in PyTorch)."""
+    k = x.shape[-1]
+    q = torch.empty(k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(k // 32, dtype=torch.float32, device=x.device)
+    total = torch.empty(k // 32, dtype=torch.float32, device=x.device)
+    groups = 16
+    _quantize_activations_kernel[(triton.cdiv(k // 32, groups),)](
+        x.contiguous(), q, scale, total, k, GROUPS=groups
+    )
+    return q, scale, total
+
+
 def int4_gemv(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
 ) -> torch.Tensor:
-    """x (1, K) · dequantised(packed (N, K/2), scale, offset (N, K/group))ᵀ → (1, N)."""
+    """x (1, K) · dequantised(packed (N, K/2), scale, offset (N, K/32))ᵀ → (1, N), with x
+    rounded to int8 in groups of 32 as llama.cpp does for its 4-bit formats: the products run
+    as integer dot products of four bytes (dp4a)."""
     n, k = packed.shape[0], packed.shape[1] * 2
+    xq, x_scale, x_sum = quantize_activations(x)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    # From a sweep on an H100 over the Llama-3-8B matrices in groups of 32: one row and 64
-    # groups (1 KiB of weights) a step was the fastest for every one.
-    block_n, groups = 1, 64
-    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x.contiguous(), packed, scale, offset, out, n, k, group, BLOCK_N=block_n, GROUPS=groups,
-        num_warps=4, num_stages=3,
+    # From a sweep on an H200 over the Llama-3-8B matrices and its LM head: two rows, one warp
+    # and 32 groups a step for the tall matrices, four rows and two warps for the rest.
+    rows, groups, warps = (2, 32, 1) if n >= 16384 else (4, 64, 2)
+    _int4_gemv_kernel[(triton.cdiv(n, rows),)](
+        xq.view(torch.int32), x_scale, x_sum, packed.view(torch.int32), scale, offset, out, n, k,
+        ROWS=rows, GROUPS=groups, num_warps=warps,
     )  # fmt: skip
     return out
 
 
 def int4_dequantize(
-    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int, dtype: torch.dtype
+    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """The (N, K) weight in `dtype`, for multi-token products (prefill) that go to cuBLAS."""
     n, k = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    _int4_dequantize_kernel[(triton.cdiv(n, 32), k // group)](
-        packed, scale, offset, out, n, k, group, BLOCK_N=32
+    _int4_dequantize_kernel[(triton.cdiv(n, 32), k // 32)](
+        packed, scale, offset, out, n, k, BLOCK_N=32
     )
     return out

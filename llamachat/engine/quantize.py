@@ -11,7 +11,8 @@ bandwidth: int8 halves what bf16 reads, int4 nearly quarters it.
   faster on the same core and its weights round at 2⁻¹¹, far below any quantisation error.
 
 On CUDA a one-token product runs a fused Triton kernel that dequantises while it reads (see
-gemv.py); longer inputs (prefill) dequantise the weight once per call and use cuBLAS. On the CPU
+gemv.py; int4 rounds the activation row to int8 in groups of 32 for it); longer inputs
+(prefill) dequantise the weight once per call and use cuBLAS. On the CPU
 int8 and int4 use PyTorch's packed kernels, which take bfloat16 activations.
 
 The LM head is quantised to int8 under int4 too: it is one matrix and it decides every token.
@@ -128,18 +129,28 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 → (N, K/2) bytes. Byte j of a group holds the group's column j in its
-    low nibble and column j + GROUP/2 in its high one, so a kernel multiplies each nibble half
-    by a contiguous half of the group's activations."""
+    """(N, K) values 0..15 → (N, K/2) bytes. Read as int32 words, word w holds columns 8w+b in
+    the low nibble of byte b and 8w+4+b in the high one (b = 0..3), so each nibble half of a
+    word is four bytes that pair with four consecutive int8 activations (gemv.py)."""
     rows, columns = q.shape
-    groups = q.view(rows, columns // GROUP, 2, GROUP // 2)
-    return (groups[:, :, 0] | (groups[:, :, 1] << 4)).view(rows, columns // 2)
+    words = q.view(rows, columns // 8, 2, 4)  # (word, half, byte)
+    return (words[:, :, 0] | (words[:, :, 1] << 4)).reshape(rows, columns // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     rows = packed.shape[0]
-    groups = packed.view(rows, -1, GROUP // 2)
-    return torch.stack((groups & 15, groups >> 4), dim=2).view(rows, -1)
+    words = packed.view(rows, -1, 4)
+    return torch.stack((words & 15, words >> 4), dim=2).view(rows, -1)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) as the CUDA int4 kernel multiplies it: each group of GROUP values rounded to
+    int8 steps of (its largest |x|)/127. The kernel's product is this times the dequantised
+    weight (for tests, and for measuring its quality on a CPU)."""
+    groups = x.float().unflatten(-1, (-1, GROUP))
+    step = groups.abs().amax(dim=-1, keepdim=True) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return (torch.floor(groups / step + 0.5) * step).flatten(-2)
 
 
 class Int8Linear(nn.Module):
@@ -201,11 +212,11 @@ class Int4Linear(nn.Module):
         elif flat.shape[0] == 1:
             from .gemv import int4_gemv
 
-            out = int4_gemv(flat, self.weight, self.scale, self.offset, GROUP)
+            out = int4_gemv(flat, self.weight, self.scale, self.offset)
         else:
             from .gemv import int4_dequantize
 
-            weight = int4_dequantize(self.weight, self.scale, self.offset, GROUP, x.dtype)
+            weight = int4_dequantize(self.weight, self.scale, self.offset, x.dtype)
             out = F.linear(flat, weight)
         if self.bias is not None:
             out = out + self.bias

@@ -12,6 +12,7 @@ from llamachat.engine.quantize import (
     Int4Linear,
     Int8Linear,
     pack_int4,
+    quantize_activations,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -41,19 +42,30 @@ def test_int4_rounds_each_weight_to_within_half_a_step_of_its_group():
     assert (error <= scale[..., None] / 2 + 1e-6).all()
 
 
-def test_int4_packing_round_trips_and_pairs_the_halves_of_each_group():
+def test_int4_packing_round_trips_and_puts_four_consecutive_columns_in_each_nibble_half():
     generator = torch.Generator().manual_seed(1)
     q = torch.randint(0, 16, (5, 128), dtype=torch.uint8, generator=generator)
     packed = pack_int4(q)
     assert packed.shape == (5, 64)
-    half = GROUP // 2
-    # Byte j of a group: the group's column j in the low nibble, column j + GROUP/2 in the high.
-    assert torch.equal(packed[:, 1] & 15, q[:, 1])
-    assert torch.equal(packed[:, 1] >> 4, q[:, half + 1])
-    second_group = packed[:, half + 2]
-    assert torch.equal(second_group & 15, q[:, GROUP + 2])
-    assert torch.equal(second_group >> 4, q[:, GROUP + half + 2])
+    words = packed.view(torch.int32)  # little-endian: byte b of word w is packed[:, 4w + b]
+    for w in (0, 1, 9):
+        low = [(words[:, w] >> (8 * b)) & 15 for b in range(4)]
+        high = [(words[:, w] >> (8 * b + 4)) & 15 for b in range(4)]
+        assert torch.equal(torch.stack(low, 1), q[:, 8 * w : 8 * w + 4].int())
+        assert torch.equal(torch.stack(high, 1), q[:, 8 * w + 4 : 8 * w + 8].int())
     assert torch.equal(unpack_int4(packed), q)
+
+
+def test_activations_round_to_within_half_an_int8_step_of_their_group():
+    x = torch.randn(3, 4 * GROUP, generator=torch.Generator().manual_seed(2)) * 5
+    x[0, :GROUP] = 0  # an all-zero group stays zero
+    rounded = quantize_activations(x)
+    step = x.view(3, 4, GROUP).abs().amax(-1, keepdim=True) / 127
+    error = (rounded - x).view(3, 4, GROUP).abs()
+    assert (error <= step / 2 + 1e-6).all()
+    assert torch.equal(rounded[0, :GROUP], x[0, :GROUP])
+    steps = rounded.view(3, 4, GROUP)[1:] / step[1:]
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # whole multiples of the step
 
 
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear, HalfWeightLinear])

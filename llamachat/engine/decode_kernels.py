@@ -12,6 +12,9 @@ These kernels do the same work in six launches a block:
   partials are computed in parallel (only up to the real position: cost follows the context
   in use, not the graph's span), then combined;
 - `silu_mul`: SwiGLU's gate.
+
+`add_rms_norm` and `silu_mul` can also write their output rounded to int8 in groups of 32, the
+input an int4 layer's kernel multiplies (gemv.py), saving that kernel a launch of its own.
 """
 
 from __future__ import annotations
@@ -20,10 +23,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import Int8Activations, int8_activations, store_int8_groups
+
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, delta_ptr, weight_ptr, normed_ptr, eps, D: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr,
+    delta_ptr,
+    weight_ptr,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    sum_ptr,
+    eps,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    QUANTIZE: tl.constexpr,
 ):
     at = tl.arange(0, BLOCK)
     ok = at < D
@@ -34,19 +49,25 @@ def _add_rms_norm_kernel(
     x = x.to(tl.float32)
     inverse = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     weight = tl.load(weight_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    tl.store(normed_ptr + at, (x * inverse * weight).to(normed_ptr.dtype.element_ty), mask=ok)
+    normed = (x * inverse * weight).to(normed_ptr.dtype.element_ty)
+    tl.store(normed_ptr + at, normed, mask=ok)
+    if QUANTIZE:
+        store_int8_groups(normed.to(tl.float32), 0, q_ptr, scale_ptr, sum_ptr, D, BLOCK)
 
 
 def add_rms_norm(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """x += delta (in place, the residual stream) and return rms_norm(x) · weight; (1, D)."""
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool
+) -> tuple[torch.Tensor, Int8Activations | None]:
+    """x += delta (in place, the residual stream) and return rms_norm(x) · weight (1, D), and
+    with `quantize` the same rounded to int8 in groups of 32."""
     normed = torch.empty_like(x)
     d = x.shape[-1]
+    rounded = int8_activations(d, x.device) if quantize else None
     _add_rms_norm_kernel[(1,)](
-        x, delta, weight, normed, eps, d, triton.next_power_of_2(d), num_warps=8
-    )
-    return normed
+        x, delta, weight, normed, *(rounded or (normed, normed, normed)), eps, d,
+        triton.next_power_of_2(d), QUANTIZE=quantize, num_warps=8,
+    )  # fmt: skip
+    return normed, rounded
 
 
 @triton.jit
@@ -184,10 +205,15 @@ def _attention_combine_kernel(
     max_ptr,
     sum_ptr,
     out_ptr,
+    q_ptr,
+    scale_ptr,
+    rounded_sum_ptr,
+    WIDTH,
     GROUPS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     CHUNKS: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
+    QUANTIZE: tl.constexpr,
 ):
     # Program (kv head, group): rescale every chunk's partials to the overall max and divide.
     kv_head = tl.program_id(0)
@@ -203,10 +229,13 @@ def _attention_combine_kernel(
     acc = tl.load(
         acc_ptr + at[:, None] * HEAD_DIM + dims[None, :], mask=chunk_ok[:, None], other=0.0
     )
-    out = tl.sum(acc * factors[:, None], axis=0) / total
-    tl.store(
-        out_ptr + (kv_head * GROUPS + group) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty)
-    )
+    out = (tl.sum(acc * factors[:, None], axis=0) / total).to(out_ptr.dtype.element_ty)
+    first = (kv_head * GROUPS + group) * HEAD_DIM
+    tl.store(out_ptr + first + dims, out)
+    if QUANTIZE:  # a head is whole groups of 32 (HEAD_DIM a multiple of 32)
+        store_int8_groups(
+            out.to(tl.float32), first, q_ptr, scale_ptr, rounded_sum_ptr, WIDTH, HEAD_DIM
+        )
 
 
 def attention_chunk(span: int) -> int:
@@ -215,10 +244,16 @@ def attention_chunk(span: int) -> int:
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, span: int
-) -> torch.Tensor:
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    position: torch.Tensor,
+    span: int,
+    quantize: bool,
+) -> tuple[torch.Tensor, Int8Activations | None]:
     """Attention of one token's queries (heads, hd) over cached keys [0, position], position
-    < span; returns (1, heads·hd). Query head h reads kv head h // (heads / kv_heads)."""
+    < span: (1, heads·hd), and with `quantize` the same rounded to int8 in groups of 32 (when a
+    head is whole groups; else None). Query head h reads kv head h // (heads / kv_heads)."""
     heads, head_dim = q.shape
     kv_heads, max_len, _ = k_cache.shape
     groups = heads // kv_heads
@@ -235,26 +270,39 @@ def decode_attention(
         min(chunk, 64), chunks, num_warps=4,
     )  # fmt: skip
     out = torch.empty((1, heads * head_dim), dtype=q.dtype, device=q.device)
+    quantize = quantize and head_dim % 32 == 0
+    rounded = int8_activations(heads * head_dim, q.device) if quantize else None
     _attention_combine_kernel[(kv_heads, groups)](
-        partial_acc, partial_max, partial_sum, out, groups, head_dim, chunks,
-        triton.next_power_of_2(chunks), num_warps=2,
+        partial_acc, partial_max, partial_sum, out, *(rounded or (out, out, out)),
+        heads * head_dim, groups, head_dim, chunks, triton.next_power_of_2(chunks),
+        QUANTIZE=quantize, num_warps=2,
     )  # fmt: skip
-    return out
+    return out, rounded
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, WIDTH, BLOCK: tl.constexpr):
-    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul_kernel(
+    gate_up_ptr, out_ptr, q_ptr, scale_ptr, sum_ptr, WIDTH, BLOCK: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+):  # fmt: skip
+    first = tl.program_id(0) * BLOCK
+    at = first + tl.arange(0, BLOCK)
     ok = at < WIDTH
     gate = tl.load(gate_up_ptr + at, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + WIDTH + at, mask=ok, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=ok)
+    out = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + at, out, mask=ok)
+    if QUANTIZE:
+        store_int8_groups(out.to(tl.float32), first, q_ptr, scale_ptr, sum_ptr, WIDTH, BLOCK)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) · up for gate_up (1, 2·I) = [gate | up]; returns (1, I)."""
+def silu_mul(gate_up: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, Int8Activations | None]:
+    """silu(gate) · up for gate_up (1, 2·I) = [gate | up]: (1, I), and with `quantize` the same
+    rounded to int8 in groups of 32."""
     width = gate_up.shape[-1] // 2
     out = torch.empty((1, width), dtype=gate_up.dtype, device=gate_up.device)
-    _silu_mul_kernel[(triton.cdiv(width, 1024),)](gate_up, out, width, BLOCK=1024)
-    return out
+    rounded = int8_activations(width, gate_up.device) if quantize else None
+    _silu_mul_kernel[(triton.cdiv(width, 1024),)](
+        gate_up, out, *(rounded or (out, out, out)), width, BLOCK=1024, QUANTIZE=quantize
+    )
+    return out, rounded

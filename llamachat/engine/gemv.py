@@ -77,22 +77,30 @@ def _dp4a(a, b, c):
 
 
 @triton.jit
-def _quantize_activations_kernel(
-    x_ptr, q_ptr, scale_ptr, sum_ptr, K: tl.constexpr, GROUPS: tl.constexpr
-):  # fmt: skip
-    # Each group of 32 activations → int8 with one scale (largest |x| / 127), and the sum of
-    # the rounded values: the offsets' term then multiplies the same x as the nibbles' term,
-    # whose error stays that of x·w rather than x·q·scale (q in 0..15 is not centred on 0).
-    group = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    group_ok = group < K // 32
-    at = group[:, None] * 32 + tl.arange(0, 32)[None, :]
-    x = tl.load(x_ptr + at, mask=group_ok[:, None], other=0.0).to(tl.float32)
-    largest = tl.max(tl.abs(x), axis=1)
+def store_int8_groups(values, first, q_ptr, scale_ptr, sum_ptr, LIMIT, BLOCK: tl.constexpr):
+    # values: float32 (BLOCK,) of columns first .. first + BLOCK (first a multiple of 32). Each
+    # group of 32 → int8 with one scale (largest |x| / 127) and the sum of the rounded values:
+    # the offsets' term then multiplies the same x as the nibbles' term, so the error stays that
+    # of x·w rather than x·q·scale (q in 0..15 is not centred on 0). Kernels that produce an
+    # int4 layer's input call this too, saving a launch.
+    groups = tl.reshape(values, (BLOCK // 32, 32))
+    largest = tl.max(tl.abs(groups), axis=1)
     scale = tl.where(largest > 0, largest / 127.0, 1.0)
-    q = tl.floor(x / scale[:, None] + 0.5)
-    tl.store(q_ptr + at, q.to(tl.int8), mask=group_ok[:, None])
+    q = tl.floor(groups / scale[:, None] + 0.5)
+    group = first // 32 + tl.arange(0, BLOCK // 32)
+    at = group[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(q_ptr + at, q.to(tl.int8), mask=at < LIMIT)
+    group_ok = group * 32 < LIMIT
     tl.store(scale_ptr + group, scale, mask=group_ok)
     tl.store(sum_ptr + group, tl.sum(q, axis=1) * scale, mask=group_ok)
+
+
+@triton.jit
+def _quantize_activations_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K, BLOCK: tl.constexpr):
+    first = tl.program_id(0) * BLOCK
+    at = first + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + at, mask=at < K, other=0.0).to(tl.float32)
+    store_int8_groups(x, first, q_ptr, scale_ptr, sum_ptr, K, BLOCK)
 
 
 @triton.jit
@@ -200,28 +208,42 @@ def _row_kernel(
     return out
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (1, K) → (int8 (K,), scale (K/32,), sum of the rounded x (K/32,)) in groups of 32
-    (quantize.quantize_activations is the same arithmetic in PyTorch)."""
-    k = x.shape[-1]
-    q = torch.empty(k, dtype=torch.int8, device=x.device)
-    scale = torch.empty(k // 32, dtype=torch.float32, device=x.device)
-    total = torch.empty(k // 32, dtype=torch.float32, device=x.device)
-    groups = 16
-    _quantize_activations_kernel[(triton.cdiv(k // 32, groups),)](
-        x.contiguous(), q, scale, total, k, GROUPS=groups
+Int8Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def int8_activations(k: int, device: torch.device) -> Int8Activations:
+    """Empty buffers for a row of K activations rounded to int8 in groups of 32: (values int8
+    (K,), scale (K/32,), sum of each group's rounded values (K/32,))."""
+    return (
+        torch.empty(k, dtype=torch.int8, device=device),
+        torch.empty(k // 32, dtype=torch.float32, device=device),
+        torch.empty(k // 32, dtype=torch.float32, device=device),
     )
-    return q, scale, total
+
+
+def quantize_activations(x: torch.Tensor) -> Int8Activations:
+    """x (1, K) → int8 in groups of 32 (quantize.quantize_activations is the same arithmetic in
+    PyTorch)."""
+    k = x.shape[-1]
+    out = int8_activations(k, x.device)
+    block = 512
+    _quantize_activations_kernel[(triton.cdiv(k, block),)](x.contiguous(), *out, k, BLOCK=block)
+    return out
 
 
 def int4_gemv(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    activations: Int8Activations | None = None,
 ) -> torch.Tensor:
     """x (1, K) · dequantised(packed (N, K/2), scale, offset (N, K/32))ᵀ → (1, N), with x
     rounded to int8 in groups of 32 as llama.cpp does for its 4-bit formats: the products run
-    as integer dot products of four bytes (dp4a)."""
+    as integer dot products of four bytes (dp4a). `activations`: x already rounded, by the
+    kernel that made x."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    xq, x_scale, x_sum = quantize_activations(x)
+    xq, x_scale, x_sum = quantize_activations(x) if activations is None else activations
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     # From a sweep on an H200 over the Llama-3-8B matrices and its LM head: two rows, one warp
     # and 32 groups a step for the tall matrices, four rows and two warps for the rest.

@@ -11,6 +11,7 @@ Prompts (prefill) take the general forward().
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,11 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .quantize import Int4Linear
 from .rope import apply_rope, rope_tables
+
+if TYPE_CHECKING:
+    from .gemv import Int8Activations
 
 
 class RMSNorm(nn.Module):
@@ -238,19 +243,26 @@ class Transformer(nn.Module):
         heads = self.config.n_heads
         x = self.tok_embeddings(tokens).view(1, -1)  # (1, D): the residual stream
         h = F.rms_norm(x, x.shape[-1:], self.layers[0].attention_norm.weight, eps)
+        rounded = None  # h rounded to int8 by the kernel that made it, for an int4 layer
         layers = list(zip(self.layers, cache.layers, strict=True))
         for index, (layer, (k_cache, v_cache)) in enumerate(layers):
-            qkv = project(layer.attention.wqkv, h)  # (1, (H + 2·KV)·hd)
+            qkv = project(layer.attention.wqkv, h, rounded)  # (1, (H + 2·KV)·hd)
             q = rope_and_cache(
                 qkv, self.rope_cos, self.rope_sin, positions, k_cache, v_cache, heads
             )
-            attended = decode_attention(q, k_cache, v_cache, positions, attend_len)  # (1, H·hd)
-            h = add_rms_norm(x, project(layer.attention.wo, attended), layer.ffn_norm.weight, eps)
-            gated = silu_mul(project(layer.feed_forward.w13, h))  # (1, I)
+            attended, attended_rounded = decode_attention(
+                q, k_cache, v_cache, positions, attend_len, _takes_int8(layer.attention.wo)
+            )  # (1, H·hd)
+            ffn = layer.feed_forward
+            out = project(layer.attention.wo, attended, attended_rounded)
+            h, rounded = add_rms_norm(x, out, layer.ffn_norm.weight, eps, _takes_int8(ffn.w13))
+            gated, gated_rounded = silu_mul(project(ffn.w13, h, rounded), _takes_int8(ffn.w2))
             last = index + 1 == len(self.layers)
             following = self.norm if last else self.layers[index + 1].attention_norm
-            h = add_rms_norm(x, project(layer.feed_forward.w2, gated), following.weight, eps)
-        return project(self.output, h).float().view(1, 1, -1)
+            consumer = self.output if last else self.layers[index + 1].attention.wqkv
+            out = project(ffn.w2, gated, gated_rounded)
+            h, rounded = add_rms_norm(x, out, following.weight, eps, _takes_int8(consumer))
+        return project(self.output, h, rounded).float().view(1, 1, -1)
 
 
 def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -264,9 +276,19 @@ def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return rotation
 
 
-def _one_row_product(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _takes_int8(linear: nn.Module) -> bool:
+    """Whether the kernel making this layer's input should also round it to int8 (gemv.py)."""
+    return isinstance(linear, Int4Linear)
+
+
+def _one_row_product(
+    linear: nn.Module, x: torch.Tensor, rounded: Int8Activations | None = None
+) -> torch.Tensor:
     """linear(x) for one row x (1, K): plain weights through the Triton GEMV (faster than
-    cuBLAS at one row), quantised layers through their own one-row kernels."""
+    cuBLAS at one row), quantised layers through their own one-row kernels (an int4 layer takes
+    x already rounded to int8 when the kernel that made x did that too)."""
+    if isinstance(linear, Int4Linear):
+        return linear(x, rounded)
     if not isinstance(linear, nn.Linear):
         return linear(x)
     from .gemv import gemv

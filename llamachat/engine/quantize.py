@@ -20,11 +20,16 @@ The LM head is quantised to int8 under int4 too: it is one matrix and it decides
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import DeviceError
+
+if TYPE_CHECKING:
+    from .gemv import Int8Activations
 
 QUANTIZATIONS = ("int8", "int4", "f16")
 # int4 weights per scale/offset pair, as in GGUF's Q4_0/Q4_1: divides every LLaMA width (576 …
@@ -203,7 +208,8 @@ class Int4Linear(nn.Module):
             self.register_buffer("scale", scale.to(torch.float16))
             self.register_buffer("offset", offset.to(torch.float16))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rounded: Int8Activations | None = None) -> torch.Tensor:
+        """`rounded`: on CUDA, a one-row x already rounded to int8 by the kernel that made it."""
         flat = x.reshape(-1, self.in_features)
         if self.on_cpu:
             out = torch._weight_int4pack_mm_for_cpu(
@@ -212,7 +218,7 @@ class Int4Linear(nn.Module):
         elif flat.shape[0] == 1:
             from .gemv import int4_gemv
 
-            out = int4_gemv(flat, self.weight, self.scale, self.offset)
+            out = int4_gemv(flat, self.weight, self.scale, self.offset, rounded)
         else:
             from .gemv import int4_dequantize
 

@@ -178,9 +178,10 @@ def test_quantized_model_on_the_gpu_matches_the_cpu_one_and_graphs_match_eager(
         dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=1, intermediate_size=384),
     ],
 )
-def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape):
+@pytest.mark.parametrize("quantization", [None, "int4"])  # int4: norms round x for the next layer
+def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape, quantization):
     folder, _ = tiny_model_factory(**shape)
-    model = ChatModel.load(folder, device="cuda", dtype="bfloat16")
+    model = ChatModel.load(folder, device="cuda", dtype="bfloat16", quantization=quantization)
     assert model.transformer.fused_decode
     prompt = torch.randint(0, 384, (700,), generator=torch.Generator().manual_seed(5)).tolist()
     runs = []

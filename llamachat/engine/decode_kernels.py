@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import Int8Activations, int8_activations, store_int8_groups
+from .gemv import (
+    PDL,
+    PDL_LAUNCH,
+    Int8Activations,
+    await_previous_kernel,
+    int8_activations,
+    store_int8_groups,
+)
 
 
 @triton.jit
@@ -39,7 +46,9 @@ def _add_rms_norm_kernel(
     D: tl.constexpr,
     BLOCK: tl.constexpr,
     QUANTIZE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    await_previous_kernel(PDL)
     at = tl.arange(0, BLOCK)
     ok = at < D
     x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
@@ -65,7 +74,7 @@ def add_rms_norm(
     rounded = int8_activations(d, x.device) if quantize else None
     _add_rms_norm_kernel[(1,)](
         x, delta, weight, normed, *(rounded or (normed, normed, normed)), eps, d,
-        triton.next_power_of_2(d), QUANTIZE=quantize, num_warps=8,
+        triton.next_power_of_2(d), QUANTIZE=quantize, num_warps=8, PDL=PDL, **PDL_LAUNCH,
     )  # fmt: skip
     return normed, rounded
 
@@ -83,9 +92,11 @@ def _rope_and_cache_kernel(
     HEADS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # One program per head of the fused qkv row: HEADS query heads, then KV_HEADS keys, then
     # KV_HEADS values. Half-split rotation: out = x·cos + rotate_half(x)·sin.
+    await_previous_kernel(PDL)
     head = tl.program_id(0)
     position = tl.load(position_ptr)
     half: tl.constexpr = HEAD_DIM // 2
@@ -129,8 +140,9 @@ def rope_and_cache(
     q = torch.empty((heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     grid = (heads + 2 * kv_heads,)
     _rope_and_cache_kernel[grid](
-        qkv, cos, sin, position, q, k_cache, v_cache, max_len, heads, kv_heads, head_dim
-    )
+        qkv, cos, sin, position, q, k_cache, v_cache, max_len, heads, kv_heads, head_dim,
+        PDL=PDL, **PDL_LAUNCH,
+    )  # fmt: skip
     return q
 
 
@@ -151,10 +163,12 @@ def _attention_chunk_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNKS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # Program (kv head, chunk): the GROUPS query heads sharing this kv head against keys
     # [chunk·CHUNK, (chunk+1)·CHUNK) that are ≤ position, with an online softmax; writes the
     # unnormalised weighted sum of values, the running max and the sum of exponentials.
+    await_previous_kernel(PDL)
     kv_head = tl.program_id(0)
     chunk = tl.program_id(1)
     position = tl.load(position_ptr)
@@ -214,8 +228,10 @@ def _attention_combine_kernel(
     CHUNKS: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
     QUANTIZE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # Program (kv head, group): rescale every chunk's partials to the overall max and divide.
+    await_previous_kernel(PDL)
     kv_head = tl.program_id(0)
     group = tl.program_id(1)
     chunks = tl.arange(0, CHUNKS_PAD)
@@ -267,7 +283,7 @@ def decode_attention(
     _attention_chunk_kernel[(kv_heads, chunks)](
         q, k_cache, v_cache, position, partial_acc, partial_max, partial_sum, max_len,
         head_dim**-0.5, groups, max(16, triton.next_power_of_2(groups)), head_dim, chunk,
-        min(chunk, 64), chunks, num_warps=4,
+        min(chunk, 64), chunks, num_warps=4, PDL=PDL, **PDL_LAUNCH,
     )  # fmt: skip
     out = torch.empty((1, heads * head_dim), dtype=q.dtype, device=q.device)
     quantize = quantize and head_dim % 32 == 0
@@ -275,7 +291,7 @@ def decode_attention(
     _attention_combine_kernel[(kv_heads, groups)](
         partial_acc, partial_max, partial_sum, out, *(rounded or (out, out, out)),
         heads * head_dim, groups, head_dim, chunks, triton.next_power_of_2(chunks),
-        QUANTIZE=quantize, num_warps=2,
+        QUANTIZE=quantize, num_warps=2, PDL=PDL, **PDL_LAUNCH,
     )  # fmt: skip
     return out, rounded
 
@@ -284,7 +300,9 @@ def decode_attention(
 def _silu_mul_kernel(
     gate_up_ptr, out_ptr, q_ptr, scale_ptr, sum_ptr, WIDTH, BLOCK: tl.constexpr,
     QUANTIZE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    await_previous_kernel(PDL)
     first = tl.program_id(0) * BLOCK
     at = first + tl.arange(0, BLOCK)
     ok = at < WIDTH
@@ -303,6 +321,7 @@ def silu_mul(gate_up: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, Int8A
     out = torch.empty((1, width), dtype=gate_up.dtype, device=gate_up.device)
     rounded = int8_activations(width, gate_up.device) if quantize else None
     _silu_mul_kernel[(triton.cdiv(width, 1024),)](
-        gate_up, out, *(rounded or (out, out, out)), width, BLOCK=1024, QUANTIZE=quantize
-    )
+        gate_up, out, *(rounded or (out, out, out)), width, BLOCK=1024, QUANTIZE=quantize,
+        PDL=PDL, **PDL_LAUNCH,
+    )  # fmt: skip
     return out, rounded

@@ -23,6 +23,33 @@ import torch
 import triton
 import triton.language as tl
 
+# The Triton interpreter (TRITON_INTERPRET=1, used to check these kernels on a CPU) runs no PTX.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _programmatic_launch() -> bool:
+    """Programmatic dependent launch (Hopper and later): a kernel is launched while the one
+    before it in the stream is still finishing and waits at its first instruction
+    (`griddepcontrol.wait`) rather than behind the launch queue. A decode step is ~300 kernels,
+    most of them a few microseconds long, so their launch gaps add up. LLAMACHAT_PDL=0 turns
+    it off."""
+    if _INTERPRETED or os.environ.get("LLAMACHAT_PDL") == "0" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() >= (9, 0)
+
+
+PDL = _programmatic_launch()
+PDL_LAUNCH = {"launch_pdl": True} if PDL else {}  # the launch option, for kernel[grid](...)
+
+
+@triton.jit
+def await_previous_kernel(PDL: tl.constexpr):
+    # Every decode kernel reads what the previous one wrote: wait for it, then let the next
+    # kernel start launching.
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 
 @triton.jit
 def _gemv_kernel(
@@ -35,8 +62,10 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SCALED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # Weights int8 with a scale per row (SCALED), or plain half-precision ones.
+    await_previous_kernel(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -54,10 +83,6 @@ def _gemv_kernel(
     if SCALED:
         total *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
-# The Triton interpreter (TRITON_INTERPRET=1, used to check these kernels on a CPU) runs no PTX.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -96,7 +121,10 @@ def store_int8_groups(values, first, q_ptr, scale_ptr, sum_ptr, LIMIT, BLOCK: tl
 
 
 @triton.jit
-def _quantize_activations_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K, BLOCK: tl.constexpr):
+def _quantize_activations_kernel(
+    x_ptr, q_ptr, scale_ptr, sum_ptr, K, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+):
+    await_previous_kernel(PDL)
     first = tl.program_id(0) * BLOCK
     at = first + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + at, mask=at < K, other=0.0).to(tl.float32)
@@ -116,11 +144,13 @@ def _int4_gemv_kernel(
     K: tl.constexpr,
     ROWS: tl.constexpr,
     GROUPS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # Int32 word w of a row holds columns 8w+b (low nibble of byte b) and 8w+4+b (high), so
     # `word & 0x0F0F0F0F` and `(word >> 4) & 0x0F0F0F0F` are four bytes each that pair with four
     # consecutive int8 activations. A group (32 columns) is 4 words with one scale and offset:
     # Σ w·x = scale·Σ q·x + offset·Σ x, and Σ q·x = x_scale · Σ q·xq in integers.
+    await_previous_kernel(PDL)
     n_words: tl.constexpr = K // 8
     n_groups: tl.constexpr = K // 32
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -203,7 +233,7 @@ def _row_kernel(
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(n,)](
         x.contiguous(), weight, scale, out, n, k, BLOCK_N=1, BLOCK_K=block_k, SCALED=scaled,
-        num_warps=8 if long_int8 else 4, num_stages=3,
+        num_warps=8 if long_int8 else 4, num_stages=3, PDL=PDL, **PDL_LAUNCH,
     )  # fmt: skip
     return out
 
@@ -227,7 +257,9 @@ def quantize_activations(x: torch.Tensor) -> Int8Activations:
     k = x.shape[-1]
     out = int8_activations(k, x.device)
     block = 512
-    _quantize_activations_kernel[(triton.cdiv(k, block),)](x.contiguous(), *out, k, BLOCK=block)
+    _quantize_activations_kernel[(triton.cdiv(k, block),)](
+        x.contiguous(), *out, k, BLOCK=block, PDL=PDL, **PDL_LAUNCH
+    )
     return out
 
 
@@ -250,7 +282,7 @@ def int4_gemv(
     rows, groups, warps = (2, 32, 1) if n >= 16384 else (4, 64, 2)
     _int4_gemv_kernel[(triton.cdiv(n, rows),)](
         xq.view(torch.int32), x_scale, x_sum, packed.view(torch.int32), scale, offset, out, n, k,
-        ROWS=rows, GROUPS=groups, num_warps=warps,
+        ROWS=rows, GROUPS=groups, num_warps=warps, PDL=PDL, **PDL_LAUNCH,
     )  # fmt: skip
     return out
 

@@ -24,11 +24,10 @@ import triton
 import triton.language as tl
 
 from .gemv import (
-    PDL,
-    PDL_LAUNCH,
     Int8Activations,
     await_previous_kernel,
     int8_activations,
+    launch_options,
     store_int8_groups,
 )
 
@@ -74,7 +73,7 @@ def add_rms_norm(
     rounded = int8_activations(d, x.device) if quantize else None
     _add_rms_norm_kernel[(1,)](
         x, delta, weight, normed, *(rounded or (normed, normed, normed)), eps, d,
-        triton.next_power_of_2(d), QUANTIZE=quantize, num_warps=8, PDL=PDL, **PDL_LAUNCH,
+        triton.next_power_of_2(d), QUANTIZE=quantize, num_warps=8, **launch_options(),
     )  # fmt: skip
     return normed, rounded
 
@@ -141,7 +140,7 @@ def rope_and_cache(
     grid = (heads + 2 * kv_heads,)
     _rope_and_cache_kernel[grid](
         qkv, cos, sin, position, q, k_cache, v_cache, max_len, heads, kv_heads, head_dim,
-        PDL=PDL, **PDL_LAUNCH,
+        **launch_options(),
     )  # fmt: skip
     return q
 
@@ -283,7 +282,7 @@ def decode_attention(
     _attention_chunk_kernel[(kv_heads, chunks)](
         q, k_cache, v_cache, position, partial_acc, partial_max, partial_sum, max_len,
         head_dim**-0.5, groups, max(16, triton.next_power_of_2(groups)), head_dim, chunk,
-        min(chunk, 64), chunks, num_warps=4, PDL=PDL, **PDL_LAUNCH,
+        min(chunk, 64), chunks, num_warps=4, **launch_options(),
     )  # fmt: skip
     out = torch.empty((1, heads * head_dim), dtype=q.dtype, device=q.device)
     quantize = quantize and head_dim % 32 == 0
@@ -291,7 +290,7 @@ def decode_attention(
     _attention_combine_kernel[(kv_heads, groups)](
         partial_acc, partial_max, partial_sum, out, *(rounded or (out, out, out)),
         heads * head_dim, groups, head_dim, chunks, triton.next_power_of_2(chunks),
-        QUANTIZE=quantize, num_warps=2, PDL=PDL, **PDL_LAUNCH,
+        QUANTIZE=quantize, num_warps=2, **launch_options(),
     )  # fmt: skip
     return out, rounded
 
@@ -322,6 +321,6 @@ def silu_mul(gate_up: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, Int8A
     rounded = int8_activations(width, gate_up.device) if quantize else None
     _silu_mul_kernel[(triton.cdiv(width, 1024),)](
         gate_up, out, *(rounded or (out, out, out)), width, BLOCK=1024, QUANTIZE=quantize,
-        PDL=PDL, **PDL_LAUNCH,
+        **launch_options(),
     )  # fmt: skip
     return out, rounded

@@ -13,8 +13,10 @@ These kernels do the same work in six launches a block:
   in use, not the graph's span), then combined;
 - `silu_mul`: SwiGLU's gate.
 
-`add_rms_norm` and `silu_mul` can also write their output rounded to int8 in groups of 32, the
-input an int4 layer's kernel multiplies (gemv.py), saving that kernel a launch of its own.
+`add_rms_norm`, `silu_mul` and `decode_attention` can also write their output rounded to int8
+in groups of 32, the input an int4 layer's kernel multiplies (gemv.py), saving a launch of its
+own. Inside a CUDA graph on a Hopper GPU each kernel starts with a programmatic-dependent-launch
+wait (gemv.launch_options).
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ class ChatModel:
         tokenizer = load_tokenizer(folder)
         transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
         transformer.enable_fused_decode()
+        transformer.enable_native_decode()
         chosen_format = chat_format_for(tokenizer, chat_format)
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop

@@ -4,13 +4,15 @@ Query/key/value and gate/up projections are fused into one matrix each (one read
 one kernel launch); the loader concatenates the checkpoint's separate matrices into them.
 
 A one-token (decode) step has two faster routes with the same arithmetic: fused Triton kernels on
-a GPU in half precision (decode_kernels.py, gemv.py), and a step with few operations on the CPU.
+a GPU in half precision (decode_kernels.py, gemv.py), and a step with few operations on the CPU
+(for int4 on an x86 CPU, one call into C: native_step.py).
 Prompts (prefill) take the general forward().
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -142,6 +144,9 @@ class Transformer(nn.Module):
         # One-token steps through the fused Triton kernels (decode_kernels.py); set by
         # enable_fused_decode where they run.
         self.fused_decode = False
+        # One-token steps of an int4 model on the CPU as one C call (native_step.py); set by
+        # enable_native_decode where it runs.
+        self.native_decode: Callable[[torch.Tensor, int, KVCache], torch.Tensor] | None = None
 
     def enable_fused_decode(self) -> bool:
         """Use the fused decode kernels if this model can: CUDA, half precision, head_dim a
@@ -157,6 +162,13 @@ class Transformer(nn.Module):
             and importlib.util.find_spec("triton") is not None
         )
         return self.fused_decode
+
+    def enable_native_decode(self) -> bool:
+        """Use the C decode step if this model can: int4 on an x86 CPU with AVX2, float32."""
+        from .native_step import NativeDecodeStep
+
+        self.native_decode = NativeDecodeStep.for_model(self)
+        return self.native_decode is not None
 
     def setup_rope(self, max_len: int) -> None:
         """Build the rotary tables for positions [0, max_len) on the weights' device."""
@@ -185,6 +197,8 @@ class Transformer(nn.Module):
         if tokens.shape[1] == 1:
             if self.fused_decode:
                 return self._fused_decode_step(tokens, positions, cache, attend_len)
+            if self.native_decode is not None:
+                return self.native_decode(tokens, int(positions[0]), cache)
             if tokens.device.type == "cpu":
                 return self._cpu_decode_step(tokens, int(positions[0]), cache)
         x = self.tok_embeddings(tokens)  # (1, T, D)

@@ -12,8 +12,9 @@ bandwidth: int8 halves what bf16 reads, int4 nearly quarters it.
 
 On CUDA a one-token product runs a fused Triton kernel that dequantises while it reads (see
 gemv.py; int4 rounds the activation row to int8 in groups of 32 for it); longer inputs
-(prefill) dequantise the weight once per call and use cuBLAS. On the CPU
-int8 and int4 use PyTorch's packed kernels, which take bfloat16 activations.
+(prefill) dequantise the weight once per call and use cuBLAS. On an x86 CPU with AVX2, int4
+runs C kernels with CUDA's layout and arithmetic (native.py); elsewhere on the CPU int8 and int4
+use PyTorch's packed kernels, which take bfloat16 activations.
 
 The LM head is quantised to int8 under int4 too: it is one matrix and it decides every token.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .errors import DeviceError
 
 if TYPE_CHECKING:
@@ -195,7 +197,9 @@ class Int4Linear(nn.Module):
         q, scale, offset = quantize_int4(weight)
         self.bias = bias
         self.on_cpu = weight.device.type == "cpu"
-        if self.on_cpu:
+        # On an x86 CPU with AVX2 the C kernels (native.py) read the same layout as CUDA's.
+        self.native = native.library() if self.on_cpu else None
+        if self.on_cpu and self.native is None:
             # PyTorch's CPU kernel computes (q - 8) · scale + zero with its own packing and the
             # pairs (scale, zero) laid out (K/GROUP, N, 2) in bf16.
             zero = offset + 8 * scale
@@ -211,7 +215,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor, rounded: Int8Activations | None = None) -> torch.Tensor:
         """`rounded`: on CUDA, a one-row x already rounded to int8 by the kernel that made it."""
         flat = x.reshape(-1, self.in_features)
-        if self.on_cpu:
+        if self.native is not None:
+            out = native.int4_linear(self.native, flat, self.weight, self.scale, self.offset)
+            out = out.to(x.dtype).contiguous()
+        elif self.on_cpu:
             out = torch._weight_int4pack_mm_for_cpu(
                 flat.to(torch.bfloat16), self.weight, GROUP, self.scale_and_zero
             ).to(x.dtype)
@@ -229,6 +236,8 @@ class Int4Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
+        if self.native is not None:
+            return native.int4_dequantize(self.native, self.weight, self.scale, self.offset)
         if self.on_cpu:
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
             columns = torch._weight_int4pack_mm_for_cpu(

@@ -1,0 +1,117 @@
+"""The whole one-token decode step of an int4 model on the CPU as one call into C (native.py).
+
+Each PyTorch operation costs microseconds of overhead however small its work; a step of a
+30-layer model is hundreds of them. Here the token's embedding row goes in and its logits come
+out of one C function that reads the model's own tensors in place (packed int4 weights, norms,
+rotary tables, the session's KV cache): nothing is copied, only pointers are passed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from . import native
+from .kv_cache import KVCache
+from .quantize import Int4Linear, Int8Linear
+
+
+class NativeDecodeStep:
+    """Transformer._cpu_decode_step's arithmetic for a model whose projections are native int4
+    layers and whose head is int8; built by `for_model`, which says None where it cannot run."""
+
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL):
+        config = model.config
+        self.lib = lib
+        self.embeddings = model.tok_embeddings.weight
+        self.vocab_size = config.vocab_size
+        self.layers = (native.Layer * config.n_layers)()
+        for index, block in enumerate(model.layers):
+            attention, feed_forward = block.attention, block.feed_forward
+            self.layers[index] = native.Layer(
+                _matrix(attention.wqkv),
+                _matrix(attention.wo),
+                _matrix(feed_forward.w13),
+                _matrix(feed_forward.w2),
+                block.attention_norm.weight.data_ptr(),
+                block.ffn_norm.weight.data_ptr(),
+            )
+        self.model = native.Model(
+            config.hidden_size,
+            config.n_layers,
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+            config.intermediate_size,
+            config.vocab_size,
+            config.rms_norm_eps,
+            config.head_dim**-0.5,
+            self.layers,
+            model.norm.weight.data_ptr(),
+            model.output.weight.data_ptr(),
+            model.output.scale.data_ptr(),
+        )
+        self.transformer = model
+        # The tensors the pointers above point into, kept alive whatever happens to the model.
+        self.tensors = [t for m in (model.layers, model.norm, model.output) for t in _tensors(m)]
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> NativeDecodeStep | None:
+        """The step for `model` if it has exactly what the C code reads: float32 on the CPU,
+        native int4 projections without biases, an int8 head, and widths the kernels take."""
+        lib = native.library()
+        config = model.config
+        weight = model.tok_embeddings.weight
+        if lib is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return None
+        projections = [
+            m
+            for block in model.layers
+            for m in (
+                block.attention.wqkv,
+                block.attention.wo,
+                block.feed_forward.w13,
+                block.feed_forward.w2,
+            )
+        ]
+        if not all(
+            isinstance(m, Int4Linear) and m.native is not None and m.bias is None
+            for m in projections
+        ):
+            return None
+        head = model.output
+        if not isinstance(head, Int8Linear) or head.bias is not None:
+            return None
+        if head.scale.dtype != torch.bfloat16 or config.head_dim % 8:
+            return None
+        return cls(model, lib)
+
+    def __call__(self, tokens: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+        """Logits (1, 1, V) for the token (1, 1) at `position`, its keys and values written."""
+        assert cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+        rope_cos, rope_sin = self.transformer.rope_cos, self.transformer.rope_sin
+        logits = torch.empty(self.vocab_size)
+        status = self.lib.decode_step(
+            ctypes.byref(self.model),
+            self.embeddings[int(tokens[0, 0])].data_ptr(),
+            position,
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
+            cache.max_len,
+            rope_cos[position].data_ptr(),
+            rope_sin[position].data_ptr(),
+            logits.data_ptr(),
+        )
+        if status != 0:
+            raise MemoryError("the native decode step could not allocate its scratch memory")
+        return logits.view(1, 1, -1)
+
+
+def _matrix(linear: Int4Linear) -> native.Int4Matrix:
+    return native.int4_matrix(linear.weight, linear.scale, linear.offset)
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]

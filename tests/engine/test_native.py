@@ -1,0 +1,220 @@
+"""The C kernels for int4 on x86 CPUs (native.py, cpu_kernels.c): their arithmetic against
+PyTorch references, the decode step against the PyTorch step, the switch and the fallback.
+
+They run wherever the CPU has AVX2, FMA and F16C (CI's does, and has gcc): there a missing
+compiler or a failed build fails these tests instead of skipping them."""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from llamachat.engine import ChatModel, KVCache, native
+from llamachat.engine.quantize import (
+    GROUP,
+    Int4Linear,
+    Int8Linear,
+    quantize_activations,
+    quantize_int4,
+)
+
+pytestmark = pytest.mark.skipif(
+    not native.cpu_supported(), reason="the C kernels need an x86 CPU with AVX2, FMA and F16C"
+)
+
+
+@pytest.fixture(autouse=True)
+def native_on(monkeypatch):
+    monkeypatch.delenv(native.SWITCH, raising=False)
+    assert native.library() is not None, "the C kernels did not build on a CPU that has AVX2"
+
+
+def reference_dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """quantize_int4's weight with its scale and offset stored in float16, as the layer keeps
+    them, computed here in float32 by PyTorch."""
+    rows, columns = weight.shape
+    q, scale, offset = quantize_int4(weight)
+    scale, offset = scale.half().float(), offset.half().float()
+    groups = q.float().view(rows, -1, GROUP) * scale[..., None] + offset[..., None]
+    return groups.view(rows, columns)
+
+
+# SmolLM2's shapes (K = 576 and 1536, neither a multiple of 256), fewer groups than the kernel
+# takes at once (K = 96), and a remainder after whole blocks of 8 groups (K = 800).
+SHAPES = [(1728, 576), (576, 1536), (40, 96), (24, 800)]
+
+
+@pytest.mark.parametrize(("rows", "columns"), SHAPES)
+def test_one_row_product_is_the_int8_rounded_row_times_the_dequantized_weight(rows, columns):
+    generator = torch.Generator().manual_seed(rows + columns)
+    weight = torch.randn(rows, columns, generator=generator) * 0.05
+    x = torch.randn(1, columns, generator=generator) * 3
+    x[0, :GROUP] = 0  # an all-zero group
+    layer = Int4Linear(weight, None)
+    assert layer.native is not None
+    dequantized = reference_dequantized(weight)
+    assert torch.equal(layer.dequantized(), dequantized)
+    rounded = quantize_activations(x).double()
+    expected = rounded @ dequantized.double().T
+    # float32 accumulation in another order: errors of a few ulp of the sum of |terms|.
+    magnitude = rounded.abs() @ dequantized.double().abs().T
+    error = (layer(x).double() - expected).abs()
+    assert (error <= 1e-6 * magnitude).all()
+
+
+def test_several_rows_multiply_the_float32_dequantized_weight_block_by_block(monkeypatch):
+    monkeypatch.setattr(native, "DEQUANTIZED_FLOATS", 10 * 256)  # blocks of 10 rows, then 6
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(96, 256, generator=generator) * 0.05
+    x = torch.randn(2, 5, 256, generator=generator)
+    layer = Int4Linear(weight, None)
+    out = layer(x)
+    assert out.shape == (2, 5, 96) and out.is_contiguous()
+    expected = x @ reference_dequantized(weight).T
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+class Float32Head(nn.Module):
+    """An int8 head's dequantised weight times float32 activations, as the C step computes it
+    (PyTorch's CPU int8 kernel would round the activations to bfloat16 first)."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        self.weight = head.dequantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.weight.T
+
+
+def decode_logits(model: ChatModel, tokens: torch.Tensor, step=None) -> torch.Tensor:
+    """Logits of each token (T,) fed one by one from position 0, (T, V)."""
+    transformer = model.transformer
+    transformer.setup_rope(64)
+    cache = KVCache(model.config, 64, model.device, model.dtype)
+    rows = []
+    with torch.inference_mode():
+        for position, token in enumerate(tokens.tolist()):
+            token = torch.tensor([[token]])
+            if step is None:
+                logits = transformer(token, torch.tensor([position]), cache, 64)
+            else:
+                logits = step(token, position, cache)
+            rows.append(logits.view(-1).clone())
+    return torch.stack(rows)
+
+
+def relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((logits - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
+
+
+KV_HEADS = [pytest.param(8, id="mha"), pytest.param(2, id="gqa"), pytest.param(1, id="mqa")]
+TOKENS = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_native_step_computes_what_the_python_step_computes_on_the_same_weights(
+    tiny_model_factory, kv_heads
+):
+    folder, _ = tiny_model_factory(num_key_value_heads=kv_heads, intermediate_size=384)
+    model = ChatModel.load(folder, device="cpu", quantization="int4")
+    transformer = model.transformer
+    native_step = transformer.native_decode
+    assert native_step is not None
+    # The Python step runs its int4 layers through the same C products; only its head differs,
+    # so it gets the head's float32 arithmetic (the C step keeps the int8 head it was built on).
+    transformer.output = Float32Head(transformer.output)
+    transformer.setup_rope(64)
+    cache = KVCache(model.config, 64, model.device, model.dtype)
+    logit_errors, cache_errors = [], []
+    with torch.inference_mode():
+        for position, token in enumerate(TOKENS.tolist()):
+            token = torch.tensor([[token]])
+            # Both steps start from the same cache, so that a difference cannot carry over.
+            own = KVCache(model.config, 64, model.device, model.dtype)
+            own.k.copy_(cache.k)
+            own.v.copy_(cache.v)
+            native_logits = native_step(token, position, own)
+            python_logits = transformer._cpu_decode_step(token, position, cache)
+            logit_errors.append(relative_error(native_logits, python_logits))
+            written = torch.stack((own.k[:, :, position], own.v[:, :, position]))
+            expected = torch.stack((cache.k[:, :, position], cache.v[:, :, position]))
+            cache_errors.append(relative_error(written.flatten(), expected.flatten()))
+            assert torch.equal(own.k[:, :, :position], cache.k[:, :, :position])
+    # Summation order and the vectorised exp: ~3e-7 of the norm. Now and then an activation lands
+    # on the other side of an int8 rounding boundary because of them: one step (1/127 of its
+    # group's largest value), ~3e-3 of the logits.
+    for errors in (logit_errors, cache_errors):
+        assert statistics.median(errors) < 1e-5
+        assert max(errors) < 1e-2
+
+
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_native_step_matches_the_pytorch_int4_step(tiny_model_factory, monkeypatch, kv_heads):
+    folder, _ = tiny_model_factory(num_key_value_heads=kv_heads, intermediate_size=384)
+    native_model = ChatModel.load(folder, device="cpu", quantization="int4")
+    monkeypatch.setenv(native.SWITCH, "0")
+    pytorch_model = ChatModel.load(folder, device="cpu", quantization="int4")
+    full = ChatModel.load(folder, device="cpu")
+    native_logits = decode_logits(native_model, TOKENS)
+    pytorch_logits = decode_logits(pytorch_model, TOKENS)
+    # Both are int4 with the same weights; they round the activations differently (PyTorch to
+    # bfloat16 with bfloat16 scales, the C step to int8 per group of 32 with float16 scales):
+    # measured 1.2-1.4% of the logits' norm, while either is ~17% from float32 on this random
+    # model, so a wrong step (a missed rotation, the wrong kv head) lands far outside.
+    assert relative_error(native_logits, pytorch_logits) < 0.04
+    reference = decode_logits(full, TOKENS)
+    assert relative_error(native_logits, reference) < 1.2 * relative_error(
+        pytorch_logits, reference
+    )
+
+
+def test_switch_off_loads_pytorchs_int4_kernels(tiny_model_factory, monkeypatch):
+    folder, _ = tiny_model_factory(intermediate_size=384)
+    monkeypatch.setenv(native.SWITCH, "0")
+    model = ChatModel.load(folder, device="cpu", quantization="int4")
+    layer = model.transformer.layers[0].attention.wqkv
+    assert isinstance(layer, Int4Linear) and layer.native is None
+    assert hasattr(layer, "scale_and_zero")  # PyTorch's own packing
+    assert model.transformer.native_decode is None
+
+
+def test_other_formats_keep_the_pytorch_step(tiny_model_factory):
+    folder, _ = tiny_model_factory()
+    for quantization in (None, "int8", "f16"):
+        model = ChatModel.load(folder, device="cpu", quantization=quantization)
+        assert model.transformer.native_decode is None
+
+
+def test_the_library_is_named_by_its_source_and_built_once(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.CACHE_DIR_VARIABLE, str(tmp_path))
+    first = native.build()
+    modified = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == modified
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+    assert first.name.startswith("cpu_kernels-") and first.suffix == ".so"
+
+
+def test_a_failed_build_warns_once_and_leaves_pytorchs_kernels(
+    tiny_model_factory, tmp_path, monkeypatch
+):
+    folder, _ = tiny_model_factory(intermediate_size=384)
+    monkeypatch.setenv(native.CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    native._loaded.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = ChatModel.load(folder, device="cpu", quantization="int4")
+        assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+            "llamachat: int4 on the CPU runs on PyTorch's slower kernels: "
+            "false could not build its C kernels: no message"
+        ]
+        assert model.transformer.native_decode is None
+        assert model.transformer.layers[0].feed_forward.w2.native is None
+        assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+    finally:
+        native._loaded.cache_clear()

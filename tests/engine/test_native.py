@@ -218,3 +218,49 @@ def test_a_failed_build_warns_once_and_leaves_pytorchs_kernels(
         assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
     finally:
         native._loaded.cache_clear()
+
+
+SMOLLM2_PROMPTS = [
+    "What is the capital of France?",
+    "请用三句话介绍一下长城。",
+    "Write a haiku about the sea.",
+]
+# Where greedy decodes part, the PyTorch path's own logits must call it a near-tie: its int8
+# head returns bfloat16 logits (steps of 0.125-0.25 at SmolLM2's 16-64), and the two kernels'
+# roundings move logits by about that much; a real top-2 gap is usually several logits.
+NEAR_TIE = 0.5
+
+
+@pytest.mark.smollm2
+def test_smollm2_int4_greedy_agrees_with_the_pytorch_int4_path_up_to_a_near_tie(
+    smollm2_dir, monkeypatch
+):
+    from llamachat.engine import GREEDY
+
+    native_model = ChatModel.load(smollm2_dir, device="cpu", quantization="int4")
+    assert native_model.transformer.native_decode is not None
+    monkeypatch.setenv(native.SWITCH, "0")
+    pytorch_model = ChatModel.load(smollm2_dir, device="cpu", quantization="int4")
+    for prompt in SMOLLM2_PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        fast = native_model.session().reply(messages, GREEDY, max_new_tokens=48)
+        slow = pytorch_model.session().reply(messages, GREEDY, max_new_tokens=48)
+        list(fast), list(slow)
+        pairs = zip(fast.token_ids, slow.token_ids, strict=False)
+        parted = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if parted is None:
+            assert fast.token_ids == slow.token_ids
+            continue
+        shared = pytorch_model.prompt_ids(messages) + slow.token_ids[:parted]
+        transformer = pytorch_model.transformer
+        transformer.setup_rope(len(shared))
+        cache = KVCache(
+            pytorch_model.config, len(shared), pytorch_model.device, pytorch_model.dtype
+        )
+        with torch.inference_mode():
+            logits = transformer(
+                torch.tensor([shared]), torch.arange(len(shared)), cache, len(shared)
+            ).view(-1)
+        gap = (logits[slow.token_ids[parted]] - logits[fast.token_ids[parted]]).item()
+        # abs: this prefill pass rounds otherwise than the decode step that chose, by a hair.
+        assert abs(gap) <= NEAR_TIE, (prompt, parted, gap)

@@ -26,8 +26,15 @@ PROMPT = [{"role": "user", "content": "Write a long story about a dragon who lea
 NEW_TOKENS = 128
 
 
-def ours(folder: Path, quantization: str | None) -> dict[str, float]:
+def ours(folder: Path, quantization: str | None, native: bool = True) -> dict[str, float]:
+    """`native` False loads with LLAMACHAT_NATIVE=0: int4 on PyTorch's kernels."""
+    saved = os.environ.get("LLAMACHAT_NATIVE")
+    os.environ["LLAMACHAT_NATIVE"] = "1" if native else "0"
     model = ChatModel.load(folder, device="cpu", dtype="float32", quantization=quantization)
+    if saved is None:
+        del os.environ["LLAMACHAT_NATIVE"]
+    else:
+        os.environ["LLAMACHAT_NATIVE"] = saved
     runs = []
     for _ in range(3):
         reply = model.session().reply(PROMPT, GREEDY, max_new_tokens=NEW_TOKENS)
@@ -102,7 +109,8 @@ def main() -> None:
         ("llamachat, fp32 weights (--quantize none)", ours(args.folder, None)),
         ("llamachat, f16 weights, fp32 arithmetic (the CPU default)", ours(args.folder, "f16")),
         ("llamachat, int8 weights, bf16 activations", ours(args.folder, "int8")),
-        ("llamachat, int4 weights, bf16 activations", ours(args.folder, "int4")),
+        ("llamachat, int4 weights, bf16 activations", ours(args.folder, "int4", native=False)),
+        ("llamachat, int4 weights, int8 activations, C step", ours(args.folder, "int4")),
         ("transformers eager generate (fp32)", transformers_eager(args.folder)),
     ]
     if args.gguf:

@@ -1,6 +1,7 @@
 /* llamachat's int4 kernels for x86-64 CPUs with AVX2, FMA and F16C; native.py builds this file
    with the system C compiler on first use and calls it through ctypes. Single-threaded: on a
-   small shared machine a spinning second thread costs more than it gives.
+   small shared machine a second thread, spinning or started per call, was measured to cost
+   more than it gives (it competes with PyTorch's own threads).
 
    Layouts are the ones quantize.py makes, so the tensors stay owned by PyTorch:
    - int4 matrices (N, K): pack_int4's bytes (N, K/2), two columns a byte; within each group of
@@ -105,12 +106,16 @@ static void quantize_row(const float *x, int K, Int8Row row) {
 
 /* ------------------------------------------------------------------------ int4 products */
 
-/* 8 int32 partial sums of one group's 32 weight nibbles times its 32 int8 activations. */
-static inline __m256 group_dot(const uint8_t *w, const int8_t *q) {
+/* One group's 32 weights as bytes 0..15, in the nibble order (low nibbles, then high). */
+static inline __m256i unpack_group(const uint8_t *w) {
     __m128i bytes = _mm_loadu_si128((const __m128i *)w);
     __m128i mask = _mm_set1_epi8(15);
-    __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
-                                       _mm_and_si128(bytes, mask));
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+                            _mm_and_si128(bytes, mask));
+}
+
+/* 8 float partial sums of a group's weights times its 32 int8 activations. */
+static inline __m256 group_dot(__m256i nibbles, const int8_t *q) {
     __m256i x = _mm256_loadu_si256((const __m256i *)q);
     __m256i pairs = _mm256_maddubs_epi16(nibbles, x); /* unsigned 0..15 times signed int8 */
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
@@ -122,45 +127,110 @@ typedef struct {
     const uint16_t *offset; /* (N, K/32) float16 */
 } Int4Matrix;
 
-static void int4_product(const Int4Matrix *m, Int8Row x, float *y, int N, int K) {
-    const int G = K / GROUP;
-    for (int r = 0; r < N; r++) {
-        const uint8_t *w = m->weight + (size_t)r * (K / 2);
-        const uint16_t *scale = m->scale + (size_t)r * G, *offset = m->offset + (size_t)r * G;
-        __m256 acc = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
-        float tail = 0.0f;
+static void float16_row(const uint16_t *h, float *out, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) out[i] = _cvtsh_ss(h[i]);
+}
+
+/* `count` (1..4, a constant after inlining) activation rows times one weight row: out[j] =
+   sum over groups of scale * step_j * (q . x_j) + offset * sum_j. `factors` holds 4 K/32. */
+static inline __attribute__((always_inline)) void weight_row_times(
+    const uint8_t *w, const float *scale, const float *offset, const Int8Row *x, int count,
+    int G, float *factors, float *out) {
+    for (int j = 0; j < count; j++) {
+        float *f = factors + j * G;
         int g = 0;
-        for (; g + 8 <= G; g += 8) {
-            __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g)));
-            __m256 o = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + g)));
-            offsets = _mm256_fmadd_ps(o, _mm256_loadu_ps(x.sum + g), offsets);
-            float factor[8];
-            _mm256_storeu_ps(factor, _mm256_mul_ps(s, _mm256_loadu_ps(x.step + g)));
-            for (int j = 0; j < 8; j++) {
-                __m256 dot = group_dot(w + (g + j) * (GROUP / 2), x.q + (g + j) * GROUP);
-                acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(factor[j]), acc);
+        for (; g + 8 <= G; g += 8)
+            _mm256_storeu_ps(f + g, _mm256_mul_ps(_mm256_loadu_ps(scale + g),
+                                                  _mm256_loadu_ps(x[j].step + g)));
+        for (; g < G; g++) f[g] = scale[g] * x[j].step[g];
+    }
+    /* Two accumulators a row, even and odd groups: a row alone (decode) would otherwise wait on
+       its one FMA chain's latency. Every count sums in the same order, so a prompt's rows get
+       exactly what each would get alone. */
+    enum { CHAINS = 2 };
+    __m256 acc[4][CHAINS];
+    for (int j = 0; j < 4; j++)
+        for (int c = 0; c < CHAINS; c++) acc[j][c] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g += CHAINS) {
+        for (int c = 0; c < CHAINS && g + c < G; c++) {
+            __m256i nibbles = unpack_group(w + (g + c) * (GROUP / 2));
+            for (int j = 0; j < count; j++) {
+                __m256 dot = group_dot(nibbles, x[j].q + (g + c) * GROUP);
+                acc[j][c] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(factors + j * G + g + c),
+                                            acc[j][c]);
             }
         }
-        for (; g < G; g++) {
-            __m256 dot = group_dot(w + g * (GROUP / 2), x.q + g * GROUP);
-            acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(scale[g]) * x.step[g]), acc);
-            tail += _cvtsh_ss(offset[g]) * x.sum[g];
-        }
-        y[r] = sum8(acc) + sum8(offsets) + tail;
+    }
+    for (int j = 0; j < count; j++) {
+        __m256 offsets = _mm256_setzero_ps();
+        int g = 0;
+        for (; g + 8 <= G; g += 8)
+            offsets = _mm256_fmadd_ps(_mm256_loadu_ps(offset + g), _mm256_loadu_ps(x[j].sum + g),
+                                      offsets);
+        float tail = 0.0f;
+        for (; g < G; g++) tail += offset[g] * x[j].sum[g];
+        out[j] = sum8(_mm256_add_ps(acc[j][0], acc[j][1])) + sum8(offsets) + tail;
     }
 }
 
-/* y (N) = W x for one float32 row x (K); scratch holds K + 2 K/32 floats. */
-void int4_matvec(const uint8_t *weight, const uint16_t *scale, const uint16_t *offset,
-                 const float *x, float *y, int N, int K, float *scratch) {
-    Int4Matrix m = {weight, scale, offset};
-    Int8Row row = {(int8_t *)scratch, scratch + K / 4, scratch + K / 4 + K / GROUP};
-    quantize_row(x, K, row);
-    int4_product(&m, row, y, N, K);
+/* y (T, N) = x W^T for T rounded activation rows; each block of up to 4 rows reads a weight row
+   once. `scratch` holds 6 K/32 floats. */
+static void int4_product(const Int4Matrix *m, const Int8Row *x, int T, float *y, int N, int K,
+                         float *scratch) {
+    const int G = K / GROUP;
+    float *scale = scratch, *offset = scratch + G, *factors = scratch + 2 * G;
+    for (int r = 0; r < N; r++) {
+        const uint8_t *w = m->weight + (size_t)r * (K / 2);
+        float16_row(m->scale + (size_t)r * G, scale, G);
+        float16_row(m->offset + (size_t)r * G, offset, G);
+        for (int t = 0; t < T; t += 4) {
+            float out[4];
+            int count = T - t < 4 ? T - t : 4;
+            switch (count) { /* a constant count lets the compiler unroll the rows */
+            case 4: weight_row_times(w, scale, offset, x + t, 4, G, factors, out); break;
+            case 3: weight_row_times(w, scale, offset, x + t, 3, G, factors, out); break;
+            case 2: weight_row_times(w, scale, offset, x + t, 2, G, factors, out); break;
+            default: weight_row_times(w, scale, offset, x + t, 1, G, factors, out); break;
+            }
+            for (int j = 0; j < count; j++) y[(size_t)(t + j) * N + r] = out[j];
+        }
+    }
 }
 
-/* The float32 matrix (N, K), for products of many rows (prefill). q * scale is exact in float32,
-   so this equals q.float() * scale.float() + offset.float(). */
+/* Rows of activations a block of rows takes: their int8 copies stay in the L2 cache while every
+   weight row passes over them. */
+#define BLOCK_BYTES (128 * 1024)
+
+/* y (T, N) = x (T, K) W^T with each row of x rounded to int8 in groups of 32, as
+   quantize_activations does: one row for a decode step, several for a prompt (the same
+   arithmetic row by row). scratch holds T (K/4 + 2 K/32) + 6 K/32 floats. Returns 0, or -1
+   when memory for the rows' descriptors was not available. */
+int int4_matmul(const uint8_t *weight, const uint16_t *scale, const uint16_t *offset,
+                const float *x, float *y, int T, int N, int K, float *scratch) {
+    const Int4Matrix m = {weight, scale, offset};
+    const int G = K / GROUP, per_row = K / 4 + 2 * G;
+    Int8Row *rows = malloc(sizeof(Int8Row) * T);
+    if (!rows) return -1;
+    for (int t = 0; t < T; t++) {
+        float *at = scratch + (size_t)t * per_row;
+        rows[t] = (Int8Row){(int8_t *)at, at + K / 4, at + K / 4 + G};
+        quantize_row(x + (size_t)t * K, K, rows[t]);
+    }
+    int block = BLOCK_BYTES / K;
+    block = block < 4 ? 4 : block - block % 4;
+    for (int t = 0; t < T; t += block) {
+        int count = T - t < block ? T - t : block;
+        int4_product(&m, rows + t, count, y + (size_t)t * N, N, K, scratch + (size_t)T * per_row);
+    }
+    free(rows);
+    return 0;
+}
+
+/* The float32 matrix (N, K) (Int4Linear.dequantized). q * scale is exact in float32, so this
+   equals q.float() * scale.float() + offset.float(). */
 void int4_dequantize(const uint8_t *weight, const uint16_t *scale, const uint16_t *offset,
                      float *out, int N, int K) {
     const int G = K / GROUP;
@@ -336,22 +406,23 @@ int decode_step(const Model *m, const float *embedding, int position, float *k_c
     const int widest = larger(larger(2 * F, qkv_width), D); /* the longest product output */
     const int inputs = larger(larger(F, H * HD), D);         /* the longest product input */
     /* x, h (D); projections (widest); attention out (H hd); scores (groups x length);
-       the int8 row (inputs/4 + 2 inputs/32) */
+       the int8 row (inputs/4 + 2 inputs/32); the products' scratch (6 inputs/32) */
     size_t floats = 2 * (size_t)D + widest + (size_t)H * HD + (size_t)groups * length +
-                    inputs / 4 + 2 * (inputs / GROUP) + 64;
+                    inputs / 4 + 8 * (inputs / GROUP) + 64;
     float *memory = malloc(floats * sizeof(float));
     if (!memory) return -1;
     float *x = memory, *h = x + D, *projected = h + D, *attended = projected + widest;
     float *scores = attended + H * HD, *row_memory = scores + (size_t)groups * length;
     Int8Row row = {(int8_t *)row_memory, row_memory + inputs / 4,
                    row_memory + inputs / 4 + inputs / GROUP};
+    float *factors = row_memory + inputs / 4 + 2 * (inputs / GROUP); /* 6 inputs/32 */
 
     memcpy(x, embedding, sizeof(float) * D);
     for (int l = 0; l < m->n_layers; l++) {
         const Layer *layer = &m->layers[l];
         rms_norm(x, layer->attention_norm, h, D, m->eps);
         quantize_row(h, D, row);
-        int4_product(&layer->qkv, row, projected, qkv_width, D);
+        int4_product(&layer->qkv, &row, 1, projected, qkv_width, D, factors);
         for (int head = 0; head < H + KV; head++) rope(projected + head * HD, rope_cos, rope_sin, HD);
         float *keys = k_cache + (size_t)l * KV * max_len * HD;
         float *values = v_cache + (size_t)l * KV * max_len * HD;
@@ -366,14 +437,14 @@ int decode_step(const Model *m, const float *embedding, int position, float *k_c
                    m->attention_scale, scores, attended + g * groups * HD);
         }
         quantize_row(attended, H * HD, row);
-        int4_product(&layer->wo, row, projected, D, H * HD);
+        int4_product(&layer->wo, &row, 1, projected, D, H * HD, factors);
         add(x, projected, D);
         rms_norm(x, layer->ffn_norm, h, D, m->eps);
         quantize_row(h, D, row);
-        int4_product(&layer->w13, row, projected, 2 * F, D);
+        int4_product(&layer->w13, &row, 1, projected, 2 * F, D, factors);
         silu_mul(projected, F);
         quantize_row(projected, F, row);
-        int4_product(&layer->w2, row, h, D, F);
+        int4_product(&layer->w2, &row, 1, h, D, F, factors);
         add(x, h, D);
     }
     rms_norm(x, m->final_norm, h, D, m->eps);

@@ -21,7 +21,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 
@@ -160,8 +159,8 @@ class Model(ctypes.Structure):
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.int4_matvec.argtypes = [_POINTER] * 5 + [_INT, _INT, _POINTER]
-    lib.int4_matvec.restype = None
+    lib.int4_matmul.argtypes = [_POINTER] * 5 + [_INT, _INT, _INT, _POINTER]
+    lib.int4_matmul.restype = _INT
     lib.int4_dequantize.argtypes = [_POINTER] * 4 + [_INT, _INT]
     lib.int4_dequantize.restype = None
     lib.decode_step.argtypes = [
@@ -192,43 +191,27 @@ def int4_linear(
     scale: torch.Tensor,
     offset: torch.Tensor,
 ) -> torch.Tensor:
-    """x (T, K) times the int4 matrix's transpose, float32 (T, N). One row (decode) rounds x to
-    int8 in groups of 32 and multiplies packed bytes, as CUDA's kernel does; several (prefill)
-    multiply float32 weights dequantised for the call, as CUDA does too, a block of rows at a
-    time into a reused buffer (a fresh multi-MB tensor per call costs its page faults)."""
+    """x (T, K) times the int4 matrix's transpose, float32 (T, N). Each row of x is rounded to
+    int8 in groups of 32 first (quantize_activations): a prompt's rows get exactly a decode
+    step's arithmetic, and each weight row is read once per block of rows."""
     rows, columns = x.shape
-    out_features = weight.shape[0]
     x = x.float().contiguous()
-    if rows == 1:
-        out = torch.empty(1, out_features)
-        scratch = torch.empty(columns // 4 + 2 * (columns // 32))
-        lib.int4_matvec(
-            weight.data_ptr(),
-            scale.data_ptr(),
-            offset.data_ptr(),
-            x.data_ptr(),
-            out.data_ptr(),
-            out_features,
-            columns,
-            scratch.data_ptr(),
-        )
-        return out
-    block = max(1, DEQUANTIZED_FLOATS // columns)  # weight rows per product
-    buffer = _dequantized_buffer(min(block, out_features) * columns)
-    out = torch.empty(out_features, rows)  # (N, T): each block of rows is contiguous
-    for start in range(0, out_features, block):
-        count = min(block, out_features - start)
-        dequantized = buffer[: count * columns].view(count, columns)
-        lib.int4_dequantize(
-            weight[start].data_ptr(),
-            scale[start].data_ptr(),
-            offset[start].data_ptr(),
-            dequantized.data_ptr(),
-            count,
-            columns,
-        )
-        torch.mm(dequantized, x.T, out=out[start : start + count])
-    return out.T
+    out = torch.empty(rows, weight.shape[0])
+    scratch = torch.empty((rows + 1) * (columns // 4 + 2 * (columns // 32)))  # rows + 6 K/32
+    status = lib.int4_matmul(
+        weight.data_ptr(),
+        scale.data_ptr(),
+        offset.data_ptr(),
+        x.data_ptr(),
+        out.data_ptr(),
+        rows,
+        weight.shape[0],
+        columns,
+        scratch.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError("the int4 product could not allocate its scratch memory")
+    return out
 
 
 def int4_dequantize(
@@ -241,16 +224,3 @@ def int4_dequantize(
         weight.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(), rows, columns
     )
     return out
-
-
-# Dequantised weights per product of several rows: all of any SmolLM2 matrix (16 MB), blocks of
-# a bigger model's. One buffer per thread, kept: threads may prefill at once.
-DEQUANTIZED_FLOATS = 1 << 22
-_buffers = threading.local()
-
-
-def _dequantized_buffer(floats: int) -> torch.Tensor:
-    buffer = getattr(_buffers, "tensor", None)
-    if buffer is None or buffer.numel() < floats:
-        buffer = _buffers.tensor = torch.empty(floats)
-    return buffer

@@ -66,15 +66,17 @@ def test_one_row_product_is_the_int8_rounded_row_times_the_dequantized_weight(ro
     assert (error <= 1e-6 * magnitude).all()
 
 
-def test_several_rows_multiply_the_float32_dequantized_weight_block_by_block(monkeypatch):
-    monkeypatch.setattr(native, "DEQUANTIZED_FLOATS", 10 * 256)  # blocks of 10 rows, then 6
+def test_several_rows_are_each_multiplied_as_a_single_row_would_be():
     generator = torch.Generator().manual_seed(7)
     weight = torch.randn(96, 256, generator=generator) * 0.05
-    x = torch.randn(2, 5, 256, generator=generator)
+    # 515 rows: a whole block of 512 (128 KB of int8 rows at K = 256), then 3, not a multiple of 4
+    x = torch.randn(1, 515, 256, generator=generator)
     layer = Int4Linear(weight, None)
     out = layer(x)
-    assert out.shape == (2, 5, 96) and out.is_contiguous()
-    expected = x @ reference_dequantized(weight).T
+    assert out.shape == (1, 515, 96)
+    for row in (0, 5, 511, 512, 514):
+        assert torch.equal(out[0, row], layer(x[:, row]).view(-1))
+    expected = quantize_activations(x) @ reference_dequantized(weight).T
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 

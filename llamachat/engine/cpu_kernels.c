@@ -149,30 +149,44 @@ static inline __attribute__((always_inline)) void weight_row_times(
     }
     /* Two accumulators a row, even and odd groups: a row alone (decode) would otherwise wait on
        its one FMA chain's latency. Every count sums in the same order, so a prompt's rows get
-       exactly what each would get alone. */
-    enum { CHAINS = 2 };
-    __m256 acc[4][CHAINS];
-    for (int j = 0; j < 4; j++)
-        for (int c = 0; c < CHAINS; c++) acc[j][c] = _mm256_setzero_ps();
-    for (int g = 0; g < G; g += CHAINS) {
-        for (int c = 0; c < CHAINS && g + c < G; c++) {
-            __m256i nibbles = unpack_group(w + (g + c) * (GROUP / 2));
-            for (int j = 0; j < count; j++) {
-                __m256 dot = group_dot(nibbles, x[j].q + (g + c) * GROUP);
-                acc[j][c] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(factors + j * G + g + c),
-                                            acc[j][c]);
-            }
-        }
+       exactly what each would get alone. Named variables, not an array: GCC kept an array of
+       them on the stack. */
+    __m256 even0 = _mm256_setzero_ps(), even1 = even0, even2 = even0, even3 = even0;
+    __m256 odd0 = even0, odd1 = even0, odd2 = even0, odd3 = even0;
+#define ACCUMULATE(acc, j, group)                                                             \
+    acc = _mm256_fmadd_ps(group_dot(nibbles, x[j].q + (group) * GROUP),                        \
+                          _mm256_broadcast_ss(factors + (j) * G + (group)), acc)
+#define ALL_ROWS(which, group)                                                                \
+    do {                                                                                      \
+        ACCUMULATE(which##0, 0, group);                                                       \
+        if (count > 1) ACCUMULATE(which##1, 1, group);                                        \
+        if (count > 2) ACCUMULATE(which##2, 2, group);                                        \
+        if (count > 3) ACCUMULATE(which##3, 3, group);                                        \
+    } while (0)
+    int g = 0;
+    for (; g + 2 <= G; g += 2) {
+        __m256i nibbles = unpack_group(w + g * (GROUP / 2));
+        ALL_ROWS(even, g);
+        nibbles = unpack_group(w + (g + 1) * (GROUP / 2));
+        ALL_ROWS(odd, g + 1);
     }
+    if (g < G) { /* an odd last group */
+        __m256i nibbles = unpack_group(w + g * (GROUP / 2));
+        ALL_ROWS(even, g);
+    }
+#undef ALL_ROWS
+#undef ACCUMULATE
+    const __m256 acc[4] = {_mm256_add_ps(even0, odd0), _mm256_add_ps(even1, odd1),
+                           _mm256_add_ps(even2, odd2), _mm256_add_ps(even3, odd3)};
     for (int j = 0; j < count; j++) {
         __m256 offsets = _mm256_setzero_ps();
-        int g = 0;
+        g = 0;
         for (; g + 8 <= G; g += 8)
             offsets = _mm256_fmadd_ps(_mm256_loadu_ps(offset + g), _mm256_loadu_ps(x[j].sum + g),
                                       offsets);
         float tail = 0.0f;
         for (; g < G; g++) tail += offset[g] * x[j].sum[g];
-        out[j] = sum8(_mm256_add_ps(acc[j][0], acc[j][1])) + sum8(offsets) + tail;
+        out[j] = sum8(acc[j]) + sum8(offsets) + tail;
     }
 }
 

@@ -13,9 +13,8 @@ bandwidth: int8 halves what bf16 reads, int4 nearly quarters it.
 On CUDA a one-token product runs a fused Triton kernel that dequantises while it reads (see
 gemv.py; int4 rounds the activation row to int8 in groups of 32 for it); longer inputs
 (prefill) dequantise the weight once per call and use cuBLAS. On an x86 CPU with AVX2, int4
-runs C kernels with CUDA's layout and one-row arithmetic, prompts' rows rounded alike
-(native.py); elsewhere on the CPU int8 and int4 use PyTorch's packed kernels, which take
-bfloat16 activations.
+runs C kernels with CUDA's layout and arithmetic (native.py); elsewhere on the CPU int8 and
+int4 use PyTorch's packed kernels, which take bfloat16 activations.
 
 The LM head is quantised to int8 under int4 too: it is one matrix and it decides every token.
 """
@@ -218,7 +217,7 @@ class Int4Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.native is not None:
             out = native.int4_linear(self.native, flat, self.weight, self.scale, self.offset)
-            out = out.to(x.dtype)
+            out = out.to(x.dtype).contiguous()
         elif self.on_cpu:
             out = torch._weight_int4pack_mm_for_cpu(
                 flat.to(torch.bfloat16), self.weight, GROUP, self.scale_and_zero

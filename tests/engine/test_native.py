@@ -66,17 +66,27 @@ def test_one_row_product_is_the_int8_rounded_row_times_the_dequantized_weight(ro
     assert (error <= 1e-6 * magnitude).all()
 
 
-def test_several_rows_are_each_multiplied_as_a_single_row_would_be():
-    generator = torch.Generator().manual_seed(7)
-    weight = torch.randn(96, 256, generator=generator) * 0.05
-    # 515 rows: a whole block of 512 (128 KB of int8 rows at K = 256), then 3, not a multiple of 4
-    x = torch.randn(1, 515, 256, generator=generator)
+@pytest.mark.parametrize("rows", [2, 7, native.ROUNDED_ROWS])
+def test_a_few_rows_are_each_multiplied_as_a_single_row_would_be(rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 800, generator=generator) * 0.05
+    x = torch.randn(1, rows, 800, generator=generator)
     layer = Int4Linear(weight, None)
     out = layer(x)
-    assert out.shape == (1, 515, 96)
-    for row in (0, 5, 511, 512, 514):
+    assert out.shape == (1, rows, 96)
+    for row in range(rows):
         assert torch.equal(out[0, row], layer(x[:, row]).view(-1))
-    expected = quantize_activations(x) @ reference_dequantized(weight).T
+
+
+def test_longer_prompts_multiply_the_float32_weight_block_by_block(monkeypatch):
+    monkeypatch.setattr(native, "DEQUANTIZED_FLOATS", 10 * 256)  # blocks of 10 rows, then 6
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(96, 256, generator=generator) * 0.05
+    x = torch.randn(2, native.ROUNDED_ROWS, 256, generator=generator)  # twice the C's rows
+    layer = Int4Linear(weight, None)
+    out = layer(x)
+    assert out.shape == (2, native.ROUNDED_ROWS, 96) and out.is_contiguous()
+    expected = x @ reference_dequantized(weight).T
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -66,12 +66,17 @@ def cpu_supported() -> bool:
 
 
 def cache_dir() -> Path:
+    """LLAMACHAT_NATIVE_CACHE_DIR, else `native` in llamachat's cache folder. The kernels run
+    on Linux only (cpu_supported reads /proc/cpuinfo), where that folder is XDG's, as
+    platformdirs (which the engine does without) would say."""
     folder = os.environ.get(CACHE_DIR_VARIABLE)
     if folder:
         return Path(folder).expanduser()
-    from llamachat.home import Home
-
-    return Home.current().cache / "native"
+    cache = os.environ.get("LLAMACHAT_CACHE_DIR")
+    if cache:
+        return Path(cache).expanduser() / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llamachat" / "native"
 
 
 @functools.cache

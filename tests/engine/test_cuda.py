@@ -152,6 +152,22 @@ def test_triton_gemv_kernels_multiply_by_the_dequantized_weight(rows, columns):
     assert (out - exact).norm() <= 0.03 * exact.norm()
 
 
+@pytest.mark.parametrize(
+    ("rows", "outputs", "columns"), [(7, 100, 576), (512, 4096, 4096), (33, 1000, 14336)]
+)
+def test_triton_prompt_matmul_multiplies_by_the_dequantized_weight(rows, outputs, columns):
+    from llamachat.engine.qmatmul import int8_matmul
+    from llamachat.engine.quantize import quantize_int8
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    weight = torch.randn(outputs, columns, device="cuda", generator=generator) * 0.02
+    x = torch.randn(rows, columns, device="cuda", generator=generator).to(torch.bfloat16)
+    q, scale = quantize_int8(weight)
+    expected = x.float() @ (q.float() * scale[:, None]).T
+    out = int8_matmul(x, q, scale.to(torch.bfloat16)).float()
+    assert (out - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_model_on_the_gpu_matches_the_cpu_one_and_graphs_match_eager(
     tiny_model_factory, quantization

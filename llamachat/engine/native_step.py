@@ -61,10 +61,11 @@ class NativeDecodeStep:
     def for_model(cls, model: nn.Module) -> NativeDecodeStep | None:
         """The step for `model` if it has exactly what the C code reads: float32 on the CPU,
         native int4 projections without biases, an int8 head, and widths the kernels take."""
-        lib = native.library()
+        # Checked before anything touches the library: a model on a GPU, or in another format,
+        # neither builds it nor hears that it could not be built.
         config = model.config
         weight = model.tok_embeddings.weight
-        if lib is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
             return None
         projections = [
             m
@@ -86,7 +87,7 @@ class NativeDecodeStep:
             return None
         if head.scale.dtype != torch.bfloat16 or config.head_dim % 8:
             return None
-        return cls(model, lib)
+        return cls(model, projections[0].native)  # the library the int4 layers loaded
 
     def __call__(self, tokens: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
         """Logits (1, 1, V) for the token (1, 1) at `position`, its keys and values written."""

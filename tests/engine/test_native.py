@@ -232,6 +232,26 @@ def test_a_failed_build_warns_once_and_leaves_pytorchs_kernels(
         native._loaded.cache_clear()
 
 
+def test_other_formats_neither_build_the_library_nor_warn(
+    tiny_model_factory, tmp_path, monkeypatch
+):
+    # The CPU default (f16) and plain weights have no use for the C kernels: a machine without a
+    # compiler must not hear about one.
+    folder, _ = tiny_model_factory()
+    monkeypatch.setenv(native.CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    native._loaded.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for quantization in (None, "int8", "f16"):
+                ChatModel.load(folder, device="cpu", quantization=quantization)
+        assert [w for w in caught if w.category is RuntimeWarning] == []
+        assert native._loaded.cache_info().currsize == 0  # never even tried
+    finally:
+        native._loaded.cache_clear()
+
+
 SMOLLM2_PROMPTS = [
     "What is the capital of France?",
     "请用三句话介绍一下长城。",

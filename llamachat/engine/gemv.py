@@ -259,7 +259,7 @@ def int8_activations(k: int, device: torch.device) -> Int8Activations:
     )
 
 
-def quantize_activations(x: torch.Tensor) -> Int8Activations:
+def round_to_int8(x: torch.Tensor) -> Int8Activations:
     """x (1, K) → int8 in groups of 32 (quantize.quantize_activations is the same arithmetic in
     PyTorch)."""
     k = x.shape[-1]
@@ -283,7 +283,7 @@ def int4_gemv(
     as integer dot products of four bytes (dp4a). `activations`: x already rounded, by the
     kernel that made x."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    xq, x_scale, x_sum = quantize_activations(x) if activations is None else activations
+    xq, x_scale, x_sum = round_to_int8(x) if activations is None else activations
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     # From a sweep on an H200 over the Llama-3-8B matrices and its LM head: two rows, one warp
     # and 32 groups a step for the tall matrices, four rows and two warps for the rest (on an

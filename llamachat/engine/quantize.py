@@ -14,9 +14,9 @@ On CUDA a one-token product runs a fused Triton kernel that dequantises while it
 gemv.py; int4 rounds the activation row to int8 in groups of 32 for it). Prompts of up to
 PROMPT_KERNEL_ROWS tokens multiply int8 weights in a Triton kernel that converts weight tiles in
 registers (qmatmul.py); longer ones, and int4 ones, dequantise the weight once per call and use
-cuBLAS. On an x86 CPU with AVX2, int4
-runs C kernels with CUDA's layout and arithmetic (native.py); elsewhere on the CPU int8 and
-int4 use PyTorch's packed kernels, which take bfloat16 activations.
+cuBLAS. On an x86 CPU with AVX2, int4 runs C kernels with CUDA's layout and arithmetic
+(native.py); elsewhere on the CPU int8 and int4 use PyTorch's packed kernels, which take
+bfloat16 activations.
 
 The LM head is quantised to int8 under int4 too: it is one matrix and it decides every token.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from typing import Annotated
 
 import typer
@@ -19,7 +20,7 @@ from ..home import Home
 from ..models.errors import StoreError
 from ..settings import SettingsError
 from . import bench, config_cmd, history_cmd, models
-from .console import CliError, error_line, stdin_is_terminal
+from .console import CliError, error_line, one_line_warning, stdin_is_terminal
 from .options import GenerationOptions, generation_options
 
 ThemeOption = Annotated[
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     # --debug works anywhere on the line, so it is taken out before the parser sees it.
     debug = "--debug" in args or os.environ.get("LLAMACHAT_DEBUG") == "1"
     args = [arg for arg in args if arg != "--debug"]
+    if not debug:
+        warnings.formatwarning = one_line_warning
     command = typer.main.get_command(app)
     try:
         # GPU kernels compiled by Triton are kept with llamachat's other caches (Triton's own

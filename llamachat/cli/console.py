@@ -26,5 +26,14 @@ def error_line(message: str) -> None:
     stderr.print(f"llamachat: error: {message}", markup=False)
 
 
+def one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line=None
+) -> str:
+    """Python's warnings as the command line shows them: one line, without the source file and
+    line that Python adds (--debug keeps its format)."""
+    text = str(message)
+    return f"{text}\n" if text.startswith("llamachat: ") else f"llamachat: warning: {text}\n"
+
+
 def stdin_is_terminal() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()

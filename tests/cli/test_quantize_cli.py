@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from llamachat.engine import GREEDY, ChatModel
+from llamachat.engine import GREEDY, ChatModel, native
 from llamachat.engine.quantize import fbgemm_available
 from tests.conftest import run_cli, sha256_of
 
@@ -158,3 +158,16 @@ def test_the_chat_app_is_given_the_flag_over_the_config(env, monkeypatch):
     assert run_cli("config", "set", "quantize", "int8", env=env).returncode == 0
     assert app_options(GenerationOptions(), None).quantize == "int8"
     assert app_options(GenerationOptions(quantize="int4"), None).quantize == "int4"
+
+
+@pytest.mark.skipif(not native.cpu_supported(), reason="the C kernels need AVX2, FMA and F16C")
+def test_int4_without_a_working_compiler_answers_after_one_warning_line(env, folder, tmp_path):
+    pull(env, folder)
+    env = {**env, "CC": "false", native.CACHE_DIR_VARIABLE: str(tmp_path / "native")}
+    result = ask(env, "--quantize", "int4")
+    assert weight_format(result) == "int4"
+    warning = "llamachat: int4 on the CPU runs on PyTorch's slower kernels: "
+    lines = [line for line in result.stderr.decode().splitlines() if "llamachat: " in line]
+    assert lines == [warning + "false could not build its C kernels: no message"]
+    assert "RuntimeWarning" not in result.stderr.decode()
+    assert result.stdout.strip()

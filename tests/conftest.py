@@ -24,6 +24,13 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 TEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamachat-tests"
 
 
+def pytest_configure(config) -> None:
+    """Kernels that the engine compiles in this process (the int4 C library, Triton's) go to the
+    suite's cache, never the user's; subprocesses get theirs through cli_env."""
+    os.environ["LLAMACHAT_NATIVE_CACHE_DIR"] = str(TEST_CACHE / "native")
+    os.environ["TRITON_CACHE_DIR"] = str(TEST_CACHE / "triton")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

@@ -55,9 +55,15 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
     if reply.dropped:
         warn(f"the {len(reply.dropped)} oldest messages no longer fit the context")
     out = sys.stdout
-    for piece in recorded(reply, ReplyRecorder(history, conversation, name)):
-        out.write(piece)
-        out.flush()
+    try:
+        for piece in recorded(reply, ReplyRecorder(history, conversation, name)):
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        if options.verbose:  # what was produced before Ctrl+C, as ollama shows it too
+            print(file=sys.stderr)
+            print_stats(reply.stats, setup.model)
+        raise
     out.write("\n")
     out.flush()
     if reply.stats.finish_reason == "context":

@@ -10,9 +10,12 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Annotated
+from importlib.metadata import version
+from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from ..engine.errors import EngineError
 from ..history.db import HistoryError
@@ -27,7 +30,28 @@ ThemeOption = Annotated[
     str | None, typer.Option("--theme", help="Chat app theme (remembered once chosen in the app).")
 ]
 
+
+class OutputClosed(Exception):
+    """stdout's reader went away (`llamachat ask … | head -c 20`). Deliberately not an OSError:
+    click turns a BrokenPipeError into exit 1 before main() could give it its own code, 141."""
+
+
+class _Commands(TyperGroup):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"llamachat {version('llamachat')}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="llamachat",
     help="Chat with local LLaMA-family models. Pipe a question in for a one-shot answer.",
     add_completion=False,
@@ -51,6 +75,12 @@ def root(
         bool, typer.Option("--debug", help="Show a traceback when something fails.")
     ] = False,
     theme: ThemeOption = None,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+        ),
+    ] = False,
     *,
     options: GenerationOptions,
 ) -> None:
@@ -108,6 +138,17 @@ def open_chat_app(options: GenerationOptions, theme: str | None) -> None:
     run(app_options(options, theme))
 
 
+def _not_utf8(args: list[str]) -> int | None:
+    """The index of the first argument whose bytes were not UTF-8 (Python keeps them as lone
+    surrogates, which every later encode would choke on), else None."""
+    for index, arg in enumerate(args):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return index
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # --debug works anywhere on the line, so it is taken out before the parser sees it.
@@ -115,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     args = [arg for arg in args if arg != "--debug"]
     if not debug:
         warnings.formatwarning = one_line_warning
+    if (undecodable := _not_utf8(args)) is not None:
+        error_line(
+            f"argument {undecodable + 1} is not valid UTF-8 ({os.fsencode(args[undecodable])!r});"
+            " llamachat reads its arguments as UTF-8 text"
+        )
+        return 2
     command = typer.main.get_command(app)
     try:
         # GPU kernels compiled by Triton are kept with llamachat's other caches (Triton's own
@@ -133,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except (OutputClosed, BrokenPipeError):
         # The reader went away (`llamachat list | head -1`): stop quietly.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
         return 141

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from rich.console import Console
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # Rich exits with 1 here; the command line exits with 141 (see app.main).
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the output pipe was closed")
+
+
+stdout = _Console(highlight=False, soft_wrap=True)
+stderr = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class CliError(Exception):

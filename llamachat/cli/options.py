@@ -96,6 +96,8 @@ class GenerationOptions:
     seed: Annotated[
         int | None,
         typer.Option(
+            min=0,
+            max=2**64 - 1,  # what a torch.Generator takes
             help="Random seed: same seed, same input, same device → same answer.",
             rich_help_panel=PANEL,
         ),

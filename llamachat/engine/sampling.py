@@ -32,6 +32,7 @@ class SamplingParams:
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
             (self.repeat_last_n >= 0, "repeat_last_n must be ≥ 0"),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2**64)"),
         ]
         for ok, message in checks:
             if not ok:

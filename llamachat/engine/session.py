@@ -119,15 +119,13 @@ class ChatSession:
     def _overflow(self, kept: Sequence[Message], total: int) -> str:
         """Which part of an unfittable prompt takes what: a template may add a default system
         prompt of its own (SmolLM2's does), which can be most of it."""
-        parts = [
-            f"{label} takes {_tokens(len(self.model.encode(message['content'])))}"
-            for label, message in zip(("the system prompt", "the last message")[-len(kept) :], kept)
-        ]
-        added = total - sum(len(self.model.encode(message["content"])) for message in kept)
+        labels = ("the system prompt", "the last message")[-len(kept) :]
+        counts = [len(self.model.encode(message["content"])) for message in kept]
+        parts = [f"{label} takes {_tokens(n)}" for label, n in zip(labels, counts, strict=True)]
         return (
-            f"{' and '.join(parts)}, and the chat template adds {added} (its markup and any"
-            f" default system prompt): {total} tokens, more than the context of {self.ctx};"
-            " shorten it or raise ctx"
+            f"{' and '.join(parts)}, and the chat template adds {total - sum(counts)} (its markup"
+            f" and any default system prompt): {total} tokens, more than the context of"
+            f" {self.ctx}; shorten it or raise ctx"
         )
 
     @torch.inference_mode()

@@ -8,7 +8,7 @@ import sys
 from ..history.recording import recorded
 from ..history.store import ReplyRecorder
 from .console import CliError, stdin_is_terminal, warn
-from .generation import open_history, print_stats, start
+from .generation import cut_notice, open_history, print_stats, start
 from .options import GenerationOptions
 
 
@@ -66,7 +66,7 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
         raise
     out.write("\n")
     out.flush()
-    if reply.stats.finish_reason == "context":
-        warn("the answer was cut off: the context window is full (raise --ctx)")
+    if (notice := cut_notice(reply.stats, setup, options)) is not None:
+        warn(notice)
     if options.verbose:
         print_stats(reply.stats, setup.model)

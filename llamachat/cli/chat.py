@@ -8,7 +8,7 @@ import sys
 from ..history.recording import recorded
 from ..history.store import ReplyRecorder
 from .console import CliError, stderr
-from .generation import dtype_name, open_history, print_stats, start
+from .generation import cut_notice, dtype_name, open_history, print_stats, start
 from .options import GenerationOptions
 
 HELP = """commands:
@@ -84,6 +84,8 @@ def chat(options: GenerationOptions) -> None:
         except KeyboardInterrupt:
             pass  # Ctrl+C stops the reply; what was shown is saved, the cache stays valid
         sys.stdout.write("\n")
+        if (notice := cut_notice(reply.stats, setup, options)) is not None:
+            stderr.print(f"({notice})", markup=False)
         if show_stats:
             print_stats(reply.stats, model)
 

@@ -11,6 +11,7 @@ from ..history.presets import all_presets, preset_prompt
 from ..history.store import HistoryStore
 from ..home import Home
 from ..models.errors import StoreError
+from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import InstalledModel, ModelStore
 from ..settings import Settings, load
 from .console import CliError, stderr
@@ -29,7 +30,7 @@ class Setup:
     model: ChatModel
     session: ChatSession
     sampling: SamplingParams
-    max_tokens: int | None
+    max_tokens: int
     system: str | None
     continued: int | None
 
@@ -51,7 +52,8 @@ def start(options: GenerationOptions, history: HistoryStore) -> Setup:
     elif system is None:
         system = settings.system
     installed = store.choose(requested, settings.default_model)
-    sampling = sampling_params(options, settings)
+    defaults = reply_defaults(installed.path)
+    sampling = sampling_params(options, settings, defaults)
     model = load_model(installed, options, settings)
     session = model.session(context_size(options, settings, model))
     return Setup(
@@ -59,7 +61,7 @@ def start(options: GenerationOptions, history: HistoryStore) -> Setup:
         model=model,
         session=session,
         sampling=sampling,
-        max_tokens=_pick(options.max_tokens, settings.max_tokens),
+        max_tokens=_pick(options.max_tokens, settings.max_tokens) or defaults.max_tokens,
         system=system,
         continued=continued,
     )
@@ -101,11 +103,14 @@ def sampling_choices(options: GenerationOptions, settings: Settings) -> dict[str
     }
 
 
-def sampling_params(options: GenerationOptions, settings: Settings) -> SamplingParams:
+def sampling_params(
+    options: GenerationOptions, settings: Settings, defaults: ReplyDefaults
+) -> SamplingParams:
+    """Flags over the config over the model's recommendation over llamachat's defaults."""
     from ..engine import SamplingParams
 
     try:
-        return SamplingParams(**sampling_choices(options, settings))
+        return SamplingParams(**defaults.sampling_with(sampling_choices(options, settings)))
     except ValueError as error:
         raise CliError(str(error), exit_code=2) from None
 
@@ -116,7 +121,7 @@ def app_options(options: GenerationOptions, theme: str | None) -> Any:
 
     home = Home.current()
     settings = load(home.config_file)
-    sampling_params(options, settings)  # refuse bad values before the app starts
+    sampling_params(options, settings, ReplyDefaults())  # refuse bad values before the app starts
     system = _system_prompt(options, HistoryStore(home.history_db))
     return ChatAppOptions(
         model=options.model,
@@ -167,6 +172,18 @@ def context_size(options: GenerationOptions, settings: Settings, model: ChatMode
             f"--ctx {ctx} is larger than the model's context of {model.context_length}", 2
         )
     return ctx
+
+
+def cut_notice(stats: ReplyStats, setup: Setup, options: GenerationOptions) -> str | None:
+    """Why a reply ended before the model finished it, for stderr; None when it finished, was
+    stopped by the user, or stopped at a --max-tokens given on this very command line."""
+    if stats.finish_reason == "context":
+        return "the answer was cut off: the context window is full (raise --ctx)"
+    if stats.finish_reason == "length" and options.max_tokens is None:
+        return (
+            f"the answer was cut off at its limit of {setup.max_tokens} tokens (raise --max-tokens)"
+        )
+    return None
 
 
 def print_stats(stats: ReplyStats, model: ChatModel) -> None:

@@ -52,7 +52,9 @@ class GenerationOptions:
     temperature: Annotated[
         float | None,
         typer.Option(
-            min=0.0, help="Sampling temperature; 0 is greedy. [default: 0.8]", rich_help_panel=PANEL
+            min=0.0,
+            help="Sampling temperature; 0 is greedy. [default: the model's, else 0.8]",
+            rich_help_panel=PANEL,
         ),
     ] = None
     top_p: Annotated[
@@ -61,7 +63,7 @@ class GenerationOptions:
             "--top-p",
             min=0.0,
             max=1.0,
-            help="Nucleus sampling mass. [default: 0.95]",
+            help="Nucleus sampling mass. [default: the model's, else 0.95]",
             rich_help_panel=PANEL,
         ),
     ] = None
@@ -70,7 +72,7 @@ class GenerationOptions:
         typer.Option(
             "--top-k",
             min=0,
-            help="Sample among the k most likely tokens; 0 = all. [default: 40]",
+            help="Sample among the k most likely tokens; 0 = all. [default: the model's, else 40]",
             rich_help_panel=PANEL,
         ),
     ] = None
@@ -80,7 +82,8 @@ class GenerationOptions:
             "--min-p",
             min=0.0,
             max=1.0,
-            help="Drop tokens below min-p × the best one's probability. [default: 0.05]",
+            help="Drop tokens below min-p × the best one's probability."
+            " [default: the model's, else 0.05]",
             rich_help_panel=PANEL,
         ),
     ] = None
@@ -89,7 +92,7 @@ class GenerationOptions:
         typer.Option(
             "--repeat-penalty",
             min=0.0,
-            help="Penalty on the last 64 tokens; 1 = off. [default: 1.0]",
+            help="Penalty on the last 64 tokens; 1 = off. [default: the model's, else 1.1]",
             rich_help_panel=PANEL,
         ),
     ] = None
@@ -107,7 +110,7 @@ class GenerationOptions:
         typer.Option(
             "--max-tokens",
             min=1,
-            help="Most tokens in the reply. [default: until done or the context is full]",
+            help="Most tokens in the reply. [default: the model's, else 2048]",
             rich_help_panel=PANEL,
         ),
     ] = None

@@ -32,7 +32,9 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory 
 # Attention reads the cache in steps of this many positions, not all of it; a multiple of the
 # slice the decode attention splits its sum into.
 ATTEND_BUCKET = SPLIT
-DEFAULT_RESERVE = 512  # room kept for the reply when fitting a conversation with no max_new_tokens
+# Room kept for the reply when fitting a conversation: max_new_tokens, else this many, and never
+# more than a quarter of the window, so that a generous limit does not push out the history.
+DEFAULT_RESERVE = 512
 
 
 @dataclass
@@ -97,9 +99,8 @@ class ChatSession:
     def fit(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> Prompt:
         """Template the conversation, dropping the oldest exchanges (never the system prompt)
         until it and the room for the reply fit the context."""
-        reserve = (
-            max_new_tokens if max_new_tokens is not None else min(DEFAULT_RESERVE, self.ctx // 4)
-        )
+        wanted = max_new_tokens if max_new_tokens is not None else DEFAULT_RESERVE
+        reserve = min(wanted, self.ctx // 4)
         head = 1 if messages and messages[0]["role"] == "system" else 0
         start = head
         while True:

@@ -46,6 +46,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", str, "auto, cpu, cuda or cuda:N"),
     Setting("dtype", str, "float32, bfloat16 or float16"),
     Setting("quantize", str, "weight format: " + ", ".join(QUANTIZE_CHOICES), QUANTIZE_CHOICES),
+    Setting("threads", int, "CPU threads (default: the physical cores but one)"),
     Setting("theme", str, "chat app theme"),
 )
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -66,6 +67,7 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     quantize: str | None = None
+    threads: int | None = None
     theme: str | None = None
 
     def items(self) -> list[tuple[str, Any]]:

@@ -41,6 +41,12 @@ def bench(
             "--cuda-graphs/--no-cuda-graphs", help="Replay the decode step as CUDA graphs."
         ),
     ] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="CPU threads. [default: the config's, else the physical cores but one]"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure prefill, decode and time to first token (with and without the KV cache)."""
@@ -48,6 +54,7 @@ def bench(
     from ..engine.bench import SHAPES, copy_bandwidth, measure, random_model
     from ..engine.loading import resolve_device, resolve_dtype
     from ..engine.quantize import resolve_quantization
+    from ..engine.threads import use_threads
     from .generation import quantization_for
 
     if (model is None) == (shape is None):
@@ -55,6 +62,7 @@ def bench(
     home = Home.current()
     settings = load(home.config_file)
     target = resolve_device(device)
+    threads = threads if threads is not None else settings.threads
     if shape is not None:
         if shape not in SHAPES:
             raise CliError(f"unknown shape {shape!r}: use {', '.join(SHAPES)}", exit_code=2)
@@ -62,12 +70,16 @@ def bench(
         choice = quantize or settings.quantize or "auto"
         quantization = resolve_quantization(choice, target, torch_dtype)
         stderr.print(f"making a {shape} model with random weights on {target}…", markup=False)
+        cpu_threads = use_threads(threads) if target.type == "cpu" else None
         chat_model = random_model(shape, str(target), torch_dtype, quantization)
         name = shape
     else:
         installed = ModelStore(home.models).get(model)
         choice = quantization_for(installed, quantize, settings)
-        chat_model = ChatModel.load(installed.path, str(target), dtype, quantization=choice)
+        chat_model = ChatModel.load(
+            installed.path, str(target), dtype, quantization=choice, threads=threads
+        )
+        cpu_threads = chat_model.threads
         name = installed.name
     gpu = target.type == "cuda"
     limit = chat_model.context_length
@@ -86,7 +98,8 @@ def bench(
         stdout.print_json(json.dumps(data))
         return
     weights = f", {result.quantization}" if result.quantization else ""
-    title = f"{name} on {result.device} ({result.dtype}{weights})"
+    on_cpu = f", {cpu_threads} threads" if cpu_threads else ""
+    title = f"{name} on {result.device} ({result.dtype}{weights}{on_cpu})"
     table = Table(title=title, box=None, pad_edge=False)
     table.add_column("measure")
     table.add_column("value", justify="right")

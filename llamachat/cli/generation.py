@@ -128,6 +128,7 @@ def app_options(options: GenerationOptions, theme: str | None) -> Any:
         device=_pick(options.device, settings.device) or "auto",
         dtype=_pick(options.dtype, settings.dtype),
         quantize=_pick(options.quantize, settings.quantize),
+        threads=_pick(options.threads, settings.threads),
         ctx=_pick(options.ctx, settings.ctx),
         chat_format=options.chat_format,
         sampling=sampling_choices(options, settings),
@@ -152,6 +153,7 @@ def load_model(model: InstalledModel, options: GenerationOptions, settings: Sett
             dtype=dtype,
             chat_format=options.chat_format,
             quantization=quantization,
+            threads=_pick(options.threads, settings.threads),
         )
 
 
@@ -190,6 +192,7 @@ def print_stats(stats: ReplyStats, model: ChatModel) -> None:
     """Like `ollama run --verbose`: on stderr, after the answer."""
     lines = [
         ("device", f"{model.device} {dtype_name(model)}"),
+        *([("threads", f"{model.threads}")] if model.threads else []),
         ("weight format", model.quantization or "none"),
         ("prompt tokens", f"{stats.prompt_tokens}"),
         ("reused from cache", f"{stats.reused_tokens}"),

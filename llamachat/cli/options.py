@@ -148,6 +148,15 @@ class GenerationOptions:
             rich_help_panel=PANEL,
         ),
     ] = None
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads for the model (llama.cpp's -t). [default: the physical cores but"
+            " one, so that a busy neighbour does not stall every step]",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
     chat_format: Annotated[
         str | None,
         typer.Option(

@@ -14,6 +14,7 @@ from .errors import EngineError, ModelLoadError
 from .loading import load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
 from .quantize import resolve_quantization
+from .threads import use_threads
 from .tokenizer import Tokenizer, load_tokenizer
 
 # Without an explicit ctx a session gets the model's whole window up to this many tokens, so a
@@ -32,6 +33,7 @@ class ChatModel:
         chat_format: ChatFormat,
         eos_token_ids: frozenset[int],
         quantization: str | None = None,
+        threads: int | None = None,
     ):
         self.folder = folder
         self.config = config
@@ -40,6 +42,7 @@ class ChatModel:
         self.chat_format = chat_format
         self.eos_token_ids = eos_token_ids
         self.quantization = quantization  # the weights' format; None: as stored
+        self.threads = threads  # PyTorch's CPU threads; None on a GPU
 
     @classmethod
     def load(
@@ -49,17 +52,21 @@ class ChatModel:
         dtype: str | None = None,
         chat_format: str | None = None,
         quantization: str | None = None,
+        threads: int | None = None,
     ) -> ChatModel:
         """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights).
         `quantization` stores the projections' weights as int8, int4 or (CPU) f16, "auto" picks
-        (see quantize.resolve_quantization); None keeps the checkpoint's precision."""
-        folder = Path(folder)
+        (see quantize.resolve_quantization); None keeps the checkpoint's precision. On a CPU,
+        `threads` sets PyTorch's thread count for the whole process (None: threads.py's
+        default)."""
+        folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(f"{folder} is not a folder")
         config = ModelConfig.from_file(folder / "config.json")
         target_device = resolve_device(device)
         target_dtype = resolve_dtype(dtype, target_device)
         quantization = resolve_quantization(quantization, target_device, target_dtype)
+        used_threads = use_threads(threads) if target_device.type == "cpu" else None
         tokenizer = load_tokenizer(folder)
         transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
         transformer.enable_fused_decode()
@@ -68,7 +75,9 @@ class ChatModel:
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop
         )
-        return cls(folder, config, transformer, tokenizer, chosen_format, eos, quantization)
+        return cls(
+            folder, config, transformer, tokenizer, chosen_format, eos, quantization, used_threads
+        )
 
     @property
     def device(self) -> torch.device:

@@ -51,6 +51,7 @@ class ChatAppOptions:
     device: str = "auto"
     dtype: str | None = None
     quantize: str | None = None  # None: the format the model's pull recorded, else auto
+    threads: int | None = None  # CPU threads; None: the engine's default
     ctx: int | None = None
     chat_format: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
@@ -177,6 +178,7 @@ class LlamaChatApp(App):
                 dtype=self.options.dtype,
                 chat_format=self.options.chat_format,
                 quantization=self.options.quantize or installed.manifest.quantization or "auto",
+                threads=self.options.threads,
             )
             session = model.session(self.options.ctx)
         except Exception as error:  # shown in the app: a bad model must not kill it

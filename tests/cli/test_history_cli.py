@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llamachat.engine import GREEDY
 from llamachat.history.presets import BUILTIN_PRESETS
 from llamachat.history.store import HistoryStore
-from tests.conftest import cli_env, run_cli
+from tests.conftest import CLI_GREEDY, cli_env, run_cli
 
 
 @pytest.fixture
@@ -82,7 +81,7 @@ def test_piped_exchanges_are_saved_and_continue_adds_the_next_turn(smollm2_env, 
     assert shown["messages"][1]["content"] + "\n" == first.stdout.decode()
     # The continued answer is the engine's answer to the whole conversation so far.
     messages = [{"role": m["role"], "content": m["content"]} for m in shown["messages"][:3]]
-    reply = smollm2.session().reply(messages, GREEDY, max_new_tokens=16)
+    reply = smollm2.session().reply(messages, CLI_GREEDY, max_new_tokens=16)
     assert second.stdout.decode() == "".join(reply) + "\n"
 
 

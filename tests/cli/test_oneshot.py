@@ -10,14 +10,13 @@ import sys
 
 import pytest
 
-from llamachat.engine import GREEDY
-from tests.conftest import cli_env, run_cli
+from tests.conftest import CLI_GREEDY, cli_env, run_cli
 
 pytestmark = pytest.mark.smollm2
 
 
 def engine_answer(model, messages, max_new_tokens):
-    reply = model.session().reply(messages, GREEDY, max_new_tokens=max_new_tokens)
+    reply = model.session().reply(messages, CLI_GREEDY, max_new_tokens=max_new_tokens)
     return ("".join(reply) + "\n").encode("utf-8")
 
 

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from llamachat.engine import GREEDY, ChatModel, native
+from llamachat.engine import ChatModel, native
 from llamachat.engine.quantize import fbgemm_available
-from tests.conftest import run_cli, sha256_of
+from tests.conftest import CLI_GREEDY, run_cli, sha256_of
 
 QUESTION = "Hello, how are you today?"
 
@@ -38,7 +38,7 @@ def weight_format(result) -> str:
 
 def engine_answer(folder, quantization: str) -> bytes:
     model = ChatModel.load(folder, device="cpu", quantization=quantization)
-    reply = model.session().reply([{"role": "user", "content": QUESTION}], GREEDY, 12)
+    reply = model.session().reply([{"role": "user", "content": QUESTION}], CLI_GREEDY, 12)
     return ("".join(reply) + "\n").encode("utf-8")
 
 

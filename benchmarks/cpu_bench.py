@@ -1,19 +1,24 @@
 """SmolLM2-135M-Instruct on the CPU, in one run: llamachat's engine in each weight format,
 transformers' eager `generate` on the same weights (fp32), and llama.cpp (llama-cpp-python) on
 the original GGUF when it is installed. Greedy, the same chat prompt, a fixed number of new
-tokens.
+tokens. `--busy N` runs N busy-looping processes beside it (a compile, a browser tab) and adds
+rows for the default format at each thread count, where llamachat's default thread count is
+meant to hold up.
 
-    python benchmarks/cpu_bench.py MODEL_FOLDER [--gguf FILE.gguf] [--threads 2]
+    python benchmarks/cpu_bench.py MODEL_FOLDER [--gguf FILE.gguf] [--threads 2] [--busy 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,16 +26,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamachat.engine import GREEDY, ChatModel  # noqa: E402
+from llamachat.engine.threads import default_threads  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to read."}]
 NEW_TOKENS = 128
 
 
-def ours(folder: Path, quantization: str | None, native: bool = True) -> dict[str, float]:
-    """`native` False loads with LLAMACHAT_NATIVE=0: int4 on PyTorch's kernels."""
+def ours(
+    folder: Path, quantization: str | None, threads: int | None, native: bool = True
+) -> dict[str, float]:
+    """`native` False loads with LLAMACHAT_NATIVE=0: int4 on PyTorch's kernels. `threads` None:
+    llamachat's default."""
     saved = os.environ.get("LLAMACHAT_NATIVE")
     os.environ["LLAMACHAT_NATIVE"] = "1" if native else "0"
-    model = ChatModel.load(folder, device="cpu", dtype="float32", quantization=quantization)
+    model = ChatModel.load(
+        folder, device="cpu", dtype="float32", quantization=quantization, threads=threads
+    )
     if saved is None:
         del os.environ["LLAMACHAT_NATIVE"]
     else:
@@ -98,26 +109,57 @@ def llama_cpp(gguf: Path, threads: int) -> dict[str, float] | None:
     }
 
 
+@contextlib.contextmanager
+def busy_neighbours(count: int) -> Iterator[None]:
+    """`count` other processes that each keep a core busy while the block runs."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5 if loops else 0)
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
     parser.add_argument("--gguf", type=Path)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--threads", type=int, default=None, help="[default: llamachat's, for every row]"
+    )
+    parser.add_argument("--busy", type=int, default=0, help="busy processes beside the runs")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = [
-        ("llamachat, fp32 weights (--quantize none)", ours(args.folder, None)),
-        ("llamachat, f16 weights, fp32 arithmetic (the CPU default)", ours(args.folder, "f16")),
-        ("llamachat, int8 weights, bf16 activations", ours(args.folder, "int8")),
-        ("llamachat, int4 weights, bf16 activations", ours(args.folder, "int4", native=False)),
-        ("llamachat, int4 weights, int8 activations, C step", ours(args.folder, "int4")),
-        ("transformers eager generate (fp32)", transformers_eager(args.folder)),
-    ]
-    if args.gguf:
-        result = llama_cpp(args.gguf, args.threads)
-        rows.append(("llama.cpp (Q4_1 GGUF)", result) if result else ("llama.cpp", None))
+    threads = args.threads or default_threads()
+    folder = args.folder
+    with busy_neighbours(args.busy):
+        rows = [
+            ("llamachat, fp32 weights (--quantize none)", ours(folder, None, threads)),
+            (
+                "llamachat, f16 weights, fp32 arithmetic (the CPU default)",
+                ours(folder, "f16", threads),
+            ),
+            ("llamachat, int8 weights, bf16 activations", ours(folder, "int8", threads)),
+            (
+                "llamachat, int4 weights, bf16 activations",
+                ours(folder, "int4", threads, native=False),
+            ),
+            ("llamachat, int4 weights, int8 activations, C step", ours(folder, "int4", threads)),
+        ]
+        if args.busy:
+            for count in sorted({1, threads, os.cpu_count() or 1}):
+                rows.append(
+                    (f"llamachat default format, {count} threads", ours(folder, "f16", count))
+                )
+        torch.set_num_threads(threads)
+        rows.append(("transformers eager generate (fp32)", transformers_eager(folder)))
+        if args.gguf:
+            result = llama_cpp(args.gguf, threads)
+            rows.append(("llama.cpp (Q4_1 GGUF)", result) if result else ("llama.cpp", None))
     cpu = platform.processor() or platform.machine()
-    print(f"{cpu}, {args.threads} threads, torch {torch.__version__}")
+    busy = f", {args.busy} busy neighbours" if args.busy else ""
+    print(f"{cpu}, {threads} threads (of {os.cpu_count()} CPUs){busy}, torch {torch.__version__}")
     print("| engine | decode (tok/s) | time to first token (ms) |\n|---|---|---|")
     for name, result in rows:
         if result is None:

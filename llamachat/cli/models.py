@@ -13,8 +13,8 @@ from ..home import Home
 from ..models.catalog import CATALOG
 from ..models.inspect import inspect_folder
 from ..models.pull import pull as pull_model
-from ..models.store import InstalledModel, ModelStore
-from .console import CliError, stderr, stdin_is_terminal, stdout
+from ..models.store import BrokenModel, InstalledModel, ModelStore
+from .console import CliError, stderr, stdin_is_terminal, stdout, warn
 from .options import checked_quantize
 from .progress import RichProgress
 
@@ -75,7 +75,7 @@ def pull(
 
 def list_models(as_json: JsonOption = False) -> None:
     """List installed models."""
-    models = ModelStore(Home.current().models).installed()
+    models = ModelStore(Home.current().models).scan()
     if as_json:
         stdout.print_json(json.dumps([_summary(model) for model in models]))
         return
@@ -85,9 +85,12 @@ def list_models(as_json: JsonOption = False) -> None:
         )
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "PARAMS", "SIZE", "WEIGHTS", "CONTEXT", "SOURCE"):
-        table.add_column(column, no_wrap=column in ("NAME", "SIZE"))
+    for column in ("NAME", "PARAMS", "SIZE", "WEIGHTS", "CONTEXT", "SOURCE", "STATUS"):
+        table.add_column(column, no_wrap=column in ("NAME", "SIZE", "STATUS"))
     for model in models:
+        if isinstance(model, BrokenModel):
+            table.add_row(model.name, "-", "-", "-", "-", "-", "broken")
+            continue
         manifest = model.manifest
         table.add_row(
             model.name,
@@ -96,8 +99,12 @@ def list_models(as_json: JsonOption = False) -> None:
             manifest.weights,
             f"{manifest.context_length}",
             manifest.source,
+            "ok",
         )
     stdout.print(table)
+    for model in models:
+        if isinstance(model, BrokenModel):
+            warn(str(model.error()))
 
 
 def show(
@@ -160,11 +167,12 @@ def rm(
 ) -> None:
     """Remove an installed model."""
     store = ModelStore(Home.current().models)
-    model = store.get(name)
+    model = store.entry(name)
     if not yes:
         if not stdin_is_terminal():
             raise CliError(f"not removing {name} without confirmation: pass --yes", exit_code=2)
-        if not typer.confirm(f"Remove {name} ({_bytes(model.manifest.size)})?", err=True):
+        what = "broken" if isinstance(model, BrokenModel) else _bytes(model.manifest.size)
+        if not typer.confirm(f"Remove {name} ({what})?", err=True):
             raise typer.Exit(1)
     store.remove(name)
     stderr.print(f"removed {name}", markup=False)
@@ -219,7 +227,30 @@ def _scaling_fields(scaling) -> dict[str, Any]:
     return fields
 
 
-def _summary(model: InstalledModel) -> dict[str, Any]:
+_SUMMARY_FIELDS = (
+    "parameters",
+    "size",
+    "weights",
+    "quantization",
+    "context_length",
+    "source",
+    "revision",
+    "installed_at",
+)
+
+
+def _summary(model: InstalledModel | BrokenModel) -> dict[str, Any]:
+    """One entry of `list --json`; a broken model has the same keys, null where unknown."""
+    if isinstance(model, BrokenModel):
+        unknown = dict.fromkeys(_SUMMARY_FIELDS)
+        problem = str(model.error())
+        return {
+            "name": model.name,
+            **unknown,
+            "path": str(model.path),
+            "status": "broken",
+            "problem": problem,
+        }
     manifest = model.manifest
     return {
         "name": model.name,
@@ -232,6 +263,8 @@ def _summary(model: InstalledModel) -> dict[str, Any]:
         "revision": manifest.revision,
         "installed_at": manifest.installed_at,
         "path": str(model.path),
+        "status": "ok",
+        "problem": None,
     }
 
 

@@ -15,6 +15,19 @@ class ModelNotFoundError(StoreError):
         super().__init__(f"no model named {name!r}{hint} (`llamachat list` shows installed models)")
 
 
+class ManifestError(StoreError):
+    """A model's manifest.json cannot be read or does not describe a model."""
+
+
+class BrokenModelError(StoreError):
+    """An installed model that cannot be used as it is: `hint` says how to repair it."""
+
+    def __init__(self, name: str, problem: str, hint: str):
+        self.name = name
+        self.problem = problem
+        super().__init__(f"{name} is broken: {problem}; {hint}")
+
+
 class SourceError(StoreError):
     """The thing to pull cannot be found, reached or read."""
 

@@ -28,6 +28,18 @@ class BrokenModelError(StoreError):
         super().__init__(f"{name} is broken: {problem}; {hint}")
 
 
+class DamagedModelError(StoreError):
+    """An installed model whose files are not the ones its manifest recorded."""
+
+    def __init__(self, name: str, problems: list[str], hint: str):
+        self.name = name
+        self.problems = problems
+        shown = "; ".join(problems[:2])
+        if len(problems) > 2:
+            shown += f" (and {len(problems) - 2} more)"
+        super().__init__(f"{name} is damaged: {shown}; {hint}")
+
+
 class SourceError(StoreError):
     """The thing to pull cannot be found, reached or read."""
 

@@ -162,11 +162,13 @@ def download(repo: str, commit: str, files: tuple[HubFile, ...], progress: Progr
     with _hub_errors(repo, commit):
         for hub_file in files:
             target = snapshot / hub_file.path
-            if not target.exists():
+            digest = _cached_sha256(repo, target, hub_file)
+            if digest is None:
                 _fetch(repo, commit, hub_file, advance)
+                digest = _verified_sha256(repo, target, hub_file)
             else:
                 advance(hub_file.size)
-            digests[hub_file.path] = _verified_sha256(repo, target, hub_file)
+            digests[hub_file.path] = digest
     task.finish()
     return Snapshot(repo, commit, snapshot, files, digests)
 
@@ -275,24 +277,47 @@ def _append_range(
                 advance(len(block))
 
 
+def _cached_sha256(repo: str, path: Path, hub_file: HubFile) -> str | None:
+    """The sha256 of the file already in the cache, or None when it is not there or not the
+    file (damaged since, say through an installed model hard-linked to it): then it is
+    removed, to be fetched again."""
+    if not path.exists():
+        return None
+    if path.stat().st_size == hub_file.size:
+        sha256, actual, expected = _checked_digests(path, hub_file)
+        if actual == expected:
+            return sha256
+    _discard(repo, path)
+    return None
+
+
 def _verified_sha256(repo: str, path: Path, hub_file: HubFile) -> str:
-    sha256, git_sha1 = _digests(path)
-    if hub_file.sha256:
-        expected, actual = hub_file.sha256, sha256
-    else:
-        expected, actual = hub_file.blob_id, git_sha1
+    sha256, actual, expected = _checked_digests(path, hub_file)
     if actual != expected:
-        # Throw the bad copy out of the cache, so the next pull fetches it again; only ever a
-        # blob of this repo's cache (a link left by something else may point anywhere).
-        blob = path.resolve()
-        path.unlink(missing_ok=True)
-        if blob.parent == (_cache_folder(repo) / "blobs").resolve():
-            blob.unlink(missing_ok=True)
+        _discard(repo, path)  # so that the next pull fetches it again
         raise IntegrityError(
             f"{repo}/{hub_file.path} is corrupt (checksum {actual[:12]}…, expected "
             f"{expected[:12]}…); it was removed from the cache: run the pull again"
         )
     return sha256
+
+
+def _checked_digests(path: Path, hub_file: HubFile) -> tuple[str, str, str]:
+    """The file's sha256, and the digest the Hub gives for it with the Hub's value: sha256 for
+    LFS files, the git blob id for the rest."""
+    sha256, git_sha1 = _digests(path)
+    if hub_file.sha256:
+        return sha256, sha256, hub_file.sha256
+    return sha256, git_sha1, hub_file.blob_id
+
+
+def _discard(repo: str, path: Path) -> None:
+    """Take a bad copy out of the cache: the snapshot's link, and the blob it points to if that
+    is one of this repo's blobs (a link left by something else may point anywhere)."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    if blob.parent == (_cache_folder(repo) / "blobs").resolve():
+        blob.unlink(missing_ok=True)
 
 
 def _digests(path: Path) -> tuple[str, str]:

@@ -243,7 +243,9 @@ def _same_install(store: ModelStore, name: str, label: str, revision: str) -> In
     except StoreError:
         return None
     manifest = installed.manifest
-    return installed if manifest.source == label and manifest.revision == revision else None
+    same = manifest.source == label and manifest.revision == revision
+    # A file of another size than recorded (truncated, deleted): install it again.
+    return installed if same and not installed.size_problems() else None
 
 
 def _check_config(folder: Path) -> None:

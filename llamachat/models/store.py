@@ -19,6 +19,7 @@ import difflib
 import fcntl
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -26,8 +27,16 @@ from pathlib import Path
 
 from ..processes import pid_alive
 from .catalog import CATALOG
-from .errors import BrokenModelError, BusyError, ManifestError, ModelNotFoundError, StoreError
+from .errors import (
+    BrokenModelError,
+    BusyError,
+    DamagedModelError,
+    ManifestError,
+    ModelNotFoundError,
+    StoreError,
+)
 from .fs import clear_dead, owner_pid
+from .integrity import FileProblem, size_problems
 from .manifest import MANIFEST_NAME, Manifest
 
 _VALID_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -41,6 +50,23 @@ class InstalledModel:
     @property
     def name(self) -> str:
         return self.path.name  # the folder names the model, whatever its manifest says
+
+    def size_problems(self) -> list[FileProblem]:
+        """Files missing or of another size than recorded (one stat each: cheap)."""
+        return size_problems(self.path, self.manifest.files)
+
+    def check_sizes(self) -> None:
+        """Raise DamagedModelError, naming the files, before a damaged model is loaded."""
+        problems = self.size_problems()
+        if problems:
+            raise self.damaged(problems)
+
+    def damaged(self, problems: list[FileProblem], verified: bool = False) -> DamagedModelError:
+        """The error for these problems; `verified`: found by reading every byte already."""
+        hint = repair_hint(self.name, self.manifest, remove_first=verified)
+        if not verified:
+            hint = f"`llamachat verify {self.name}` checks every file, {hint}"
+        return DamagedModelError(self.name, [str(p) for p in problems], hint)
 
 
 @dataclass(frozen=True)
@@ -58,12 +84,28 @@ class BrokenModel:
         return BrokenModelError(self.name, self.problem, repair_hint(self.name))
 
 
-def repair_hint(name: str) -> str:
-    """What to run for a model that cannot be used as it is."""
-    again = (
-        f"`llamachat pull {name}`" if name in CATALOG else f"`llamachat pull SOURCE --as {name}`"
-    )
-    return f"{again} reinstalls it, `llamachat rm {name}` removes it"
+def repair_hint(name: str, manifest: Manifest | None = None, remove_first: bool = False) -> str:
+    """What to run for a model that cannot be used as it is. `remove_first`: a pull alone would
+    find it up to date (its files have the recorded sizes)."""
+    spec = _pull_spec(name, manifest)
+    command = f"llamachat pull {spec}" + ("" if spec == name else f" --as {name}")
+    if remove_first:
+        return f"`llamachat rm {name} --yes && {command}` reinstalls it"
+    return f"`{command}` reinstalls it, `llamachat rm {name}` removes it"
+
+
+def _pull_spec(name: str, manifest: Manifest | None) -> str:
+    """What to pull to get the model back: its catalog name, its Hub commit or its path."""
+    if manifest is None:
+        return name if name in CATALOG else "SOURCE"
+    aliases = [alias for alias, entry in CATALOG.items() if entry.source == manifest.source]
+    if aliases:
+        return name if name in aliases else aliases[0]
+    if manifest.source.startswith("hf:"):
+        return manifest.source + (f"@{manifest.revision}" if manifest.revision else "")
+    if manifest.source.startswith("pypi:"):
+        return "SOURCE"
+    return shlex.quote(manifest.source)
 
 
 def check_name(name: str) -> str:

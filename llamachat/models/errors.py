@@ -44,6 +44,12 @@ class SourceError(StoreError):
     """The thing to pull cannot be found, reached or read."""
 
 
+class SpecError(SourceError):
+    """What was asked for is malformed (not merely absent): a usage error."""
+
+    exit_code = 2
+
+
 class IntegrityError(StoreError):
     """A downloaded or converted file does not match its checksum."""
 

@@ -224,3 +224,39 @@ def test_unknown_manifest_keys_from_a_newer_llamachat_are_ignored(env, folder):
     shown = run_cli("show", "tiny", "--json", env=env)
     assert shown.returncode == 0, shown.stderr.decode()
     assert json.loads(shown.stdout)["parameters"] == newer["parameters"]
+
+
+def test_a_truncated_gguf_is_refused_in_one_line(env, tmp_path, tiny_model_factory):
+    from tests.models.tiny_gguf import write_tiny_gguf
+
+    whole = write_tiny_gguf(tiny_model_factory()[0], tmp_path / "whole.gguf")
+    cut = tmp_path / "x.gguf"
+    cut.write_bytes(whole.read_bytes()[:1000])
+    result = run_cli("pull", str(cut), env=env)
+    assert result.returncode == 1 and result.stdout == b""
+    line = only_line(result)
+    assert f"{cut} is truncated or corrupt" in line and "download it again" in line
+    assert listed(env) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("hf:a/..@../..", "'a/..'"),
+        ("hf:../etc", "'../etc'"),
+        ("hf:org/-name", "'org/-name'"),
+        ("hf:org/na--me", "'org/na--me'"),
+        ("hf:org/name@../../x", "'../../x'"),
+        ("hf:org/name@.hidden", "'.hidden'"),
+        ("hf:org/name@main/", "'main/'"),
+        ("hf:org/name@", "hf:ORG/REPO@REVISION"),
+        ("hf:org", "hf:ORG/REPO@REVISION"),
+        ("hf:a/b/c", "hf:ORG/REPO@REVISION"),
+    ],
+)
+def test_a_malformed_hub_spec_is_a_usage_error(env, spec, named):
+    nowhere = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # refused before any request
+    result = run_cli("pull", spec, env=nowhere)
+    assert result.returncode == 2, result.stderr.decode()
+    line = only_line(result)
+    assert named in line and repr(spec) in line, line

@@ -142,8 +142,19 @@ class ModelStore:
         folder = self.root / name
         if _VALID_NAME.fullmatch(name) and (folder / MANIFEST_NAME).is_file():
             return _open(folder)
+        raise self._not_found(name)
+
+    def _not_found(self, name: str) -> ModelNotFoundError:
+        """A catalog name is offered for pulling; otherwise the installed names close to
+        `name`, else the catalog's."""
+        if name in CATALOG:
+            return ModelNotFoundError(name, [name], from_catalog=True)
         names = [model.name for model in self.scan()]
-        raise ModelNotFoundError(name, difflib.get_close_matches(name, names, n=3, cutoff=0.5))
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        if close:
+            return ModelNotFoundError(name, close)
+        pullable = difflib.get_close_matches(name, list(CATALOG), n=3, cutoff=0.6)
+        return ModelNotFoundError(name, pullable, from_catalog=bool(pullable))
 
     def get(self, name: str) -> InstalledModel:
         """The installed model `name`; BrokenModelError says how to repair a broken one."""

@@ -260,3 +260,15 @@ def test_a_malformed_hub_spec_is_a_usage_error(env, spec, named):
     assert result.returncode == 2, result.stderr.decode()
     line = only_line(result)
     assert named in line and repr(spec) in line, line
+
+
+def test_a_name_close_to_the_catalog_suggests_pulling_it(env):
+    for args in (["ask", "-m", "tinylama", "Hi"], ["show", "tinylama"]):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 1 and result.stdout == b""
+        line = only_line(result)
+        assert "no model named 'tinylama'" in line and "did you mean tinyllama?" in line, line
+        assert "`llamachat pull tinyllama` installs it" in line
+    exact = run_cli("ask", "-m", "8b-instruct", "Hi", env=env)
+    line = only_line(exact)
+    assert "'8b-instruct' is not installed" in line and "`llamachat pull 8b-instruct`" in line

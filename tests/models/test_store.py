@@ -222,3 +222,17 @@ def test_unknown_manifest_keys_are_ignored(tmp_path):
     data["files"][0]["xattrs"] = {}
     path.write_text(json.dumps(data))
     assert store.get("alpha").manifest == before
+
+
+def test_a_catalog_name_that_is_not_installed_is_offered_for_pulling(tmp_path):
+    store = ModelStore(tmp_path)
+    with pytest.raises(ModelNotFoundError) as close:
+        store.get("tinylama")
+    assert close.value.suggestions == ["tinyllama"]
+    assert "`llamachat pull tinyllama` installs it" in str(close.value)
+    with pytest.raises(ModelNotFoundError) as exact:
+        store.get("smollm2-360m")
+    assert "'smollm2-360m' is not installed: `llamachat pull smollm2-360m`" in str(exact.value)
+    with pytest.raises(ModelNotFoundError) as unknown:
+        store.get("zzzz")
+    assert "pull" not in str(unknown.value) and "llamachat list" in str(unknown.value)

@@ -272,3 +272,25 @@ def test_a_name_close_to_the_catalog_suggests_pulling_it(env):
     exact = run_cli("ask", "-m", "8b-instruct", "Hi", env=env)
     line = only_line(exact)
     assert "'8b-instruct' is not installed" in line and "`llamachat pull 8b-instruct`" in line
+
+
+@pytest.mark.parametrize("columns", [None, "80"])
+def test_tables_written_to_a_file_or_pipe_keep_their_full_width(env, folder, columns):
+    """Off a terminal there is no width to fit: nothing is cut to 80 columns or wrapped."""
+    env = {key: value for key, value in env.items() if key != "COLUMNS"}
+    if columns:
+        env["COLUMNS"] = columns
+    assert run_cli("pull", str(folder), "--as", "tiny", env=env).returncode == 0
+    shown = run_cli("show", "tiny", env=env).stdout.decode()
+    manifest = json.loads((Path(env["LLAMACHAT_HOME"]) / "models/tiny/manifest.json").read_text())
+    for record in manifest["files"]:
+        (row,) = [line for line in shown.splitlines() if line.startswith(record["path"] + " ")]
+        assert record["sha256"] in row
+    assert f"source          {folder}" in shown
+    catalog = run_cli("pull", "--list", env=env).stdout.decode()
+    for entry in CATALOG.values():
+        (row,) = [line for line in catalog.splitlines() if line.startswith(entry.alias + " ")]
+        assert entry.source in row and row.rstrip().endswith(entry.description)
+    listing = run_cli("list", env=env).stdout.decode()
+    assert str(folder) in listing
+    assert "…" not in shown + catalog + listing

@@ -128,7 +128,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 def _checked(name: str, value: object, types: tuple[type, ...]) -> Any:
     if isinstance(value, bool) or not isinstance(value, types):  # JSON true is not a number
-        raise ManifestError(f"manifest.json has a {type(value).__name__} for {name!r}")
+        found = "null" if value is None else f"a {type(value).__name__}"
+        raise ManifestError(f"manifest.json has {found} for {name!r}")
     if isinstance(value, int) and value < 0:
         raise ManifestError(f"manifest.json has a negative {name!r}")
     return value

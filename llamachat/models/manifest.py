@@ -128,11 +128,20 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 def _checked(name: str, value: object, types: tuple[type, ...]) -> Any:
     if isinstance(value, bool) or not isinstance(value, types):  # JSON true is not a number
-        found = "null" if value is None else f"a {type(value).__name__}"
-        raise ManifestError(f"manifest.json has {found} for {name!r}")
+        raise ManifestError(f"manifest.json has {_json_kind(value)} for {name!r}")
     if isinstance(value, int) and value < 0:
         raise ManifestError(f"manifest.json has a negative {name!r}")
     return value
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "a value")
 
 
 def _file_record(record: object) -> FileRecord:

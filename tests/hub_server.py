@@ -5,6 +5,8 @@ llamachat use, serving model folders from disk, with faults to order.
     GET  /api/models/{repo}/tree/{commit}          → [{"type", "path", "size", "oid", "lfs"}]
     HEAD /{repo}/resolve/{commit}/{file}           → X-Repo-Commit, ETag / X-Linked-Etag, sizes
     GET  /{repo}/resolve/{commit}/{file}           → the bytes, honouring Range
+
+A hostile server is ordered through `Lies`: what it claims in place of the truth.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ class Fault:
     refuse: int = 0  # answer 503 to this many requests for the file
     corrupt: bool = False  # flip one byte of what is sent
     bytes_per_second: float | None = None  # throttle
+
+
+@dataclass
+class Lies:
+    """What a hostile or broken server claims instead of the truth, per repo."""
+
+    commit: str | None = None  # the commit the revision answer names (then served as that)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # file → headers to send
+    tree: dict[str, dict[str, object]] = field(default_factory=dict)  # file → entry fields
+    extra_tree: list[dict[str, object]] = field(default_factory=list)  # entries to add
 
 
 @dataclass
@@ -54,6 +66,14 @@ class Repo:
     commit: str
     files: dict[str, HubFile]
     gated: bool = False
+    lies: Lies = field(default_factory=Lies)
+
+    @property
+    def advertised_commit(self) -> str:
+        return self.lies.commit if self.lies.commit is not None else self.commit
+
+    def knows(self, revision: str | None) -> bool:
+        return revision in (None, "main", self.commit, self.advertised_commit)
 
 
 @dataclass(frozen=True)
@@ -130,7 +150,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(send_body=False)
 
     def _route(self, send_body: bool) -> None:
-        path = unquote(urlsplit(self.path).path)
+        # Matched before unquoting: a revision may hold an escaped '/'.
+        path = urlsplit(self.path).path
         for pattern, handler in (
             (_REVISION, self._revision),
             (_TREE, self._tree),
@@ -138,9 +159,10 @@ class _Handler(BaseHTTPRequestHandler):
         ):
             match = pattern.fullmatch(path)
             if match:
-                repo = self._repo(match.group(1))
+                repo_id, *rest = (None if g is None else unquote(g) for g in match.groups())
+                repo = self._repo(repo_id)
                 if repo is not None:
-                    handler(repo, *match.groups()[1:], send_body=send_body)
+                    handler(repo, *rest, send_body=send_body)
                 return
         self._error(404, "RepoNotFound")
 
@@ -157,19 +179,19 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _revision(self, repo: Repo, revision: str | None, send_body: bool) -> None:
-        if revision not in (None, "main", repo.commit):
+        if not repo.knows(revision):
             self._error(404, "RevisionNotFound")
             return
         self._json(
             {
                 "id": repo.repo_id,
-                "sha": repo.commit,
+                "sha": repo.advertised_commit,
                 "siblings": [{"rfilename": p} for p in repo.files],
             }
         )
 
     def _tree(self, repo: Repo, revision: str, send_body: bool) -> None:
-        if revision not in ("main", repo.commit):
+        if not repo.knows(revision):
             self._error(404, "RevisionNotFound")
             return
         entries = []
@@ -186,12 +208,12 @@ class _Handler(BaseHTTPRequestHandler):
                     "size": len(hub_file.data),
                     "pointerSize": 134,
                 }
-            entries.append(entry)
-        self._json(entries)
+            entries.append({**entry, **repo.lies.tree.get(hub_file.path, {})})
+        self._json(entries + repo.lies.extra_tree)
 
     def _resolve(self, repo: Repo, revision: str, name: str, send_body: bool) -> None:
         hub_file = repo.files.get(name)
-        if revision not in ("main", repo.commit) or hub_file is None:
+        if not repo.knows(revision) or hub_file is None:
             self._error(404, "EntryNotFound")
             return
         fault = self.fake.faults.get((repo.repo_id, name), Fault())
@@ -207,15 +229,17 @@ class _Handler(BaseHTTPRequestHandler):
         if send_body and wanted:
             start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1))
         self.send_response(206 if start else 200)
-        self.send_header("X-Repo-Commit", repo.commit)
-        self.send_header("ETag", f'"{hub_file.etag}"')
+        headers = {"X-Repo-Commit": repo.advertised_commit, "ETag": f'"{hub_file.etag}"'}
         if hub_file.lfs:
-            self.send_header("X-Linked-Etag", f'"{hub_file.sha256}"')
-            self.send_header("X-Linked-Size", str(len(data)))
-        self.send_header("Accept-Ranges", "bytes")
+            headers["X-Linked-Etag"] = f'"{hub_file.sha256}"'
+            headers["X-Linked-Size"] = str(len(data))
+        headers.update(repo.lies.headers.get(name, {}))
+        headers["Accept-Ranges"] = "bytes"
         if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        headers["Content-Length"] = str(len(data) - start)
+        for header, value in headers.items():
+            self.send_header(header, value)
         self.end_headers()
         sent = 0
         if send_body:

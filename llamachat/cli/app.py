@@ -61,6 +61,7 @@ app = typer.Typer(
 app.command("pull")(models.pull)
 app.command("list")(models.list_models)
 app.command("show")(models.show)
+app.command("verify")(models.verify)
 app.command("rm")(models.rm)
 app.command("bench")(bench.bench)
 app.add_typer(config_cmd.app, name="config")

@@ -15,7 +15,17 @@ class _Console(Console):
         raise BrokenPipeError(errno.EPIPE, "the output pipe was closed")
 
 
-stdout = _Console(highlight=False, soft_wrap=True)
+# Off a terminal (`show NAME > file`, `pull --list | less`) there is no width to fit: Rich would
+# take the terminal's or 80 columns and cut table cells, so tables get all the width they need.
+UNLIMITED_WIDTH = 100_000
+
+
+def _width_for(stream: object) -> int | None:
+    isatty = getattr(stream, "isatty", None)
+    return None if isatty is not None and isatty() else UNLIMITED_WIDTH
+
+
+stdout = _Console(highlight=False, soft_wrap=True, width=_width_for(sys.stdout))
 stderr = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 

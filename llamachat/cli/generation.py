@@ -142,6 +142,7 @@ def app_options(options: GenerationOptions, theme: str | None) -> Any:
 def load_model(model: InstalledModel, options: GenerationOptions, settings: Settings) -> ChatModel:
     from ..engine import ChatModel
 
+    model.check_sizes()  # a truncated or missing file: one line naming it, before torch reads it
     device = _pick(options.device, settings.device) or "auto"
     dtype = _pick(options.dtype, settings.dtype)
     quantization = quantization_for(model, options.quantize, settings)

@@ -1,20 +1,26 @@
-"""pull, list, show, rm."""
+"""pull, list, show, verify, rm."""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from ..engine.config import ModelConfig
+from ..engine.errors import EngineError
 from ..home import Home
 from ..models.catalog import CATALOG
+from ..models.errors import StoreError
 from ..models.inspect import inspect_folder
+from ..models.integrity import FileProblem
+from ..models.integrity import verify as verify_files
+from ..models.manifest import FileRecord
 from ..models.pull import pull as pull_model
-from ..models.store import InstalledModel, ModelStore
-from .console import CliError, stderr, stdin_is_terminal, stdout
+from ..models.store import BrokenModel, InstalledModel, ModelStore
+from .console import CliError, stderr, stdin_is_terminal, stdout, warn
 from .options import checked_quantize
 from .progress import RichProgress
 
@@ -75,7 +81,7 @@ def pull(
 
 def list_models(as_json: JsonOption = False) -> None:
     """List installed models."""
-    models = ModelStore(Home.current().models).installed()
+    models = ModelStore(Home.current().models).scan()
     if as_json:
         stdout.print_json(json.dumps([_summary(model) for model in models]))
         return
@@ -85,9 +91,17 @@ def list_models(as_json: JsonOption = False) -> None:
         )
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "PARAMS", "SIZE", "WEIGHTS", "CONTEXT", "SOURCE"):
-        table.add_column(column, no_wrap=column in ("NAME", "SIZE"))
+    for column in ("NAME", "PARAMS", "SIZE", "WEIGHTS", "CONTEXT", "SOURCE", "STATUS"):
+        table.add_column(column, no_wrap=column in ("NAME", "SIZE", "STATUS"))
+    problems = []
     for model in models:
+        if isinstance(model, BrokenModel):
+            table.add_row(model.name, "-", "-", "-", "-", "-", "broken")
+            problems.append(str(model.error()))
+            continue
+        damage = model.size_problems()
+        if damage:
+            problems.append(str(model.damaged(damage)))
         manifest = model.manifest
         table.add_row(
             model.name,
@@ -96,8 +110,11 @@ def list_models(as_json: JsonOption = False) -> None:
             manifest.weights,
             f"{manifest.context_length}",
             manifest.source,
+            "damaged" if damage else "ok",
         )
     stdout.print(table)
+    for problem in problems:
+        warn(problem)
 
 
 def show(
@@ -106,7 +123,15 @@ def show(
 ) -> None:
     """Show a model's architecture, context, KV-cache cost, chat format and files."""
     model = ModelStore(Home.current().models).get(name)
-    details = _details(model)
+    damage = model.size_problems()
+    try:
+        details = _details(model, damage)
+    except (StoreError, EngineError):
+        if damage:  # what cannot be read is most likely what was damaged: say that
+            raise model.damaged(damage) from None
+        raise
+    if damage:
+        warn(str(model.damaged(damage)))
     if as_json:
         stdout.print_json(json.dumps(details))
         return
@@ -135,6 +160,7 @@ def show(
             f"{_bytes(2 * details['kv_bytes_per_token'])} in fp32",
         ),
         ("chat format", details["chat_format"]),
+        ("files", _integrity(model, damage)),
     ]
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
@@ -146,12 +172,63 @@ def show(
     stdout.print("\n[bold]chat template[/bold]")
     stdout.print(details["chat_template"], markup=False, highlight=False)
     files = Table(box=None, pad_edge=False)
-    for column in ("FILE", "SIZE", "SHA256"):
+    for column in ("FILE", "SIZE", "SHA256", "ON DISK"):
         files.add_column(column, no_wrap=True)
     for record in details["files"]:
-        files.add_row(record["path"], _bytes(record["size"]), record["sha256"])
+        on_disk = record["problem"] or "size as recorded"
+        files.add_row(record["path"], _bytes(record["size"]), record["sha256"], on_disk)
     stdout.print()
     stdout.print(files)
+
+
+def verify(
+    name: Annotated[str, typer.Argument(help="An installed model.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Check every file of a model against the sha256 its manifest recorded (reads them all)."""
+    model = ModelStore(Home.current().models).get(name)
+    started = time.monotonic()
+    with RichProgress() as progress:
+        task = progress.task(f"verifying {name}", model.manifest.size)
+        done = 0
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            task.update(done)
+
+        checks = verify_files(model.path, model.manifest.files, advance)
+        task.finish()
+    elapsed = time.monotonic() - started
+    problems = [check.problem for check in checks if check.problem is not None]
+    if as_json:
+        files = [
+            {
+                "path": check.record.path,
+                "size": check.record.size,
+                "expected_sha256": check.record.sha256,
+                "sha256": check.sha256,
+                "status": check.problem.kind if check.problem else "ok",
+            }
+            for check in checks
+        ]
+        stdout.print_json(json.dumps({"name": name, "ok": not problems, "files": files}))
+    else:
+        table = Table(box=None, pad_edge=False)
+        for column in ("FILE", "SIZE", "RESULT"):
+            table.add_column(column, no_wrap=True)
+        for check in checks:
+            result = check.problem.detail if check.problem else "sha256 as recorded"
+            table.add_row(check.record.path, _bytes(check.record.size), result)
+        stdout.print(table)
+    if problems:
+        raise model.damaged(problems, verified=True)
+    rate = f", {model.manifest.size / elapsed / 1e6:.0f} MB/s" if elapsed > 0 else ""
+    stderr.print(
+        f"{name}: all {len(checks)} files match their recorded sha256 "
+        f"({_bytes(model.manifest.size)} read in {elapsed:.1f} s{rate})",
+        markup=False,
+    )
 
 
 def rm(
@@ -160,18 +237,26 @@ def rm(
 ) -> None:
     """Remove an installed model."""
     store = ModelStore(Home.current().models)
-    model = store.get(name)
+    model = store.entry(name)
     if not yes:
         if not stdin_is_terminal():
             raise CliError(f"not removing {name} without confirmation: pass --yes", exit_code=2)
-        if not typer.confirm(f"Remove {name} ({_bytes(model.manifest.size)})?", err=True):
+        what = "broken" if isinstance(model, BrokenModel) else _bytes(model.manifest.size)
+        if not typer.confirm(f"Remove {name} ({what})?", err=True):
             raise typer.Exit(1)
     store.remove(name)
     stderr.print(f"removed {name}", markup=False)
 
 
-def _details(model: InstalledModel) -> dict[str, Any]:
+def _integrity(model: InstalledModel, damage: list[FileProblem]) -> str:
+    if damage:
+        return f"damaged: {'; '.join(str(p) for p in damage)} (`llamachat verify {model.name}`)"
+    return f"sizes as recorded (`llamachat verify {model.name}` checks every sha256)"
+
+
+def _details(model: InstalledModel, damage: list[FileProblem]) -> dict[str, Any]:
     manifest = model.manifest
+    problems = {problem.path: problem for problem in damage}
     facts = inspect_folder(model.path, manifest.chat_format)
     config: ModelConfig = facts.config
     scaling = config.rope_scaling
@@ -204,7 +289,20 @@ def _details(model: InstalledModel) -> dict[str, Any]:
         "chat_format": facts.chat_format,
         "chat_template": facts.chat_template,
         "size": manifest.size,
-        "files": [{"path": r.path, "size": r.size, "sha256": r.sha256} for r in manifest.files],
+        "status": "damaged" if damage else "ok",
+        "problem": str(model.damaged(damage)) if damage else None,
+        "files": [_file_details(record, problems.get(record.path)) for record in manifest.files],
+    }
+
+
+def _file_details(record: FileRecord, problem: FileProblem | None) -> dict[str, Any]:
+    size_on_disk = record.size if problem is None else problem.size_on_disk
+    return {
+        "path": record.path,
+        "size": record.size,
+        "sha256": record.sha256,
+        "size_on_disk": size_on_disk,
+        "problem": problem.detail if problem else None,
     }
 
 
@@ -219,8 +317,32 @@ def _scaling_fields(scaling) -> dict[str, Any]:
     return fields
 
 
-def _summary(model: InstalledModel) -> dict[str, Any]:
+_SUMMARY_FIELDS = (
+    "parameters",
+    "size",
+    "weights",
+    "quantization",
+    "context_length",
+    "source",
+    "revision",
+    "installed_at",
+)
+
+
+def _summary(model: InstalledModel | BrokenModel) -> dict[str, Any]:
+    """One entry of `list --json`; a broken model has the same keys, null where unknown."""
+    if isinstance(model, BrokenModel):
+        unknown = dict.fromkeys(_SUMMARY_FIELDS)
+        problem = str(model.error())
+        return {
+            "name": model.name,
+            **unknown,
+            "path": str(model.path),
+            "status": "broken",
+            "problem": problem,
+        }
     manifest = model.manifest
+    damage = model.size_problems()
     return {
         "name": model.name,
         "parameters": manifest.parameters,
@@ -232,6 +354,8 @@ def _summary(model: InstalledModel) -> dict[str, Any]:
         "revision": manifest.revision,
         "installed_at": manifest.installed_at,
         "path": str(model.path),
+        "status": "damaged" if damage else "ok",
+        "problem": str(model.damaged(damage)) if damage else None,
     }
 
 

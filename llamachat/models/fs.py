@@ -9,6 +9,14 @@ from pathlib import Path
 from ..processes import pid_alive
 
 
+def is_safe_relative_path(path: str) -> bool:
+    """Whether `path` (from a server or a file) names a place strictly inside a folder: POSIX
+    separators only, no empty, '.' or '..' part, not absolute, no NUL or backslash."""
+    if not path or path.startswith("/") or "\\" in path or "\0" in path:
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
 def owner_pid(path: Path) -> int | None:
     """The pid in a NAME.PID file name, as the store names its temporary folders."""
     _, _, pid = path.name.rpartition(".")

@@ -10,11 +10,13 @@ from the same GGUF.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,25 +64,23 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressCallback | No
     """Write config.json, generation_config.json, tokenizer files and safetensors weights for
     the model in `gguf_path` into `out_dir` (which must exist). Returns the file's quantisation:
     the type of most of its matrices, such as Q4_1 or F16."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(gguf_path)
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"{gguf_path} is not a readable GGUF file: {error}") from None
-    metadata = _Metadata(reader)
-    architecture = metadata.get("general.architecture")
-    if architecture != "llama":
-        raise ConversionError(
-            f"{gguf_path.name} holds a {architecture!r} model; "
-            "llamachat converts LLaMA-architecture GGUF files"
-        )
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
-    config = _config(metadata, tensors)
-    entries = [
-        _entry(tensor, config) for name, tensor in tensors.items() if name != "rope_freqs.weight"
-    ]
-    _write_shards(out_dir, entries, progress)
+    with _unreadable(gguf_path):
+        reader = _open(gguf_path)
+        metadata = _Metadata(reader)
+        architecture = metadata.get("general.architecture")
+        if architecture != "llama":
+            raise ConversionError(
+                f"{gguf_path.name} holds a {architecture!r} model; "
+                "llamachat converts LLaMA-architecture GGUF files"
+            )
+        tensors = {tensor.name: tensor for tensor in reader.tensors}
+        config = _config(metadata, tensors)
+        entries = [
+            _entry(tensor, config)
+            for name, tensor in tensors.items()
+            if name != "rope_freqs.weight"
+        ]
+        _write_shards(out_dir, entries, progress)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out_dir / "generation_config.json").write_text(
         json.dumps(_generation_config(metadata), indent=2) + "\n", encoding="utf-8"
@@ -88,6 +88,39 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressCallback | No
     _save_tokenizer(gguf_path, out_dir)
     matrices = Counter(t.tensor_type.name for t in tensors.values() if len(t.shape) == 2)
     return matrices.most_common(1)[0][0] if matrices else "F32"
+
+
+def _open(path: Path) -> Any:
+    """The file's reader, once its signature is checked and its tensors fit in the file."""
+    from gguf import GGUFReader
+
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise ConversionError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    reader = GGUFReader(path)
+    size = path.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ConversionError(
+            f"{path} is truncated: {size:,} bytes, its tensors end at {end:,}; download it again"
+        )
+    return reader
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """A damaged file surfaces as whatever numpy or the gguf reader trip over first (an index
+    out of range, a short buffer, a reshape, a bad enum value): one message for all of them."""
+    try:
+        yield
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error) as error:
+        # numpy's own words (a dtype change, an axis) would tell a user nothing; the size may.
+        size = path.stat().st_size
+        raise ConversionError(
+            f"{path} is truncated or corrupt: its GGUF structure cannot be read ({size:,} bytes;"
+            f" {type(error).__name__} in reading it); download it again"
+        ) from None
 
 
 class _Metadata:

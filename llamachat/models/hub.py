@@ -17,6 +17,7 @@ import fnmatch
 import hashlib
 import importlib
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -24,9 +25,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import IntegrityError, SourceError
+from .fs import is_safe_relative_path
 from .progress import Progress
 
 # What a model needs, at the top level of the repo only: Meta's repos also carry the original
@@ -34,6 +37,8 @@ from .progress import Progress
 DEFAULT_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja")
 REQUEST_TIMEOUT_S = 10.0
 MAX_STALLED_ATTEMPTS = 4  # consecutive tries without a new byte before a download gives up
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")  # commits and git blob ids
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # LFS files
 
 
 @dataclass(frozen=True)
@@ -59,17 +64,70 @@ class Snapshot:
 
 
 def resolve(repo: str, revision: str | None) -> tuple[str, tuple[HubFile, ...]]:
-    """The commit a revision names, and the files at that commit."""
+    """The commit a revision names, and the files at that commit. Every name the server sends
+    is checked here, before any of it becomes a path in the cache."""
     api = _api()
     with _hub_errors(repo, revision):
         info = api.repo_info(repo, revision=revision, timeout=REQUEST_TIMEOUT_S)
-        commit = info.sha
-        files = tuple(
-            HubFile(entry.path, entry.size, entry.blob_id, entry.lfs.sha256 if entry.lfs else None)
-            for entry in api.list_repo_tree(repo, revision=commit, recursive=True)
-            if hasattr(entry, "blob_id")
-        )
+        commit = _checked_commit(repo, info.sha)
+        try:
+            files = tuple(
+                _checked_file(repo, entry)
+                for entry in api.list_repo_tree(repo, revision=commit, recursive=True)
+                if hasattr(entry, "blob_id")
+            )
+        except (KeyError, TypeError) as error:  # an entry without the fields a file has
+            raise SourceError(
+                f"the Hub sent a malformed file listing for {repo} (missing or wrong {error}); "
+                "refusing it"
+            ) from None
     return commit, files
+
+
+def _checked_commit(repo: str, commit: object) -> str:
+    if not isinstance(commit, str) or not _GIT_SHA1.fullmatch(commit):
+        raise SourceError(
+            f"the Hub sent an invalid commit for {repo} ({_shown(commit)}): not a git commit id; "
+            "refusing it"
+        )
+    return commit
+
+
+def _checked_file(repo: str, entry: Any) -> HubFile:
+    path = entry.path
+    if not isinstance(path, str) or not is_safe_relative_path(path):
+        raise SourceError(
+            f"the Hub listed an unsafe file path in {repo} ({_shown(path)}); refusing the listing"
+        )
+    size = entry.size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise SourceError(f"the Hub listed an invalid size for {repo}/{path} ({_shown(size)})")
+    if not isinstance(entry.blob_id, str) or not _GIT_SHA1.fullmatch(entry.blob_id):
+        raise SourceError(
+            f"the Hub listed an invalid git blob id for {repo}/{path} ({_shown(entry.blob_id)})"
+        )
+    sha256 = entry.lfs.sha256 if entry.lfs else None
+    if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.fullmatch(sha256)):
+        raise SourceError(f"the Hub listed an invalid sha256 for {repo}/{path} ({_shown(sha256)})")
+    return HubFile(path, size, entry.blob_id, sha256)
+
+
+def _checked_etag(repo: str, hub_file: HubFile, etag: str | None) -> str:
+    """The blob's name in the cache: the server's ETag, which must be a digest (a git blob id
+    or a sha256), never a path."""
+    if not etag:
+        return hub_file.cache_name  # checked with the listing
+    if not (_GIT_SHA1.fullmatch(etag) or _SHA256.fullmatch(etag)):
+        raise SourceError(
+            f"the Hub sent an invalid ETag for {repo}/{hub_file.path} ({_shown(etag)}): not a "
+            "sha256 or git blob id; refusing it"
+        )
+    return etag
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
 
 
 def select(repo: str, files: tuple[HubFile, ...], patterns: tuple[str, ...]) -> tuple[HubFile, ...]:
@@ -104,11 +162,13 @@ def download(repo: str, commit: str, files: tuple[HubFile, ...], progress: Progr
     with _hub_errors(repo, commit):
         for hub_file in files:
             target = snapshot / hub_file.path
-            if not target.exists():
+            digest = _cached_sha256(repo, target, hub_file)
+            if digest is None:
                 _fetch(repo, commit, hub_file, advance)
+                digest = _verified_sha256(repo, target, hub_file)
             else:
                 advance(hub_file.size)
-            digests[hub_file.path] = _verified_sha256(repo, target, hub_file)
+            digests[hub_file.path] = digest
     task.finish()
     return Snapshot(repo, commit, snapshot, files, digests)
 
@@ -119,7 +179,7 @@ def _fetch(repo: str, commit: str, hub_file: HubFile, advance: Callable[[int], N
 
     url = hf_hub_url(repo, hub_file.path, revision=commit)
     metadata = get_hf_file_metadata(url, timeout=REQUEST_TIMEOUT_S)
-    etag = metadata.etag or hub_file.cache_name
+    etag = _checked_etag(repo, hub_file, metadata.etag)
     storage = _cache_folder(repo)
     blob = storage / "blobs" / etag
     blob.parent.mkdir(parents=True, exist_ok=True)
@@ -217,22 +277,47 @@ def _append_range(
                 advance(len(block))
 
 
+def _cached_sha256(repo: str, path: Path, hub_file: HubFile) -> str | None:
+    """The sha256 of the file already in the cache, or None when it is not there or not the
+    file (damaged since, say through an installed model hard-linked to it): then it is
+    removed, to be fetched again."""
+    if not path.exists():
+        return None
+    if path.stat().st_size == hub_file.size:
+        sha256, actual, expected = _checked_digests(path, hub_file)
+        if actual == expected:
+            return sha256
+    _discard(repo, path)
+    return None
+
+
 def _verified_sha256(repo: str, path: Path, hub_file: HubFile) -> str:
-    sha256, git_sha1 = _digests(path)
-    if hub_file.sha256:
-        expected, actual = hub_file.sha256, sha256
-    else:
-        expected, actual = hub_file.blob_id, git_sha1
+    sha256, actual, expected = _checked_digests(path, hub_file)
     if actual != expected:
-        # Throw the bad copy out of the cache, so the next pull fetches it again.
-        blob = path.resolve()
-        path.unlink(missing_ok=True)
-        blob.unlink(missing_ok=True)
+        _discard(repo, path)  # so that the next pull fetches it again
         raise IntegrityError(
             f"{repo}/{hub_file.path} is corrupt (checksum {actual[:12]}…, expected "
             f"{expected[:12]}…); it was removed from the cache: run the pull again"
         )
     return sha256
+
+
+def _checked_digests(path: Path, hub_file: HubFile) -> tuple[str, str, str]:
+    """The file's sha256, and the digest the Hub gives for it with the Hub's value: sha256 for
+    LFS files, the git blob id for the rest."""
+    sha256, git_sha1 = _digests(path)
+    if hub_file.sha256:
+        return sha256, sha256, hub_file.sha256
+    return sha256, git_sha1, hub_file.blob_id
+
+
+def _discard(repo: str, path: Path) -> None:
+    """Take a bad copy out of the cache: the snapshot's link, and the blob it points to if that
+    is one of this repo's blobs (a link left by something else may point anywhere)."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    if blob.parent == (_cache_folder(repo) / "blobs").resolve():
+        blob.unlink(missing_ok=True)
 
 
 def _digests(path: Path) -> tuple[str, str]:

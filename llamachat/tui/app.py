@@ -172,6 +172,7 @@ class LlamaChatApp(App):
             from ..engine import ChatModel
 
             installed = self.models.get(name)
+            installed.check_sizes()
             model = ChatModel.load(
                 installed.path,
                 device=self.options.device,

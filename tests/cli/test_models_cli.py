@@ -15,6 +15,7 @@ import pytest
 
 from llamachat.models.catalog import CATALOG
 from tests.conftest import run_cli, sha256_of
+from tests.models.broken_manifests import BROKEN_MANIFESTS
 
 
 def listed(env) -> list[dict]:
@@ -156,3 +157,140 @@ def test_bench_measures_an_installed_model(env, folder):
     assert data["ttft_new_turn_reused_ms"] > 0 and data["copy_bandwidth_bytes_per_s"] > 0
     usage = run_cli("bench", env=env)
     assert usage.returncode == 2 and b"--model" in usage.stderr
+
+
+def _valid_manifest(env) -> dict:
+    return json.loads(
+        (Path(env["LLAMACHAT_HOME"]) / "models" / "tiny" / "manifest.json").read_text()
+    )
+
+
+@pytest.fixture
+def broken(request, env, folder) -> str:
+    """A model `tiny` whose manifest.json is broken in the way the test's parameter names."""
+    assert run_cli("pull", str(folder), "--as", "tiny", env=env).returncode == 0
+    path = Path(env["LLAMACHAT_HOME"]) / "models" / "tiny" / "manifest.json"
+    path.write_bytes(BROKEN_MANIFESTS[request.param](_valid_manifest(env)))
+    return "tiny"
+
+
+def only_line(result) -> str:
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "Error:" not in lines[0] and "Traceback" not in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["garbage", "empty object", "a file record of wrong types", "not UTF-8"],
+    indirect=True,
+)
+def test_a_broken_manifest_is_listed_as_broken_and_can_be_removed(env, broken):
+    (entry,) = listed(env)
+    assert entry["name"] == "tiny" and entry["status"] == "broken"
+    assert "manifest.json" in entry["problem"] and "llamachat rm tiny" in entry["problem"]
+    table = run_cli("list", env=env)
+    assert table.returncode == 0 and "tiny" in table.stdout.decode()
+    assert "broken" in table.stdout.decode() and "llamachat rm tiny" in table.stderr.decode()
+    for args in (["show", "tiny"], ["show", "tiny", "--json"], ["ask", "-m", "tiny", "Hi"]):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 1 and result.stdout == b""
+        line = only_line(result)
+        assert "tiny is broken" in line and "llamachat rm tiny" in line and "--as tiny" in line
+    removed = run_cli("rm", "tiny", "--yes", env=env)
+    assert removed.returncode == 0, removed.stderr.decode()
+    assert listed(env) == []
+
+
+@pytest.mark.parametrize("broken", ["garbage", "not UTF-8"], indirect=True)
+def test_pulling_again_over_a_broken_manifest_reinstalls(env, folder, broken):
+    result = run_cli("pull", str(folder), "--as", "tiny", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    (entry,) = listed(env)
+    assert entry["status"] == "ok" and entry["parameters"] > 0
+    assert run_cli("show", "tiny", env=env).returncode == 0
+
+
+def test_unknown_manifest_keys_from_a_newer_llamachat_are_ignored(env, folder):
+    assert run_cli("pull", str(folder), "--as", "tiny", env=env).returncode == 0
+    path = Path(env["LLAMACHAT_HOME"]) / "models" / "tiny" / "manifest.json"
+    newer = _valid_manifest(env)
+    newer["signed_by"] = {"key": "abc"}
+    newer["files"][0]["mtime"] = 12345
+    path.write_text(json.dumps(newer))
+    (entry,) = listed(env)
+    assert entry["status"] == "ok" and entry["name"] == "tiny"
+    shown = run_cli("show", "tiny", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr.decode()
+    assert json.loads(shown.stdout)["parameters"] == newer["parameters"]
+
+
+def test_a_truncated_gguf_is_refused_in_one_line(env, tmp_path, tiny_model_factory):
+    from tests.models.tiny_gguf import write_tiny_gguf
+
+    whole = write_tiny_gguf(tiny_model_factory()[0], tmp_path / "whole.gguf")
+    cut = tmp_path / "x.gguf"
+    cut.write_bytes(whole.read_bytes()[:1000])
+    result = run_cli("pull", str(cut), env=env)
+    assert result.returncode == 1 and result.stdout == b""
+    line = only_line(result)
+    assert f"{cut} is truncated or corrupt" in line and "download it again" in line
+    assert listed(env) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("hf:a/..@../..", "'a/..'"),
+        ("hf:../etc", "'../etc'"),
+        ("hf:org/-name", "'org/-name'"),
+        ("hf:org/na--me", "'org/na--me'"),
+        ("hf:org/name@../../x", "'../../x'"),
+        ("hf:org/name@.hidden", "'.hidden'"),
+        ("hf:org/name@main/", "'main/'"),
+        ("hf:org/name@", "hf:ORG/REPO@REVISION"),
+        ("hf:org", "hf:ORG/REPO@REVISION"),
+        ("hf:a/b/c", "hf:ORG/REPO@REVISION"),
+    ],
+)
+def test_a_malformed_hub_spec_is_a_usage_error(env, spec, named):
+    nowhere = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # refused before any request
+    result = run_cli("pull", spec, env=nowhere)
+    assert result.returncode == 2, result.stderr.decode()
+    line = only_line(result)
+    assert named in line and repr(spec) in line, line
+
+
+def test_a_name_close_to_the_catalog_suggests_pulling_it(env):
+    for args in (["ask", "-m", "tinylama", "Hi"], ["show", "tinylama"]):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 1 and result.stdout == b""
+        line = only_line(result)
+        assert "no model named 'tinylama'" in line and "did you mean tinyllama?" in line, line
+        assert "`llamachat pull tinyllama` installs it" in line
+    exact = run_cli("ask", "-m", "8b-instruct", "Hi", env=env)
+    line = only_line(exact)
+    assert "'8b-instruct' is not installed" in line and "`llamachat pull 8b-instruct`" in line
+
+
+@pytest.mark.parametrize("columns", [None, "80"])
+def test_tables_written_to_a_file_or_pipe_keep_their_full_width(env, folder, columns):
+    """Off a terminal there is no width to fit: nothing is cut to 80 columns or wrapped."""
+    env = {key: value for key, value in env.items() if key != "COLUMNS"}
+    if columns:
+        env["COLUMNS"] = columns
+    assert run_cli("pull", str(folder), "--as", "tiny", env=env).returncode == 0
+    shown = run_cli("show", "tiny", env=env).stdout.decode()
+    manifest = json.loads((Path(env["LLAMACHAT_HOME"]) / "models/tiny/manifest.json").read_text())
+    for record in manifest["files"]:
+        (row,) = [line for line in shown.splitlines() if line.startswith(record["path"] + " ")]
+        assert record["sha256"] in row
+    assert f"source          {folder}" in shown
+    catalog = run_cli("pull", "--list", env=env).stdout.decode()
+    for entry in CATALOG.values():
+        (row,) = [line for line in catalog.splitlines() if line.startswith(entry.alias + " ")]
+        assert entry.source in row and row.rstrip().endswith(entry.description)
+    listing = run_cli("list", env=env).stdout.decode()
+    assert str(folder) in listing
+    assert "…" not in shown + catalog + listing

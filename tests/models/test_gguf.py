@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,5 +114,82 @@ def test_non_llama_gguf_is_refused_by_architecture(tmp_path):
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"not a gguf file at all")
-    with pytest.raises(ConversionError, match="not a readable GGUF"):
+    with pytest.raises(ConversionError, match="not a GGUF file"):
         convert_gguf(path, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_factory, tmp_path_factory) -> Path:
+    from tests.models.tiny_gguf import write_tiny_gguf
+
+    folder = tiny_model_factory()[0]
+    return write_tiny_gguf(folder, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_the_tiny_gguf_converts(tiny_gguf, tmp_path):
+    assert convert_gguf(tiny_gguf, tmp_path) == "Q8_0"
+
+
+def _cut_points(path: Path) -> list[int]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    size = path.stat().st_size
+    first = min(t.data_offset for t in reader.tensors)
+    return sorted(
+        {0, 3, 4, 8, 16, 23, 24, 100, 1000, 5000, first - 1, first, first + 10, size // 2, size - 1}
+    )
+
+
+def test_a_gguf_cut_anywhere_is_refused_in_one_line(tiny_gguf, tmp_path):
+    data = tiny_gguf.read_bytes()
+    for cut in _cut_points(tiny_gguf):
+        path = tmp_path / f"cut-{cut}.gguf"
+        path.write_bytes(data[:cut])
+        out = tmp_path / f"out-{cut}"
+        out.mkdir()
+        with pytest.raises(ConversionError) as raised:
+            convert_gguf(path, out)
+        message = str(raised.value)
+        assert "\n" not in message and path.name in message, (cut, message)
+        assert "truncated" in message or "not a GGUF file" in message, (cut, message)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"GGUF",
+        b"GGUF" + (99).to_bytes(4, "little") + bytes(16),  # a version that does not exist
+        b"GGUF" + (3).to_bytes(4, "little") + (2**62).to_bytes(8, "little") + bytes(8),
+        b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + (2**62).to_bytes(8, "little"),
+        b"GGML" + bytes(100),
+        bytes(range(256)) * 4,
+    ],
+)
+def test_a_garbage_header_is_refused_in_one_line(tmp_path, header):
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(header)
+    with pytest.raises(ConversionError) as raised:
+        convert_gguf(path, tmp_path)
+    assert "\n" not in str(raised.value)
+
+
+def test_flipped_bytes_in_the_metadata_either_convert_or_are_refused(tiny_gguf, tmp_path):
+    """Random damage to the header and metadata (seeded): never anything but ConversionError."""
+    from gguf import GGUFReader
+
+    data = tiny_gguf.read_bytes()
+    metadata_end = min(t.data_offset for t in GGUFReader(tiny_gguf).tensors)
+    chooser = random.Random(10)
+    for attempt in range(40):
+        damaged = bytearray(data)
+        for _ in range(chooser.randint(1, 4)):
+            damaged[chooser.randrange(4, metadata_end)] = chooser.randrange(256)
+        path = tmp_path / f"flipped-{attempt}.gguf"
+        path.write_bytes(damaged)
+        out = tmp_path / f"out-{attempt}"
+        out.mkdir()
+        try:
+            convert_gguf(path, out)
+        except ConversionError as error:
+            assert "\n" not in str(error), str(error)

@@ -258,3 +258,33 @@ def test_pulling_again_with_another_format_changes_only_the_record(hub, env):
     assert recorded() == "int8"  # a pull without --quantize keeps the choice
     assert run_cli("pull", f"hf:{REPO}", "--quantize", "auto", env=env).returncode == 0
     assert recorded() == "auto"
+
+
+def test_a_truncated_install_is_repaired_by_pulling_again(hub, env):
+    assert run_cli("pull", f"hf:{REPO}", env=env).returncode == 0
+    weights = Path(installed(env)[0]["path"]) / "model.safetensors"
+    with open(weights, "r+b") as file:  # also the cache's blob: the install is a hard link
+        file.truncate(weights.stat().st_size // 2)
+    assert installed(env)[0]["status"] == "damaged"
+    again = run_cli("pull", f"hf:{REPO}", env=env)
+    assert again.returncode == 0, again.stderr.decode()
+    assert b"already installed" not in again.stderr
+    assert installed(env)[0]["status"] == "ok"
+    assert run_cli("verify", "tiny-llama", env=env).returncode == 0
+
+
+def test_changed_bytes_found_by_verify_are_repaired_as_its_message_says(hub, env):
+    assert run_cli("pull", f"hf:{REPO}", env=env).returncode == 0
+    weights = Path(installed(env)[0]["path"]) / "model.safetensors"
+    with open(weights, "r+b") as file:
+        file.seek(weights.stat().st_size // 2)
+        file.write(random.Random(3).randbytes(4096))
+    verified = run_cli("verify", "tiny-llama", env=env)
+    assert verified.returncode == 1
+    commit = hub.repos[REPO].commit
+    repair = f"llamachat rm tiny-llama --yes && llamachat pull hf:{REPO}@{commit} --as tiny-llama"
+    assert f"`{repair}` reinstalls it" in verified.stderr.decode()
+    for command in repair.split(" && "):
+        result = run_cli(*command.split()[1:], env=env)
+        assert result.returncode == 0, result.stderr.decode()
+    assert run_cli("verify", "tiny-llama", env=env).returncode == 0

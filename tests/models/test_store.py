@@ -10,9 +10,16 @@ import sys
 
 import pytest
 
-from llamachat.models.errors import BusyError, ModelNotFoundError, StoreError
+from llamachat.models.errors import (
+    BrokenModelError,
+    BusyError,
+    ManifestError,
+    ModelNotFoundError,
+    StoreError,
+)
 from llamachat.models.manifest import Manifest, file_records
-from llamachat.models.store import ModelStore
+from llamachat.models.store import BrokenModel, ModelStore
+from tests.models.broken_manifests import BROKEN_MANIFESTS
 
 
 def stage(staging, name: str, text: str = "weights") -> None:
@@ -175,3 +182,57 @@ def test_a_manifest_written_before_weight_formats_existed_still_reads(tmp_path):
     del data["quantization"]
     path.write_text(json.dumps(data))
     assert store.get("alpha").manifest.quantization is None
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_MANIFESTS))
+def test_a_broken_manifest_makes_a_broken_model_that_can_be_removed(tmp_path, kind):
+    store = ModelStore(tmp_path)
+    with store.install("alpha") as staging:
+        stage(staging, "alpha")
+    path = tmp_path / "alpha" / "manifest.json"
+    path.write_bytes(BROKEN_MANIFESTS[kind](json.loads(path.read_text())))
+    with pytest.raises(ManifestError):
+        Manifest.read(tmp_path / "alpha")
+    assert store.installed() == []
+    (entry,) = store.scan()
+    assert isinstance(entry, BrokenModel) and entry.name == "alpha"
+    with pytest.raises(BrokenModelError, match="alpha is broken: manifest.json .*llamachat rm"):
+        store.get("alpha")
+    store.remove("alpha")
+    assert store.scan() == [] and not (tmp_path / "alpha").exists()
+
+
+def test_a_broken_manifest_is_replaced_by_the_next_install(tmp_path):
+    store = ModelStore(tmp_path)
+    (tmp_path / "alpha").mkdir()
+    (tmp_path / "alpha" / "manifest.json").write_text("{")
+    with store.install("alpha") as staging:
+        stage(staging, "alpha", "new")
+    assert store.get("alpha").manifest.name == "alpha"
+
+
+def test_unknown_manifest_keys_are_ignored(tmp_path):
+    store = ModelStore(tmp_path)
+    with store.install("alpha") as staging:
+        stage(staging, "alpha")
+    before = store.get("alpha").manifest
+    path = tmp_path / "alpha" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["from_the_future"] = [1, 2]
+    data["files"][0]["xattrs"] = {}
+    path.write_text(json.dumps(data))
+    assert store.get("alpha").manifest == before
+
+
+def test_a_catalog_name_that_is_not_installed_is_offered_for_pulling(tmp_path):
+    store = ModelStore(tmp_path)
+    with pytest.raises(ModelNotFoundError) as close:
+        store.get("tinylama")
+    assert close.value.suggestions == ["tinyllama"]
+    assert "`llamachat pull tinyllama` installs it" in str(close.value)
+    with pytest.raises(ModelNotFoundError) as exact:
+        store.get("smollm2-360m")
+    assert "'smollm2-360m' is not installed: `llamachat pull smollm2-360m`" in str(exact.value)
+    with pytest.raises(ModelNotFoundError) as unknown:
+        store.get("zzzz")
+    assert "pull" not in str(unknown.value) and "llamachat list" in str(unknown.value)

@@ -324,6 +324,11 @@ async def test_every_action_is_in_the_command_palette(home):
 async def test_a_model_that_fails_to_load_leaves_the_app_usable(home):
     broken = copy_model(home, "tiny", "broken")
     (broken / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    manifest = json.loads((broken / "manifest.json").read_text())  # new size, not "damaged"
+    manifest["files"] = [
+        {**r, "size": (broken / r["path"]).stat().st_size} for r in manifest["files"]
+    ]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     app = app_for(home, model="broken")
     async with app.run_test() as pilot:
         await settle(pilot, app)

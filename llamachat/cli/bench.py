@@ -75,6 +75,7 @@ def bench(
         name = shape
     else:
         installed = ModelStore(home.models).get(model)
+        installed.check_sizes()
         choice = quantization_for(installed, quantize, settings)
         chat_model = ChatModel.load(
             installed.path, str(target), dtype, quantization=choice, threads=threads

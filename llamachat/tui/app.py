@@ -34,7 +34,7 @@ from .screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
 from .screens.help import HelpScreen
 from .screens.search import SearchScreen
 from .screens.system_prompt import PromptChoice, SystemPromptScreen
-from .themes import DEFAULT_THEME, load_themes, shipped_theme_folders
+from .themes import DEFAULT_THEME, css_problem, load_themes, shipped_theme_folders
 from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn
 from .widgets.conversation_list import ConversationList
 from .widgets.prompt_input import PromptInput
@@ -140,14 +140,26 @@ class LlamaChatApp(App):
         self.start_loading(installed.name)
 
     def _register_themes(self, configured: str | None) -> None:
-        themes, problems = load_themes([*shipped_theme_folders(), self.home.themes])
+        defaults = self.get_theme_variable_defaults()
+        themes, problems = load_themes(
+            [*shipped_theme_folders(), self.home.themes],
+            check=lambda theme: css_problem(theme, self.stylesheet, defaults),
+        )
         for theme in themes:
             self.register_theme(theme)
         for problem in problems:
-            self.notify(f"theme {problem.path.name} skipped: {problem.reason}", severity="warning")
+            self.notify(
+                f"theme {problem.path.name} skipped: {problem.reason}",
+                severity="warning",
+                timeout=15,
+            )
         wanted = self.options.theme or configured or DEFAULT_THEME
         if wanted not in self.available_themes:
-            self.notify(f"no theme named {wanted!r}; using {DEFAULT_THEME}", severity="warning")
+            self.notify(
+                f"theme {wanted!r} is missing or broken; using {DEFAULT_THEME}",
+                severity="warning",
+                timeout=15,
+            )
             wanted = DEFAULT_THEME
         self.theme = wanted
         self._theme_ready = True

@@ -89,6 +89,8 @@ class LlamaChatApp(App):
         Binding("ctrl+t", "change_theme", "Change theme", show=False),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
+        # Not a priority: in an editor with text selected, Ctrl+C copies it first.
+        Binding("ctrl+c", "quit", "Quit (or copy the selection)", show=False),
     ]
 
     def __init__(self, home: Home, options: ChatAppOptions):
@@ -362,6 +364,16 @@ class LlamaChatApp(App):
         self.query_one(ChatView).settle()
         self.stream = None
         self.generating = False
+
+    def exit(self, *args: Any, **kwargs: Any) -> None:
+        """Quitting stops the reply being written. The app's event loop waits for its worker
+        threads when it closes, so it ends once the worker has saved what was written (as
+        interrupted), within a token, not when the reply would have ended."""
+        self.cancel.set()
+        super().exit(*args, **kwargs)
+
+    def on_unmount(self) -> None:
+        self.cancel.set()  # however the app ends, the reply worker must not write on
 
     def action_stop(self) -> None:
         if self.generating:

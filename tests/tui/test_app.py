@@ -71,6 +71,22 @@ async def test_escape_stops_the_reply_and_keeps_what_was_written(home):
         assert reply.content == turns(app)[-1].text
 
 
+async def test_ctrl_c_copies_a_selection_in_the_editor_and_quits_otherwise(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        prompt = app.query_one(PromptInput)
+        prompt.focus()
+        prompt.text = "keep this"
+        prompt.select_all()
+        await pilot.press("ctrl+c")
+        assert app.clipboard == "keep this" and app.is_running
+        prompt.move_cursor(prompt.document.end)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert not app.is_running
+
+
 async def test_regenerate_replaces_the_last_reply_reusing_the_cache(home):
     app = app_for(home)
     async with app.run_test() as pilot:

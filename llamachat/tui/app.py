@@ -348,13 +348,30 @@ class LlamaChatApp(App):
         turn = self.reply_turn
         await self._end_reply("error")
         if message.question_id is not None and self.conversation_id is not None:
-            # Nothing was answered (the message does not fit): take the question back.
-            self.history.delete_from(self.conversation_id, message.question_id)
-            self.query_one(ChatView).remove_from(message.question_id)
+            # Nothing was answered (the message does not fit): take the question back, into
+            # the editor, for the user to shorten.
+            self._take_back(self.conversation_id, message.question_id)
             if turn is not None:
                 turn.remove()
         self.show_status(note="")
         self.notify(message.reason, severity="error", timeout=15)
+
+    def _take_back(self, conversation_id: int, question_id: int) -> None:
+        view = self.query_one(ChatView)
+        question = next((t for t in view.turns() if t.message_id == question_id), None)
+        self.history.delete_from(conversation_id, question_id)
+        view.remove_from(question_id)
+        prompt = self.query_one(PromptInput)
+        if isinstance(question, UserTurn) and not prompt.text:
+            prompt.text = question.text
+            prompt.move_cursor(prompt.document.end)
+        conversation = self.history.get(conversation_id)
+        if all(m.role == "system" for m in conversation.messages):
+            # It was the first message: no conversation begins (nor keeps its title).
+            self.history.delete(conversation_id)
+            self.conversation_id = None
+            self.new_system = conversation.system_prompt
+            self.refresh_conversations()
 
     async def _end_reply(self, status: str) -> None:
         if self.stream is not None:

@@ -357,15 +357,22 @@ async def test_a_model_that_fails_to_load_leaves_the_app_usable(home):
         assert stored(app).messages[-1].status == "complete"
 
 
-async def test_a_message_too_long_for_the_context_is_an_error_not_a_crash(home):
+async def test_a_message_too_long_for_the_context_stays_in_the_editor_to_shorten(home):
     app = app_for(home, ctx=64)
+    long_message = "the quick brown fox " * 40
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        await send(pilot, app, "the quick brown fox " * 40)
+        await send(pilot, app, long_message)
         assert any("context of 64" in str(n.message) for n in app._notifications)
         assert [t for t in turns(app) if isinstance(t, UserTurn)] == []
+        # The question is not kept in the history, nor the conversation it would have begun.
+        assert HistoryStore(home.history_db).conversations() == []
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == long_message
+        assert prompt.cursor_location == prompt.document.end
         await send(pilot, app, "Short")
         assert stored(app).messages[-1].status == "complete"
+        assert stored(app).summary.title == "Short"
 
 
 async def test_turns_the_model_no_longer_sees_are_marked(home):

@@ -223,7 +223,7 @@ class LlamaChatApp(App):
             self.notify("a reply is being written: Esc stops it", severity="warning")
             return
         self.conversation_id = conversation_id
-        self.editing = None
+        self._edit(None)
         conversation = self.history.get(conversation_id)
         self.query_one(ChatView).show(conversation)
         self.query_one(ConversationList).select(conversation_id)
@@ -239,7 +239,7 @@ class LlamaChatApp(App):
             self.notify("a reply is being written: Esc stops it", severity="warning")
             return
         self.conversation_id = None
-        self.editing = None
+        self._edit(None)
         self.new_system = self.options.system
         self.query_one(ChatView).show(None)
         self.query_one(ConversationList).highlighted = None
@@ -260,7 +260,7 @@ class LlamaChatApp(App):
         if self.editing is not None and self.conversation_id is not None:
             self.history.delete_from(self.conversation_id, self.editing)
             view.remove_from(self.editing)
-            self.editing = None
+            self._edit(None)
         if self.conversation_id is None:
             self.conversation_id = self.history.create(
                 model=self.model_name, system_prompt=self.new_system
@@ -396,9 +396,8 @@ class LlamaChatApp(App):
         if self.generating:
             self.cancel.set()
         elif self.editing is not None:
-            self.editing = None
+            self._edit(None)
             self.query_one(PromptInput).clear()
-            self.show_status(note="")
 
     def action_regenerate(self) -> None:
         last = self.query_one(ChatView).last(ReplyTurn)
@@ -411,23 +410,23 @@ class LlamaChatApp(App):
         last.remove()
         self.generate()
 
-    def on_key(self, event) -> None:
-        """Up in an empty editor takes the last message back for editing."""
-        prompt = self.query_one(PromptInput)
-        if event.key == "up" and prompt.has_focus and not prompt.text and not self.generating:
-            event.stop()
-            self.action_edit_last()
-
+    @on(PromptInput.EditLast)
     def action_edit_last(self) -> None:
         last = self.query_one(ChatView).last(UserTurn)
         if last is None or last.message_id is None or self.generating:
             return
-        self.editing = last.message_id
+        self._edit(last.message_id)
         prompt = self.query_one(PromptInput)
-        prompt.text = last.text
-        prompt.move_cursor(prompt.document.end)
+        prompt.edit_message(last.text)
         prompt.focus()
-        self.show_status(note="editing your last message: Enter resends, Esc cancels")
+
+    def _edit(self, message_id: int | None) -> None:
+        """Start (or with None, end) editing the user message `message_id`, marked in the view."""
+        self.editing = message_id
+        for turn in self.query_one(ChatView).turns():
+            turn.set_class(message_id is not None and turn.message_id == message_id, "editing")
+        if message_id is None:
+            self.query_one(PromptInput).end_editing()
 
     # System prompt and model
 

@@ -109,9 +109,16 @@ async def test_edit_last_message_and_resend(home):
         await pilot.press("up")  # the editor is empty: take the last message back
         prompt = app.query_one(PromptInput)
         assert prompt.text == "What is a fox?" and app.editing is not None
+        assert prompt.cursor_location == prompt.document.end
+        assert "editing your message" in str(prompt.border_title)
+        edited = [t for t in turns(app) if t.has_class("editing")]
+        assert [t.text for t in edited] == ["What is a fox?"]
+        await pilot.press("backspace", *"x?")  # typing goes at the end
+        assert prompt.text == "What is a fox?"[:-1] + "x?"
         prompt.text = "What is a dog?"
         await pilot.press("enter")
         await settle(pilot, app)
+        assert not prompt.border_title and not [t for t in turns(app) if t.has_class("editing")]
         contents = [(m.role, m.content) for m in stored(app).messages]
         assert [c for r, c in contents if r == "user"] == ["Hello", "What is a dog?"]
         assert [r for r, _ in contents] == ["user", "assistant", "user", "assistant"]
@@ -119,6 +126,20 @@ async def test_edit_last_message_and_resend(home):
             "Hello",
             "What is a dog?",
         ]
+
+
+async def test_escape_cancels_editing_and_says_so_no_more(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello")
+        await pilot.press("up")
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == "Hello" and prompt.border_title
+        await pilot.press("escape")
+        assert prompt.text == "" and app.editing is None and not prompt.border_title
+        assert not [t for t in turns(app) if t.has_class("editing")]
+        assert [m.content for m in stored(app).messages if m.role == "user"] == ["Hello"]
 
 
 async def test_new_chat_then_switch_back_and_continue(home):

@@ -181,3 +181,26 @@ def test_a_saved_bad_theme_no_longer_stops_the_app(long_writer, tmp_path, tmux, 
     screen = tmux.wait_for(lambda screen: "EXITED" in screen, timeout=QUIT_BOUND_S)
     assert "EXITED 0" in screen and "Traceback" not in screen, screen
     assert (home / "config.toml").read_text() == 'theme = "bad"\n'  # kept for when it is fixed
+
+
+def test_up_takes_the_last_message_back_with_the_cursor_at_its_end(long_writer, tmp_path, tmux):
+    env = terminal_env(cli_env(tmp_path), tmp_path / "home", long_writer)
+    tmux.start(llamachat_line(env, "-m", "long", "--device", "cpu", "--max-tokens", "8"))
+    tmux.wait_for(lambda screen: "long · cpu" in screen and "Message (Enter sends" in screen)
+    tmux.keys("Hello there", "Enter")
+    tmux.wait_for(lambda screen: "tok/s" in screen)
+    tmux.keys("Up")
+    tmux.wait_for(lambda screen: "Hello there " in editor_row(screen), timeout=QUIT_BOUND_S)
+    # Two sends: tmux writes keys of one call at once, and Textual reads Backspace and a
+    # character that arrive together as something else.
+    tmux.keys("BSpace")  # at the end: the last letter goes...
+    tmux.wait_for(lambda screen: "Hello ther " in editor_row(screen), timeout=QUIT_BOUND_S)
+    tmux.keys("!")  # ...and what is typed follows
+    tmux.wait_for(lambda screen: "Hello ther! " in editor_row(screen), timeout=QUIT_BOUND_S)
+
+
+def editor_row(screen: str) -> str:
+    """The first row of the editor, under its border saying that a message is being edited."""
+    rows = screen.splitlines()
+    titled = [index for index, row in enumerate(rows) if "editing your message" in row]
+    return rows[titled[0] + 1] if titled else ""

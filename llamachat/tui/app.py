@@ -35,12 +35,14 @@ from .screens.help import HelpScreen
 from .screens.search import SearchScreen
 from .screens.system_prompt import PromptChoice, SystemPromptScreen
 from .themes import DEFAULT_THEME, css_problem, load_themes, shipped_theme_folders
-from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn
+from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn, marker
 from .widgets.conversation_list import ConversationList
 from .widgets.prompt_input import PromptInput
 from .widgets.status_bar import Status, StatusBar
 
 _CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+# The history's status of a reply, from the engine's finish reason (the rest: complete).
+_REPLY_STATUS = {"cancelled": "interrupted", "length": "length", "context": "length"}
 
 
 @dataclass(frozen=True)
@@ -332,14 +334,17 @@ class LlamaChatApp(App):
 
     async def on_reply_done(self, message: ReplyDone) -> None:
         stats = message.stats
-        await self._end_reply("interrupted" if stats.finish_reason == "cancelled" else "complete")
+        status = _REPLY_STATUS.get(stats.finish_reason, "complete")
+        await self._end_reply(status, stats.finish_reason)
         self.show_status(
             context_used=stats.prompt_tokens + stats.generated_tokens,
             time_to_first_token_ms=stats.time_to_first_token_s * 1000,
             tokens_per_s=stats.decode_tokens_per_s,
             reused_tokens=stats.reused_tokens,
-            note="stopped" if stats.finish_reason == "cancelled" else "",
+            note=marker(status, stats.finish_reason),
         )
+        if stats.finish_reason == "context":
+            self.notify(self._context_full_notice(), severity="warning", timeout=20)
         if self.conversation_id is not None and self.model_name:
             self.history.set_model(self.conversation_id, self.model_name)
         self.refresh_conversations()
@@ -373,11 +378,24 @@ class LlamaChatApp(App):
             self.new_system = conversation.system_prompt
             self.refresh_conversations()
 
-    async def _end_reply(self, status: str) -> None:
+    def _context_full_notice(self) -> str:
+        ctx = self.session.ctx if self.session is not None else 0
+        most = self.model.context_length if self.model is not None else 0
+        room = (
+            f"; a larger --ctx (this model takes up to {most:,}) gives more room"
+            if most > ctx
+            else ""
+        )
+        return (
+            f"The context is full ({ctx:,} tokens): the reply was cut. Ctrl+N starts a new "
+            f"chat{room}; going on here leaves out the oldest turns."
+        )
+
+    async def _end_reply(self, status: str, finish_reason: str | None = None) -> None:
         if self.stream is not None:
             await self.stream.stop()
         if self.reply_turn is not None:
-            self.reply_turn.set_status(status)
+            self.reply_turn.set_status(status, finish_reason)
         self.query_one(ChatView).settle()
         self.stream = None
         self.generating = False

@@ -32,7 +32,7 @@ from ..settings import save as save_settings
 from .messages import ModelFailed, ModelReady, ReplyDone, ReplyFailed, ReplyPiece, ReplyStarted
 from .screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
 from .screens.help import HelpScreen
-from .screens.search import SearchScreen
+from .screens.search import Found, SearchScreen
 from .screens.system_prompt import PromptChoice, SystemPromptScreen
 from .themes import DEFAULT_THEME, css_problem, load_themes, shipped_theme_folders
 from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn, marker
@@ -490,9 +490,11 @@ class LlamaChatApp(App):
     def action_search(self) -> None:
         self.push_screen(SearchScreen(self.history), self._open_found)
 
-    def _open_found(self, conversation_id: int | None) -> None:
-        if conversation_id is not None:
-            self.open_conversation(conversation_id)
+    def _open_found(self, found: Found | None) -> None:
+        if found is not None:
+            self.open_conversation(found.conversation_id)
+            if self.conversation_id == found.conversation_id:
+                self.query_one(ChatView).reveal(found.message_id)
 
     def action_rename(self) -> None:
         target = self._target_conversation()

@@ -3,22 +3,11 @@ by the full context (with a notice saying what to do), failed."""
 
 from __future__ import annotations
 
-import html
-import re
-
 from llamachat.history.store import HistoryStore
 from llamachat.tui.widgets.chat_view import ChatView, ReplyTurn
 from llamachat.tui.widgets.prompt_input import PromptInput
 from tests.tui.conftest import app_for, settle
-
-
-def on_screen(app) -> list[str]:
-    """The rows the terminal shows, from the app's own screenshot (an SVG of text runs)."""
-    rows: dict[int, str] = {}
-    runs = re.findall(r'<text [^>]*line-(\d+)\)">(.*?)</text>', app.export_screenshot())
-    for row, text in runs:
-        rows[int(row)] = rows.get(int(row), "") + html.unescape(text).replace("\xa0", " ")
-    return [rows.get(row, "") for row in range(max(rows) + 1)]
+from tests.tui.screen import on_screen
 
 
 def last_reply(app) -> ReplyTurn:

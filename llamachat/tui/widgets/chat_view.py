@@ -91,6 +91,17 @@ class ChatView(VerticalScroll):
             if turn.message_id is not None and turn.message_id >= message_id:
                 turn.remove()
 
+    def reveal(self, message_id: int) -> None:
+        """Highlight the turn of `message_id` and scroll it into view (a search hit)."""
+        found = None
+        for turn in self.turns():
+            turn.set_class(turn.message_id == message_id, "found")
+            if turn.message_id == message_id:
+                found = turn
+        if found is not None:
+            self.anchor(False)  # stay at the turn, not at the end, while the replies render
+            self.call_after_refresh(self.scroll_to_widget, found, animate=False, top=True)
+
     def mark_unseen(self, message_ids: set[int]) -> None:
         for turn in self.turns():
             turn.set_class(turn.message_id in message_ids, "unseen")

@@ -47,6 +47,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dtype", str, "float32, bfloat16 or float16"),
     Setting("quantize", str, "weight format: " + ", ".join(QUANTIZE_CHOICES), QUANTIZE_CHOICES),
     Setting("theme", str, "chat app theme"),
+    Setting("export_dir", str, "folder the chat app exports to (default: the current one)"),
 )
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
 
@@ -67,6 +68,7 @@ class Settings:
     dtype: str | None = None
     quantize: str | None = None
     theme: str | None = None
+    export_dir: str | None = None
 
     def items(self) -> list[tuple[str, Any]]:
         """The keys that are set, in the documented order."""

@@ -7,6 +7,8 @@ reply streams. Every turn goes to the history as it happens.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import threading
 from collections.abc import Iterable
@@ -27,6 +29,7 @@ from ..history.store import HistoryStore, ReplyRecorder
 from ..home import Home
 from ..models.errors import StoreError
 from ..models.store import ModelStore
+from ..settings import SettingsError
 from ..settings import load as load_settings
 from ..settings import save as save_settings
 from .messages import ModelFailed, ModelReady, ReplyDone, ReplyFailed, ReplyPiece, ReplyStarted
@@ -540,8 +543,18 @@ class LlamaChatApp(App):
             return
         conversation = self.history.get(self.conversation_id)
         text = to_json(conversation) if kind == "json" else to_markdown(conversation)
-        path = Path.cwd() / f"llamachat-{conversation.id}.{kind}"
-        path.write_text(text, encoding="utf-8")
+        try:
+            configured = load_settings(self.home.config_file).export_dir
+        except SettingsError as error:
+            self.notify(f"cannot export: {error}", severity="error", timeout=15)
+            return
+        folder = Path.cwd() / Path(configured or ".").expanduser()
+        try:
+            path = _write_new(folder, f"llamachat-{conversation.id}", kind, text)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            self.notify(f"cannot export to {folder}: {reason}", severity="error", timeout=15)
+            return
         self.notify(f"exported to {path}")
 
     def action_copy_reply(self) -> None:
@@ -624,6 +637,26 @@ def _describe(error: BaseException) -> str:
         hint = "out of GPU memory: start with a smaller --ctx, or pick a smaller model"
         return f"{text.splitlines()[0]} — {hint}"
     return text.splitlines()[0]
+
+
+def _write_new(folder: Path, stem: str, suffix: str, text: str) -> Path:
+    """Write `text` to folder/STEM.SUFFIX, else STEM-2.SUFFIX, -3…: never over an earlier file
+    (an export the user kept, perhaps edited). Private, as the history is."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        path = folder / (f"{stem}.{suffix}" if number == 1 else f"{stem}-{number}.{suffix}")
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+                file.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True)  # no half-written export left behind (a full disk)
+            raise
+        return path
+    raise AssertionError("unreachable")
 
 
 def make_app(home: Home, options: ChatAppOptions) -> LlamaChatApp:

@@ -178,6 +178,11 @@ class LlamaChatApp(App):
             if settings.theme != theme:
                 save_settings(self.home.config_file, replace(settings, theme=theme))
 
+    def _closing_down(self) -> bool:
+        """True once the app has begun to close: a worker's late message (a model that finished
+        loading, the end of a cancelled reply) finds its widgets gone and is dropped."""
+        return not self.is_running
+
     # The model
 
     def start_loading(self, name: str) -> None:
@@ -204,6 +209,8 @@ class LlamaChatApp(App):
         self.post_message(ModelReady(name, model, session))
 
     def on_model_ready(self, message: ModelReady) -> None:
+        if self._closing_down():
+            return
         self.model, self.session, self.model_name = message.model, message.session, message.name
         dtype = str(self.model.dtype).removeprefix("torch.")
         weights = f" {self.model.quantization}" if self.model.quantization else ""
@@ -213,6 +220,8 @@ class LlamaChatApp(App):
         self.update_context_meter()
 
     def on_model_failed(self, message: ModelFailed) -> None:
+        if self._closing_down():
+            return
         self.show_status(model=message.name, device="", note="failed to load")
         self.notify(
             f"{message.name} failed to load: {message.reason}", severity="error", timeout=15
@@ -324,18 +333,24 @@ class LlamaChatApp(App):
         self.post_message(ReplyDone(reply.stats))
 
     def on_reply_started(self, message: ReplyStarted) -> None:
+        if self._closing_down():
+            return
         if self.reply_turn is not None:
             self.reply_turn.message_id = message.message_id
         self.query_one(ChatView).mark_unseen(message.unseen)
         self.show_status(dropped=len(message.unseen), context_used=message.prompt_tokens)
 
     async def on_reply_piece(self, message: ReplyPiece) -> None:
+        if self._closing_down():
+            return
         if self.reply_turn is not None and self.stream is not None:
             self.reply_turn.text += message.text
             await self.stream.write(message.text)
             self.query_one(ChatView).settle()
 
     async def on_reply_done(self, message: ReplyDone) -> None:
+        if self._closing_down():
+            return
         stats = message.stats
         status = _REPLY_STATUS.get(stats.finish_reason, "complete")
         await self._end_reply(status, stats.finish_reason)
@@ -353,6 +368,8 @@ class LlamaChatApp(App):
         self.refresh_conversations()
 
     async def on_reply_failed(self, message: ReplyFailed) -> None:
+        if self._closing_down():
+            return
         turn = self.reply_turn
         await self._end_reply("error")
         if message.question_id is not None and self.conversation_id is not None:

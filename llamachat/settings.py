@@ -48,6 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quantize", str, "weight format: " + ", ".join(QUANTIZE_CHOICES), QUANTIZE_CHOICES),
     Setting("threads", int, "CPU threads (default: the physical cores but one)"),
     Setting("theme", str, "chat app theme"),
+    Setting("export_dir", str, "folder the chat app exports to (default: the current one)"),
 )
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
 
@@ -69,6 +70,7 @@ class Settings:
     quantize: str | None = None
     threads: int | None = None
     theme: str | None = None
+    export_dir: str | None = None
 
     def items(self) -> list[tuple[str, Any]]:
         """The keys that are set, in the documented order."""

@@ -7,6 +7,8 @@ reply streams. Every turn goes to the history as it happens.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import threading
 from collections.abc import Iterable
@@ -27,20 +29,23 @@ from ..history.store import HistoryStore, ReplyRecorder
 from ..home import Home
 from ..models.errors import StoreError
 from ..models.store import ModelStore
+from ..settings import SettingsError
 from ..settings import load as load_settings
 from ..settings import save as save_settings
 from .messages import ModelFailed, ModelReady, ReplyDone, ReplyFailed, ReplyPiece, ReplyStarted
 from .screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
 from .screens.help import HelpScreen
-from .screens.search import SearchScreen
+from .screens.search import Found, SearchScreen
 from .screens.system_prompt import PromptChoice, SystemPromptScreen
-from .themes import DEFAULT_THEME, load_themes, shipped_theme_folders
-from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn
+from .themes import DEFAULT_THEME, css_problem, load_themes, shipped_theme_folders
+from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn, marker
 from .widgets.conversation_list import ConversationList
 from .widgets.prompt_input import PromptInput
 from .widgets.status_bar import Status, StatusBar
 
 _CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+# The history's status of a reply, from the engine's finish reason (the rest: complete).
+_REPLY_STATUS = {"cancelled": "interrupted", "length": "length", "context": "length"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class LlamaChatApp(App):
         Binding("ctrl+t", "change_theme", "Change theme", show=False),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
+        # Not a priority: in an editor with text selected, Ctrl+C copies it first.
+        Binding("ctrl+c", "quit", "Quit (or copy the selection)", show=False),
     ]
 
     def __init__(self, home: Home, options: ChatAppOptions):
@@ -141,14 +148,26 @@ class LlamaChatApp(App):
         self.start_loading(installed.name)
 
     def _register_themes(self, configured: str | None) -> None:
-        themes, problems = load_themes([*shipped_theme_folders(), self.home.themes])
+        defaults = self.get_theme_variable_defaults()
+        themes, problems = load_themes(
+            [*shipped_theme_folders(), self.home.themes],
+            check=lambda theme: css_problem(theme, self.stylesheet, defaults),
+        )
         for theme in themes:
             self.register_theme(theme)
         for problem in problems:
-            self.notify(f"theme {problem.path.name} skipped: {problem.reason}", severity="warning")
+            self.notify(
+                f"theme {problem.path.name} skipped: {problem.reason}",
+                severity="warning",
+                timeout=15,
+            )
         wanted = self.options.theme or configured or DEFAULT_THEME
         if wanted not in self.available_themes:
-            self.notify(f"no theme named {wanted!r}; using {DEFAULT_THEME}", severity="warning")
+            self.notify(
+                f"theme {wanted!r} is missing or broken; using {DEFAULT_THEME}",
+                severity="warning",
+                timeout=15,
+            )
             wanted = DEFAULT_THEME
         self.theme = wanted
         self._theme_ready = True
@@ -159,6 +178,11 @@ class LlamaChatApp(App):
             settings = load_settings(self.home.config_file)
             if settings.theme != theme:
                 save_settings(self.home.config_file, replace(settings, theme=theme))
+
+    def _closing_down(self) -> bool:
+        """True once the app has begun to close: a worker's late message (a model that finished
+        loading, the end of a cancelled reply) finds its widgets gone and is dropped."""
+        return not self.is_running
 
     # The model
 
@@ -188,6 +212,8 @@ class LlamaChatApp(App):
         self.post_message(ModelReady(name, model, session))
 
     def on_model_ready(self, message: ModelReady) -> None:
+        if self._closing_down():
+            return
         self.model, self.session, self.model_name = message.model, message.session, message.name
         dtype = str(self.model.dtype).removeprefix("torch.")
         weights = f" {self.model.quantization}" if self.model.quantization else ""
@@ -197,6 +223,8 @@ class LlamaChatApp(App):
         self.update_context_meter()
 
     def on_model_failed(self, message: ModelFailed) -> None:
+        if self._closing_down():
+            return
         self.show_status(model=message.name, device="", note="failed to load")
         self.notify(
             f"{message.name} failed to load: {message.reason}", severity="error", timeout=15
@@ -212,7 +240,7 @@ class LlamaChatApp(App):
             self.notify("a reply is being written: Esc stops it", severity="warning")
             return
         self.conversation_id = conversation_id
-        self.editing = None
+        self._edit(None)
         conversation = self.history.get(conversation_id)
         self.query_one(ChatView).show(conversation)
         self.query_one(ConversationList).select(conversation_id)
@@ -228,7 +256,7 @@ class LlamaChatApp(App):
             self.notify("a reply is being written: Esc stops it", severity="warning")
             return
         self.conversation_id = None
-        self.editing = None
+        self._edit(None)
         self.new_system = self.options.system
         self.query_one(ChatView).show(None)
         self.query_one(ConversationList).highlighted = None
@@ -249,7 +277,7 @@ class LlamaChatApp(App):
         if self.editing is not None and self.conversation_id is not None:
             self.history.delete_from(self.conversation_id, self.editing)
             view.remove_from(self.editing)
-            self.editing = None
+            self._edit(None)
         if self.conversation_id is None:
             self.conversation_id = self.history.create(
                 model=self.model_name, system_prompt=self.new_system
@@ -308,59 +336,109 @@ class LlamaChatApp(App):
         self.post_message(ReplyDone(reply.stats))
 
     def on_reply_started(self, message: ReplyStarted) -> None:
+        if self._closing_down():
+            return
         if self.reply_turn is not None:
             self.reply_turn.message_id = message.message_id
         self.query_one(ChatView).mark_unseen(message.unseen)
         self.show_status(dropped=len(message.unseen), context_used=message.prompt_tokens)
 
     async def on_reply_piece(self, message: ReplyPiece) -> None:
+        if self._closing_down():
+            return
         if self.reply_turn is not None and self.stream is not None:
             self.reply_turn.text += message.text
             await self.stream.write(message.text)
             self.query_one(ChatView).settle()
 
     async def on_reply_done(self, message: ReplyDone) -> None:
+        if self._closing_down():
+            return
         stats = message.stats
-        await self._end_reply("interrupted" if stats.finish_reason == "cancelled" else "complete")
+        status = _REPLY_STATUS.get(stats.finish_reason, "complete")
+        await self._end_reply(status, stats.finish_reason)
         self.show_status(
             context_used=stats.prompt_tokens + stats.generated_tokens,
             time_to_first_token_ms=stats.time_to_first_token_s * 1000,
             tokens_per_s=stats.decode_tokens_per_s,
             reused_tokens=stats.reused_tokens,
-            note="stopped" if stats.finish_reason == "cancelled" else "",
+            note=marker(status, stats.finish_reason),
         )
+        if stats.finish_reason == "context":
+            self.notify(self._context_full_notice(), severity="warning", timeout=20)
         if self.conversation_id is not None and self.model_name:
             self.history.set_model(self.conversation_id, self.model_name)
         self.refresh_conversations()
 
     async def on_reply_failed(self, message: ReplyFailed) -> None:
+        if self._closing_down():
+            return
         turn = self.reply_turn
         await self._end_reply("error")
         if message.question_id is not None and self.conversation_id is not None:
-            # Nothing was answered (the message does not fit): take the question back.
-            self.history.delete_from(self.conversation_id, message.question_id)
-            self.query_one(ChatView).remove_from(message.question_id)
+            # Nothing was answered (the message does not fit): take the question back, into
+            # the editor, for the user to shorten.
+            self._take_back(self.conversation_id, message.question_id)
             if turn is not None:
                 turn.remove()
         self.show_status(note="")
         self.notify(message.reason, severity="error", timeout=15)
 
-    async def _end_reply(self, status: str) -> None:
+    def _take_back(self, conversation_id: int, question_id: int) -> None:
+        view = self.query_one(ChatView)
+        question = next((t for t in view.turns() if t.message_id == question_id), None)
+        self.history.delete_from(conversation_id, question_id)
+        view.remove_from(question_id)
+        prompt = self.query_one(PromptInput)
+        if isinstance(question, UserTurn) and not prompt.text:
+            prompt.text = question.text
+            prompt.move_cursor(prompt.document.end)
+        conversation = self.history.get(conversation_id)
+        if all(m.role == "system" for m in conversation.messages):
+            # It was the first message: no conversation begins (nor keeps its title).
+            self.history.delete(conversation_id)
+            self.conversation_id = None
+            self.new_system = conversation.system_prompt
+            self.refresh_conversations()
+
+    def _context_full_notice(self) -> str:
+        ctx = self.session.ctx if self.session is not None else 0
+        most = self.model.context_length if self.model is not None else 0
+        room = (
+            f"; a larger --ctx (this model takes up to {most:,}) gives more room"
+            if most > ctx
+            else ""
+        )
+        return (
+            f"The context is full ({ctx:,} tokens): the reply was cut. Ctrl+N starts a new "
+            f"chat{room}; going on here leaves out the oldest turns."
+        )
+
+    async def _end_reply(self, status: str, finish_reason: str | None = None) -> None:
         if self.stream is not None:
             await self.stream.stop()
         if self.reply_turn is not None:
-            self.reply_turn.set_status(status)
+            self.reply_turn.set_status(status, finish_reason)
         self.query_one(ChatView).settle()
         self.stream = None
         self.generating = False
+
+    def exit(self, *args: Any, **kwargs: Any) -> None:
+        """Quitting stops the reply being written. The app's event loop waits for its worker
+        threads when it closes, so it ends once the worker has saved what was written (as
+        interrupted), within a token, not when the reply would have ended."""
+        self.cancel.set()
+        super().exit(*args, **kwargs)
+
+    def on_unmount(self) -> None:
+        self.cancel.set()  # however the app ends, the reply worker must not write on
 
     def action_stop(self) -> None:
         if self.generating:
             self.cancel.set()
         elif self.editing is not None:
-            self.editing = None
+            self._edit(None)
             self.query_one(PromptInput).clear()
-            self.show_status(note="")
 
     def action_regenerate(self) -> None:
         last = self.query_one(ChatView).last(ReplyTurn)
@@ -373,23 +451,23 @@ class LlamaChatApp(App):
         last.remove()
         self.generate()
 
-    def on_key(self, event) -> None:
-        """Up in an empty editor takes the last message back for editing."""
-        prompt = self.query_one(PromptInput)
-        if event.key == "up" and prompt.has_focus and not prompt.text and not self.generating:
-            event.stop()
-            self.action_edit_last()
-
+    @on(PromptInput.EditLast)
     def action_edit_last(self) -> None:
         last = self.query_one(ChatView).last(UserTurn)
         if last is None or last.message_id is None or self.generating:
             return
-        self.editing = last.message_id
+        self._edit(last.message_id)
         prompt = self.query_one(PromptInput)
-        prompt.text = last.text
-        prompt.move_cursor(prompt.document.end)
+        prompt.edit_message(last.text)
         prompt.focus()
-        self.show_status(note="editing your last message: Enter resends, Esc cancels")
+
+    def _edit(self, message_id: int | None) -> None:
+        """Start (or with None, end) editing the user message `message_id`, marked in the view."""
+        self.editing = message_id
+        for turn in self.query_one(ChatView).turns():
+            turn.set_class(message_id is not None and turn.message_id == message_id, "editing")
+        if message_id is None:
+            self.query_one(PromptInput).end_editing()
 
     # System prompt and model
 
@@ -435,9 +513,11 @@ class LlamaChatApp(App):
     def action_search(self) -> None:
         self.push_screen(SearchScreen(self.history), self._open_found)
 
-    def _open_found(self, conversation_id: int | None) -> None:
-        if conversation_id is not None:
-            self.open_conversation(conversation_id)
+    def _open_found(self, found: Found | None) -> None:
+        if found is not None:
+            self.open_conversation(found.conversation_id)
+            if self.conversation_id == found.conversation_id:
+                self.query_one(ChatView).reveal(found.message_id)
 
     def action_rename(self) -> None:
         target = self._target_conversation()
@@ -483,8 +563,18 @@ class LlamaChatApp(App):
             return
         conversation = self.history.get(self.conversation_id)
         text = to_json(conversation) if kind == "json" else to_markdown(conversation)
-        path = Path.cwd() / f"llamachat-{conversation.id}.{kind}"
-        path.write_text(text, encoding="utf-8")
+        try:
+            configured = load_settings(self.home.config_file).export_dir
+        except SettingsError as error:
+            self.notify(f"cannot export: {error}", severity="error", timeout=15)
+            return
+        folder = Path.cwd() / Path(configured or ".").expanduser()
+        try:
+            path = _write_new(folder, f"llamachat-{conversation.id}", kind, text)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            self.notify(f"cannot export to {folder}: {reason}", severity="error", timeout=15)
+            return
         self.notify(f"exported to {path}")
 
     def action_copy_reply(self) -> None:
@@ -567,6 +657,26 @@ def _describe(error: BaseException) -> str:
         hint = "out of GPU memory: start with a smaller --ctx, or pick a smaller model"
         return f"{text.splitlines()[0]} — {hint}"
     return text.splitlines()[0]
+
+
+def _write_new(folder: Path, stem: str, suffix: str, text: str) -> Path:
+    """Write `text` to folder/STEM.SUFFIX, else STEM-2.SUFFIX, -3…: never over an earlier file
+    (an export the user kept, perhaps edited). Private, as the history is."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        path = folder / (f"{stem}.{suffix}" if number == 1 else f"{stem}-{number}.{suffix}")
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+                file.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True)  # no half-written export left behind (a full disk)
+            raise
+        return path
+    raise AssertionError("unreachable")
 
 
 def make_app(home: Home, options: ChatAppOptions) -> LlamaChatApp:

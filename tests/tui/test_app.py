@@ -71,6 +71,22 @@ async def test_escape_stops_the_reply_and_keeps_what_was_written(home):
         assert reply.content == turns(app)[-1].text
 
 
+async def test_ctrl_c_copies_a_selection_in_the_editor_and_quits_otherwise(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        prompt = app.query_one(PromptInput)
+        prompt.focus()
+        prompt.text = "keep this"
+        prompt.select_all()
+        await pilot.press("ctrl+c")
+        assert app.clipboard == "keep this" and app.is_running
+        prompt.move_cursor(prompt.document.end)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert not app.is_running
+
+
 async def test_regenerate_replaces_the_last_reply_reusing_the_cache(home):
     app = app_for(home)
     async with app.run_test() as pilot:
@@ -93,9 +109,16 @@ async def test_edit_last_message_and_resend(home):
         await pilot.press("up")  # the editor is empty: take the last message back
         prompt = app.query_one(PromptInput)
         assert prompt.text == "What is a fox?" and app.editing is not None
+        assert prompt.cursor_location == prompt.document.end
+        assert "editing your message" in str(prompt.border_title)
+        edited = [t for t in turns(app) if t.has_class("editing")]
+        assert [t.text for t in edited] == ["What is a fox?"]
+        await pilot.press("backspace", *"x?")  # typing goes at the end
+        assert prompt.text == "What is a fox?"[:-1] + "x?"
         prompt.text = "What is a dog?"
         await pilot.press("enter")
         await settle(pilot, app)
+        assert not prompt.border_title and not [t for t in turns(app) if t.has_class("editing")]
         contents = [(m.role, m.content) for m in stored(app).messages]
         assert [c for r, c in contents if r == "user"] == ["Hello", "What is a dog?"]
         assert [r for r, _ in contents] == ["user", "assistant", "user", "assistant"]
@@ -103,6 +126,20 @@ async def test_edit_last_message_and_resend(home):
             "Hello",
             "What is a dog?",
         ]
+
+
+async def test_escape_cancels_editing_and_says_so_no_more(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello")
+        await pilot.press("up")
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == "Hello" and prompt.border_title
+        await pilot.press("escape")
+        assert prompt.text == "" and app.editing is None and not prompt.border_title
+        assert not [t for t in turns(app) if t.has_class("editing")]
+        assert [m.content for m in stored(app).messages if m.role == "user"] == ["Hello"]
 
 
 async def test_new_chat_then_switch_back_and_continue(home):
@@ -346,15 +383,22 @@ async def test_a_model_that_fails_to_load_leaves_the_app_usable(home):
         assert stored(app).messages[-1].status == "complete"
 
 
-async def test_a_message_too_long_for_the_context_is_an_error_not_a_crash(home):
+async def test_a_message_too_long_for_the_context_stays_in_the_editor_to_shorten(home):
     app = app_for(home, ctx=64)
+    long_message = "the quick brown fox " * 40
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        await send(pilot, app, "the quick brown fox " * 40)
+        await send(pilot, app, long_message)
         assert any("context of 64" in str(n.message) for n in app._notifications)
         assert [t for t in turns(app) if isinstance(t, UserTurn)] == []
+        # The question is not kept in the history, nor the conversation it would have begun.
+        assert HistoryStore(home.history_db).conversations() == []
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == long_message
+        assert prompt.cursor_location == prompt.document.end
         await send(pilot, app, "Short")
         assert stored(app).messages[-1].status == "complete"
+        assert stored(app).summary.title == "Short"
 
 
 async def test_turns_the_model_no_longer_sees_are_marked(home):

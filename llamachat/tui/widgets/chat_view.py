@@ -30,16 +30,36 @@ class SystemNote(Static, Turn):
 
 
 class ReplyTurn(Markdown, Turn):
-    def __init__(self, text: str = "", message_id: int | None = None, status: str = "complete"):
+    def __init__(
+        self,
+        text: str = "",
+        message_id: int | None = None,
+        status: str = "complete",
+        finish_reason: str | None = None,
+    ):
         super().__init__(text, classes="turn assistant")
         self.message_id = message_id
         self.text = text
-        self.set_status(status)
+        self.set_status(status, finish_reason)
 
-    def set_status(self, status: str) -> None:
+    def set_status(self, status: str, finish_reason: str | None = None) -> None:
+        """Mark how the reply ended: `status` is the history's (complete, interrupted, length,
+        error...), `finish_reason` the engine's (stop, length, context, cancelled) when known."""
         self.set_class(status == "interrupted", "interrupted")
         self.set_class(status == "error", "error")
-        self.border_subtitle = {"interrupted": "stopped", "error": "failed"}.get(status, "")
+        self.set_class(status == "length", "cut")
+        self.border_subtitle = marker(status, finish_reason)
+        self.set_class(bool(self.border_subtitle), "marked")
+
+
+def marker(status: str, finish_reason: str | None = None) -> str:
+    """What a reply that did not end by itself says on its edge ("" for one that did)."""
+    if status == "length":
+        return _CUT.get(finish_reason or "", "cut: limit reached")
+    return {"interrupted": "stopped", "error": "failed"}.get(status, "")
+
+
+_CUT = {"length": "cut: token limit", "context": "cut: context full"}
 
 
 class ChatView(VerticalScroll):
@@ -71,6 +91,17 @@ class ChatView(VerticalScroll):
             if turn.message_id is not None and turn.message_id >= message_id:
                 turn.remove()
 
+    def reveal(self, message_id: int) -> None:
+        """Highlight the turn of `message_id` and scroll it into view (a search hit)."""
+        found = None
+        for turn in self.turns():
+            turn.set_class(turn.message_id == message_id, "found")
+            if turn.message_id == message_id:
+                found = turn
+        if found is not None:
+            self.anchor(False)  # stay at the turn, not at the end, while the replies render
+            self.call_after_refresh(self.scroll_to_widget, found, animate=False, top=True)
+
     def mark_unseen(self, message_ids: set[int]) -> None:
         for turn in self.turns():
             turn.set_class(turn.message_id in message_ids, "unseen")
@@ -81,4 +112,7 @@ def _widget(message: Message) -> Turn:
         return UserTurn(message.content, message.id)
     if message.role == "system":
         return SystemNote(message.content, message.id)
-    return ReplyTurn(message.content, message.id, message.status)
+    # finish_reason: a column of newer histories; older ones only have the status.
+    return ReplyTurn(
+        message.content, message.id, message.status, getattr(message, "finish_reason", None)
+    )

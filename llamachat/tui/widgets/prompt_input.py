@@ -1,4 +1,5 @@
-"""The message editor: multi-line, Enter sends, Shift+Enter or Ctrl+J starts a new line."""
+"""The message editor: multi-line, Enter sends, Shift+Enter or Ctrl+J starts a new line, and ↑ in
+an empty editor asks for the last message back, to edit and resend."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from textual.widgets import TextArea
 
 
 class PromptInput(TextArea):
+    EDITING_TITLE = "editing your message — Enter resends, Esc cancels"
+
     @dataclass
     class Submitted(Message):
         text: str
+
+    class EditLast(Message):
+        """↑ in the empty editor: the user wants their last message back."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(
@@ -23,7 +29,23 @@ class PromptInput(TextArea):
             **kwargs,
         )
 
+    def edit_message(self, text: str) -> None:
+        """Show `text` to be edited, the cursor at its end, and say so on the border."""
+        self.text = text
+        self.move_cursor(self.document.end)
+        self.border_title = self.EDITING_TITLE
+
+    def end_editing(self) -> None:
+        self.border_title = None
+
     async def _on_key(self, event: events.Key) -> None:
+        if event.key == "up" and not self.text:
+            # Handled here, before the cursor's own binding: the app's handling of a key comes
+            # after that binding has moved the cursor (to the start of the recalled text).
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.EditLast())
+            return
         if event.key == "enter":
             event.stop()
             event.prevent_default()

@@ -28,6 +28,7 @@ from ..history.recording import recorded
 from ..history.store import HistoryStore, ReplyRecorder
 from ..home import Home
 from ..models.errors import StoreError
+from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
 from ..settings import SettingsError
 from ..settings import load as load_settings
@@ -107,6 +108,7 @@ class LlamaChatApp(App):
         self.models = ModelStore(home.models)
         self.model: Any = None  # engine.ChatModel, once loaded
         self.session: Any = None  # engine.ChatSession on it
+        self.reply_defaults = ReplyDefaults()  # the loaded model's, for what options leave open
         self.model_name: str | None = None
         self.conversation_id: int | None = None
         self.new_system = options.system  # the system prompt a new conversation starts with
@@ -209,12 +211,13 @@ class LlamaChatApp(App):
         except Exception as error:  # shown in the app: a bad model must not kill it
             self.post_message(ModelFailed(name, _describe(error)))
             return
-        self.post_message(ModelReady(name, model, session))
+        self.post_message(ModelReady(name, model, session, reply_defaults(installed.path)))
 
     def on_model_ready(self, message: ModelReady) -> None:
         if self._closing_down():
             return
         self.model, self.session, self.model_name = message.model, message.session, message.name
+        self.reply_defaults = message.defaults
         dtype = str(self.model.dtype).removeprefix("torch.")
         weights = f" {self.model.quantization}" if self.model.quantization else ""
         self.show_status(
@@ -319,8 +322,10 @@ class LlamaChatApp(App):
         from ..engine import ContextOverflowError, SamplingParams
 
         try:
-            sampling = SamplingParams(**self.options.sampling)
-            reply = self.session.reply(messages, sampling, self.options.max_tokens, cancel=cancel)
+            defaults = self.reply_defaults
+            sampling = SamplingParams(**defaults.sampling_with(self.options.sampling))
+            limit = self.options.max_tokens or defaults.max_tokens
+            reply = self.session.reply(messages, sampling, limit, cancel=cancel)
         except (ContextOverflowError, ValueError) as error:
             self.post_message(ReplyFailed(str(error), question_id))
             return

@@ -7,12 +7,15 @@ from typing import Any
 
 from textual.message import Message
 
+from ..models.reply_defaults import ReplyDefaults
+
 
 @dataclass
 class ModelReady(Message):
     name: str
     model: Any  # engine.ChatModel
     session: Any  # engine.ChatSession
+    defaults: ReplyDefaults  # the model's advice for what the options leave open
 
 
 @dataclass

@@ -118,7 +118,7 @@ class LlamaChatApp(App):
             with Vertical(id="main"):
                 yield ChatView(id="chat")
                 yield PromptInput(id="prompt")
-                yield StatusBar(id="status")
+        yield StatusBar(id="status")  # the terminal's whole width: it has the most to say
         yield Footer()
 
     def on_mount(self) -> None:
@@ -273,7 +273,13 @@ class LlamaChatApp(App):
         self.stream = Markdown.get_stream(self.reply_turn)
         self.cancel = threading.Event()
         self.generating = True
-        self.show_status(note="writing… (Esc stops)")
+        # The figures shown so far were the last reply's: none for this one yet.
+        self.show_status(
+            note="writing… (Esc stops)",
+            time_to_first_token_ms=None,
+            tokens_per_s=None,
+            reused_tokens=None,
+        )
         self.run_reply(self.conversation_id, messages, ids, question_id, self.cancel)
 
     @work(thread=True, group="reply")

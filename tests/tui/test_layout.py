@@ -1,0 +1,171 @@
+"""The chat app's layout in small and large terminals, driven with the Pilot against real tiny
+models: the status bar, the dialogs at 80x24, the sidebar, replies' Markdown, focus and keys."""
+
+from __future__ import annotations
+
+import pytest
+from textual.color import Color
+
+from llamachat.tui.widgets.prompt_input import PromptInput
+from llamachat.tui.widgets.status_bar import Status, StatusBar, status_text
+from tests.tui.conftest import app_for, settle
+
+SMALL = (80, 24)
+LARGE = (120, 40)
+SHIPPED_THEMES = ["llamachat-dark", "llamachat-light", "high-contrast", "campfire"]
+
+
+def bar_text(app) -> str:
+    bar = app.query_one(StatusBar)
+    text = str(bar.render())
+    assert len(text) <= bar.size.width, f"{text!r} is cut at {bar.size.width} columns"
+    return text
+
+
+async def start_reply(pilot, app, text: str) -> None:
+    prompt = app.query_one(PromptInput)
+    prompt.focus()
+    prompt.text = text
+    await pilot.press("enter")
+    assert app.generating, "the reply ended before the test could look at it"
+
+
+async def stopped_reply(pilot, app, text: str = "Tell me everything") -> None:
+    await start_reply(pilot, app, text)
+    await pilot.press("escape")
+    await settle(pilot, app)
+
+
+# The status bar
+
+
+async def test_while_a_reply_streams_the_status_bar_says_so_not_the_last_replys_speed(home):
+    app = app_for(home, max_tokens=900)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot, app)
+        await stopped_reply(pilot, app)
+        assert "tok/s" in bar_text(app)
+        await start_reply(pilot, app, "And again")
+        writing = bar_text(app)
+        assert "writing" in writing
+        assert "tok/s" not in writing and "TTFT" not in writing and "reused" not in writing
+        await pilot.press("escape")
+        await settle(pilot, app)
+        assert "stopped" in bar_text(app)
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x40"])
+async def test_the_status_bar_fits_the_terminal_and_keeps_the_state_and_the_context(home, size):
+    app = app_for(home, max_tokens=900)
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, app)
+        await stopped_reply(pilot, app)
+        text = bar_text(app)
+        assert text.startswith("tiny · ") and "stopped" in text and "ctx " in text
+        if size == LARGE:
+            for part in ("cpu float32", "░", "TTFT", "tok/s", "reused"):
+                assert part in text
+
+
+async def test_the_status_bar_is_laid_out_again_when_the_terminal_is_resized(home):
+    app = app_for(home, max_tokens=900)
+    async with app.run_test(size=LARGE) as pilot:
+        await settle(pilot, app)
+        await stopped_reply(pilot, app)
+        assert "░" in bar_text(app)  # the meter's bar: the first thing to go when space is short
+        await pilot.resize_terminal(*SMALL)
+        await pilot.pause()
+        assert "░" not in bar_text(app) and "stopped" in bar_text(app)
+        await pilot.resize_terminal(*LARGE)
+        await pilot.pause()
+        assert "░" in bar_text(app)
+
+
+def full_status(**changes) -> Status:
+    values = dict(
+        model="smollm2-1.7b",
+        device="cuda:0 bfloat16 int4",
+        context_used=8000,
+        context_size=8192,
+        dropped=3,
+        time_to_first_token_ms=123.4,
+        tokens_per_s=45.67,
+        reused_tokens=7000,
+        note="stopped",
+    )
+    return Status(**{**values, **changes})
+
+
+def test_the_status_line_gives_up_what_matters_least_first():
+    status = full_status()
+    everything = (
+        "smollm2-1.7b · cuda:0 bfloat16 int4 · ctx 8000/8192 ██████████ · "
+        "3 oldest messages unseen · TTFT 123 ms · 45.7 tok/s · reused 7000 · stopped"
+    )
+    assert status_text(status, 200).plain == everything
+    assert status_text(status, len(everything)).plain == everything
+    steps = [
+        # the meter's bar, then a shorter device, a shorter note about unseen turns
+        "smollm2-1.7b · cuda:0 bf16 int4 · ctx 8000/8192 · 3 unseen · TTFT 123 ms · 45.7 tok/s"
+        " · reused 7000 · stopped",
+        # then the reused tokens, the time to first token, the device, the speed
+        "smollm2-1.7b · cuda:0 bf16 int4 · ctx 8000/8192 · 3 unseen · 45.7 tok/s · stopped",
+        "smollm2-1.7b · ctx 8000/8192 · 3 unseen · 45.7 tok/s · stopped",
+        "smollm2-1.7b · ctx 8000/8192 · 3 unseen · stopped",
+    ]
+    for step in steps:
+        assert status_text(status, len(step)).plain == step
+    # then the unseen turns (the meter's colour says so too), and the model's name is shortened
+    assert status_text(status, 40).plain == "smollm2-1.7b · ctx 8000/8192 · stopped"
+    long_name = full_status(model="hf-HuggingFaceTB-SmolLM2-360M-Instruct")
+    assert status_text(long_name, 44).plain == "hf-HuggingFaceTB-… · ctx 8000/8192 · stopped"
+    # and when even that does not fit, the line is cut at the end
+    assert status_text(status, 20).plain == "smollm2… · ctx 8000…"
+
+
+def test_the_status_line_never_shows_what_it_does_not_know():
+    assert status_text(Status(model="tiny", note="loading…"), 80).plain == "tiny · loading…"
+
+
+# The context meter's colour
+
+
+def meter_colours(app) -> tuple[Color, Color]:
+    """The background and the text colour of the context meter, as the terminal shows them."""
+    bar = app.query_one(StatusBar)
+    (segment,) = [s for s in bar.render_line(0) if "ctx" in s.text]
+    return Color.from_rich_color(segment.style.bgcolor), Color.from_rich_color(segment.style.color)
+
+
+def contrast(one: Color, other: Color) -> float:
+    """WCAG contrast ratio: 1 (the same) to 21 (black on white)."""
+    high, low = sorted([_luminance(one), _luminance(other)], reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def _luminance(colour: Color) -> float:
+    def channel(value: int) -> float:
+        c = value / 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = colour.rgb
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+@pytest.mark.parametrize("theme", SHIPPED_THEMES)
+async def test_the_context_meter_warns_when_nearly_full_and_alarms_when_full(home, theme):
+    app = app_for(home, theme=theme)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot, app)
+        variables = app.get_css_variables()  # the theme's colours, as Textual derives them
+        warning, error = Color.parse(variables["warning"]), Color.parse(variables["error"])
+        app.show_status(context_used=100, context_size=512)
+        await pilot.pause()
+        calm, _ = meter_colours(app)
+        assert calm not in (warning, error)
+        for used, dropped, expected in [(400, 0, warning), (512, 0, error), (100, 2, error)]:
+            app.show_status(context_used=used, context_size=512, dropped=dropped)
+            await pilot.pause()
+            background, text = meter_colours(app)
+            assert background == expected, (used, dropped)
+            assert contrast(background, text) >= 4.5, (used, dropped)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -87,6 +87,7 @@ class LlamaChatApp(App):
         Binding("f5", "export('md')", "Export as Markdown", show=False),
         Binding("f8", "delete_conversation", "Delete conversation", show=False),
         Binding("ctrl+t", "change_theme", "Change theme", show=False),
+        Binding("f9", "toggle_sidebar", "Show or hide the conversations", show=False),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
@@ -199,7 +200,13 @@ class LlamaChatApp(App):
             f"{message.name} failed to load: {message.reason}", severity="error", timeout=15
         )
 
+    def on_resize(self, event: events.Resize) -> None:
+        self.query_one(ConversationList).fit(event.size.width)
+
     # Conversations
+
+    def action_toggle_sidebar(self) -> None:
+        self.query_one(ConversationList).toggle()
 
     def refresh_conversations(self) -> None:
         self.query_one(ConversationList).show(self.history.conversations(), self.conversation_id)

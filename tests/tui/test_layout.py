@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 from textual.color import Color
+from textual.widgets import Button
 
+from llamachat.tui.screens.help import HelpScreen
+from llamachat.tui.screens.system_prompt import SystemPromptScreen
+from llamachat.tui.widgets.chat_view import ChatView
+from llamachat.tui.widgets.conversation_list import ConversationList
 from llamachat.tui.widgets.prompt_input import PromptInput
 from llamachat.tui.widgets.status_bar import Status, StatusBar, status_text
 from tests.tui.conftest import app_for, settle
@@ -169,3 +174,87 @@ async def test_the_context_meter_warns_when_nearly_full_and_alarms_when_full(hom
             background, text = meter_colours(app)
             assert background == expected, (used, dropped)
             assert contrast(background, text) >= 4.5, (used, dropped)
+
+
+# Dialogs and the sidebar in small terminals
+
+
+def inside(widget, outer) -> bool:
+    return outer.region.contains_region(widget.region)
+
+
+async def test_at_80x24_the_help_list_fits_and_scrolls_to_its_last_key(home):
+    app = app_for(home)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f1")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        keys = app.screen.query_one("#keys")
+        box = keys.parent
+        assert inside(box, app.screen) and inside(keys, box)
+        assert keys.max_scroll_y > 0, "the list fits whole: make the test's terminal smaller"
+        await pilot.press("end")
+        await pilot.pause()
+        assert keys.scroll_y == keys.max_scroll_y
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x40"])
+async def test_the_system_prompt_dialog_shows_its_buttons_and_an_editor(home, size):
+    app = app_for(home)
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, app)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SystemPromptScreen)
+        box = app.screen.query_one("#prompt").parent.parent
+        assert inside(box, app.screen)
+        for button in app.screen.query(Button):
+            assert inside(button, box), button.id
+        assert app.screen.query_one("#prompt").size.height >= 3
+        await pilot.click("#cancel")
+        assert not isinstance(app.screen, SystemPromptScreen)
+
+
+async def test_f9_hides_and_shows_the_sidebar(home):
+    app = app_for(home)
+    async with app.run_test(size=LARGE) as pilot:
+        await settle(pilot, app)
+        listing = app.query_one(ConversationList)
+        chat = app.query_one(ChatView)
+        assert listing.display
+        wide = chat.size.width
+        listing.focus()
+        await pilot.press("f9")
+        await pilot.pause()
+        assert not listing.display and chat.size.width > wide
+        assert app.query_one(PromptInput).has_focus
+        await pilot.press("f9")
+        await pilot.pause()
+        assert listing.display and chat.size.width == wide
+
+
+async def test_the_sidebar_folds_away_in_a_narrow_terminal_unless_the_user_decided(home):
+    app = app_for(home)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot, app)
+        listing = app.query_one(ConversationList)
+        assert not listing.display
+        await pilot.resize_terminal(*LARGE)
+        await pilot.pause()
+        assert listing.display
+        await pilot.press("f9")  # hidden by the user: it stays hidden at every width
+        await pilot.resize_terminal(*SMALL)
+        await pilot.pause()
+        await pilot.resize_terminal(*LARGE)
+        await pilot.pause()
+        assert not listing.display
+        await pilot.resize_terminal(*SMALL)
+        await pilot.press("f9")  # shown by the user in a narrow terminal: it stays
+        await pilot.pause()
+        assert listing.display
+        await pilot.resize_terminal(79, 24)
+        await pilot.pause()
+        assert listing.display

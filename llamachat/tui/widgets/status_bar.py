@@ -61,7 +61,8 @@ def context_level(status: Status) -> str:
 
 
 def status_text(status: Status, width: int, meter_style: Style | str = "") -> Text:
-    """The status line in at most `width` cells: the fullest form that fits."""
+    """The status line in at most `width` cells: the fullest form that fits. `meter_style`
+    colours the meter's numbers; its background colours the bar."""
     given_up: set[str] = set()
     for reduction in (None, *_REDUCTIONS):
         if reduction is not None:
@@ -86,10 +87,14 @@ def _line(
             device = " ".join(_SHORT_DTYPES.get(word, word) for word in device.split())
         parts.append(Text(device))
     if status.context_size:
-        meter = f"ctx {status.context_used}/{status.context_size}"
+        meter = Text().append(f"ctx {status.context_used}/{status.context_size}", meter_style)
         if "bar" not in given_up:
-            meter += " " + _bar(status.context_used, status.context_size)
-        parts.append(Text(meter, style=meter_style))
+            # The bar fills in the meter's colour (black or white cells on it would read as
+            # a gap).
+            colour = meter_style.bgcolor if isinstance(meter_style, Style) else None
+            bar = _bar(status.context_used, status.context_size)
+            meter.append(" ").append(bar, Style(color=colour) if colour else None)
+        parts.append(meter)
     if status.dropped and "unseen" not in given_up:
         unseen = "unseen" if "short unseen" in given_up else "oldest messages unseen"
         parts.append(Text(f"{status.dropped} {unseen}"))

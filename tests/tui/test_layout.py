@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 from textual.color import Color
-from textual.widgets import Button
+from textual.widgets import Button, Label, Markdown
+from textual.widgets.markdown import MarkdownFence
 
 from llamachat.tui.screens.help import HelpScreen
 from llamachat.tui.screens.system_prompt import SystemPromptScreen
-from llamachat.tui.widgets.chat_view import ChatView
+from llamachat.tui.widgets.chat_view import ChatView, ReplyTurn
 from llamachat.tui.widgets.conversation_list import ConversationList
 from llamachat.tui.widgets.prompt_input import PromptInput
 from llamachat.tui.widgets.status_bar import Status, StatusBar, status_text
@@ -258,3 +259,64 @@ async def test_the_sidebar_folds_away_in_a_narrow_terminal_unless_the_user_decid
         await pilot.resize_terminal(79, 24)
         await pilot.pause()
         assert listing.display
+
+
+# Replies: code blocks and line breaks
+
+LONG_LINE = (
+    "print(items[::-1])  # a new list; the original, and whatever else refers to it, is unchanged"
+)
+CODE_REPLY = f"Like this:\n\n```python\nitems = [1, 2, 3]\n{LONG_LINE}\n```\n\nDone."
+POEM = "The sea is wide,\nthe sea is deep,\nit keeps the secrets\nthat sailors keep."
+
+
+def shown_lines(widget) -> list[str]:
+    """The widget's lines as the terminal shows them, without the trailing blanks."""
+    return [widget.render_line(y).text.rstrip() for y in range(widget.size.height)]
+
+
+async def show_reply(pilot, app, markdown: str, streamed: bool = False) -> ReplyTurn:
+    """A reply in the chat view, whole or streamed in small pieces as the app streams one."""
+    turn = ReplyTurn("" if streamed else markdown)
+    await app.query_one(ChatView).mount(turn)
+    if streamed:
+        stream = Markdown.get_stream(turn)
+        for start in range(0, len(markdown), 3):
+            await stream.write(markdown[start : start + 3])
+            await pilot.pause()
+        await stream.stop()
+    await pilot.pause()
+    return turn
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_a_code_block_has_a_frame_its_language_and_wraps_its_long_lines(home, streamed):
+    app = app_for(home)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot, app)
+        turn = await show_reply(pilot, app, CODE_REPLY, streamed)
+        (fence,) = turn.query(MarkdownFence)
+        assert fence.styles.border_top[0] not in ("", "none", "hidden")
+        assert fence.border_title == "python"
+        assert fence.styles.background != turn.styles.background
+        chat = app.query_one(ChatView)
+        assert chat.content_region.contains_region(fence.region)
+        assert fence.max_scroll_x == 0  # nothing hidden to the right
+        code = shown_lines(fence.query_one(Label))
+        assert "".join(LONG_LINE.split()) in "".join("".join(code).split())
+        assert "items = [1, 2, 3]" in "\n".join(code)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_single_newlines_in_a_reply_are_line_breaks(home, streamed):
+    app = app_for(home)
+    reply = f"{POEM}\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n{CODE_REPLY}"
+    async with app.run_test(size=LARGE) as pilot:
+        await settle(pilot, app)
+        turn = await show_reply(pilot, app, reply, streamed)
+        poem = turn.query("MarkdownParagraph").first()
+        assert [line.strip() for line in shown_lines(poem)] == POEM.splitlines()
+        assert len(turn.query("MarkdownBullet")) == 2
+        assert len(turn.query("MarkdownTable")) == 1
+        (fence,) = turn.query(MarkdownFence)
+        assert fence.code == f"items = [1, 2, 3]\n{LONG_LINE}"

@@ -384,11 +384,26 @@ class LlamaChatApp(App):
         self.generate()
 
     def on_key(self, event) -> None:
-        """Up in an empty editor takes the last message back for editing."""
+        """Up in an empty editor takes the last message back for editing; PageUp/PageDown in
+        the editor scroll the chat; typing in the chat pane goes to the editor."""
         prompt = self.query_one(PromptInput)
+        chat = self.query_one(ChatView)
         if event.key == "up" and prompt.has_focus and not prompt.text and not self.generating:
             event.stop()
             self.action_edit_last()
+        elif event.key in ("pageup", "pagedown") and prompt.has_focus:
+            # prevent_default: the editor's own PageUp binding would move its cursor too.
+            event.stop()
+            event.prevent_default()
+            if event.key == "pageup":
+                chat.scroll_page_up(animate=False)
+            else:
+                chat.scroll_page_down(animate=False)
+        elif event.is_printable and chat.has_focus:
+            event.stop()
+            event.prevent_default()
+            prompt.focus()
+            prompt.insert(event.character or "")
 
     def action_edit_last(self) -> None:
         last = self.query_one(ChatView).last(UserTurn)

@@ -3,11 +3,15 @@ models: the status bar, the dialogs at 80x24, the sidebar, replies' Markdown, fo
 
 from __future__ import annotations
 
+import sqlite3
+from datetime import UTC, datetime
+
 import pytest
 from textual.color import Color
 from textual.widgets import Button, Label, Markdown
 from textual.widgets.markdown import MarkdownFence
 
+from llamachat.history.store import HistoryStore
 from llamachat.tui.screens.help import HelpScreen
 from llamachat.tui.screens.system_prompt import SystemPromptScreen
 from llamachat.tui.widgets.chat_view import ChatView, ReplyTurn
@@ -320,3 +324,76 @@ async def test_single_newlines_in_a_reply_are_line_breaks(home, streamed):
         assert len(turn.query("MarkdownTable")) == 1
         (fence,) = turn.query(MarkdownFence)
         assert fence.code == f"items = [1, 2, 3]\n{LONG_LINE}"
+
+
+# The sidebar's entries, scrolling from the editor, the chat pane's focus
+
+
+def pin_times(home, times: dict[int, datetime]) -> None:
+    with sqlite3.connect(home.history_db) as db:
+        for conversation, when in times.items():
+            stamp = when.astimezone(UTC).isoformat(timespec="microseconds")
+            db.execute(
+                "UPDATE conversations SET created_at = ?, updated_at = ? WHERE id = ?",
+                (stamp, stamp, conversation),
+            )
+
+
+async def test_each_sidebar_entry_says_when_and_with_which_model(home):
+    history = HistoryStore(home.history_db)
+    now = datetime.now().astimezone()
+    last_year = now.replace(year=now.year - 1, month=3, day=4, hour=9, minute=15)
+    this_year = now.replace(month=1, day=1, hour=0, minute=5)
+    times = {}
+    for model, when in [("tiny", last_year), ("tiny-mqa", this_year), ("tiny", now)]:
+        said = history.create(model=model)
+        history.add_message(said, "user", "Say OK.")
+        times[said] = when
+    pin_times(home, times)
+    app = app_for(home)
+    async with app.run_test(size=LARGE) as pilot:
+        await settle(pilot, app)
+        listing = app.query_one(ConversationList)
+        labels = [str(listing.get_option_at_index(i).prompt) for i in range(3)]
+        assert labels[0] == f"Say OK.\n{now:%H:%M} · tiny"  # today: the time
+        if this_year.date() != now.date():  # this year: the day and the time
+            assert labels[1] == "Say OK.\n1 Jan 00:05 · tiny-mqa"
+        assert labels[2] == f"Say OK.\n4 Mar {now.year - 1} · tiny"  # before: the day
+
+
+async def test_page_up_and_down_in_the_editor_scroll_the_chat(home):
+    history = HistoryStore(home.history_db)
+    conversation = history.create(model="tiny")
+    for index in range(12):
+        history.add_message(conversation, "user", f"Question {index}")
+        history.add_message(conversation, "assistant", f"Answer {index}\n\nwith a second paragraph")
+    app = app_for(home, continue_latest=True)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot, app)
+        chat, prompt = app.query_one(ChatView), app.query_one(PromptInput)
+        prompt.text = "a draft\nof two lines"
+        prompt.move_cursor(prompt.document.end)
+        await pilot.pause()
+        assert prompt.has_focus and chat.max_scroll_y > 0 and chat.scroll_y == chat.max_scroll_y
+        await pilot.press("pageup")
+        await pilot.pause()
+        assert chat.scroll_y < chat.max_scroll_y
+        assert prompt.has_focus and prompt.text == "a draft\nof two lines"
+        assert prompt.cursor_location == prompt.document.end  # the draft's cursor stays
+        await pilot.press("pagedown")
+        await pilot.pause()
+        assert chat.scroll_y == chat.max_scroll_y
+
+
+async def test_the_chat_pane_shows_focus_and_passes_typing_to_the_editor(home):
+    app = app_for(home)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot, app)
+        chat, prompt = app.query_one(ChatView), app.query_one(PromptInput)
+        unfocused = chat.styles.border_top
+        chat.focus()
+        await pilot.pause()
+        assert chat.styles.border_top != unfocused
+        assert chat.styles.border_top[0] not in ("", "none", "hidden")
+        await pilot.press("h", "i", "space", "?")
+        assert prompt.has_focus and prompt.text == "hi ?"

@@ -3,7 +3,10 @@ it folds away by itself, and comes back when the terminal widens, unless the use
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from textual.binding import Binding
+from textual.content import Content
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
@@ -54,5 +57,23 @@ class ConversationList(OptionList):
             self.highlighted = None
 
 
-def _label(conversation: ConversationSummary) -> str:
-    return conversation.title or "New conversation"
+def _label(conversation: ConversationSummary) -> Content:
+    """The title, and under it when the conversation last changed and with which model: three
+    chats titled "Say OK." must not look the same."""
+    about = [_when(conversation.updated_at)]
+    if conversation.model:
+        about.append(conversation.model)
+    return Content.assemble(
+        conversation.title or "New conversation", "\n", (" · ".join(about), "dim")
+    )
+
+
+def _when(timestamp: str) -> str:
+    """Today: 14:05; this year: 3 Mar 14:05; before: 3 Mar 2024 (in local time)."""
+    when = datetime.fromisoformat(timestamp).astimezone()
+    now = datetime.now().astimezone()
+    if when.date() == now.date():
+        return f"{when:%H:%M}"
+    if when.year == now.year:
+        return f"{when.day} {when:%b %H:%M}"
+    return f"{when.day} {when:%b %Y}"

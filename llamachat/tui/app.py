@@ -565,6 +565,11 @@ class LlamaChatApp(App):
             ),
             ("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply),
             ("Copy code block", "Copy the last reply's last code block", self.action_copy_code),
+            (
+                "Show or hide the conversations",
+                "The sidebar (F9)",
+                self.action_toggle_sidebar,
+            ),
             ("Help", "Show every key", self.action_help),
         ]
         for title, help_text, callback in commands:

@@ -239,6 +239,8 @@ async def test_f9_hides_and_shows_the_sidebar(home):
         await pilot.press("f9")
         await pilot.pause()
         assert listing.display and chat.size.width == wide
+        palette = {command.title for command in app.get_system_commands(app.screen)}
+        assert "Show or hide the conversations" in palette
 
 
 async def test_the_sidebar_folds_away_in_a_narrow_terminal_unless_the_user_decided(home):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -94,6 +94,7 @@ class LlamaChatApp(App):
         Binding("f5", "export('md')", "Export as Markdown", show=False),
         Binding("f8", "delete_conversation", "Delete conversation", show=False),
         Binding("ctrl+t", "change_theme", "Change theme", show=False),
+        Binding("f9", "toggle_sidebar", "Show or hide the conversations", show=False),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
         # Not a priority: in an editor with text selected, Ctrl+C copies it first.
@@ -128,7 +129,7 @@ class LlamaChatApp(App):
             with Vertical(id="main"):
                 yield ChatView(id="chat")
                 yield PromptInput(id="prompt")
-                yield StatusBar(id="status")
+        yield StatusBar(id="status")  # the terminal's whole width: it has the most to say
         yield Footer()
 
     def on_mount(self) -> None:
@@ -233,7 +234,13 @@ class LlamaChatApp(App):
             f"{message.name} failed to load: {message.reason}", severity="error", timeout=15
         )
 
+    def on_resize(self, event: events.Resize) -> None:
+        self.query_one(ConversationList).fit(event.size.width)
+
     # Conversations
+
+    def action_toggle_sidebar(self) -> None:
+        self.query_one(ConversationList).toggle()
 
     def refresh_conversations(self) -> None:
         self.query_one(ConversationList).show(self.history.conversations(), self.conversation_id)
@@ -307,7 +314,13 @@ class LlamaChatApp(App):
         self.stream = Markdown.get_stream(self.reply_turn)
         self.cancel = threading.Event()
         self.generating = True
-        self.show_status(note="writing… (Esc stops)")
+        # The figures shown so far were the last reply's: none for this one yet.
+        self.show_status(
+            note="writing… (Esc stops)",
+            time_to_first_token_ms=None,
+            tokens_per_s=None,
+            reused_tokens=None,
+        )
         self.run_reply(self.conversation_id, messages, ids, question_id, self.cancel)
 
     @work(thread=True, group="reply")
@@ -455,6 +468,25 @@ class LlamaChatApp(App):
             self.history.delete_from(self.conversation_id, last.message_id)
         last.remove()
         self.generate()
+
+    def on_key(self, event) -> None:
+        """PageUp/PageDown in the editor scroll the chat; typing in the chat pane goes to the
+        editor."""
+        prompt = self.query_one(PromptInput)
+        chat = self.query_one(ChatView)
+        if event.key in ("pageup", "pagedown") and prompt.has_focus:
+            # prevent_default: the editor's own PageUp binding would move its cursor too.
+            event.stop()
+            event.prevent_default()
+            if event.key == "pageup":
+                chat.scroll_page_up(animate=False)
+            else:
+                chat.scroll_page_down(animate=False)
+        elif event.is_printable and chat.has_focus:
+            event.stop()
+            event.prevent_default()
+            prompt.focus()
+            prompt.insert(event.character or "")
 
     @on(PromptInput.EditLast)
     def action_edit_last(self) -> None:
@@ -635,6 +667,11 @@ class LlamaChatApp(App):
             ),
             ("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply),
             ("Copy code block", "Copy the last reply's last code block", self.action_copy_code),
+            (
+                "Show or hide the conversations",
+                "The sidebar (F9)",
+                self.action_toggle_sidebar,
+            ),
             ("Help", "Show every key", self.action_help),
         ]
         for title, help_text, callback in commands:

@@ -1,7 +1,11 @@
-"""Pinned pictures of the main screen, the help screen and a themed screen (pytest-textual-
-snapshot; `pytest --snapshot-update` rewrites them after a deliberate change)."""
+"""Pinned pictures of the main screen, the help screen and the system prompt dialog, at 80x24 and
+120x40, and of a themed screen (pytest-textual-snapshot; `pytest --snapshot-update` rewrites them
+after a deliberate change)."""
 
 from __future__ import annotations
+
+import sqlite3
+import time
 
 import pytest
 
@@ -9,7 +13,18 @@ from llamachat.history.store import HistoryStore
 from llamachat.tui.widgets.prompt_input import PromptInput
 from tests.tui.conftest import app_for, settle
 
-SIZE = (110, 34)
+SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
+
+POEM = "The sea is wide,\nthe sea is deep,\nit keeps the secrets\nthat sailors keep."
+CODE_REPLY = (
+    "Use slicing or `reverse()`:\n\n"
+    "```python\n"
+    "items = [1, 2, 3]\n"
+    "print(items[::-1])  # a new list; the original, and whatever else refers to it, is unchanged\n"
+    "```\n\n"
+    "- `items[::-1]` makes a **new** list\n"
+    "- `items.reverse()` changes it in place"
+)
 
 
 def pinned_app(home, **changes):
@@ -18,23 +33,41 @@ def pinned_app(home, **changes):
 
 
 @pytest.fixture
-def conversation_home(home):
+def conversation_home(home, monkeypatch):
+    """Four conversations at fixed times (shown in UTC), the latest with a poem, a code block
+    and a stopped reply."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
     history = HistoryStore(home.history_db)
-    older = history.create(model="tiny")
-    history.add_message(older, "user", "长城有多长？")
-    history.add_message(older, "assistant", "About 21,000 km.")
+    times = {}
+    for model, when in [("tiny", "2024-03-04T09:15"), ("tiny-mqa", "2024-03-05T16:40")]:
+        said = history.create(model=model)
+        history.add_message(said, "user", "Say OK.")
+        history.add_message(said, "assistant", "OK.")
+        times[said] = when
+    great_wall = history.create(model="tiny")
+    history.add_message(great_wall, "user", "长城有多长？")
+    history.add_message(great_wall, "assistant", "About 21,000 km.")
+    times[great_wall] = "2024-03-06T11:05"
     latest = history.create(model="tiny", system_prompt="You are a concise assistant.")
+    history.add_message(latest, "user", "A short poem about the sea, please.")
+    history.add_message(latest, "assistant", POEM)
     history.add_message(latest, "user", "How do I reverse a list in Python?")
-    history.add_message(
-        latest,
-        "assistant",
-        "Use slicing or `reverse()`:\n\n```python\nitems = [1, 2, 3]\nprint(items[::-1])\n```\n\n"
-        "- `items[::-1]` makes a **new** list\n- `items.reverse()` changes it in place",
-    )
+    history.add_message(latest, "assistant", CODE_REPLY)
     history.add_message(latest, "user", "And a tuple?")
     stopped = history.start_reply(latest, "tiny")
     history.finish_reply(stopped, "Tuples have no `reverse()`, but", "interrupted")
-    return home
+    times[latest] = "2024-03-07T08:30"
+    with sqlite3.connect(home.history_db) as db:
+        for conversation, when in times.items():
+            stamp = f"{when}:00.000000+00:00"
+            db.execute(
+                "UPDATE conversations SET created_at = ?, updated_at = ? WHERE id = ?",
+                (stamp, stamp, conversation),
+            )
+    yield home
+    monkeypatch.delenv("TZ")
+    time.tzset()
 
 
 async def _ready(pilot) -> None:
@@ -44,21 +77,37 @@ async def _ready(pilot) -> None:
     await pilot.pause()
 
 
-def test_main_screen(snap_compare, conversation_home):
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_main_screen(snap_compare, conversation_home, size):
     app = pinned_app(conversation_home)
-    assert snap_compare(app, terminal_size=SIZE, run_before=_ready)
+    assert snap_compare(app, terminal_size=size, run_before=_ready)
 
 
-def test_help_screen(snap_compare, conversation_home):
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_help_screen(snap_compare, conversation_home, size):
     async def open_help(pilot):
         await _ready(pilot)
         await pilot.press("f1")
         await pilot.pause()
 
     app = pinned_app(conversation_home)
-    assert snap_compare(app, terminal_size=SIZE, run_before=open_help)
+    assert snap_compare(app, terminal_size=size, run_before=open_help)
+
+
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_system_prompt_dialog(snap_compare, conversation_home, size):
+    async def open_dialog(pilot):
+        await _ready(pilot)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        pilot.app.screen.query_one("#prompt").cursor_blink = False
+        await pilot.pause()
+
+    app = pinned_app(conversation_home)
+    assert snap_compare(app, terminal_size=size, run_before=open_dialog)
 
 
 def test_high_contrast_theme(snap_compare, conversation_home):
-    app = pinned_app(conversation_home, theme="high-contrast")
-    assert snap_compare(app, terminal_size=SIZE, run_before=_ready)
+    """With a context filling up, so that the meter shows its warning colour."""
+    app = pinned_app(conversation_home, theme="high-contrast", ctx=512)
+    assert snap_compare(app, terminal_size=SIZES["120x40"], run_before=_ready)

@@ -1,4 +1,5 @@
-"""F1: every key, from the same bindings the footer and the command palette show."""
+"""F1: every key, from the same bindings the footer and the command palette show. The list
+scrolls (arrows, PageUp/PageDown, Home/End) when the terminal is too short for it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Label, Static
+from textual.widgets import Static
 
 
 class HelpScreen(ModalScreen[None]):
@@ -23,8 +24,10 @@ class HelpScreen(ModalScreen[None]):
         table.add_column()
         for key, description in self.keys:
             table.add_row(key, description)
-        with Vertical():
-            yield Label("llamachat keys (Esc closes)")
+        # The title on the border, so that the list is the box's only child and can take all
+        # of its height (app.tcss: #keys).
+        with Vertical() as box:
+            box.border_title = "llamachat keys · Esc closes"
             with VerticalScroll(id="keys"):
                 yield Static(table)
 

@@ -33,8 +33,9 @@ class SystemPromptScreen(ModalScreen[PromptChoice | None]):
         self.current = current or ""
 
     def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label("System prompt — applies from the next turn (Ctrl+S applies, Esc cancels)")
+        with Vertical() as box:
+            box.border_title = "System prompt"
+            yield Label("Applies from the next turn · Ctrl+S applies · Esc cancels")
             with Horizontal(id="prompt-body"):
                 yield OptionList(*self._preset_options(), id="presets")
                 yield TextArea(self.current, id="prompt", soft_wrap=True)

@@ -3,8 +3,12 @@ prompt changes as notes. Turns the model no longer sees are dimmed."""
 
 from __future__ import annotations
 
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
 from textual.containers import VerticalScroll
+from textual.content import Content
 from textual.widgets import Markdown, Static
+from textual.widgets.markdown import MarkdownFence
 
 from ...history.store import Conversation, Message
 
@@ -29,7 +33,38 @@ class SystemNote(Static, Turn):
         self.message_id = message_id
 
 
+class CodeBlock(MarkdownFence):
+    """A fenced code block, framed, with its language on the frame (app.tcss)."""
+
+    def on_mount(self) -> None:
+        self.border_title = self.lexer or None
+
+    def set_content(self, content: Content) -> None:
+        # Called again as a streamed block grows: the language arrives with its first line.
+        super().set_content(content)
+        self.border_title = self.lexer or None
+
+
+def _chat_markdown() -> MarkdownIt:
+    """GitHub-flavoured Markdown where a single newline breaks the line, as chat UIs render
+    replies (a poem's lines stay lines). Only breaks inside a paragraph, a list item or a quote
+    change: code blocks and tables have no soft breaks."""
+    parser = MarkdownIt("gfm-like")
+    parser.core.ruler.push("soft_breaks_are_hard", _hard_breaks)
+    return parser
+
+
+def _hard_breaks(state: StateCore) -> None:
+    # The "breaks" option only changes markdown-it's HTML renderer; Textual reads the tokens.
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
+
+
 class ReplyTurn(Markdown, Turn):
+    BLOCKS = {**Markdown.BLOCKS, "fence": CodeBlock, "code_block": CodeBlock}
+
     def __init__(
         self,
         text: str = "",
@@ -37,7 +72,7 @@ class ReplyTurn(Markdown, Turn):
         status: str = "complete",
         finish_reason: str | None = None,
     ):
-        super().__init__(text, classes="turn assistant")
+        super().__init__(text, classes="turn assistant", parser_factory=_chat_markdown)
         self.message_id = message_id
         self.text = text
         self.set_status(status, finish_reason)

@@ -33,7 +33,15 @@ from ..models.store import ModelStore
 from ..settings import SettingsError
 from ..settings import load as load_settings
 from ..settings import save as save_settings
-from .messages import ModelFailed, ModelReady, ReplyDone, ReplyFailed, ReplyPiece, ReplyStarted
+from .messages import (
+    ModelFailed,
+    ModelReady,
+    ReplyDone,
+    ReplyFailed,
+    ReplyPiece,
+    ReplyStarted,
+    UnshownText,
+)
 from .screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
 from .screens.help import HelpScreen
 from .screens.search import Found, SearchScreen
@@ -345,9 +353,11 @@ class LlamaChatApp(App):
         recorder = ReplyRecorder(self.history, conversation_id, self.model_name)
         unseen = {ids[i] for i in reply.dropped if ids[i] is not None}
         self.post_message(ReplyStarted(recorder.message_id, unseen, len(reply.prompt.token_ids)))
+        unshown = UnshownText()
         try:
             for piece in recorded(reply, recorder):
-                self.post_message(ReplyPiece(piece))
+                if unshown.add(piece):
+                    self.post_message(ReplyPiece(unshown))
         except Exception as error:  # shown in the app; the conversation stays usable
             self.post_message(ReplyFailed(_describe(error)))
             return
@@ -364,9 +374,10 @@ class LlamaChatApp(App):
     async def on_reply_piece(self, message: ReplyPiece) -> None:
         if self._closing_down():
             return
-        if self.reply_turn is not None and self.stream is not None:
-            self.reply_turn.text += message.text
-            await self.stream.write(message.text)
+        text = message.unshown.take()
+        if self.reply_turn is not None and self.stream is not None and text:
+            self.reply_turn.text += text
+            await self.stream.write(text)
             self.query_one(ChatView).settle()
 
     async def on_reply_done(self, message: ReplyDone) -> None:

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from textual.message import Message
 
 from ..models.reply_defaults import ReplyDefaults
+
+
+@dataclass
+class UnshownText:
+    """What the reply's worker has written and the app has not shown yet. The worker posts a
+    ReplyPiece only when the last one was taken, so the app's queue never holds more than one
+    however fast the model writes, and a key (Esc) waits behind one piece, not hundreds."""
+
+    _pieces: list[str] = field(default_factory=list)
+    _posted: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, piece: str) -> bool:
+        """Keep `piece`; True when a ReplyPiece must be posted for it."""
+        with self._lock:
+            self._pieces.append(piece)
+            posted, self._posted = self._posted, True
+            return not posted
+
+    def take(self) -> str:
+        with self._lock:
+            text = "".join(self._pieces)
+            self._pieces.clear()
+            self._posted = False
+            return text
 
 
 @dataclass
@@ -33,7 +59,9 @@ class ReplyStarted(Message):
 
 @dataclass
 class ReplyPiece(Message):
-    text: str
+    """Text waiting in `unshown`: take it all when handling this."""
+
+    unshown: UnshownText
 
 
 @dataclass

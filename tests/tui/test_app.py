@@ -61,8 +61,10 @@ async def test_escape_stops_the_reply_and_keeps_what_was_written(home):
     app = app_for(home, max_tokens=900)
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        app.query_one(PromptInput).text = "Tell me everything"
-        await pilot.press("enter", "escape")
+        # Sent as the editor sends it, then Esc at once: pilot.press waits up to a second for
+        # the app to idle after each key, in which a tiny model can write all 900 tokens.
+        app.post_message(PromptInput.Submitted("Tell me everything"))
+        await pilot.press("escape")
         await settle(pilot, app)
         reply = stored(app).messages[-1]
         assert reply.status == "interrupted"

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .private import FILE_MODE, private_dir, tighten
+
 # The engine's quantize.CHOICES, kept here too so that reading the config and parsing the command
 # line never import torch (tests/test_settings.py checks that the two agree).
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int4", "f16")
@@ -77,6 +79,8 @@ class Settings:
 def load(path: Path) -> Settings:
     if not path.exists():
         return Settings()
+    tighten(path.parent)  # as an older llamachat left them: readable by others
+    tighten(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
@@ -101,11 +105,15 @@ def parse_value(key: str, text: str) -> Any:
 
 
 def save(path: Path, settings: Settings) -> None:
-    """Write atomically: a crash mid-write leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically: a crash mid-write leaves the old file. The file is private (0600, in a
+    0700 folder): the system prompt can say a lot about its user."""
+    private_dir(path.parent)
     lines = [f"{key} = {_toml_value(value)}\n" for key, value in settings.items()]
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text("".join(lines), encoding="utf-8")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    os.fchmod(descriptor, FILE_MODE)
+    with open(descriptor, "w", encoding="utf-8") as file:
+        file.write("".join(lines))
     os.replace(temporary, path)
 
 

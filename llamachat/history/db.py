@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from ..private import private_dir, private_file, tighten
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: conversations, their messages (with per-reply stats), and user presets
     """
@@ -52,8 +54,16 @@ class HistoryError(Exception):
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection with the settings every writer needs, migrated to the current schema."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A connection with the settings every writer needs, migrated to the current schema. The
+    database is private (0600, in a 0700 folder); SQLite gives its -wal and -shm files the
+    database's mode, and those an older llamachat left are tightened here."""
+    try:
+        private_dir(path.parent)
+        private_file(path)
+        for companion in ("-wal", "-shm"):
+            tighten(path.with_name(path.name + companion))
+    except OSError as error:
+        raise HistoryError(f"cannot open the history at {path}: {error.strerror}") from None
     try:
         connection = sqlite3.connect(path, timeout=10.0, isolation_level=None)
         connection.row_factory = sqlite3.Row

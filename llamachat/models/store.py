@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..private import private_dir
 from ..processes import pid_alive
 from .errors import BusyError, ModelNotFoundError, StoreError
 from .fs import clear_dead, owner_pid
@@ -116,6 +117,7 @@ class ModelStore:
     def install(self, name: str) -> Iterator[Staging]:
         """Stage a model; it appears when the block ends normally, and never otherwise."""
         check_name(name)
+        private_dir(self.root)
         self._staging.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(self._staging / f"{name}.lock", name):
             self._clear_leftovers()

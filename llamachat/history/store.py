@@ -23,6 +23,7 @@ from .db import connect
 
 TITLE_LENGTH = 60
 SAVE_INTERVAL_S = 0.5  # a streaming reply reaches the disk at least this often
+_ID_RANGE = (-(2**63), 2**63 - 1)  # SQLite's integers
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ class HistoryStore:
         return conversations[0] if conversations else None
 
     def get(self, conversation_id: int) -> Conversation:
+        if not _ID_RANGE[0] <= conversation_id <= _ID_RANGE[1]:
+            raise KeyError(conversation_id)  # SQLite could not even look for it
         row = self._db.execute(
             """
             SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)

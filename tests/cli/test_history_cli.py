@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,29 @@ def test_preset_sets_the_system_prompt(smollm2_env, tmp_path):
     }
     unknown = run_cli("--preset", "nope", env=env, input=b"Hi")
     assert unknown.returncode == 2 and b"concise" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["show"], ["show", "--json"], ["export"], ["export", "-f", "json"], ["rm", "--yes"]],
+)
+def test_an_id_too_large_for_the_database_is_no_such_conversation(env, history, command):
+    too_large = str(2**70)  # SQLite keeps 64-bit integers
+    result = run_cli("history", *command[:1], too_large, *command[1:], env=env)
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr.decode().splitlines() == [
+        f"llamachat: error: no conversation {too_large} (`llamachat history list` shows them)"
+    ]
+
+
+def test_a_search_term_that_is_not_utf8_is_refused_in_one_line(env, history):
+    # As the shell passes $'\xff': Python sees a str holding a lone surrogate.
+    result = subprocess.run(
+        [sys.executable, "-m", "llamachat", "history", "search", b"\xff"],
+        env=env,
+        capture_output=True,
+    )
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode().splitlines() == [
+        "llamachat: error: the search text must be UTF-8, and the text given is not"
+    ]

@@ -45,6 +45,42 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL
     );
     """,
+    # 2: the status 'length' (a reply cut by the token limit or the full context), the engine's
+    # finish_reason (stop, length, context, cancelled; not checked, so that a new reason needs no
+    # rebuild), and writer_started: the writer's start time, which a later process that is given
+    # the same pid does not share. SQLite cannot change a CHECK constraint, so the table is
+    # rebuilt, keeping every id.
+    """
+    CREATE TABLE messages_v2 (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content TEXT NOT NULL,
+        model TEXT,
+        status TEXT NOT NULL DEFAULT 'complete'
+            CHECK (status IN ('complete', 'streaming', 'interrupted', 'error', 'length')),
+        finish_reason TEXT,
+        writer_pid INTEGER,
+        writer_started TEXT,
+        created_at TEXT NOT NULL,
+        prompt_tokens INTEGER,
+        reused_tokens INTEGER,
+        generated_tokens INTEGER,
+        time_to_first_token_ms REAL,
+        tokens_per_s REAL
+    );
+    INSERT INTO messages_v2 (
+        id, conversation_id, role, content, model, status, writer_pid, created_at,
+        prompt_tokens, reused_tokens, generated_tokens, time_to_first_token_ms, tokens_per_s
+    )
+    SELECT
+        id, conversation_id, role, content, model, status, writer_pid, created_at,
+        prompt_tokens, reused_tokens, generated_tokens, time_to_first_token_ms, tokens_per_s
+    FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

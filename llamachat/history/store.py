@@ -2,8 +2,10 @@
 
 A system prompt is a message of role "system" in the conversation, so a change shows where it
 happened and applies from the next turn; the model sees the latest one. A reply is written
-while it streams (status "streaming", with the writer's pid); one whose writer died is marked
-"interrupted" the next time the history is opened.
+while it streams (status "streaming", with the writer's pid and start time); one whose writer
+died is marked "interrupted" the next time the history is opened. A finished reply is
+"complete", "length" (cut by the token limit or the full context: `finish_reason` says which),
+"interrupted" (stopped) or "error".
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..processes import pid_alive
+from ..processes import own_start, process_running
 from .db import connect
 
 TITLE_LENGTH = 60
@@ -39,6 +41,7 @@ class Message:
     generated_tokens: int | None = None
     time_to_first_token_ms: float | None = None
     tokens_per_s: float | None = None
+    finish_reason: str | None = None  # the engine's: stop, length, context, cancelled
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class ReplyStats:
     generated_tokens: int
     time_to_first_token_ms: float
     tokens_per_s: float
+    finish_reason: str | None = None  # the engine's: stop, length, context, cancelled
 
 
 class HistoryStore:
@@ -212,7 +216,7 @@ class HistoryStore:
         self, message_id: int, content: str, status: str, stats: ReplyStats | None = None
     ) -> None:
         numbers = (
-            (None,) * 5
+            (None,) * 6
             if stats is None
             else (
                 stats.prompt_tokens,
@@ -220,14 +224,16 @@ class HistoryStore:
                 stats.generated_tokens,
                 stats.time_to_first_token_ms,
                 stats.tokens_per_s,
+                stats.finish_reason,
             )
         )
         with self._transaction() as db:
             db.execute(
                 """
-                UPDATE messages SET content = ?, status = ?, writer_pid = NULL, prompt_tokens = ?,
-                    reused_tokens = ?, generated_tokens = ?, time_to_first_token_ms = ?,
-                    tokens_per_s = ?
+                UPDATE messages SET content = ?, status = ?, writer_pid = NULL,
+                    writer_started = NULL, prompt_tokens = ?, reused_tokens = ?,
+                    generated_tokens = ?, time_to_first_token_ms = ?, tokens_per_s = ?,
+                    finish_reason = ?
                 WHERE id = ?
                 """,
                 (content, status, *numbers, message_id),
@@ -268,15 +274,21 @@ class HistoryStore:
         ]
 
     def recover(self) -> int:
-        """Mark replies whose writing process is gone as interrupted; returns how many."""
+        """Mark replies whose writing process is gone as interrupted; returns how many. A process
+        that was given a dead writer's pid later has another start time, so it does not count."""
         rows = self._db.execute(
-            "SELECT id, writer_pid FROM messages WHERE status = 'streaming'"
+            "SELECT id, writer_pid, writer_started FROM messages WHERE status = 'streaming'"
         ).fetchall()
-        dead = [row["id"] for row in rows if not pid_alive(row["writer_pid"])]
+        dead = [
+            row["id"]
+            for row in rows
+            if not process_running(row["writer_pid"], row["writer_started"])
+        ]
         if dead:
             with self._transaction() as db:
                 db.executemany(
-                    "UPDATE messages SET status = 'interrupted', writer_pid = NULL WHERE id = ?",
+                    "UPDATE messages SET status = 'interrupted', writer_pid = NULL, "
+                    "writer_started = NULL WHERE id = ?",
                     [(message_id,) for message_id in dead],
                 )
         return len(dead)
@@ -330,11 +342,20 @@ def _insert_message(
     status: str,
 ) -> int:
     now = _now()
-    pid = os.getpid() if status == "streaming" else None
+    writing = status == "streaming"
     cursor = db.execute(
         "INSERT INTO messages (conversation_id, role, content, model, status, writer_pid, "
-        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (conversation_id, role, content, model, status, pid, now),
+        "writer_started, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            conversation_id,
+            role,
+            content,
+            model,
+            status,
+            os.getpid() if writing else None,
+            own_start() if writing else None,
+            now,
+        ),
     )
     db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
     return cursor.lastrowid
@@ -364,6 +385,7 @@ def _message(row: sqlite3.Row) -> Message:
         generated_tokens=row["generated_tokens"],
         time_to_first_token_ms=row["time_to_first_token_ms"],
         tokens_per_s=row["tokens_per_s"],
+        finish_reason=row["finish_reason"],
     )
 
 

@@ -14,6 +14,8 @@ from llamachat.history.presets import BUILTIN_PRESETS
 from llamachat.history.store import HistoryStore
 from tests.conftest import cli_env, run_cli
 
+STATUS = {"stop": "complete", "length": "length"}  # a reply's status, by the engine's reason
+
 
 @pytest.fixture
 def history(env) -> HistoryStore:
@@ -79,13 +81,38 @@ def test_piped_exchanges_are_saved_and_continue_adds_the_next_turn(smollm2_env, 
     shown = json.loads(
         run_cli("history", "show", str(conversation["id"]), "--json", env=env).stdout
     )
-    roles = [(m["role"], m["status"]) for m in shown["messages"]]
-    assert roles == [("user", "complete"), ("assistant", "complete")] * 2
     assert shown["messages"][1]["content"] + "\n" == first.stdout.decode()
     # The continued answer is the engine's answer to the whole conversation so far.
     messages = [{"role": m["role"], "content": m["content"]} for m in shown["messages"][:3]]
     reply = smollm2.session().reply(messages, GREEDY, max_new_tokens=16)
     assert second.stdout.decode() == "".join(reply) + "\n"
+    # Each reply is kept with how the engine ended it.
+    opening = smollm2.session().reply(messages[:1], GREEDY, max_new_tokens=16)
+    "".join(opening)
+    reasons = [opening.stats.finish_reason, reply.stats.finish_reason]
+    assert [(m["role"], m["status"], m["finish_reason"]) for m in shown["messages"]] == [
+        turn
+        for reason in reasons
+        for turn in (("user", "complete", None), ("assistant", STATUS[reason], reason))
+    ]
+
+
+@pytest.mark.smollm2
+def test_a_reply_cut_by_the_token_limit_shows_as_cut(smollm2_env, tmp_path):
+    env = {**smollm2_env, "LLAMACHAT_HOME": str(tmp_path)}
+    (tmp_path / "models").symlink_to(Path(smollm2_env["LLAMACHAT_HOME"]) / "models")
+    answered = run_cli("--max-tokens", "3", env=env, input=b"Tell me a long story.")
+    assert answered.returncode == 0, answered.stderr.decode()
+    shown = json.loads(run_cli("history", "show", "1", "--json", env=env).stdout)
+    reply = shown["messages"][-1]
+    assert (reply["status"], reply["finish_reason"], reply["generated_tokens"]) == (
+        "length",
+        "length",
+        3,
+    )
+    for command in ("show", "export"):
+        text = run_cli("history", command, "1", env=env).stdout.decode()
+        assert "\n## Assistant (smollm2) — cut: token limit\n" in text
 
 
 @pytest.mark.smollm2

@@ -46,9 +46,9 @@ async def test_send_streams_the_reply_into_the_view_and_the_history(home):
         assert isinstance(user, UserTurn) and user.text == "Hello there"
         assert isinstance(reply, ReplyTurn) and reply.text
         conversation = stored(app)
-        assert [(m.role, m.status) for m in conversation.messages] == [
-            ("user", "complete"),
-            ("assistant", "complete"),
+        assert [(m.role, m.status, m.finish_reason) for m in conversation.messages] == [
+            ("user", "complete", None),
+            ("assistant", "length", "length"),  # cut by max_tokens
         ]
         assert conversation.messages[1].content == reply.text
         assert conversation.summary.title == "Hello there"
@@ -338,7 +338,7 @@ async def test_a_model_that_fails_to_load_leaves_the_app_usable(home):
         await pilot.press("enter")
         await settle(pilot, app)
         await send(pilot, app, "Hello?")
-        assert stored(app).messages[-1].status == "complete"
+        assert stored(app).messages[-1].status == "length"  # answered, up to max_tokens
 
 
 async def test_a_message_too_long_for_the_context_is_an_error_not_a_crash(home):
@@ -349,7 +349,7 @@ async def test_a_message_too_long_for_the_context_is_an_error_not_a_crash(home):
         assert any("context of 64" in str(n.message) for n in app._notifications)
         assert [t for t in turns(app) if isinstance(t, UserTurn)] == []
         await send(pilot, app, "Short")
-        assert stored(app).messages[-1].status == "complete"
+        assert stored(app).messages[-1].status == "length"  # answered, up to max_tokens
 
 
 async def test_turns_the_model_no_longer_sees_are_marked(home):

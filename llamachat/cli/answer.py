@@ -55,11 +55,14 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
     if reply.dropped:
         warn(f"the {len(reply.dropped)} oldest messages no longer fit the context")
     out = sys.stdout
-    for piece in recorded(reply, ReplyRecorder(history, conversation, name)):
+    recorder = ReplyRecorder(history, conversation, name)
+    for piece in recorded(reply, recorder):
         out.write(piece)
         out.flush()
     out.write("\n")
     out.flush()
+    if recorder.save_error:  # the answer was given all the same
+        warn(recorder.save_error)
     if reply.stats.finish_reason == "context":
         warn("the answer was cut off: the context window is full (raise --ctx)")
     if options.verbose:

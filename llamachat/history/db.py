@@ -7,6 +7,7 @@ version intact.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -85,8 +86,32 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+# Below this much free space, an I/O error is taken for a full disk: SQLite reports a full disk
+# as "disk I/O error" when it cannot grow its shared-memory file (-shm) on opening.
+NEARLY_FULL_BYTES = 1 << 20
+
+
 class HistoryError(Exception):
-    """The history database cannot be opened or is newer than this llamachat."""
+    """The history database cannot be opened or written, or is newer than this llamachat.
+    `reason` is the cause alone ("the disk is full"), for messages that name the path anew."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def describe(error: sqlite3.Error, path: Path) -> str:
+    """What went wrong, in words: a full disk is said so, whichever way SQLite reports it."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        return "the disk is full"
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+        try:
+            if shutil.disk_usage(path.parent).free < NEARLY_FULL_BYTES:
+                return "the disk is full"
+        except OSError:
+            pass
+    return str(error)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -108,7 +133,8 @@ def connect(path: Path) -> sqlite3.Connection:
         connection.execute("PRAGMA synchronous = NORMAL")
         migrate(connection)
     except sqlite3.DatabaseError as error:
-        raise HistoryError(f"cannot open the history at {path}: {error}") from None
+        reason = describe(error, path)
+        raise HistoryError(f"cannot open the history at {path}: {reason}", reason) from None
     return connection
 
 
@@ -132,7 +158,8 @@ def migrate(connection: sqlite3.Connection) -> None:
             connection.execute(f"PRAGMA user_version = {target}")
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            if connection.in_transaction:  # SQLite may have rolled back already (a full disk)
+                connection.execute("ROLLBACK")
             raise
 
 

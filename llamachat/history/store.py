@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..processes import own_start, process_running
-from .db import connect
+from .db import HistoryError, connect, describe
 
 TITLE_LENGTH = 60
 SAVE_INTERVAL_S = 0.5  # a streaming reply reaches the disk at least this often
@@ -113,14 +113,22 @@ class HistoryStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write; a failure to write (a full disk) is a HistoryError that says why."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            reason = describe(error, self.path)
+            raise HistoryError(
+                f"cannot save to the history at {self.path}: {reason}", reason
+            ) from None
 
     # Conversations
 
@@ -314,23 +322,45 @@ class HistoryStore:
 
 class ReplyRecorder:
     """Saves a reply while it streams: the first piece at once, then at most SAVE_INTERVAL_S
-    apart, so a crash loses less than a second of it."""
+    apart, so a crash loses less than a second of it.
+
+    A save that fails (the disk is full) does not stop the reply: the recorder stops saving
+    until the end, tries once more then, and `save_error` says why the history does not hold
+    the whole reply (None when it does). Front ends show it once, after the reply. What was
+    saved before stays "streaming" and is marked "interrupted" once this process has gone.
+    """
 
     def __init__(self, store: HistoryStore, conversation_id: int, model: str | None):
         self.store = store
-        self.message_id = store.start_reply(conversation_id, model)
+        self.conversation_id = conversation_id
+        self.model = model
         self.text = ""
+        self.save_error: str | None = None
         self._saved_at = 0.0
+        self.message_id: int | None = None  # None while the reply has no row (a full disk)
+        self._write(lambda: None)
 
     def append(self, piece: str) -> None:
         self.text += piece
         now = time.monotonic()
-        if now - self._saved_at >= SAVE_INTERVAL_S:
-            self.store.save_reply(self.message_id, self.text)
+        if self.save_error is None and now - self._saved_at >= SAVE_INTERVAL_S:
+            self._write(lambda: self.store.save_reply(self.message_id, self.text))
             self._saved_at = now
 
     def finish(self, status: str, stats: ReplyStats | None = None) -> None:
-        self.store.finish_reply(self.message_id, self.text, status, stats)
+        self._write(lambda: self.store.finish_reply(self.message_id, self.text, status, stats))
+
+    def _write(self, save) -> None:
+        try:
+            if self.message_id is None:
+                self.message_id = self.store.start_reply(self.conversation_id, self.model)
+            save()
+        except HistoryError as error:
+            self.save_error = (
+                f"the reply could not be saved to the history at {self.store.path}: {error.reason}"
+            )
+        else:
+            self.save_error = None
 
 
 def _insert_message(

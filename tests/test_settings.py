@@ -82,8 +82,8 @@ def test_a_value_that_is_not_utf8_is_refused_in_one_line_and_leaves_no_file(tmp_
         capture_output=True,
     )
     assert result.returncode == 2
-    lines = result.stderr.decode().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llamachat: error: system must be UTF-8")
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("llamachat: error: ") and "UTF-8" in line
     assert sorted(p.name for p in home.iterdir()) == ["config.toml"]
     assert load(home / "config.toml").system == "Be brief."
 

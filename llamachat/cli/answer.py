@@ -55,8 +55,9 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
     if reply.dropped:
         warn(f"the {len(reply.dropped)} oldest messages no longer fit the context")
     out = sys.stdout
+    recorder = ReplyRecorder(history, conversation, name)
     try:
-        for piece in recorded(reply, ReplyRecorder(history, conversation, name)):
+        for piece in recorded(reply, recorder):
             out.write(piece)
             out.flush()
     except KeyboardInterrupt:
@@ -66,6 +67,8 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
         raise
     out.write("\n")
     out.flush()
+    if recorder.save_error:  # the answer was given all the same
+        warn(recorder.save_error)
     if (notice := cut_notice(reply.stats, setup, options)) is not None:
         warn(notice)
     if options.verbose:

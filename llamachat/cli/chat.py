@@ -7,7 +7,7 @@ import sys
 
 from ..history.recording import recorded
 from ..history.store import ReplyRecorder
-from .console import CliError, stderr
+from .console import CliError, stderr, warn
 from .generation import cut_notice, dtype_name, open_history, print_stats, start
 from .options import GenerationOptions
 
@@ -77,13 +77,17 @@ def chat(options: GenerationOptions) -> None:
                 f"(the {len(reply.dropped)} oldest messages no longer fit the context)",
                 markup=False,
             )
+        recorder = ReplyRecorder(history, conversation, name)
         try:
-            for piece in recorded(reply, ReplyRecorder(history, conversation, name)):
+            for piece in recorded(reply, recorder):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             pass  # Ctrl+C stops the reply; what was shown is saved, the cache stays valid
         sys.stdout.write("\n")
+        if recorder.save_error:  # the reply was shown all the same
+            sys.stdout.flush()
+            warn(recorder.save_error)
         if (notice := cut_notice(reply.stats, setup, options)) is not None:
             stderr.print(f"({notice})", markup=False)
         if show_stats:

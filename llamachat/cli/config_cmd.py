@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..home import Home
-from ..settings import SETTINGS, Settings, SettingsError, load, parse_value, save
+from ..settings import SETTINGS, load, parse_value, save, unset_key
 from .console import stderr, stdout
 
 app = typer.Typer(help="Show or change the defaults in the config file.", no_args_is_help=False)
@@ -46,8 +46,7 @@ def set_value(
 @app.command("unset")
 def unset_value(key: Annotated[str, typer.Argument(help="The setting to remove.")]) -> None:
     """Remove a default."""
+    key = unset_key(key)
     home = Home.current()
     settings = load(home.config_file)
-    if key not in {f.name for f in dataclasses.fields(Settings)}:
-        raise SettingsError(f"unknown setting {key!r}")
     save(home.config_file, dataclasses.replace(settings, **{key: None}))

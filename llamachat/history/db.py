@@ -7,8 +7,11 @@ version intact.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
+
+from ..private import private_dir, private_file, tighten
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: conversations, their messages (with per-reply stats), and user presets
@@ -43,17 +46,85 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL
     );
     """,
+    # 2: the status 'length' (a reply cut by the token limit or the full context), the engine's
+    # finish_reason (stop, length, context, cancelled; not checked, so that a new reason needs no
+    # rebuild), and writer_started: the writer's start time, which a later process that is given
+    # the same pid does not share. SQLite cannot change a CHECK constraint, so the table is
+    # rebuilt, keeping every id.
+    """
+    CREATE TABLE messages_v2 (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content TEXT NOT NULL,
+        model TEXT,
+        status TEXT NOT NULL DEFAULT 'complete'
+            CHECK (status IN ('complete', 'streaming', 'interrupted', 'error', 'length')),
+        finish_reason TEXT,
+        writer_pid INTEGER,
+        writer_started TEXT,
+        created_at TEXT NOT NULL,
+        prompt_tokens INTEGER,
+        reused_tokens INTEGER,
+        generated_tokens INTEGER,
+        time_to_first_token_ms REAL,
+        tokens_per_s REAL
+    );
+    INSERT INTO messages_v2 (
+        id, conversation_id, role, content, model, status, writer_pid, created_at,
+        prompt_tokens, reused_tokens, generated_tokens, time_to_first_token_ms, tokens_per_s
+    )
+    SELECT
+        id, conversation_id, role, content, model, status, writer_pid, created_at,
+        prompt_tokens, reused_tokens, generated_tokens, time_to_first_token_ms, tokens_per_s
+    FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+# Below this much free space, an I/O error is taken for a full disk: SQLite reports a full disk
+# as "disk I/O error" when it cannot grow its shared-memory file (-shm) on opening.
+NEARLY_FULL_BYTES = 1 << 20
+
+
 class HistoryError(Exception):
-    """The history database cannot be opened or is newer than this llamachat."""
+    """The history database cannot be opened or written, or is newer than this llamachat.
+    `reason` is the cause alone ("the disk is full"), for messages that name the path anew."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def describe(error: sqlite3.Error, path: Path) -> str:
+    """What went wrong, in words: a full disk is said so, whichever way SQLite reports it."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        return "the disk is full"
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+        try:
+            if shutil.disk_usage(path.parent).free < NEARLY_FULL_BYTES:
+                return "the disk is full"
+        except OSError:
+            pass
+    return str(error)
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection with the settings every writer needs, migrated to the current schema."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A connection with the settings every writer needs, migrated to the current schema. The
+    database is private (0600, in a 0700 folder); SQLite gives its -wal and -shm files the
+    database's mode, and those an older llamachat left are tightened here."""
+    try:
+        private_dir(path.parent)
+        private_file(path)
+        for companion in ("-wal", "-shm"):
+            tighten(path.with_name(path.name + companion))
+    except OSError as error:
+        raise HistoryError(f"cannot open the history at {path}: {error.strerror}") from None
     try:
         connection = sqlite3.connect(path, timeout=10.0, isolation_level=None)
         connection.row_factory = sqlite3.Row
@@ -62,7 +133,8 @@ def connect(path: Path) -> sqlite3.Connection:
         connection.execute("PRAGMA synchronous = NORMAL")
         migrate(connection)
     except sqlite3.DatabaseError as error:
-        raise HistoryError(f"cannot open the history at {path}: {error}") from None
+        reason = describe(error, path)
+        raise HistoryError(f"cannot open the history at {path}: {reason}", reason) from None
     return connection
 
 
@@ -86,7 +158,8 @@ def migrate(connection: sqlite3.Connection) -> None:
             connection.execute(f"PRAGMA user_version = {target}")
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            if connection.in_transaction:  # SQLite may have rolled back already (a full disk)
+                connection.execute("ROLLBACK")
             raise
 
 

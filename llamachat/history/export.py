@@ -8,6 +8,7 @@ from dataclasses import asdict
 from .store import Conversation
 
 _HEADINGS = {"user": "You", "assistant": "Assistant", "system": "System prompt"}
+_CUT_BY = {"length": "token limit", "context": "context full"}  # why a "length" reply stopped
 
 
 def to_markdown(conversation: Conversation) -> str:
@@ -20,7 +21,10 @@ def to_markdown(conversation: Conversation) -> str:
         heading = _HEADINGS[message.role]
         if message.role == "assistant" and message.model:
             heading += f" ({message.model})"
-        if message.status != "complete":
+        if message.status == "length":
+            reason = _CUT_BY.get(message.finish_reason or "")
+            heading += f" — cut: {reason}" if reason else " — cut"
+        elif message.status != "complete":
             heading += f" — {message.status}"
         lines += ["", f"## {heading}", "", message.content.rstrip()]
     return "\n".join(lines) + "\n"

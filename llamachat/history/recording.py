@@ -24,27 +24,39 @@ class _EngineReply(Protocol):
     def __iter__(self) -> Iterator[str]: ...
 
 
-def history_stats(stats: _EngineStats) -> ReplyStats:
+# How the engine ended a reply → the status it is kept with.
+STATUS_BY_FINISH = {
+    "stop": "complete",
+    "length": "length",  # the token limit
+    "context": "length",  # the context window is full
+    "cancelled": "interrupted",
+}
+
+
+def history_stats(stats: _EngineStats, finish_reason: str | None) -> ReplyStats:
     return ReplyStats(
         prompt_tokens=stats.prompt_tokens,
         reused_tokens=stats.reused_tokens,
         generated_tokens=stats.generated_tokens,
         time_to_first_token_ms=stats.time_to_first_token_s * 1000,
         tokens_per_s=stats.decode_tokens_per_s,
+        finish_reason=finish_reason,
     )
 
 
 def recorded(reply: _EngineReply, recorder: ReplyRecorder) -> Iterator[str]:
-    """The reply's pieces, each also saved; the message ends complete, interrupted (cancelled,
-    Ctrl+C, or the reader stopped early) or error (an exception)."""
-    status = "interrupted"
+    """The reply's pieces, each also saved. The message ends as STATUS_BY_FINISH says for the
+    engine's finish reason (kept with it), interrupted when the reader stopped early (Ctrl+C, a
+    closed pipe) and error on an exception; those two have no finish reason."""
+    status, finish_reason = "interrupted", None
     try:
         for piece in reply:
             recorder.append(piece)
             yield piece
-        status = "interrupted" if reply.stats.finish_reason == "cancelled" else "complete"
+        finish_reason = reply.stats.finish_reason
+        status = STATUS_BY_FINISH.get(finish_reason or "", "complete")
     except Exception:
         status = "error"
         raise
     finally:
-        recorder.finish(status, history_stats(reply.stats))
+        recorder.finish(status, history_stats(reply.stats, finish_reason))

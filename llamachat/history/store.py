@@ -2,8 +2,10 @@
 
 A system prompt is a message of role "system" in the conversation, so a change shows where it
 happened and applies from the next turn; the model sees the latest one. A reply is written
-while it streams (status "streaming", with the writer's pid); one whose writer died is marked
-"interrupted" the next time the history is opened.
+while it streams (status "streaming", with the writer's pid and start time); one whose writer
+died is marked "interrupted" the next time the history is opened. A finished reply is
+"complete", "length" (cut by the token limit or the full context: `finish_reason` says which),
+"interrupted" (stopped) or "error".
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..processes import pid_alive
-from .db import connect
+from ..processes import own_start, process_running
+from .db import HistoryError, connect, describe
 
 TITLE_LENGTH = 60
 SAVE_INTERVAL_S = 0.5  # a streaming reply reaches the disk at least this often
+_ID_RANGE = (-(2**63), 2**63 - 1)  # SQLite's integers
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Message:
     generated_tokens: int | None = None
     time_to_first_token_ms: float | None = None
     tokens_per_s: float | None = None
+    finish_reason: str | None = None  # the engine's: stop, length, context, cancelled
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class ReplyStats:
     generated_tokens: int
     time_to_first_token_ms: float
     tokens_per_s: float
+    finish_reason: str | None = None  # the engine's: stop, length, context, cancelled
 
 
 class HistoryStore:
@@ -108,14 +113,22 @@ class HistoryStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write; a failure to write (a full disk) is a HistoryError that says why."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            reason = describe(error, self.path)
+            raise HistoryError(
+                f"cannot save to the history at {self.path}: {reason}", reason
+            ) from None
 
     # Conversations
 
@@ -150,6 +163,8 @@ class HistoryStore:
         return conversations[0] if conversations else None
 
     def get(self, conversation_id: int) -> Conversation:
+        if not _ID_RANGE[0] <= conversation_id <= _ID_RANGE[1]:
+            raise KeyError(conversation_id)  # SQLite could not even look for it
         row = self._db.execute(
             """
             SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)
@@ -209,7 +224,7 @@ class HistoryStore:
         self, message_id: int, content: str, status: str, stats: ReplyStats | None = None
     ) -> None:
         numbers = (
-            (None,) * 5
+            (None,) * 6
             if stats is None
             else (
                 stats.prompt_tokens,
@@ -217,14 +232,16 @@ class HistoryStore:
                 stats.generated_tokens,
                 stats.time_to_first_token_ms,
                 stats.tokens_per_s,
+                stats.finish_reason,
             )
         )
         with self._transaction() as db:
             db.execute(
                 """
-                UPDATE messages SET content = ?, status = ?, writer_pid = NULL, prompt_tokens = ?,
-                    reused_tokens = ?, generated_tokens = ?, time_to_first_token_ms = ?,
-                    tokens_per_s = ?
+                UPDATE messages SET content = ?, status = ?, writer_pid = NULL,
+                    writer_started = NULL, prompt_tokens = ?, reused_tokens = ?,
+                    generated_tokens = ?, time_to_first_token_ms = ?, tokens_per_s = ?,
+                    finish_reason = ?
                 WHERE id = ?
                 """,
                 (content, status, *numbers, message_id),
@@ -265,15 +282,21 @@ class HistoryStore:
         ]
 
     def recover(self) -> int:
-        """Mark replies whose writing process is gone as interrupted; returns how many."""
+        """Mark replies whose writing process is gone as interrupted; returns how many. A process
+        that was given a dead writer's pid later has another start time, so it does not count."""
         rows = self._db.execute(
-            "SELECT id, writer_pid FROM messages WHERE status = 'streaming'"
+            "SELECT id, writer_pid, writer_started FROM messages WHERE status = 'streaming'"
         ).fetchall()
-        dead = [row["id"] for row in rows if not pid_alive(row["writer_pid"])]
+        dead = [
+            row["id"]
+            for row in rows
+            if not process_running(row["writer_pid"], row["writer_started"])
+        ]
         if dead:
             with self._transaction() as db:
                 db.executemany(
-                    "UPDATE messages SET status = 'interrupted', writer_pid = NULL WHERE id = ?",
+                    "UPDATE messages SET status = 'interrupted', writer_pid = NULL, "
+                    "writer_started = NULL WHERE id = ?",
                     [(message_id,) for message_id in dead],
                 )
         return len(dead)
@@ -299,23 +322,47 @@ class HistoryStore:
 
 class ReplyRecorder:
     """Saves a reply while it streams: the first piece at once, then at most SAVE_INTERVAL_S
-    apart, so a crash loses less than a second of it."""
+    apart, so a crash loses less than a second of it.
+
+    A save that fails (the disk is full) does not stop the reply: the recorder stops saving
+    until the end, tries once more then, and `save_error` says why the history does not hold
+    the whole reply (None when it does). Front ends show it once, after the reply. What was
+    saved before stays "streaming" and is marked "interrupted" once this process has gone.
+    """
 
     def __init__(self, store: HistoryStore, conversation_id: int, model: str | None):
         self.store = store
-        self.message_id = store.start_reply(conversation_id, model)
+        self.conversation_id = conversation_id
+        self.model = model
         self.text = ""
+        self.save_error: str | None = None
         self._saved_at = 0.0
+        self.message_id: int | None = None  # None while the reply has no row (a full disk)
+        self._write()  # the reply's row, at once
 
     def append(self, piece: str) -> None:
         self.text += piece
         now = time.monotonic()
-        if now - self._saved_at >= SAVE_INTERVAL_S:
-            self.store.save_reply(self.message_id, self.text)
+        if self.save_error is None and now - self._saved_at >= SAVE_INTERVAL_S:
+            self._write(lambda: self.store.save_reply(self.message_id, self.text))
             self._saved_at = now
 
     def finish(self, status: str, stats: ReplyStats | None = None) -> None:
-        self.store.finish_reply(self.message_id, self.text, status, stats)
+        self._write(lambda: self.store.finish_reply(self.message_id, self.text, status, stats))
+
+    def _write(self, save: Callable[[], None] | None = None) -> None:
+        """Give the reply its row if it has none yet, then `save`; a failure goes to save_error."""
+        try:
+            if self.message_id is None:
+                self.message_id = self.store.start_reply(self.conversation_id, self.model)
+            if save is not None:
+                save()
+        except HistoryError as error:
+            self.save_error = (
+                f"the reply could not be saved to the history at {self.store.path}: {error.reason}"
+            )
+        else:
+            self.save_error = None
 
 
 def _insert_message(
@@ -327,11 +374,20 @@ def _insert_message(
     status: str,
 ) -> int:
     now = _now()
-    pid = os.getpid() if status == "streaming" else None
+    writing = status == "streaming"
     cursor = db.execute(
         "INSERT INTO messages (conversation_id, role, content, model, status, writer_pid, "
-        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (conversation_id, role, content, model, status, pid, now),
+        "writer_started, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            conversation_id,
+            role,
+            content,
+            model,
+            status,
+            os.getpid() if writing else None,
+            own_start() if writing else None,
+            now,
+        ),
     )
     db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
     return cursor.lastrowid
@@ -361,6 +417,7 @@ def _message(row: sqlite3.Row) -> Message:
         generated_tokens=row["generated_tokens"],
         time_to_first_token_ms=row["time_to_first_token_ms"],
         tokens_per_s=row["tokens_per_s"],
+        finish_reason=row["finish_reason"],
     )
 
 

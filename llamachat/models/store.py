@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..private import private_dir
 from ..processes import pid_alive
 from .catalog import CATALOG
 from .errors import (
@@ -205,6 +206,7 @@ class ModelStore:
     def install(self, name: str) -> Iterator[Staging]:
         """Stage a model; it appears when the block ends normally, and never otherwise."""
         check_name(name)
+        private_dir(self.root)
         self._staging.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(self._staging / f"{name}.lock", name):
             self._clear_leftovers()

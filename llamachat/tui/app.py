@@ -361,6 +361,8 @@ class LlamaChatApp(App):
         except Exception as error:  # shown in the app; the conversation stays usable
             self.post_message(ReplyFailed(_describe(error)))
             return
+        if recorder.save_error:  # a full disk: the reply was shown all the same
+            self.call_from_thread(self.notify, recorder.save_error, severity="error", timeout=15)
         self.post_message(ReplyDone(reply.stats))
 
     def on_reply_started(self, message: ReplyStarted) -> None:

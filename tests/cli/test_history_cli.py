@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from llamachat.history.presets import BUILTIN_PRESETS
 from llamachat.history.store import HistoryStore
 from tests.conftest import CLI_GREEDY, cli_env, run_cli
+
+STATUS = {"stop": "complete", "length": "length"}  # a reply's status, by the engine's reason
 
 
 @pytest.fixture
@@ -76,13 +80,34 @@ def test_piped_exchanges_are_saved_and_continue_adds_the_next_turn(smollm2_env, 
     shown = json.loads(
         run_cli("history", "show", str(conversation["id"]), "--json", env=env).stdout
     )
-    roles = [(m["role"], m["status"]) for m in shown["messages"]]
-    assert roles == [("user", "complete"), ("assistant", "complete")] * 2
     assert shown["messages"][1]["content"] + "\n" == first.stdout.decode()
     # The continued answer is the engine's answer to the whole conversation so far.
     messages = [{"role": m["role"], "content": m["content"]} for m in shown["messages"][:3]]
     reply = smollm2.session().reply(messages, CLI_GREEDY, max_new_tokens=16)
     assert second.stdout.decode() == "".join(reply) + "\n"
+    # Each reply is kept with how the engine ended it.
+    assert [(m["role"], m["status"]) for m in shown["messages"][::2]] == [("user", "complete")] * 2
+    replies = [(m["status"], m["finish_reason"]) for m in shown["messages"][1::2]]
+    assert all(status == STATUS[reason] for status, reason in replies)
+    assert replies[1][1] == reply.stats.finish_reason
+
+
+@pytest.mark.smollm2
+def test_a_reply_cut_by_the_token_limit_shows_as_cut(smollm2_env, tmp_path):
+    env = {**smollm2_env, "LLAMACHAT_HOME": str(tmp_path)}
+    (tmp_path / "models").symlink_to(Path(smollm2_env["LLAMACHAT_HOME"]) / "models")
+    answered = run_cli("--max-tokens", "3", env=env, input=b"Tell me a long story.")
+    assert answered.returncode == 0, answered.stderr.decode()
+    shown = json.loads(run_cli("history", "show", "1", "--json", env=env).stdout)
+    reply = shown["messages"][-1]
+    assert (reply["status"], reply["finish_reason"], reply["generated_tokens"]) == (
+        "length",
+        "length",
+        3,
+    )
+    for command in ("show", "export"):
+        text = run_cli("history", command, "1", env=env).stdout.decode()
+        assert "\n## Assistant (smollm2) — cut: token limit\n" in text
 
 
 @pytest.mark.smollm2
@@ -102,3 +127,28 @@ def test_preset_sets_the_system_prompt(smollm2_env, tmp_path):
     }
     unknown = run_cli("--preset", "nope", env=env, input=b"Hi")
     assert unknown.returncode == 2 and b"concise" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["show"], ["show", "--json"], ["export"], ["export", "-f", "json"], ["rm", "--yes"]],
+)
+def test_an_id_too_large_for_the_database_is_no_such_conversation(env, history, command):
+    too_large = str(2**70)  # SQLite keeps 64-bit integers
+    result = run_cli("history", *command[:1], too_large, *command[1:], env=env)
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr.decode().splitlines() == [
+        f"llamachat: error: no conversation {too_large} (`llamachat history list` shows them)"
+    ]
+
+
+def test_a_search_term_that_is_not_utf8_is_refused_in_one_line(env, history):
+    # As the shell passes $'\xff': Python sees a str holding a lone surrogate.
+    result = subprocess.run(
+        [sys.executable, "-m", "llamachat", "history", "search", b"\xff"],
+        env=env,
+        capture_output=True,
+    )
+    assert result.returncode == 2 and result.stdout == b""
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("llamachat: error: ") and "UTF-8" in line

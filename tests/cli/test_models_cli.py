@@ -81,7 +81,7 @@ def test_config_set_and_unset(env):
     assert run_cli("config", "set", "top_k", "12", env=env).returncode == 0
     assert "top_k = 12" in run_cli("config", env=env).stdout.decode()
     bad = run_cli("config", "set", "top_k", "many", env=env)
-    assert bad.returncode == 1 and b"whole number" in bad.stderr
+    assert bad.returncode == 2 and b"whole number" in bad.stderr
     assert run_cli("config", "unset", "top_k", env=env).returncode == 0
     assert "nothing is set" in run_cli("config", env=env).stdout.decode()
 

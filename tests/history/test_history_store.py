@@ -158,6 +158,73 @@ def test_every_earlier_schema_migrates_to_the_current_one_keeping_data(tmp_path,
     store.add_message(conversation, "user", "works")
 
 
+def _rows(db, table: str) -> list[dict]:
+    db.row_factory = sqlite3.Row
+    return [dict(row) for row in db.execute(f"SELECT * FROM {table} ORDER BY 1")]
+
+
+def test_a_version_1_database_keeps_every_row_through_the_migration_to_version_2(tmp_path):
+    """Version 2 rebuilds the messages table (SQLite cannot change a CHECK constraint) to allow
+    the status 'length', and adds finish_reason and writer_started."""
+    path = tmp_path / "history.db"
+    old = sqlite3.connect(path)
+    old.executescript(MIGRATIONS[0])  # as the release with schema version 1 creates it
+    old.execute("PRAGMA user_version = 1")
+    old.execute("PRAGMA foreign_keys = ON")
+    old.executemany(
+        "INSERT INTO conversations (id, title, model, created_at, updated_at) VALUES (?,?,?,?,?)",
+        [(3, "first", "smollm2", "t1", "t2"), (9, "", None, "t3", "t3")],
+    )
+    statuses = ["complete", "streaming", "interrupted", "error"]
+    old.executemany(
+        "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(11, 3, "system", "Be brief.", None, "complete", None, "t1", *[None] * 5)]
+        + [(20, 3, "user", "Hi 你好", None, "complete", None, "t1", *[None] * 5)]
+        + [
+            (30 + i, 3 + 6 * (i % 2), "assistant", f"reply {status}", "smollm2", status,
+             os.getpid() if status == "streaming" else None, f"t{i}", 10 + i, 4, 2, 12.5, 30.0)
+            for i, status in enumerate(statuses)
+        ],
+    )  # fmt: skip
+    old.execute("INSERT INTO presets VALUES ('pirate', 'Arr.', 't')")
+    old.commit()
+    before = {table: _rows(old, table) for table in ("conversations", "messages", "presets")}
+    old.close()
+
+    db = connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    after = {table: _rows(db, table) for table in ("conversations", "messages", "presets")}
+    assert after["conversations"] == before["conversations"]
+    assert after["presets"] == before["presets"]
+    assert [
+        {k: v for k, v in row.items() if k not in ("finish_reason", "writer_started")}
+        for row in after["messages"]
+    ] == before["messages"]
+    assert {(row["finish_reason"], row["writer_started"]) for row in after["messages"]} == {
+        (None, None)
+    }
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    indexes = [row["name"] for row in db.execute("PRAGMA index_list(messages)")]
+    assert indexes == ["messages_by_conversation"]
+    db.execute(
+        "INSERT INTO messages (conversation_id, role, content, status, finish_reason, created_at)"
+        " VALUES (9, 'assistant', 'cut', 'length', 'context', 't')"
+    )
+    with pytest.raises(sqlite3.IntegrityError):  # the other checks stay
+        db.execute(
+            "INSERT INTO messages (conversation_id, role, content, status, created_at)"
+            " VALUES (9, 'assistant', 'x', 'lost', 't')"
+        )
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute(
+            "INSERT INTO messages (conversation_id, role, content, created_at)"
+            " VALUES (404, 'user', 'x', 't')"
+        )
+    db.execute("DELETE FROM conversations WHERE id = 9")  # still cascades
+    assert [row["id"] for row in db.execute("SELECT id FROM messages")] == [11, 20, 30, 32]
+
+
 def test_a_newer_database_is_refused(tmp_path):
     path = tmp_path / "history.db"
     db = sqlite3.connect(path)
@@ -183,12 +250,12 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_a_writer_killed_mid_reply_leaves_a_consistent_database(tmp_path):
-    path = tmp_path / "history.db"
-    process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+def _wait_for_words(path, count: int) -> None:
+    """Until the reply that WRITER records holds `count` words."""
     deadline = time.monotonic() + 60
     content = ""
-    while time.monotonic() < deadline and content.count("word") < 50:
+    while content.count("word") < count:
+        assert time.monotonic() < deadline, "the writer did not write"
         time.sleep(0.1)
         if path.exists():
             try:
@@ -200,6 +267,12 @@ def test_a_writer_killed_mid_reply_leaves_a_consistent_database(tmp_path):
             except sqlite3.OperationalError:
                 continue
             content = row[0] if row else ""
+
+
+def test_a_writer_killed_mid_reply_leaves_a_consistent_database(tmp_path):
+    path = tmp_path / "history.db"
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+    _wait_for_words(path, 50)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -210,6 +283,33 @@ def test_a_writer_killed_mid_reply_leaves_a_consistent_database(tmp_path):
     words = reply.content.split()
     assert len(words) >= 50
     assert words == [f"word{i}" for i in range(len(words))]
+
+
+def test_a_killed_writers_pid_taken_by_a_live_process_does_not_keep_its_reply_streaming(
+    tmp_path,
+):
+    path = tmp_path / "history.db"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+    try:
+        _wait_for_words(path, 5)
+        (reply,) = HistoryStore(path).get(1).messages[1:]
+        assert reply.status == "streaming"  # its writer runs: opening the history leaves it be
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    # The kernel hands the dead writer's pid to a process started later: here, one started now
+    # takes its place in the row, as if it had been given the same number.
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        db = sqlite3.connect(path)
+        db.execute("UPDATE messages SET writer_pid = ? WHERE status = 'streaming'", (later.pid,))
+        db.commit()
+        db.close()
+        (reply,) = HistoryStore(path).get(1).messages[1:]
+        assert reply.status == "interrupted"
+    finally:
+        later.kill()
+        later.wait()
 
 
 CONCURRENT = textwrap.dedent(

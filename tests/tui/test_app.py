@@ -46,9 +46,9 @@ async def test_send_streams_the_reply_into_the_view_and_the_history(home):
         assert isinstance(user, UserTurn) and user.text == "Hello there"
         assert isinstance(reply, ReplyTurn) and reply.text
         conversation = stored(app)
-        assert [(m.role, m.status) for m in conversation.messages] == [
-            ("user", "complete"),
-            ("assistant", "complete"),
+        assert [(m.role, m.status, m.finish_reason) for m in conversation.messages] == [
+            ("user", "complete", None),
+            ("assistant", "length", "length"),  # cut by max_tokens
         ]
         assert conversation.messages[1].content == reply.text
         assert conversation.summary.title == "Hello there"
@@ -382,7 +382,7 @@ async def test_a_model_that_fails_to_load_leaves_the_app_usable(home):
         await pilot.press("enter")
         await settle(pilot, app)
         await send(pilot, app, "Hello?")
-        assert stored(app).messages[-1].status == "complete"
+        assert stored(app).messages[-1].status == "length"  # answered, up to max_tokens
 
 
 async def test_a_message_too_long_for_the_context_stays_in_the_editor_to_shorten(home):
@@ -399,7 +399,7 @@ async def test_a_message_too_long_for_the_context_stays_in_the_editor_to_shorten
         assert prompt.text == long_message
         assert prompt.cursor_location == prompt.document.end
         await send(pilot, app, "Short")
-        assert stored(app).messages[-1].status == "complete"
+        assert stored(app).messages[-1].status == "length"  # answered, up to max_tokens
         assert stored(app).summary.title == "Short"
 
 

@@ -77,3 +77,18 @@ async def test_a_search_without_hits_says_no_matches(home):
         await pilot.press(*"zebra")
         await pilot.pause()
         assert not any("no matches" in row for row in on_screen(app))
+
+
+async def test_many_hits_scroll_inside_the_box_at_80x24(home):
+    history = HistoryStore(home.history_db)
+    for index in range(40):
+        conversation = history.create(model="tiny")
+        history.add_message(conversation, "user", f"zebras {index}")
+    app = app_for(home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = await search(pilot, app, "zebras")
+        box, results = screen.query_one("Vertical"), screen.query_one("#results")
+        assert results.option_count == 40
+        assert app.screen.region.contains_region(box.region)
+        assert box.region.contains_region(results.region)

@@ -23,6 +23,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Markdown, OptionList
 
+from ..history.db import HistoryError
 from ..history.export import to_json, to_markdown
 from ..history.recording import recorded
 from ..history.store import HistoryStore, ReplyRecorder
@@ -291,6 +292,19 @@ class LlamaChatApp(App):
         if self.generating:
             self.notify("a reply is being written: Esc stops it", severity="warning")
             return
+        try:
+            question = self._record_question(event.text)
+        except HistoryError as error:  # a full disk, say: the text stays in the editor
+            self.notify(str(error), severity="error", timeout=15)
+            return
+        self.query_one(ChatView).add(UserTurn(event.text, question))
+        self.query_one(PromptInput).clear()
+        self.refresh_conversations()
+        self.generate(question)
+
+    def _record_question(self, text: str) -> int:
+        """Save the message being sent (in place of the one being edited, if any), starting
+        the conversation if none is open; returns its id."""
         view = self.query_one(ChatView)
         if self.editing is not None and self.conversation_id is not None:
             self.history.delete_from(self.conversation_id, self.editing)
@@ -302,11 +316,7 @@ class LlamaChatApp(App):
             )
             if self.new_system:
                 view.show(self.history.get(self.conversation_id))
-        question = self.history.add_message(self.conversation_id, "user", event.text)
-        view.add(UserTurn(event.text, question))
-        self.query_one(PromptInput).clear()
-        self.refresh_conversations()
-        self.generate(question)
+        return self.history.add_message(self.conversation_id, "user", text)
 
     def generate(self, question_id: int | None = None) -> None:
         """Start the reply to the conversation as the history holds it now."""

@@ -131,7 +131,13 @@ async def chat_app(home: Path) -> dict:
         await settle(pilot, app)
         shown = [turn.text for turn in app.query(ReplyTurn)]
         notes = [(str(n.message), n.severity) for n in app._notifications]
-    return {"replies": shown, "notifications": notes}
+        # The disk is still full: the next message cannot even be saved.
+        app.query_one(PromptInput).text = "And then?"
+        await pilot.press("enter")
+        await settle(pilot, app)
+        later = [(str(n.message), n.severity) for n in app._notifications][len(notes) :]
+        editor = app.query_one(PromptInput).text
+    return {"replies": shown, "notifications": notes, "later": later, "editor": editor}
 
 
 def ended(process: subprocess.Popen) -> dict:

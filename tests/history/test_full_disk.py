@@ -94,6 +94,10 @@ def test_the_chat_app_shows_the_whole_reply_and_says_once_that_it_was_not_saved(
     # once that process has gone, the history marks it interrupted.
     reply = report["saved"]["messages"][-1]
     assert reply["status"] == "streaming" and answer.startswith(reply["content"])
+    # A message sent while the disk is still full stays in the editor, with one notice.
+    assert report["editor"] == "And then?"
+    ((text, severity),) = report["later"]
+    assert severity == "error" and text.endswith("the disk is full")
 
 
 def test_a_history_on_a_full_disk_says_the_disk_is_full(tmp_path, models):

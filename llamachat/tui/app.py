@@ -25,7 +25,7 @@ from textual.widgets import Footer, Markdown, OptionList
 
 from ..history.db import HistoryError
 from ..history.export import to_json, to_markdown
-from ..history.recording import recorded
+from ..history.recording import STATUS_BY_FINISH, recorded
 from ..history.store import HistoryStore, ReplyRecorder
 from ..home import Home
 from ..models.errors import StoreError
@@ -54,8 +54,6 @@ from .widgets.prompt_input import PromptInput
 from .widgets.status_bar import Status, StatusBar
 
 _CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
-# The history's status of a reply, from the engine's finish reason (the rest: complete).
-_REPLY_STATUS = {"cancelled": "interrupted", "length": "length", "context": "length"}
 
 
 @dataclass(frozen=True)
@@ -396,7 +394,7 @@ class LlamaChatApp(App):
         if self._closing_down():
             return
         stats = message.stats
-        status = _REPLY_STATUS.get(stats.finish_reason, "complete")
+        status = STATUS_BY_FINISH.get(stats.finish_reason or "", "complete")
         await self._end_reply(status, stats.finish_reason)
         self.show_status(
             context_used=stats.prompt_tokens + stats.generated_tokens,

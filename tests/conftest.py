@@ -9,6 +9,7 @@ These tests are never skipped: without the model they fail.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,19 @@ def pytest_configure(config) -> None:
     suite's cache, never the user's; subprocesses get theirs through cli_env."""
     os.environ["LLAMACHAT_NATIVE_CACHE_DIR"] = str(TEST_CACHE / "native")
     os.environ["TRITON_CACHE_DIR"] = str(TEST_CACHE / "triton")
+
+
+def rerecord(folder: Path) -> None:
+    """Make an installed model's manifest record its files as they are now (size and sha256):
+    after a test edits one on purpose, the model is then intact, not "damaged"."""
+    manifest_file = folder / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"] = [
+        {**record, "size": (folder / record["path"]).stat().st_size,
+         "sha256": sha256_of(folder / record["path"])}
+        for record in manifest["files"]
+    ]  # fmt: skip
+    manifest_file.write_text(json.dumps(manifest))
 
 
 def sha256_of(path: Path) -> str:

@@ -93,7 +93,7 @@ def test_the_config_beats_the_pulled_format_and_the_flag_beats_the_config(env, f
 
 def test_the_config_refuses_an_unknown_format(env):
     result = run_cli("config", "set", "quantize", "int3", env=env)
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input
     (line,) = result.stderr.decode().strip().splitlines()
     assert "quantize takes one of auto, none, int8, int4, f16, not 'int3'" in line
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from llamachat.engine import ChatModel, SamplingParams
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, rerecord, run_cli
 
 QUESTION = "Hello, world! How are you today?"
 
@@ -23,13 +24,12 @@ def installed(tiny_model_factory, tmp_path_factory):
     long_folder = tiny_model_factory(max_position_embeddings=4096)[0]
     for source, name in ((folder, "plain"), (folder, "advised"), (long_folder, "long")):
         assert run_cli("pull", str(source), "--as", name, env=env).returncode == 0
-    advised = tmp_path_factory.getbasetemp() / "advised-generation-config.json"
-    models = env["LLAMACHAT_HOME"] + "/models"
-    config_file = f"{models}/advised/generation_config.json"
-    config = json.loads(open(config_file).read())
+    advised = Path(env["LLAMACHAT_HOME"]) / "models" / "advised"
+    config_file = advised / "generation_config.json"
+    config = json.loads(config_file.read_text())
     config.update(temperature=0.0, repetition_penalty=1.3, max_new_tokens=7, top_k=5)
-    open(config_file, "w").write(json.dumps(config))
-    advised.write_text(json.dumps(config))
+    config_file.write_text(json.dumps(config))
+    rerecord(advised)
     return env, folder
 
 

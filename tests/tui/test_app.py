@@ -18,6 +18,7 @@ from llamachat.tui.widgets.chat_view import ChatView, ReplyTurn, SystemNote, Use
 from llamachat.tui.widgets.conversation_list import ConversationList
 from llamachat.tui.widgets.prompt_input import PromptInput
 from llamachat.tui.widgets.status_bar import StatusBar
+from tests.conftest import rerecord
 from tests.tui.conftest import app_for, copy_model, settle
 
 
@@ -363,11 +364,7 @@ async def test_every_action_is_in_the_command_palette(home):
 async def test_a_model_that_fails_to_load_leaves_the_app_usable(home):
     broken = copy_model(home, "tiny", "broken")
     (broken / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
-    manifest = json.loads((broken / "manifest.json").read_text())  # new size, not "damaged"
-    manifest["files"] = [
-        {**r, "size": (broken / r["path"]).stat().st_size} for r in manifest["files"]
-    ]
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    rerecord(broken)  # edited on purpose: not "damaged"
     app = app_for(home, model="broken")
     async with app.run_test() as pilot:
         await settle(pilot, app)

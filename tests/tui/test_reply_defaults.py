@@ -8,6 +8,7 @@ import json
 from llamachat.engine import ChatModel, SamplingParams
 from llamachat.history.store import HistoryStore
 from llamachat.tui.widgets.prompt_input import PromptInput
+from tests.conftest import rerecord
 from tests.tui.conftest import app_for, copy_model, settle
 
 QUESTION = "Hello there"
@@ -17,11 +18,7 @@ def advise(folder, **advice) -> None:
     """Write generation_config.json advice into an installed copy, keeping its manifest true."""
     path = folder / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **advice}))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for record in manifest["files"]:
-        if record["path"] == path.name:
-            record["size"] = path.stat().st_size
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rerecord(folder)
 
 
 def engine_reply(folder, sampling: SamplingParams, max_new_tokens: int) -> str:

@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamachat.engine import GREEDY, ChatModel  # noqa: E402
-from llamachat.engine.threads import default_threads  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to read."}]
 NEW_TOKENS = 128
@@ -55,6 +54,7 @@ def ours(
         "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s for s in runs),
         "ttft_ms": statistics.median(s.time_to_first_token_s for s in runs) * 1000,
         "tokens": runs[0].generated_tokens,
+        "threads": model.threads,
     }
 
 
@@ -131,8 +131,7 @@ def main() -> None:
     )
     parser.add_argument("--busy", type=int, default=0, help="busy processes beside the runs")
     args = parser.parse_args()
-    threads = args.threads or default_threads()
-    folder = args.folder
+    threads, folder = args.threads, args.folder
     with busy_neighbours(args.busy):
         rows = [
             ("llamachat, fp32 weights (--quantize none)", ours(folder, None, threads)),
@@ -147,26 +146,30 @@ def main() -> None:
             ),
             ("llamachat, int4 weights, int8 activations, C step", ours(folder, "int4", threads)),
         ]
-        if args.busy:
-            for count in sorted({1, threads, os.cpu_count() or 1}):
+        if args.busy:  # the default format at fixed counts, beside the default's own choice
+            for count in sorted({1, os.cpu_count() or 1}):
                 rows.append(
-                    (f"llamachat default format, {count} threads", ours(folder, "f16", count))
+                    (f"llamachat default format, --threads {count}", ours(folder, "f16", count))
                 )
-        torch.set_num_threads(threads)
+        peers = threads or rows[1][1]["threads"]
+        torch.set_num_threads(peers)
         rows.append(("transformers eager generate (fp32)", transformers_eager(folder)))
         if args.gguf:
-            result = llama_cpp(args.gguf, threads)
+            result = llama_cpp(args.gguf, peers)
             rows.append(("llama.cpp (Q4_1 GGUF)", result) if result else ("llama.cpp", None))
     cpu = platform.processor() or platform.machine()
     busy = f", {args.busy} busy neighbours" if args.busy else ""
-    print(f"{cpu}, {threads} threads (of {os.cpu_count()} CPUs){busy}, torch {torch.__version__}")
-    print("| engine | decode (tok/s) | time to first token (ms) |\n|---|---|---|")
+    chosen = f"--threads {threads}" if threads else "llamachat's default threads"
+    print(f"{cpu}, {os.cpu_count()} CPUs, {chosen}{busy}, torch {torch.__version__}")
+    print("| engine | threads | decode (tok/s) | time to first token (ms) |\n|---|---|---|---|")
     for name, result in rows:
         if result is None:
-            print(f"| {name} | not installed | - |")
+            print(f"| {name} | - | not installed | - |")
             continue
         label = f"{name} {result.get('version', '')}".strip()
-        print(f"| {label} | {result['decode_tokens_per_s']:.1f} | {result['ttft_ms']:.0f} |")
+        used = result.get("threads", peers)
+        rate, ttft = result["decode_tokens_per_s"], result["ttft_ms"]
+        print(f"| {label} | {used} | {rate:.1f} | {ttft:.0f} |")
 
 
 if __name__ == "__main__":

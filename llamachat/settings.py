@@ -53,7 +53,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", str, "auto, cpu, cuda or cuda:N"),
     Setting("dtype", str, "float32, bfloat16 or float16"),
     Setting("quantize", str, "weight format: " + ", ".join(QUANTIZE_CHOICES), QUANTIZE_CHOICES),
-    Setting("threads", int, "CPU threads (default: the physical cores but one)"),
+    Setting("threads", int, "CPU threads (default: the cores other processes leave idle)"),
     Setting("theme", str, "chat app theme"),
     Setting("export_dir", str, "folder the chat app exports to (default: the current one)"),
 )

@@ -43,9 +43,7 @@ def bench(
     ] = True,
     threads: Annotated[
         int | None,
-        typer.Option(
-            min=1, help="CPU threads. [default: the config's, else the physical cores but one]"
-        ),
+        typer.Option(min=1, help="CPU threads. [default: the config's, else the idle cores]"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -54,7 +52,6 @@ def bench(
     from ..engine.bench import SHAPES, copy_bandwidth, measure, random_model
     from ..engine.loading import resolve_device, resolve_dtype
     from ..engine.quantize import resolve_quantization
-    from ..engine.threads import use_threads
     from .generation import quantization_for
 
     if (model is None) == (shape is None):
@@ -70,8 +67,7 @@ def bench(
         choice = quantize or settings.quantize or "auto"
         quantization = resolve_quantization(choice, target, torch_dtype)
         stderr.print(f"making a {shape} model with random weights on {target}…", markup=False)
-        cpu_threads = use_threads(threads) if target.type == "cpu" else None
-        chat_model = random_model(shape, str(target), torch_dtype, quantization)
+        chat_model = random_model(shape, str(target), torch_dtype, quantization, threads)
         name = shape
     else:
         installed = ModelStore(home.models).get(model)
@@ -80,7 +76,6 @@ def bench(
         chat_model = ChatModel.load(
             installed.path, str(target), dtype, quantization=choice, threads=threads
         )
-        cpu_threads = chat_model.threads
         name = installed.name
     gpu = target.type == "cuda"
     limit = chat_model.context_length
@@ -99,7 +94,7 @@ def bench(
         stdout.print_json(json.dumps(data))
         return
     weights = f", {result.quantization}" if result.quantization else ""
-    on_cpu = f", {cpu_threads} threads" if cpu_threads else ""
+    on_cpu = f", {chat_model.threads} threads" if chat_model.threads else ""
     title = f"{name} on {result.device} ({result.dtype}{weights}{on_cpu})"
     table = Table(title=title, box=None, pad_edge=False)
     table.add_column("measure")

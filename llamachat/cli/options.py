@@ -152,8 +152,8 @@ class GenerationOptions:
         int | None,
         typer.Option(
             min=1,
-            help="CPU threads for the model (llama.cpp's -t). [default: the physical cores but"
-            " one, so that a busy neighbour does not stall every step]",
+            help="CPU threads for the model (llama.cpp's -t). [default: the physical cores"
+            " that other processes leave idle, measured at load and before each reply]",
             rich_help_panel=PANEL,
         ),
     ] = None

@@ -28,6 +28,7 @@ from .quantize import (
 )
 from .sampling import GREEDY
 from .session import ChatSession, ReplyStats
+from .threads import cpu_threads
 
 SHAPES: dict[str, dict] = {
     "8b": dict(  # Llama-3-8B / 3.1-8B
@@ -77,10 +78,13 @@ def random_model(
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
     quantization: str | None = None,
+    threads: int | None = None,
 ) -> ChatModel:
     """A model of `shape` with random weights (N(0, 0.02), norms at 1) made on `device`. With a
-    quantisation each matrix is quantised as it is made, so a 70B model fits one GPU in int4."""
+    quantisation each matrix is quantised as it is made, so a 70B model fits one GPU in int4.
+    `threads` as for ChatModel.load."""
     config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[shape]})
+    threads_used = cpu_threads(torch.device(device), threads)
     check_quantization(quantization, torch.device(device), dtype)
     with torch.device("meta"):
         transformer = Transformer(config)
@@ -105,7 +109,9 @@ def random_model(
     transformer.enable_fused_decode()
     # No tokenizer: the benchmark works on token ids.
     llama3 = BUILTIN_FORMATS["llama-3"]
-    return ChatModel(None, config, transformer, None, llama3, frozenset(), quantization)
+    return ChatModel(
+        None, config, transformer, None, llama3, frozenset(), quantization, threads_used
+    )
 
 
 def copy_bandwidth(device: str = "cuda", size: float = 2 * 1024**3, repeats: int = 20) -> float:

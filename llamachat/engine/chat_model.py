@@ -14,7 +14,7 @@ from .errors import EngineError, ModelLoadError
 from .loading import load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
 from .quantize import resolve_quantization
-from .threads import use_threads
+from .threads import AutoThreads, cpu_threads
 from .tokenizer import Tokenizer, load_tokenizer
 
 # Without an explicit ctx a session gets the model's whole window up to this many tokens, so a
@@ -33,7 +33,7 @@ class ChatModel:
         chat_format: ChatFormat,
         eos_token_ids: frozenset[int],
         quantization: str | None = None,
-        threads: int | None = None,
+        threads: int | AutoThreads | None = None,
     ):
         self.folder = folder
         self.config = config
@@ -42,7 +42,10 @@ class ChatModel:
         self.chat_format = chat_format
         self.eos_token_ids = eos_token_ids
         self.quantization = quantization  # the weights' format; None: as stored
-        self.threads = threads  # PyTorch's CPU threads; None on a GPU
+        # PyTorch's CPU threads: a count fixed by the caller, the default kept up to date
+        # (AutoThreads: first measured over the making of the model, now done), or None on a GPU.
+        self._threads = threads
+        self.retune_threads()
 
     @classmethod
     def load(
@@ -57,8 +60,8 @@ class ChatModel:
         """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights).
         `quantization` stores the projections' weights as int8, int4 or (CPU) f16, "auto" picks
         (see quantize.resolve_quantization); None keeps the checkpoint's precision. On a CPU,
-        `threads` sets PyTorch's thread count for the whole process (None: threads.py's
-        default)."""
+        `threads` sets PyTorch's thread count for the whole process; None: the cores other
+        processes leave idle, measured while loading and again before each reply (threads.py)."""
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(f"{folder} is not a folder")
@@ -66,7 +69,7 @@ class ChatModel:
         target_device = resolve_device(device)
         target_dtype = resolve_dtype(dtype, target_device)
         quantization = resolve_quantization(quantization, target_device, target_dtype)
-        used_threads = use_threads(threads) if target_device.type == "cpu" else None
+        threads_used = cpu_threads(target_device, threads)
         tokenizer = load_tokenizer(folder)
         transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
         transformer.enable_fused_decode()
@@ -76,8 +79,18 @@ class ChatModel:
             tokenizer, chosen_format.stop
         )
         return cls(
-            folder, config, transformer, tokenizer, chosen_format, eos, quantization, used_threads
+            folder, config, transformer, tokenizer, chosen_format, eos, quantization, threads_used
         )
+
+    @property
+    def threads(self) -> int | None:
+        """PyTorch's CPU thread count now; None on a GPU."""
+        return self._threads.count if isinstance(self._threads, AutoThreads) else self._threads
+
+    def retune_threads(self) -> None:
+        """With the default thread count, fit it to the cores other processes leave idle."""
+        if isinstance(self._threads, AutoThreads):
+            self._threads.retune()
 
     @property
     def device(self) -> torch.device:

@@ -92,6 +92,7 @@ class ChatSession:
         fit the context; older turns are dropped silently otherwise (see Reply.dropped).
         """
         started = time.perf_counter()
+        self.model.retune_threads()
         prompt = self.fit(messages, max_new_tokens)
         stops = tuple(stop) + self.model.chat_format.stop
         return Reply(self, prompt, sampling, stops, cancel or threading.Event(), started)

@@ -1,10 +1,12 @@
-"""CPU threads: --threads, the config's threads, and a default that leaves a core to the rest of
-the machine (all cores stalled every step when another process took one)."""
+"""CPU threads: --threads, the config's threads, and a default that leaves the cores other
+processes keep busy (every step stalled when PyTorch shared a core with one)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -33,8 +35,18 @@ def physical_cores() -> int:
     return len({line for line in listing.stdout.splitlines() if not line.startswith("#")})
 
 
-def test_the_default_leaves_one_physical_core_free(tiny_env):
-    assert threads_used(tiny_env) == max(1, physical_cores() - 1)
+def test_the_default_is_every_physical_core_on_an_idle_machine(tiny_env):
+    assert threads_used(tiny_env) == physical_cores()
+
+
+def test_the_default_leaves_a_core_that_another_process_keeps_busy(tiny_env):
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert threads_used(tiny_env) <= max(1, physical_cores() - 1)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
 
 
 def test_the_flag_and_the_config_set_the_threads(tiny_env):
@@ -69,5 +81,34 @@ def test_loading_a_model_sets_pytorchs_threads(tiny_model_factory):
     try:
         model = ChatModel.load(tiny_model_factory()[0], device="cpu", threads=1)
         assert model.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_default_follows_a_neighbour_from_one_reply_to_the_next(tiny_model_factory):
+    import torch
+
+    from llamachat.engine import GREEDY, ChatModel
+
+    before = torch.get_num_threads()
+    cores = physical_cores()
+    model = ChatModel.load(tiny_model_factory()[0], device="cpu")
+    session = model.session()
+
+    def reply() -> int:
+        list(session.reply([{"role": "user", "content": "Hi"}], GREEDY, max_new_tokens=2))
+        return torch.get_num_threads()
+
+    try:
+        assert model.threads == cores
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(1)
+            assert reply() == model.threads <= max(1, cores - 1)
+        finally:
+            neighbour.kill()
+            neighbour.wait()
+        time.sleep(1)
+        assert reply() == model.threads == cores
     finally:
         torch.set_num_threads(before)

@@ -26,6 +26,7 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 # What `--temperature 0` means on the command line and in the app: greedy, with the default
 # repetition penalty (README: asking and chatting).
 CLI_GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.1)
+TEST_THREADS = "2"
 TEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamachat-tests"
 
 
@@ -34,6 +35,9 @@ def pytest_configure(config) -> None:
     suite's cache, never the user's; subprocesses get theirs through cli_env."""
     os.environ["LLAMACHAT_NATIVE_CACHE_DIR"] = str(TEST_CACHE / "native")
     os.environ["TRITON_CACHE_DIR"] = str(TEST_CACHE / "triton")
+    # Answers compared byte for byte (the command's against the engine's in this process) need
+    # the same thread count: it orders PyTorch's sums. tests/cli/test_threads.py unsets it.
+    os.environ["OMP_NUM_THREADS"] = TEST_THREADS
 
 
 def rerecord(folder: Path) -> None:
@@ -71,6 +75,7 @@ def cli_env(root: Path, **extra: str) -> dict[str, str]:
         HF_HOME=str(root / "hf"),
         HF_HUB_DISABLE_TELEMETRY="1",
         PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=TEST_THREADS,
         COLUMNS="200",
     )
     env.update(extra)

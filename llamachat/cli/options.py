@@ -101,7 +101,7 @@ class GenerationOptions:
         typer.Option(
             min=0,
             max=2**64 - 1,  # what a torch.Generator takes
-            help="Random seed: same seed, same input, same device → same answer.",
+            help="Random seed: same seed, input, device and --threads → same answer.",
             rich_help_panel=PANEL,
         ),
     ] = None

@@ -6,7 +6,9 @@ operations of a decode step: SmolLM2 on two cores decodes at 35 tokens/s on both
 with one core taken by another process, where one thread still gives 24. So the default is the
 cores that other processes leave idle: measured at load time (over the load itself) and again
 before each reply (over the time since the last one), from the system's CPU counters less this
-process's own time. `--threads N` fixes the count instead.
+process's own time. `--threads N`, or OMP_NUM_THREADS, fixes the count instead: the count
+changes the order of the sums in PyTorch's reductions, so a fixed one is what makes a seeded
+answer repeat exactly.
 """
 
 from __future__ import annotations
@@ -109,10 +111,18 @@ class AutoThreads:
 
 def cpu_threads(device: torch.device, count: int | None) -> int | AutoThreads | None:
     """What a model being made on `device` will run PyTorch's CPU kernels with: `count`, set
-    now; the default, measured from now until the model is made (AutoThreads); None on a GPU."""
+    now; else OMP_NUM_THREADS where the user set it (as PyTorch itself honours it); else the
+    default, measured from now until the model is made (AutoThreads); None on a GPU."""
     if device.type != "cpu":
         return None
+    if count is None:
+        count = _omp_num_threads()
     return AutoThreads() if count is None else use_threads(count)
+
+
+def _omp_num_threads() -> int | None:
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def use_threads(count: int) -> int:

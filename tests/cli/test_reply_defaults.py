@@ -42,26 +42,14 @@ def engine_answer(folder, sampling: SamplingParams, max_new_tokens: int) -> byte
 
 def test_greedy_answers_use_a_repetition_penalty_of_1_1_by_default(installed):
     env, folder = installed
-    result = run_cli(
-        "ask", QUESTION, "--temperature", "0", "--max-tokens", "24", env=env, input=b""
-    )
+    greedy = ["ask", QUESTION, "-m", "plain", "--temperature", "0", "--max-tokens", "24"]
+    result = run_cli(*greedy, env=env, input=b"")
     penalised = engine_answer(folder, SamplingParams(temperature=0, repeat_penalty=1.1), 24)
     plain = engine_answer(folder, SamplingParams(temperature=0, repeat_penalty=1.0), 24)
     assert penalised != plain  # the test can tell the two apart
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == penalised
-    off = run_cli(
-        "ask",
-        QUESTION,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "24",
-        "--repeat-penalty",
-        "1",
-        env=env,
-        input=b"",
-    )
+    off = run_cli(*greedy, "--repeat-penalty", "1", env=env, input=b"")
     assert off.stdout == plain
 
 

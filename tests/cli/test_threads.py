@@ -18,6 +18,7 @@ def tiny_env(tiny_model_factory, tmp_path_factory):
     from tests.conftest import cli_env
 
     env = cli_env(tmp_path_factory.mktemp("threads"))
+    del env["OMP_NUM_THREADS"]  # the suite's fixed count: these tests are about the default
     assert run_cli("pull", str(tiny_model_factory()[0]), "--as", "tiny", env=env).returncode == 0
     return env
 
@@ -59,6 +60,11 @@ def test_the_flag_and_the_config_set_the_threads(tiny_env):
         run_cli("config", "unset", "threads", env=tiny_env)
 
 
+def test_omp_num_threads_fixes_the_default_and_the_flag_beats_it(tiny_env):
+    assert threads_used({**tiny_env, "OMP_NUM_THREADS": "3"}) == 3
+    assert threads_used({**tiny_env, "OMP_NUM_THREADS": "3"}, "--threads", "1") == 1
+
+
 def test_zero_threads_is_a_usage_error(tiny_env):
     result = run_cli("ask", "Hi", "--threads", "0", env=tiny_env)
     assert result.returncode == 2 and b"--threads" in result.stderr
@@ -85,11 +91,14 @@ def test_loading_a_model_sets_pytorchs_threads(tiny_model_factory):
         torch.set_num_threads(before)
 
 
-def test_the_default_follows_a_neighbour_from_one_reply_to_the_next(tiny_model_factory):
+def test_the_default_follows_a_neighbour_from_one_reply_to_the_next(
+    tiny_model_factory, monkeypatch
+):
     import torch
 
     from llamachat.engine import GREEDY, ChatModel
 
+    monkeypatch.delenv("OMP_NUM_THREADS")
     before = torch.get_num_threads()
     cores = physical_cores()
     model = ChatModel.load(tiny_model_factory()[0], device="cpu")

@@ -24,7 +24,7 @@ from ..models.errors import StoreError
 from ..settings import SettingsError
 from . import bench, config_cmd, history_cmd, models
 from .console import CliError, error_line, one_line_warning, stdin_is_terminal
-from .options import GenerationOptions, generation_options
+from .options import GenerationOptions, generation_options, given_options, with_earlier
 
 ThemeOption = Annotated[
     str | None, typer.Option("--theme", help="Chat app theme (remembered once chosen in the app).")
@@ -87,6 +87,16 @@ def root(
 ) -> None:
     """With stdin piped: answer it on stdout. On a terminal: chat."""
     if context.invoked_subcommand is not None:
+        # `llamachat -m NAME ask …`: what came before the command applies to it, under its own
+        # flags; a command that generates nothing must not take them silently.
+        given = given_options(options)
+        if given and context.invoked_subcommand not in ("ask", "chat"):
+            raise CliError(
+                f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for answering and"
+                f" chatting (ask, chat), not for `llamachat {context.invoked_subcommand}`",
+                exit_code=2,
+            )
+        context.obj = options
         return
     if stdin_is_terminal():
         open_chat_app(options, theme)
@@ -99,6 +109,7 @@ def root(
 @app.command("ask")
 @generation_options
 def ask(
+    context: typer.Context,
     prompt: Annotated[
         str | None, typer.Argument(help="The question; piped stdin is appended after it.")
     ] = None,
@@ -108,12 +119,13 @@ def ask(
     """Answer one question on stdout and exit."""
     from .answer import answer
 
-    answer(prompt, options)
+    answer(prompt, with_earlier(options, context.obj))
 
 
 @app.command("chat")
 @generation_options
 def chat_command(
+    context: typer.Context,
     plain: Annotated[
         bool, typer.Option("--plain", help="A line-by-line chat instead of the full-screen app.")
     ] = False,
@@ -122,6 +134,7 @@ def chat_command(
     options: GenerationOptions,
 ) -> None:
     """Chat on the terminal: the full-screen app, or --plain for a line-by-line chat."""
+    options = with_earlier(options, context.obj)
     from .chat import chat, ensure_terminal
 
     ensure_terminal()

@@ -10,7 +10,7 @@ import functools
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Annotated, Any
 
 import typer
@@ -220,3 +220,23 @@ def generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
     del wrapper.__wrapped__  # typer must read the new signature, not the wrapped one
     return wrapper
+
+
+def given_options(options: GenerationOptions) -> list[str]:
+    """The flags of `options` that were given (differ from their defaults), as typed."""
+    return ["--" + name.rstrip("_").replace("_", "-") for name in _given(options)]
+
+
+def with_earlier(
+    options: GenerationOptions, earlier: GenerationOptions | None
+) -> GenerationOptions:
+    """A command's options over those given before it (`llamachat -m NAME ask …`)."""
+    return options if earlier is None else replace(earlier, **_given(options))
+
+
+def _given(options: GenerationOptions) -> dict[str, Any]:
+    return {
+        field.name: getattr(options, field.name)
+        for field in fields(GenerationOptions)
+        if getattr(options, field.name) != field.default
+    }

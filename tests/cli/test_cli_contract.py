@@ -4,6 +4,7 @@ values that must end in one line, not a generic error. A tiny model keeps them q
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,3 +117,19 @@ def test_verbose_stats_are_printed_after_ctrl_c(tiny_env):
     stderr = process.stderr.read().decode()
     assert "Traceback" not in stderr
     assert "generated tokens:" in stderr and "finish:" in stderr
+
+
+def test_generation_options_before_ask_apply_to_it(tiny_env):
+    result = run_cli("--max-tokens", "3", "-v", "ask", "Hello", "--temperature", "0", env=tiny_env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert re.search(r"generated tokens:\s+3\n", result.stderr.decode())
+    # The command's own flag wins over the one before it.
+    later = run_cli("--max-tokens", "3", "ask", "Hello", "--max-tokens", "2", "-v", env=tiny_env)
+    assert re.search(r"generated tokens:\s+2\n", later.stderr.decode())
+
+
+def test_generation_options_before_a_command_that_takes_none_are_refused(tiny_env):
+    result = run_cli("-m", "tiny", "list", env=tiny_env)
+    assert result.returncode == 2 and result.stdout == b""
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert "-m" in line and "list" in line

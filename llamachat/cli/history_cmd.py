@@ -103,12 +103,6 @@ def search(
     as_json: JsonOption = False,
 ) -> None:
     """Find messages containing TEXT."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
-        raise CliError(
-            "the search text must be UTF-8, and the text given is not", exit_code=2
-        ) from None
     hits = _store().search(text)
     if as_json:
         stdout.print_json(json.dumps([asdict(hit) for hit in hits], ensure_ascii=False))

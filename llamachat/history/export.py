@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from .recording import CUT_BY
 from .store import Conversation
 
 _HEADINGS = {"user": "You", "assistant": "Assistant", "system": "System prompt"}
-_CUT_BY = {"length": "token limit", "context": "context full"}  # why a "length" reply stopped
 
 
 def to_markdown(conversation: Conversation) -> str:
@@ -22,7 +22,7 @@ def to_markdown(conversation: Conversation) -> str:
         if message.role == "assistant" and message.model:
             heading += f" ({message.model})"
         if message.status == "length":
-            reason = _CUT_BY.get(message.finish_reason or "")
+            reason = CUT_BY.get(message.finish_reason or "")
             heading += f" — cut: {reason}" if reason else " — cut"
         elif message.status != "complete":
             heading += f" — {message.status}"

@@ -31,6 +31,8 @@ STATUS_BY_FINISH = {
     "context": "length",  # the context window is full
     "cancelled": "interrupted",
 }
+# Why a reply kept as "length" stopped, in words, by its finish reason.
+CUT_BY = {"length": "token limit", "context": "context full"}
 
 
 def history_stats(stats: _EngineStats, finish_reason: str | None) -> ReplyStats:

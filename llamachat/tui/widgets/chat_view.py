@@ -10,6 +10,7 @@ from textual.content import Content
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownFence
 
+from ...history.recording import CUT_BY
 from ...history.store import Conversation, Message
 
 
@@ -90,11 +91,9 @@ class ReplyTurn(Markdown, Turn):
 def marker(status: str, finish_reason: str | None = None) -> str:
     """What a reply that did not end by itself says on its edge ("" for one that did)."""
     if status == "length":
-        return _CUT.get(finish_reason or "", "cut: limit reached")
+        reason = CUT_BY.get(finish_reason or "")
+        return f"cut: {reason}" if reason else "cut: limit reached"
     return {"interrupted": "stopped", "error": "failed"}.get(status, "")
-
-
-_CUT = {"length": "cut: token limit", "context": "cut: context full"}
 
 
 class ChatView(VerticalScroll):

@@ -23,7 +23,7 @@ from llamachat.tui.widgets.chat_view import ChatView, ReplyTurn
 from llamachat.tui.widgets.conversation_list import ConversationList
 from llamachat.tui.widgets.prompt_input import PromptInput
 from llamachat.tui.widgets.status_bar import Status, StatusBar, status_text
-from tests.tui.conftest import app_for, options, settle
+from tests.tui.conftest import app_for, options, palette_titles, settle
 
 SMALL = (80, 24)
 LARGE = (120, 40)
@@ -273,7 +273,7 @@ async def test_f9_hides_and_shows_the_sidebar(home):
         await pilot.press("f9")
         await pilot.pause()
         assert listing.display and chat.size.width == wide
-        palette = {command.title for command in app.get_system_commands(app.screen)}
+        palette = await palette_titles(pilot, app, "Show or hide the conversations")
         assert "Show or hide the conversations" in palette
 
 

@@ -28,7 +28,7 @@ from ..home import Home
 from ..models.errors import StoreError
 from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
-from ..settings import SettingsError
+from ..settings import Settings, SettingsError
 from ..settings import load as load_settings
 from ..settings import save as save_settings
 from .actions import ActionCommands, bindings, help_rows
@@ -78,12 +78,21 @@ class LlamaChatApp(App):
     BINDINGS = bindings()
     COMMANDS = App.COMMANDS | {ActionCommands}
 
-    def __init__(self, home: Home, options: ChatAppOptions):
+    def __init__(
+        self,
+        home: Home,
+        options: ChatAppOptions,
+        *,
+        history: HistoryStore,
+        models: ModelStore,
+        settings: Settings,
+    ):
         super().__init__()
         self.home = home
         self.options = options
-        self.history = HistoryStore(home.history_db)
-        self.models = ModelStore(home.models)
+        self.history = history
+        self.models = models
+        self.settings = settings  # the config at start; an export and a theme change read it anew
         self.model: Any = None  # engine.ChatModel, once loaded
         self.session: Any = None  # engine.ChatSession on it
         self.reply_defaults = ReplyDefaults()  # the loaded model's, for what options leave open
@@ -110,8 +119,7 @@ class LlamaChatApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        settings = load_settings(self.home.config_file)
-        self._register_themes(settings.theme)
+        self._register_themes(self.settings.theme)
         self.refresh_conversations()
         latest = self.history.latest() if self.options.continue_latest else None
         if latest is not None:
@@ -120,7 +128,7 @@ class LlamaChatApp(App):
             self.show_status()
         self.query_one(PromptInput).focus()
         try:
-            installed = self.models.choose(self.options.model, settings.default_model)
+            installed = self.models.choose(self.options.model, self.settings.default_model)
         except StoreError as error:
             self.show_status(model="no model", note=str(error))
             self.notify(str(error), severity="error", timeout=15)
@@ -669,5 +677,15 @@ def _write_new(folder: Path, stem: str, suffix: str, text: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def make_app(home: Home, options: ChatAppOptions) -> LlamaChatApp:
-    return LlamaChatApp(home, options)
+def make_app(
+    home: Home, options: ChatAppOptions, app_class: type[LlamaChatApp] = LlamaChatApp
+) -> LlamaChatApp:
+    """The app on `home`'s history, models and config: how the CLI and the tests build it (a
+    test's subclass of the app as `app_class`)."""
+    return app_class(
+        home,
+        options,
+        history=HistoryStore(home.history_db),
+        models=ModelStore(home.models),
+        settings=load_settings(home.config_file),
+    )

@@ -15,7 +15,7 @@ from textual.widgets import Button, Label, Markdown
 from textual.widgets.markdown import MarkdownFence
 
 from llamachat.history.store import HistoryStore
-from llamachat.tui import LlamaChatApp
+from llamachat.tui import LlamaChatApp, make_app
 from llamachat.tui.messages import ReplyPiece, ReplyStarted
 from llamachat.tui.screens.help import HelpScreen
 from llamachat.tui.screens.system_prompt import SystemPromptScreen
@@ -68,7 +68,7 @@ class StoppingApp(LlamaChatApp):
 
 
 def stopping_app(home) -> StoppingApp:
-    return StoppingApp(home, options(max_tokens=900))
+    return make_app(home, options(max_tokens=900), StoppingApp)
 
 
 async def stopped_reply(pilot, app, text: str = "Tell me everything") -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from .store import ReplyRecorder, ReplyStats
+from .store import MessageStats, ReplyRecorder
 
 
 class _EngineStats(Protocol):
@@ -35,8 +35,8 @@ STATUS_BY_FINISH = {
 CUT_BY = {"length": "token limit", "context": "context full"}
 
 
-def history_stats(stats: _EngineStats, finish_reason: str | None) -> ReplyStats:
-    return ReplyStats(
+def history_stats(stats: _EngineStats, finish_reason: str | None) -> MessageStats:
+    return MessageStats(
         prompt_tokens=stats.prompt_tokens,
         reused_tokens=stats.reused_tokens,
         generated_tokens=stats.generated_tokens,

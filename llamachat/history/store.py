@@ -29,7 +29,9 @@ _ID_RANGE = (-(2**63), 2**63 - 1)  # SQLite's integers
 
 
 @dataclass(frozen=True)
-class Message:
+class StoredMessage:
+    """One message of a conversation as the history keeps it; a reply has its figures too."""
+
     id: int
     role: str
     content: str
@@ -57,7 +59,7 @@ class ConversationSummary:
 @dataclass(frozen=True)
 class Conversation:
     summary: ConversationSummary
-    messages: tuple[Message, ...]
+    messages: tuple[StoredMessage, ...]
 
     @property
     def id(self) -> int:
@@ -89,7 +91,9 @@ class SearchHit:
 
 
 @dataclass(frozen=True)
-class ReplyStats:
+class MessageStats:
+    """The figures kept with a reply: what the engine measured, in the history's units."""
+
     prompt_tokens: int
     reused_tokens: int
     generated_tokens: int
@@ -221,7 +225,7 @@ class HistoryStore:
             db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
 
     def finish_reply(
-        self, message_id: int, content: str, status: str, stats: ReplyStats | None = None
+        self, message_id: int, content: str, status: str, stats: MessageStats | None = None
     ) -> None:
         numbers = (
             (None,) * 6
@@ -347,7 +351,7 @@ class ReplyRecorder:
             self._write(lambda: self.store.save_reply(self.message_id, self.text))
             self._saved_at = now
 
-    def finish(self, status: str, stats: ReplyStats | None = None) -> None:
+    def finish(self, status: str, stats: MessageStats | None = None) -> None:
         self._write(lambda: self.store.finish_reply(self.message_id, self.text, status, stats))
 
     def _write(self, save: Callable[[], None] | None = None) -> None:
@@ -404,8 +408,8 @@ def _summary(row: sqlite3.Row) -> ConversationSummary:
     )
 
 
-def _message(row: sqlite3.Row) -> Message:
-    return Message(
+def _message(row: sqlite3.Row) -> StoredMessage:
+    return StoredMessage(
         id=row["id"],
         role=row["role"],
         content=row["content"],

@@ -11,16 +11,13 @@ import itertools
 import os
 import re
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from textual import events, on, work
-from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
+from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Footer, Markdown, OptionList
 
 from ..history.db import HistoryError
@@ -31,9 +28,10 @@ from ..home import Home
 from ..models.errors import StoreError
 from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
-from ..settings import SettingsError
+from ..settings import Settings, SettingsError
 from ..settings import load as load_settings
 from ..settings import save as save_settings
+from .actions import ActionCommands, bindings, help_rows
 from .messages import (
     ModelFailed,
     ModelReady,
@@ -74,46 +72,27 @@ class ChatAppOptions:
     theme: str | None = None
 
 
-# Keys that are not bindings of the app itself, for the help screen.
-_OTHER_KEYS = [
-    ("enter", "send the message"),
-    ("shift+enter / ctrl+j", "new line in the message"),
-    ("up (editor empty)", "edit your last message and send it again"),
-    ("tab / shift+tab", "move between the conversation list, the chat and the editor"),
-    ("delete (in the list)", "delete the highlighted conversation"),
-    ("ctrl+p", "command palette: every action, themes, export"),
-]
-
-
 class LlamaChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "llamachat"
-    BINDINGS = [
-        Binding("ctrl+n", "new_chat", "New chat"),
-        Binding("escape", "stop", "Stop reply"),
-        Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+s", "system_prompt", "System prompt"),
-        Binding("ctrl+f", "search", "Search"),
-        Binding("ctrl+l", "pick_model", "Switch model"),
-        Binding("f3", "copy_reply", "Copy reply"),
-        Binding("f4", "copy_code", "Copy last code block", show=False),
-        Binding("f2", "rename", "Rename", show=False),
-        Binding("f5", "export('md')", "Export as Markdown", show=False),
-        Binding("f8", "delete_conversation", "Delete conversation", show=False),
-        Binding("ctrl+t", "change_theme", "Change theme", show=False),
-        Binding("f9", "toggle_sidebar", "Show or hide the conversations", show=False),
-        Binding("f1", "help", "Help"),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
-        # Not a priority: in an editor with text selected, Ctrl+C copies it first.
-        Binding("ctrl+c", "quit", "Quit (or copy the selection)", show=False),
-    ]
+    BINDINGS = bindings()
+    COMMANDS = App.COMMANDS | {ActionCommands}
 
-    def __init__(self, home: Home, options: ChatAppOptions):
+    def __init__(
+        self,
+        home: Home,
+        options: ChatAppOptions,
+        *,
+        history: HistoryStore,
+        models: ModelStore,
+        settings: Settings,
+    ):
         super().__init__()
         self.home = home
         self.options = options
-        self.history = HistoryStore(home.history_db)
-        self.models = ModelStore(home.models)
+        self.history = history
+        self.models = models
+        self.settings = settings  # the config at start; an export and a theme change read it anew
         self.model: Any = None  # engine.ChatModel, once loaded
         self.session: Any = None  # engine.ChatSession on it
         self.reply_defaults = ReplyDefaults()  # the loaded model's, for what options leave open
@@ -140,8 +119,7 @@ class LlamaChatApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        settings = load_settings(self.home.config_file)
-        self._register_themes(settings.theme)
+        self._register_themes(self.settings.theme)
         self.refresh_conversations()
         latest = self.history.latest() if self.options.continue_latest else None
         if latest is not None:
@@ -150,7 +128,7 @@ class LlamaChatApp(App):
             self.show_status()
         self.query_one(PromptInput).focus()
         try:
-            installed = self.models.choose(self.options.model, settings.default_model)
+            installed = self.models.choose(self.options.model, self.settings.default_model)
         except StoreError as error:
             self.show_status(model="no model", note=str(error))
             self.notify(str(error), severity="error", timeout=15)
@@ -653,50 +631,7 @@ class LlamaChatApp(App):
         self.notify("code block copied")
 
     def action_help(self) -> None:
-        keys = [(b.key, b.description) for b in self.BINDINGS if isinstance(b, Binding)]
-        self.push_screen(HelpScreen(keys + _OTHER_KEYS))
-
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        commands = [
-            ("New chat", "Start a new conversation", self.action_new_chat),
-            ("Regenerate", "Write the last reply again", self.action_regenerate),
-            (
-                "Edit last message",
-                "Edit your last message and send it again",
-                self.action_edit_last,
-            ),
-            ("Stop", "Stop the reply being written", self.action_stop),
-            (
-                "System prompt",
-                "Edit the system prompt or apply a preset",
-                self.action_system_prompt,
-            ),
-            ("Search", "Search all conversations", self.action_search),
-            ("Switch model", "Choose another installed model", self.action_pick_model),
-            ("Rename conversation", "Give the conversation a title", self.action_rename),
-            ("Delete conversation", "Delete the conversation", self.action_delete_conversation),
-            (
-                "Export as Markdown",
-                "Write the conversation to a .md file",
-                lambda: self.action_export("md"),
-            ),
-            (
-                "Export as JSON",
-                "Write the conversation to a .json file",
-                lambda: self.action_export("json"),
-            ),
-            ("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply),
-            ("Copy code block", "Copy the last reply's last code block", self.action_copy_code),
-            (
-                "Show or hide the conversations",
-                "The sidebar (F9)",
-                self.action_toggle_sidebar,
-            ),
-            ("Help", "Show every key", self.action_help),
-        ]
-        for title, help_text, callback in commands:
-            yield SystemCommand(title, help_text, callback)
+        self.push_screen(HelpScreen(help_rows()))
 
     # Status bar
 
@@ -742,5 +677,15 @@ def _write_new(folder: Path, stem: str, suffix: str, text: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def make_app(home: Home, options: ChatAppOptions) -> LlamaChatApp:
-    return LlamaChatApp(home, options)
+def make_app(
+    home: Home, options: ChatAppOptions, app_class: type[LlamaChatApp] = LlamaChatApp
+) -> LlamaChatApp:
+    """The app on `home`'s history, models and config: how the CLI and the tests build it (a
+    test's subclass of the app as `app_class`)."""
+    return app_class(
+        home,
+        options,
+        history=HistoryStore(home.history_db),
+        models=ModelStore(home.models),
+        settings=load_settings(home.config_file),
+    )

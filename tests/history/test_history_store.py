@@ -15,7 +15,7 @@ import pytest
 from llamachat.history.db import MIGRATIONS, SCHEMA_VERSION, HistoryError, connect
 from llamachat.history.export import to_json, to_markdown
 from llamachat.history.presets import BUILTIN_PRESETS, all_presets, preset_prompt
-from llamachat.history.store import HistoryStore, ReplyRecorder, ReplyStats
+from llamachat.history.store import HistoryStore, MessageStats, ReplyRecorder
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_a_streaming_reply_is_recorded_and_finished(store):
     assert store.get(conversation).messages[-1].content == "Hel"
     assert store.get(conversation).messages[-1].status == "streaming"
     recorder.append("lo")
-    recorder.finish("complete", ReplyStats(10, 4, 2, 12.5, 30.0))
+    recorder.finish("complete", MessageStats(10, 4, 2, 12.5, 30.0))
     message = store.get(conversation).messages[-1]
     assert (message.content, message.status, message.reused_tokens) == ("Hello", "complete", 4)
 

@@ -10,7 +10,7 @@ import pytest
 from llamachat.engine import GREEDY
 from llamachat.history.export import to_markdown
 from llamachat.history.recording import recorded
-from llamachat.history.store import HistoryStore, Message, ReplyRecorder
+from llamachat.history.store import HistoryStore, ReplyRecorder, StoredMessage
 
 QUESTION = [{"role": "user", "content": "Hello"}]
 
@@ -26,7 +26,7 @@ def start(store: HistoryStore) -> tuple[int, ReplyRecorder]:
     return conversation, ReplyRecorder(store, conversation, "tiny")
 
 
-def record(store: HistoryStore, reply) -> tuple[str, Message]:
+def record(store: HistoryStore, reply) -> tuple[str, StoredMessage]:
     conversation, recorder = start(store)
     text = "".join(recorded(reply, recorder))
     return text, store.get(conversation).messages[-1]

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from textual.command import CommandInput, CommandList, CommandPalette
 
 from llamachat.home import Home
 from llamachat.models.pull import pull
@@ -57,6 +58,29 @@ async def settle(pilot, app: LlamaChatApp, timeout: float = 60) -> None:
 
 def _running(app: LlamaChatApp) -> bool:
     return any(worker.is_running for worker in app.workers)
+
+
+async def palette_search(pilot, app: LlamaChatApp, query: str) -> CommandList:
+    """Open the command palette (Ctrl+P), type `query` and wait for the search to end: the
+    palette's list of what every provider found (the app's actions and Textual's own)."""
+    await pilot.press("ctrl+p")
+    await pilot.pause()
+    palette = app.screen
+    assert isinstance(palette, CommandPalette)
+    palette.query_one(CommandInput).value = query  # as typed, in one go
+    await pilot.pause()
+    await app.workers.wait_for_complete([w for w in app.workers if w.node is palette])
+    await pilot.pause()
+    return palette.query_one(CommandList)
+
+
+async def palette_titles(pilot, app: LlamaChatApp, query: str) -> list[str]:
+    """The titles the command palette offers for `query`; the palette is closed again."""
+    found = await palette_search(pilot, app, query)
+    titles = [str(option.hit.text) for option in found.options]
+    await pilot.press("escape")
+    await pilot.pause()
+    return titles
 
 
 def write_config(home: Home, **values) -> None:

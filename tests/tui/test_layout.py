@@ -15,7 +15,7 @@ from textual.widgets import Button, Label, Markdown
 from textual.widgets.markdown import MarkdownFence
 
 from llamachat.history.store import HistoryStore
-from llamachat.tui import LlamaChatApp
+from llamachat.tui import LlamaChatApp, make_app
 from llamachat.tui.messages import ReplyPiece, ReplyStarted
 from llamachat.tui.screens.help import HelpScreen
 from llamachat.tui.screens.system_prompt import SystemPromptScreen
@@ -23,7 +23,7 @@ from llamachat.tui.widgets.chat_view import ChatView, ReplyTurn
 from llamachat.tui.widgets.conversation_list import ConversationList
 from llamachat.tui.widgets.prompt_input import PromptInput
 from llamachat.tui.widgets.status_bar import Status, StatusBar, status_text
-from tests.tui.conftest import app_for, options, settle
+from tests.tui.conftest import app_for, options, palette_titles, settle
 
 SMALL = (80, 24)
 LARGE = (120, 40)
@@ -68,7 +68,7 @@ class StoppingApp(LlamaChatApp):
 
 
 def stopping_app(home) -> StoppingApp:
-    return StoppingApp(home, options(max_tokens=900))
+    return make_app(home, options(max_tokens=900), StoppingApp)
 
 
 async def stopped_reply(pilot, app, text: str = "Tell me everything") -> None:
@@ -273,7 +273,7 @@ async def test_f9_hides_and_shows_the_sidebar(home):
         await pilot.press("f9")
         await pilot.pause()
         assert listing.display and chat.size.width == wide
-        palette = {command.title for command in app.get_system_commands(app.screen)}
+        palette = await palette_titles(pilot, app, "Show or hide the conversations")
         assert "Show or hide the conversations" in palette
 
 

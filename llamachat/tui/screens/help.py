@@ -1,5 +1,6 @@
-"""F1: every key, from the same bindings the footer and the command palette show. The list
-scrolls (arrows, PageUp/PageDown, Home/End) when the terminal is too short for it."""
+"""F1: every key, from the table of actions (actions.py) that the footer and the command palette
+are built from too. The list scrolls (arrows, PageUp/PageDown, Home/End) when the terminal is too
+short for it."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownFence
 
 from ...history.recording import CUT_BY
-from ...history.store import Conversation, Message
+from ...history.store import Conversation, StoredMessage
 
 
 class Turn:
@@ -141,7 +141,7 @@ class ChatView(VerticalScroll):
             turn.set_class(turn.message_id in message_ids, "unseen")
 
 
-def _widget(message: Message) -> Turn:
+def _widget(message: StoredMessage) -> Turn:
     if message.role == "user":
         return UserTurn(message.content, message.id)
     if message.role == "system":

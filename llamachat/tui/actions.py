@@ -1,0 +1,157 @@
+"""What the user can do in the chat app, declared once in ACTIONS: the key, the command palette's
+entry and the help screen's row are all built from it, so that the three cannot disagree."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
+
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing to do: its palette entry and, where it has one, its key and help-screen row."""
+
+    action: str  # the app's action, as a binding names it: "new_chat", "export('md')"
+    title: str  # in the command palette
+    help: str = ""  # the palette's line under the title
+    key: str | None = None  # the app's key for it; None: the palette only, and no help row
+    label: str | None = None  # the key's name in the footer and on the help screen; None: title
+    show: bool = True  # in the footer
+    priority: bool = False  # before the focused widget's own use of the key
+    textual: bool = False  # Textual's own palette command of this title runs it: none of ours
+
+    @property
+    def key_label(self) -> str:
+        return self.label or self.title
+
+    def binding(self) -> Binding:
+        assert self.key is not None
+        return Binding(
+            self.key, self.action, self.key_label, show=self.show, priority=self.priority
+        )
+
+
+# In the order of the footer and the help screen.
+ACTIONS: tuple[Action, ...] = (
+    Action("new_chat", "New chat", "Start a new conversation", key="ctrl+n"),
+    Action("stop", "Stop", "Stop the reply being written", key="escape", label="Stop reply"),
+    Action("regenerate", "Regenerate", "Write the last reply again", key="ctrl+r"),
+    # The editor's own ↑ (when it is empty) does it too: OTHER_KEYS lists it.
+    Action("edit_last", "Edit last message", "Edit your last message and send it again"),
+    Action(
+        "system_prompt",
+        "System prompt",
+        "Edit the system prompt or apply a preset",
+        key="ctrl+s",
+    ),
+    Action("search", "Search", "Search all conversations", key="ctrl+f"),
+    Action("pick_model", "Switch model", "Choose another installed model", key="ctrl+l"),
+    Action("copy_reply", "Copy reply", "Copy the last reply to the clipboard", key="f3"),
+    Action(
+        "copy_code",
+        "Copy code block",
+        "Copy the last reply's last code block",
+        key="f4",
+        label="Copy last code block",
+        show=False,
+    ),
+    Action(
+        "rename",
+        "Rename conversation",
+        "Give the conversation a title",
+        key="f2",
+        label="Rename",
+        show=False,
+    ),
+    Action(
+        "export('md')",
+        "Export as Markdown",
+        "Write the conversation to a .md file",
+        key="f5",
+        show=False,
+    ),
+    Action("export('json')", "Export as JSON", "Write the conversation to a .json file"),
+    Action(
+        "delete_conversation",
+        "Delete conversation",
+        "Delete the conversation",
+        key="f8",
+        show=False,
+    ),
+    Action("change_theme", "Theme", key="ctrl+t", label="Change theme", show=False, textual=True),
+    Action(
+        "toggle_sidebar",
+        "Show or hide the conversations",
+        "The sidebar (F9)",
+        key="f9",
+        show=False,
+    ),
+    Action("help", "Help", "Show every key", key="f1"),
+    Action("quit", "Quit", key="ctrl+q", priority=True, textual=True),
+    # Not a priority: in an editor with text selected, Ctrl+C copies it first.
+    Action(
+        "quit",
+        "Quit",
+        key="ctrl+c",
+        label="Quit (or copy the selection)",
+        show=False,
+        textual=True,
+    ),
+)
+
+# Keys that are not bindings of the app itself (the editor's, the list's, the palette's), for
+# the help screen after the app's own.
+OTHER_KEYS: tuple[tuple[str, str], ...] = (
+    ("enter", "send the message"),
+    ("shift+enter / ctrl+j", "new line in the message"),
+    ("up (editor empty)", "edit your last message and send it again"),
+    ("tab / shift+tab", "move between the conversation list, the chat and the editor"),
+    ("delete (in the list)", "delete the highlighted conversation"),
+    ("ctrl+p", "command palette: every action, themes, export"),
+)
+
+
+def bindings() -> list[Binding]:
+    """The app's BINDINGS."""
+    return [entry.binding() for entry in ACTIONS if entry.key is not None]
+
+
+def help_rows() -> list[tuple[str, str]]:
+    """The help screen's (key, what it does) rows: the app's keys, then the others."""
+    own = [(entry.key, entry.key_label) for entry in ACTIONS if entry.key is not None]
+    return own + list(OTHER_KEYS)
+
+
+class ActionCommands(Provider):
+    """The actions in the command palette, beside Textual's own commands (Theme, Quit, Keys…),
+    which its SystemCommandsProvider goes on offering."""
+
+    @staticmethod
+    def _entries() -> list[Action]:
+        return sorted((entry for entry in ACTIONS if not entry.textual), key=attrgetter("title"))
+
+    async def discover(self) -> Hits:
+        for entry in self._entries():
+            yield DiscoveryHit(entry.title, self._runner(entry), help=entry.help)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for entry in self._entries():
+            score = matcher.match(entry.title)
+            if score > 0:
+                yield Hit(
+                    score,
+                    matcher.highlight(entry.title),
+                    self._runner(entry),
+                    text=entry.title,
+                    help=entry.help,
+                )
+
+    def _runner(self, entry: Action) -> Callable[[], Awaitable[bool]]:
+        # The action runs as its key runs it: parsed by Textual, arguments and all.
+        return partial(self.app.run_action, entry.action)

@@ -19,11 +19,10 @@ from .options import GenerationOptions
 
 @dataclass(frozen=True)
 class Setup:
-    """A chat opened on the chosen model, with everything the flags and config decided, and
-    the conversation to continue (with --continue) or None for a new one."""
+    """A chat opened on the chosen model (its info says what the flags, the config and the
+    model decided), and the conversation to continue (with --continue) or None for a new one."""
 
     chat: Chat
-    options: ChatOptions
     system: str | None  # a new conversation's, or the one --system sets on a continued one
     continued: int | None
 
@@ -42,7 +41,7 @@ def start(options: GenerationOptions, history: HistoryStore) -> Setup:
         system = chosen.system  # the conversation keeps its own unless one is given
     name = chosen_model(chosen, store, continued_model)
     chat = open_chat(LocalBackend(store), chosen, name)
-    return Setup(chat=chat, options=chosen, system=system, continued=continued)
+    return Setup(chat=chat, system=system, continued=continued)
 
 
 def open_chat(backend: LocalBackend, options: ChatOptions, name: str) -> Chat:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from ..backends.base import PromptTooLongError
 from ..history.recording import recorded
 from ..history.store import ReplyRecorder
 from .console import CliError, stdin_is_terminal, warn
@@ -33,7 +34,8 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
     question = read_question(prompt)
     history = open_history()
     setup = start(options, history)
-    name = setup.installed.name
+    chat = setup.chat
+    name = chat.info.model
     if setup.continued is None:
         conversation = history.create(model=name, system_prompt=setup.system)
     else:
@@ -43,14 +45,12 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
         history.set_model(conversation, name)
     question_id = history.add_message(conversation, "user", question)
     messages = history.get(conversation).chat_messages()
-    from ..engine import ContextOverflowError
-
     try:
-        reply = setup.session.reply(messages, setup.sampling, max_new_tokens=setup.max_tokens)
-    except ContextOverflowError as error:
+        reply = chat.reply(messages)
+    except PromptTooLongError as error:
         history.delete_from(conversation, question_id)  # nothing was answered
-        limit = setup.model.context_length
-        hint = f" (--ctx can go up to {limit})" if setup.session.ctx < limit else ""
+        limit = chat.info.context_length
+        hint = f" (--ctx can go up to {limit})" if chat.info.context_size < limit else ""
         raise CliError(f"{error}{hint}") from None
     if reply.dropped:
         warn(f"the {len(reply.dropped)} oldest messages no longer fit the context")
@@ -63,7 +63,7 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
     except KeyboardInterrupt:
         if options.verbose:  # what was produced before Ctrl+C, as ollama shows it too
             print(file=sys.stderr)
-            print_stats(reply.stats, setup.model)
+            print_stats(reply.stats, chat.info)
         raise
     out.write("\n")
     out.flush()
@@ -72,4 +72,4 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
     if (notice := cut_notice(reply.stats, setup, options)) is not None:
         warn(notice)
     if options.verbose:
-        print_stats(reply.stats, setup.model)
+        print_stats(reply.stats, chat.info)

@@ -17,6 +17,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from ..backends.base import BackendError
+from ..chat_options import OptionsError
 from ..engine.errors import EngineError
 from ..history.db import HistoryError
 from ..home import Home
@@ -186,7 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as error:  # usage errors: a bad option, a missing argument
         error_line(f"{error.format_message()} (see llamachat --help)")
         return error.exit_code
-    except (CliError, StoreError, EngineError, SettingsError, HistoryError) as error:
+    except (
+        CliError,
+        OptionsError,
+        BackendError,
+        StoreError,
+        EngineError,
+        SettingsError,
+        HistoryError,
+    ) as error:
         if debug:
             traceback.print_exc()
         error_line(str(error))

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..chat_options import weight_format_for
 from ..home import Home
 from ..models.store import ModelStore
 from ..settings import load
@@ -52,7 +53,6 @@ def bench(
     from ..engine.bench import SHAPES, copy_bandwidth, measure, random_model
     from ..engine.loading import resolve_device, resolve_dtype
     from ..engine.quantize import resolve_quantization
-    from .generation import quantization_for
 
     if (model is None) == (shape is None):
         raise CliError("give either --model NAME or --shape SHAPE", exit_code=2)
@@ -72,7 +72,7 @@ def bench(
     else:
         installed = ModelStore(home.models).get(model)
         installed.check_sizes()
-        choice = quantization_for(installed, quantize, settings)
+        choice = weight_format_for(quantize or settings.quantize, installed.manifest.quantization)
         chat_model = ChatModel.load(
             installed.path, str(target), dtype, quantization=choice, threads=threads
         )

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sys
 
+from ..backends.base import PromptTooLongError
 from ..history.recording import recorded
 from ..history.store import ReplyRecorder
 from .console import CliError, stderr, warn
-from .generation import cut_notice, dtype_name, open_history, print_stats, start
+from .generation import cut_notice, open_history, print_stats, start
 from .options import GenerationOptions
 
 HELP = """commands:
@@ -22,17 +23,18 @@ Ctrl+C stops a reply; what was written is kept."""
 def chat(options: GenerationOptions) -> None:
     history = open_history()
     setup = start(options, history)
-    model, session, name = setup.model, setup.session, setup.installed.name
+    chat = setup.chat
+    info = chat.info
+    name = info.model
     conversation = setup.continued
     pending_system = setup.system  # for the conversation the first message creates
     show_stats = options.verbose
-    weights = f", {model.quantization} weights" if model.quantization else ""
+    weights = f", {info.weight_format} weights" if info.weight_format else ""
     stderr.print(
-        f"{name} on {model.device} ({dtype_name(model)}{weights}), "
-        f"{session.ctx} tokens of context. /help for commands, /bye to quit.",
+        f"{name} on {info.device} ({info.dtype}{weights}), "
+        f"{info.context_size} tokens of context. /help for commands, /bye to quit.",
         markup=False,
     )
-    from ..engine import ContextOverflowError
 
     while True:
         try:
@@ -65,10 +67,8 @@ def chat(options: GenerationOptions) -> None:
             conversation = history.create(model=name, system_prompt=pending_system)
         question = history.add_message(conversation, "user", text)
         try:
-            reply = session.reply(
-                history.get(conversation).chat_messages(), setup.sampling, setup.max_tokens
-            )
-        except ContextOverflowError as error:
+            reply = chat.reply(history.get(conversation).chat_messages())
+        except PromptTooLongError as error:
             history.delete_from(conversation, question)
             stderr.print(f"llamachat: {error}", markup=False)
             continue
@@ -91,7 +91,7 @@ def chat(options: GenerationOptions) -> None:
         if (notice := cut_notice(reply.stats, setup, options)) is not None:
             stderr.print(f"({notice})", markup=False)
         if show_stats:
-            print_stats(reply.stats, model)
+            print_stats(reply.stats, chat.info)
 
 
 def ensure_terminal() -> None:

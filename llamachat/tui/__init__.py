@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from ..chat_options import ChatOptions
 from ..home import Home
-from .app import ChatAppOptions, LlamaChatApp, make_app
+from .app import LlamaChatApp, make_app
 
-__all__ = ["ChatAppOptions", "LlamaChatApp", "make_app", "run"]
+__all__ = ["LlamaChatApp", "make_app", "run"]
 
 
-def run(options: ChatAppOptions) -> None:
+def run(options: ChatOptions) -> None:
     make_app(Home.current(), options).run()

@@ -11,7 +11,7 @@ import itertools
 import os
 import re
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,15 @@ from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Markdown, OptionList
 
+from ..backends.base import Backend, Chat, PromptTooLongError
+from ..backends.local import LocalBackend
+from ..chat_options import ChatOptions, chosen_model
 from ..history.db import HistoryError
 from ..history.export import to_json, to_markdown
 from ..history.recording import STATUS_BY_FINISH, recorded
 from ..history.store import HistoryStore, ReplyRecorder
 from ..home import Home
 from ..models.errors import StoreError
-from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
 from ..settings import Settings, SettingsError
 from ..settings import load as load_settings
@@ -54,24 +56,6 @@ from .widgets.status_bar import Status, StatusBar
 _CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
 
-@dataclass(frozen=True)
-class ChatAppOptions:
-    """What the command line decided (flags over config) for this run of the app."""
-
-    model: str | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    quantize: str | None = None  # None: the format the model's pull recorded, else auto
-    threads: int | None = None  # CPU threads; None: the engine's default
-    ctx: int | None = None
-    chat_format: str | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
-    max_tokens: int | None = None
-    system: str | None = None  # for new conversations
-    continue_latest: bool = False
-    theme: str | None = None
-
-
 class LlamaChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "llamachat"
@@ -81,10 +65,11 @@ class LlamaChatApp(App):
     def __init__(
         self,
         home: Home,
-        options: ChatAppOptions,
+        options: ChatOptions,
         *,
         history: HistoryStore,
         models: ModelStore,
+        backend: Backend,
         settings: Settings,
     ):
         super().__init__()
@@ -92,13 +77,12 @@ class LlamaChatApp(App):
         self.options = options
         self.history = history
         self.models = models
+        self.backend = backend
         self.settings = settings  # the config at start; an export and a theme change read it anew
-        self.model: Any = None  # engine.ChatModel, once loaded
-        self.session: Any = None  # engine.ChatSession on it
-        self.reply_defaults = ReplyDefaults()  # the loaded model's, for what options leave open
+        self.chat: Chat | None = None  # the model, once opened
         self.model_name: str | None = None
         self.conversation_id: int | None = None
-        self.new_system = options.system  # the system prompt a new conversation starts with
+        self.new_system = options.new_system  # the system prompt a new conversation starts with
         self.editing: int | None = None  # the user message being edited and resent
         self.cancel = threading.Event()
         self.generating = False
@@ -128,12 +112,12 @@ class LlamaChatApp(App):
             self.show_status()
         self.query_one(PromptInput).focus()
         try:
-            installed = self.models.choose(self.options.model, self.settings.default_model)
+            name = chosen_model(self.options, self.models)
         except StoreError as error:
             self.show_status(model="no model", note=str(error))
             self.notify(str(error), severity="error", timeout=15)
             return
-        self.start_loading(installed.name)
+        self.start_loading(name)
 
     def _register_themes(self, configured: str | None) -> None:
         defaults = self.get_theme_variable_defaults()
@@ -181,34 +165,19 @@ class LlamaChatApp(App):
     @work(thread=True, exclusive=True, group="model")
     def load_model(self, name: str) -> None:
         try:
-            from ..engine import ChatModel
-
-            installed = self.models.get(name)
-            installed.check_sizes()
-            model = ChatModel.load(
-                installed.path,
-                device=self.options.device,
-                dtype=self.options.dtype,
-                chat_format=self.options.chat_format,
-                quantization=self.options.quantize or installed.manifest.quantization or "auto",
-                threads=self.options.threads,
-            )
-            session = model.session(self.options.ctx)
+            chat = self.backend.open_chat(self.options.spec(name))
         except Exception as error:  # shown in the app: a bad model must not kill it
             self.post_message(ModelFailed(name, _describe(error)))
             return
-        self.post_message(ModelReady(name, model, session, reply_defaults(installed.path)))
+        self.post_message(ModelReady(name, chat))
 
     def on_model_ready(self, message: ModelReady) -> None:
         if self._closing_down():
             return
-        self.model, self.session, self.model_name = message.model, message.session, message.name
-        self.reply_defaults = message.defaults
-        dtype = str(self.model.dtype).removeprefix("torch.")
-        weights = f" {self.model.quantization}" if self.model.quantization else ""
-        self.show_status(
-            model=message.name, device=f"{self.model.device} {dtype}{weights}", note=""
-        )
+        self.chat, self.model_name = message.chat, message.name
+        info = self.chat.info
+        weights = f" {info.weight_format}" if info.weight_format else ""
+        self.show_status(model=message.name, device=f"{info.device} {info.dtype}{weights}", note="")
         self.update_context_meter()
 
     def on_model_failed(self, message: ModelFailed) -> None:
@@ -252,7 +221,7 @@ class LlamaChatApp(App):
             return
         self.conversation_id = None
         self._edit(None)
-        self.new_system = self.options.system
+        self.new_system = self.options.new_system
         self.query_one(ChatView).show(None)
         self.query_one(ConversationList).highlighted = None
         self.update_context_meter()
@@ -262,7 +231,7 @@ class LlamaChatApp(App):
 
     @on(PromptInput.Submitted)
     def send(self, event: PromptInput.Submitted) -> None:
-        if self.session is None:
+        if self.chat is None:
             self.notify("the model is not loaded yet", severity="warning")
             return
         if self.generating:
@@ -326,19 +295,15 @@ class LlamaChatApp(App):
         question_id: int | None,
         cancel: threading.Event,
     ) -> None:
-        from ..engine import ContextOverflowError, SamplingParams
-
+        assert self.chat is not None
         try:
-            defaults = self.reply_defaults
-            sampling = SamplingParams(**defaults.sampling_with(self.options.sampling))
-            limit = self.options.max_tokens or defaults.max_tokens
-            reply = self.session.reply(messages, sampling, limit, cancel=cancel)
-        except (ContextOverflowError, ValueError) as error:
+            reply = self.chat.reply(messages, cancel=cancel)
+        except PromptTooLongError as error:
             self.post_message(ReplyFailed(str(error), question_id))
             return
         recorder = ReplyRecorder(self.history, conversation_id, self.model_name)
         unseen = {ids[i] for i in reply.dropped if ids[i] is not None}
-        self.post_message(ReplyStarted(recorder.message_id, unseen, len(reply.prompt.token_ids)))
+        self.post_message(ReplyStarted(recorder.message_id, unseen, reply.prompt_tokens))
         unshown = UnshownText()
         try:
             for piece in recorded(reply, recorder):
@@ -419,8 +384,9 @@ class LlamaChatApp(App):
             self.refresh_conversations()
 
     def _context_full_notice(self) -> str:
-        ctx = self.session.ctx if self.session is not None else 0
-        most = self.model.context_length if self.model is not None else 0
+        info = self.chat.info if self.chat is not None else None
+        ctx = info.context_size if info is not None else 0
+        most = info.context_length if info is not None else 0
         room = (
             f"; a larger --ctx (this model takes up to {most:,}) gives more room"
             if most > ctx
@@ -460,7 +426,7 @@ class LlamaChatApp(App):
     def action_regenerate(self) -> None:
         last = self.query_one(ChatView).last(ReplyTurn)
         turns = self.query_one(ChatView).turns()
-        if self.generating or self.session is None or last is None or turns[-1] is not last:
+        if self.generating or self.chat is None or last is None or turns[-1] is not last:
             self.notify("nothing to regenerate", severity="warning")
             return
         if last.message_id is not None and self.conversation_id is not None:
@@ -524,10 +490,7 @@ class LlamaChatApp(App):
         self.query_one(ChatView).add(SystemNote(choice.prompt, message_id))
 
     def action_pick_model(self) -> None:
-        choices = [
-            (m.name, f"{m.name} ({m.manifest.weights}, {m.manifest.source})")
-            for m in self.models.installed()
-        ]
+        choices = [(m.name, f"{m.name} ({m.description})") for m in self.backend.models()]
         if not choices:
             self.notify("no models installed: run `llamachat pull smollm2`", severity="error")
             return
@@ -539,7 +502,9 @@ class LlamaChatApp(App):
         if self.generating:
             self.notify("a reply is being written: Esc stops it", severity="warning")
             return
-        self.model = self.session = None
+        if self.chat is not None:
+            self.chat.close()
+            self.chat = None
         self.start_loading(name)
         if self.conversation_id is not None:
             self.history.set_model(self.conversation_id, name)
@@ -640,13 +605,13 @@ class LlamaChatApp(App):
         self.query_one(StatusBar).show(self.status)
 
     def update_context_meter(self) -> None:
-        if self.session is None:
+        if self.chat is None:
             return
         messages = (
             self.history.get(self.conversation_id).chat_messages() if self.conversation_id else []
         )
-        used = len(self.model.prompt_ids(messages)) if messages else 0
-        self.show_status(context_used=used, context_size=self.session.ctx, dropped=0)
+        use = self.chat.context_use(messages)
+        self.show_status(context_used=use.used, context_size=use.window, dropped=0)
 
 
 def _describe(error: BaseException) -> str:
@@ -678,14 +643,16 @@ def _write_new(folder: Path, stem: str, suffix: str, text: str) -> Path:
 
 
 def make_app(
-    home: Home, options: ChatAppOptions, app_class: type[LlamaChatApp] = LlamaChatApp
+    home: Home, options: ChatOptions, app_class: type[LlamaChatApp] = LlamaChatApp
 ) -> LlamaChatApp:
     """The app on `home`'s history, models and config: how the CLI and the tests build it (a
     test's subclass of the app as `app_class`)."""
+    models = ModelStore(home.models)
     return app_class(
         home,
         options,
         history=HistoryStore(home.history_db),
-        models=ModelStore(home.models),
+        models=models,
+        backend=LocalBackend(models),
         settings=load_settings(home.config_file),
     )

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 from textual.message import Message
 
-from ..models.reply_defaults import ReplyDefaults
+from ..backends.base import Chat, ReplyStats
 
 
 @dataclass
@@ -39,9 +38,7 @@ class UnshownText:
 @dataclass
 class ModelReady(Message):
     name: str
-    model: Any  # engine.ChatModel
-    session: Any  # engine.ChatSession
-    defaults: ReplyDefaults  # the model's advice for what the options leave open
+    chat: Chat
 
 
 @dataclass
@@ -66,7 +63,7 @@ class ReplyPiece(Message):
 
 @dataclass
 class ReplyDone(Message):
-    stats: Any  # engine.ReplyStats
+    stats: ReplyStats
 
 
 @dataclass

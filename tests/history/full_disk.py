@@ -111,12 +111,13 @@ def plain_chat(home: Path, env: dict[str, str]) -> dict:
 
 async def chat_app(home: Path) -> dict:
     """The chat app, driven with the Pilot in this process; the disk fills from a thread."""
+    from llamachat.backends import Sampling
     from llamachat.home import Home
     from llamachat.tui.widgets.chat_view import ReplyTurn
     from llamachat.tui.widgets.prompt_input import PromptInput
     from tests.tui.conftest import app_for, settle
 
-    greedy = {"temperature": 0.0, "repeat_penalty": 1.0}
+    greedy = Sampling(temperature=0.0, repeat_penalty=1.0)
     app = app_for(
         Home(home, home, home / "cache"), quantize="none", sampling=greedy, max_tokens=MAX_TOKENS
     )

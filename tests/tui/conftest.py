@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from textual.command import CommandInput, CommandList, CommandPalette
 
+from llamachat.backends import Sampling
+from llamachat.chat_options import ChatOptions
 from llamachat.home import Home
 from llamachat.models.pull import pull
 from llamachat.models.store import ModelStore
-from llamachat.tui import ChatAppOptions, LlamaChatApp, make_app
+from llamachat.tui import LlamaChatApp, make_app
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +36,14 @@ def home(tmp_path, tiny_store) -> Home:
     return Home(data=data, config=data, cache=tmp_path / "cache")
 
 
-def options(**changes) -> ChatAppOptions:
-    base = {"model": "tiny", "device": "cpu", "sampling": {"temperature": 0.0}, "max_tokens": 12}
-    return ChatAppOptions(**{**base, **changes})
+def options(**changes) -> ChatOptions:
+    base = {
+        "model": "tiny",
+        "device": "cpu",
+        "sampling": Sampling(temperature=0.0),
+        "max_tokens": 12,
+    }
+    return ChatOptions(**{**base, **changes})
 
 
 def app_for(home: Home, **changes) -> LlamaChatApp:
@@ -49,7 +56,7 @@ async def settle(pilot, app: LlamaChatApp, timeout: float = 60) -> None:
     deadline = loop.time() + timeout
     while loop.time() < deadline:
         await pilot.pause(0.05)
-        loading = app.session is None and "loading" in app.status.note
+        loading = app.chat is None and "loading" in app.status.note
         if not app.generating and not loading and not _running(app):
             await pilot.pause(0.05)
             return

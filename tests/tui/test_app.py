@@ -324,7 +324,7 @@ async def test_model_picker_switches_the_conversations_model(home):
         choices.highlighted = choices.get_option_index("tiny-mqa")
         await pilot.press("enter")
         await settle(pilot, app)
-        assert app.model_name == "tiny-mqa" and app.model.config.n_kv_heads == 1
+        assert app.model_name == "tiny-mqa" and app.chat.model.config.n_kv_heads == 1
         await send(pilot, app, "Again")
         assert stored(app).summary.model == "tiny-mqa"
         assert stored(app).messages[-1].model == "tiny-mqa"
@@ -395,7 +395,7 @@ async def test_a_model_that_fails_to_load_leaves_the_app_usable(home):
     app = app_for(home, model="broken")
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        assert app.session is None and app.status.note == "failed to load"
+        assert app.chat is None and app.status.note == "failed to load"
         assert any("GPT2LMHeadModel" in str(n.message) for n in app._notifications)
         app.query_one(PromptInput).text = "Hello?"
         await pilot.press("enter")
@@ -459,12 +459,12 @@ async def test_the_status_bar_shows_the_weight_format_after_the_dtype(home):
     app = app_for(home, quantize="int4")
     async with app.run_test(size=(120, 30)) as pilot:
         await settle(pilot, app)
-        assert app.model.quantization == "int4"
+        assert app.chat.info.weight_format == "int4"
         assert str(app.query_one(StatusBar).render()).startswith("tiny · cpu float32 int4 · ctx")
     stored_as_is = app_for(home, quantize="none")
     async with stored_as_is.run_test(size=(120, 30)) as pilot:
         await settle(pilot, stored_as_is)
-        assert stored_as_is.model.quantization is None
+        assert stored_as_is.chat.info.weight_format is None
         assert stored_as_is.status.device == "cpu float32"
 
 
@@ -489,5 +489,5 @@ async def test_a_format_the_device_cannot_run_is_shown_and_the_app_stays_usable(
     app = app_for(home, dtype="bfloat16", quantize="f16")
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        assert app.session is None and app.status.note == "failed to load"
+        assert app.chat is None and app.status.note == "failed to load"
         assert any("f16 weights compute in float32" in str(n.message) for n in app._notifications)

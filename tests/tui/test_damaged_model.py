@@ -14,9 +14,9 @@ async def test_a_truncated_model_is_refused_with_the_file_named(home):
     app = app_for(home, model="damaged")
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        assert app.session is None and app.status.note == "failed to load"
+        assert app.chat is None and app.status.note == "failed to load"
         (message,) = [str(n.message) for n in app._notifications if "damaged" in str(n.message)]
         assert "model.safetensors is" in message and "llamachat verify damaged" in message
         app._switch_model("tiny")  # what the model picker does
         await settle(pilot, app)
-        assert app.session is not None
+        assert app.chat is not None

@@ -55,7 +55,7 @@ async def test_a_saved_bad_theme_falls_back_to_the_default_with_a_notice(home, c
         notices = [str(n.message) for n in app._notifications]
         assert any("bad.toml" in notice and case in notice for notice in notices), notices
         assert any("'bad'" in notice and DEFAULT_THEME in notice for notice in notices), notices
-        assert app.session is not None  # the app carries on: the model loaded
+        assert app.chat is not None  # the app carries on: the model loaded
 
 
 @pytest.mark.parametrize(

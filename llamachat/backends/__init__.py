@@ -1,0 +1,36 @@
+"""How front ends reach models: the interface (base.py) and its implementations (local.py: the
+engine in this process). Nothing here imports torch until a local chat opens."""
+
+from .base import (
+    Backend,
+    BackendError,
+    Chat,
+    ChatInfo,
+    ChatMessage,
+    ChatSpec,
+    ContextUse,
+    FinishReason,
+    ModelInfo,
+    ModelUnavailableError,
+    PromptTooLongError,
+    Reply,
+    ReplyStats,
+    Sampling,
+)
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Chat",
+    "ChatInfo",
+    "ChatMessage",
+    "ChatSpec",
+    "ContextUse",
+    "FinishReason",
+    "ModelInfo",
+    "ModelUnavailableError",
+    "PromptTooLongError",
+    "Reply",
+    "ReplyStats",
+    "Sampling",
+]

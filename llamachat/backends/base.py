@@ -1,0 +1,176 @@
+"""What a front end asks of a model, whoever runs it: the interface every backend implements.
+
+The one-shot answer, the line chat and the chat app talk only to these types. The first backend
+is the engine in this process (local.py); a remote one (any OpenAI-compatible server) and
+`llamachat serve` speak the same interface, so everything here is plain data: no torch types, a
+conversation as OpenAI's list of {"role", "content"} messages (the system prompt, if any, is the
+first one), errors as the classes below.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Literal, Protocol
+
+ChatMessage = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+# stop: the model ended its turn (or a stop string); length: the reply's token limit;
+# context: the context window is full; cancelled: the caller stopped it.
+FinishReason = Literal["stop", "length", "context", "cancelled"]
+
+
+class BackendError(Exception):
+    """Anything a backend reports to a front end, as one line the user can act on."""
+
+
+class ModelUnavailableError(BackendError):
+    """The model cannot be opened: missing or damaged files, an unsupported architecture, a
+    device or dtype this machine lacks."""
+
+
+class PromptTooLongError(BackendError):
+    """What cannot be dropped from the conversation (the system prompt and the last message)
+    does not fit the context window; nothing was generated."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling fields the user chose; None leaves a field to the model's recommendation,
+    else the backend's default. temperature 0 is greedy."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature, lambda v: v >= 0, "temperature must be ≥ 0"),
+            (self.top_k, lambda v: v >= 0, "top_k must be ≥ 0"),
+            (self.top_p, lambda v: 0 < v <= 1, "top_p must be in (0, 1]"),
+            (self.min_p, lambda v: 0 <= v < 1, "min_p must be in [0, 1)"),
+            (self.repeat_penalty, lambda v: v > 0, "repeat_penalty must be > 0"),
+            (self.seed, lambda v: 0 <= v < 2**64, "seed must be in [0, 2**64)"),
+        ]
+        for value, ok, message in checks:
+            if value is not None and not ok(value):
+                raise ValueError(message)
+
+    def chosen(self) -> dict[str, float | int]:
+        """The fields that were set, by name."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+
+@dataclass(frozen=True)
+class ChatSpec:
+    """What to open: a model by the backend's name for it, and how to run it. The placement
+    fields (device, dtype, threads, chat format) are for backends that load the model
+    themselves; None leaves a field to the model's own record, else the backend's default."""
+
+    model: str
+    ctx: int | None = None  # the context window in tokens
+    weight_format: str | None = None  # auto, none, int8, int4, f16
+    sampling: Sampling = Sampling()
+    max_tokens: int | None = None  # most tokens in one reply
+    device: str = "auto"
+    dtype: str | None = None
+    threads: int | None = None
+    chat_format: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str  # what the user picks it by, besides the name (weights, source)
+
+
+@dataclass(frozen=True)
+class ChatInfo:
+    """What an opened chat runs with, every default decided."""
+
+    model: str
+    device: str  # where it runs: "cpu", "cuda:0"
+    dtype: str  # the arithmetic's: "float32", "bfloat16"
+    weight_format: str | None  # None: the weights as stored
+    threads: int | None  # CPU threads; None where the backend does not say (a GPU)
+    context_size: int  # this chat's window in tokens
+    context_length: int  # the most the model takes
+    max_tokens: int  # the reply's token limit
+
+
+@dataclass
+class ReplyStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens found in a cache, not computed again
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0  # from the request to the first token
+    decode_s: float = 0.0  # from the first token to the last
+    finish_reason: FinishReason | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ContextUse:
+    used: int  # tokens the whole conversation takes, templated
+    window: int  # the chat's context size
+
+
+class Reply(Protocol):
+    """One assistant reply: iterate it (once) for text pieces, never half a character. `stats`
+    fills in as it streams and is final once the iteration ends, however it ends."""
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        """Indices of the messages left out to fit the context window."""
+        ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def stats(self) -> ReplyStats: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None:
+        """Stop the reply from any thread; the iteration ends within a token."""
+        ...
+
+
+class Chat(Protocol):
+    """A model opened for one conversation at a time. Each reply is given the whole
+    conversation; a backend may reuse what it computed for an earlier one."""
+
+    @property
+    def info(self) -> ChatInfo: ...
+
+    def reply(
+        self, messages: Sequence[ChatMessage], cancel: threading.Event | None = None
+    ) -> Reply:
+        """The next assistant reply to `messages`, older turns dropped to fit the window.
+        Raises PromptTooLongError; setting `cancel` stops it as Reply.cancel does."""
+        ...
+
+    def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse: ...
+
+    def close(self) -> None:
+        """Let go of the model (its memory); the chat cannot be used after."""
+        ...
+
+
+class Backend(Protocol):
+    def models(self) -> list[ModelInfo]:
+        """The models this backend offers, by the names `open_chat` takes."""
+        ...
+
+    def open_chat(self, spec: ChatSpec) -> Chat:
+        """Load (or reach) spec.model; slow for a local model. Raises ModelUnavailableError."""
+        ...

@@ -1,0 +1,163 @@
+"""The engine in this process, behind the backend interface: models from the local store.
+
+Importing this module loads no torch: the engine is imported when a chat opens, so a front end
+that fails before that (a bad flag, no model) answers at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from ..chat_options import weight_format_for
+from ..models.errors import StoreError
+from ..models.reply_defaults import reply_defaults
+from ..models.store import ModelStore
+from .base import (
+    BackendError,
+    ChatInfo,
+    ChatMessage,
+    ChatSpec,
+    ContextUse,
+    ModelInfo,
+    ModelUnavailableError,
+    PromptTooLongError,
+    ReplyStats,
+)
+
+if TYPE_CHECKING:
+    from ..engine import ChatModel, ChatSession, Reply, SamplingParams
+
+
+class ContextSizeError(ModelUnavailableError):
+    """The chat asked for a larger window than the model takes."""
+
+    def __init__(self, requested: int, limit: int):
+        self.requested = requested
+        self.limit = limit
+        super().__init__(f"ctx must be between 16 and the model's context length {limit}")
+
+
+class LocalBackend:
+    def __init__(self, store: ModelStore):
+        self.store = store
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(m.name, f"{m.manifest.weights}, {m.manifest.source}")
+            for m in self.store.installed()
+        ]
+
+    def open_chat(self, spec: ChatSpec) -> LocalChat:
+        from ..engine import ChatModel, EngineError, SamplingParams
+
+        try:
+            installed = self.store.get(spec.model)
+            installed.check_sizes()  # a truncated or missing file: named, before torch reads it
+        except StoreError as error:
+            raise ModelUnavailableError(str(error)) from None
+        defaults = reply_defaults(installed.path)
+        try:
+            model = ChatModel.load(
+                installed.path,
+                device=spec.device,
+                dtype=spec.dtype,
+                chat_format=spec.chat_format,
+                quantization=weight_format_for(spec.weight_format, installed.manifest.quantization),
+                threads=spec.threads,
+            )
+            if spec.ctx is not None and spec.ctx > model.context_length:
+                raise ContextSizeError(spec.ctx, model.context_length)
+            session = model.session(spec.ctx)
+        except EngineError as error:
+            raise ModelUnavailableError(str(error)) from None
+        try:
+            sampling = SamplingParams(**defaults.sampling_with(spec.sampling.chosen()))
+        except ValueError as error:
+            raise BackendError(str(error)) from None
+        max_tokens = spec.max_tokens or defaults.max_tokens
+        return LocalChat(installed.name, model, session, sampling, max_tokens)
+
+
+class LocalChat:
+    """One engine session: a KV cache reused across the turns of the conversation."""
+
+    def __init__(
+        self,
+        name: str,
+        model: ChatModel,
+        session: ChatSession,
+        sampling: SamplingParams,
+        max_tokens: int,
+    ):
+        self.name = name
+        self.model = model  # the engine's, for tests and tools that look inside
+        self.session = session
+        self.sampling = sampling
+        self.max_tokens = max_tokens
+
+    @property
+    def info(self) -> ChatInfo:
+        # Made anew each time: the default thread count follows the load on the machine.
+        model = self.model
+        return ChatInfo(
+            model=self.name,
+            device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."),
+            weight_format=model.quantization,
+            threads=model.threads,
+            context_size=self.session.ctx,
+            context_length=model.context_length,
+            max_tokens=self.max_tokens,
+        )
+
+    def reply(
+        self, messages: Sequence[ChatMessage], cancel: threading.Event | None = None
+    ) -> LocalReply:
+        from ..engine import ContextOverflowError
+
+        try:
+            reply = self.session.reply(messages, self.sampling, self.max_tokens, cancel=cancel)
+        except ContextOverflowError as error:
+            raise PromptTooLongError(str(error)) from None
+        return LocalReply(reply)
+
+    def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
+        used = len(self.model.prompt_ids(messages)) if messages else 0
+        return ContextUse(used=used, window=self.session.ctx)
+
+    def close(self) -> None:
+        del self.session, self.model  # the cache and the weights go with the last reference
+
+
+class LocalReply:
+    def __init__(self, reply: Reply):
+        self._reply = reply
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        return self._reply.dropped
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._reply.prompt.token_ids)
+
+    @property
+    def stats(self) -> ReplyStats:
+        measured = self._reply.stats
+        return ReplyStats(
+            prompt_tokens=measured.prompt_tokens,
+            reused_tokens=measured.reused_tokens,
+            prefilled_tokens=measured.prefilled_tokens,
+            generated_tokens=measured.generated_tokens,
+            time_to_first_token_s=measured.time_to_first_token_s,
+            decode_s=measured.decode_s,
+            finish_reason=measured.finish_reason,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._reply)
+
+    def cancel(self) -> None:
+        self._reply.cancel.set()

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from operator import attrgetter
+from operator import itemgetter
+from typing import Any
 
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
@@ -128,29 +129,29 @@ def help_rows() -> list[tuple[str, str]]:
 
 
 class ActionCommands(Provider):
-    """The actions in the command palette, beside Textual's own commands (Theme, Quit, Keys…),
-    which its SystemCommandsProvider goes on offering."""
+    """The command palette: the actions, and Textual's own commands (Theme, Quit, Keys…) in
+    one list sorted by title, as Textual's SystemCommandsProvider (which this replaces) shows
+    them."""
 
-    @staticmethod
-    def _entries() -> list[Action]:
-        return sorted((entry for entry in ACTIONS if not entry.textual), key=attrgetter("title"))
+    def _commands(self, discoverable_only: bool) -> list[tuple[str, str, Callable[[], Any]]]:
+        ours = [(e.title, e.help, self._runner(e)) for e in ACTIONS if not e.textual]
+        textual = [
+            (command.title, command.help, command.callback)
+            for command in self.app.get_system_commands(self.screen)
+            if command.discover or not discoverable_only
+        ]
+        return sorted(ours + textual, key=itemgetter(0))
 
     async def discover(self) -> Hits:
-        for entry in self._entries():
-            yield DiscoveryHit(entry.title, self._runner(entry), help=entry.help)
+        for title, help_text, callback in self._commands(discoverable_only=True):
+            yield DiscoveryHit(title, callback, help=help_text)
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        for entry in self._entries():
-            score = matcher.match(entry.title)
+        for title, help_text, callback in self._commands(discoverable_only=False):
+            score = matcher.match(title)
             if score > 0:
-                yield Hit(
-                    score,
-                    matcher.highlight(entry.title),
-                    self._runner(entry),
-                    text=entry.title,
-                    help=entry.help,
-                )
+                yield Hit(score, matcher.highlight(title), callback, text=title, help=help_text)
 
     def _runner(self, entry: Action) -> Callable[[], Awaitable[bool]]:
         # The action runs as its key runs it: parsed by Textual, arguments and all.

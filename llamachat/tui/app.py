@@ -60,7 +60,7 @@ class LlamaChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "llamachat"
     BINDINGS = bindings()
-    COMMANDS = App.COMMANDS | {ActionCommands}
+    COMMANDS = {ActionCommands}
 
     def __init__(
         self,

@@ -4,27 +4,14 @@ answer, the line chat, the chat app) passes its replies through here, so they sh
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from .store import MessageStats, ReplyRecorder
 
+if TYPE_CHECKING:
+    from ..backends.base import Reply, ReplyStats
 
-class _EngineStats(Protocol):
-    prompt_tokens: int
-    reused_tokens: int
-    generated_tokens: int
-    time_to_first_token_s: float
-    decode_tokens_per_s: float
-    finish_reason: str | None
-
-
-class _EngineReply(Protocol):
-    stats: _EngineStats
-
-    def __iter__(self) -> Iterator[str]: ...
-
-
-# How the engine ended a reply → the status it is kept with.
+# How a backend ended a reply → the status it is kept with.
 STATUS_BY_FINISH = {
     "stop": "complete",
     "length": "length",  # the token limit
@@ -35,7 +22,7 @@ STATUS_BY_FINISH = {
 CUT_BY = {"length": "token limit", "context": "context full"}
 
 
-def history_stats(stats: _EngineStats, finish_reason: str | None) -> MessageStats:
+def history_stats(stats: ReplyStats, finish_reason: str | None) -> MessageStats:
     return MessageStats(
         prompt_tokens=stats.prompt_tokens,
         reused_tokens=stats.reused_tokens,
@@ -46,9 +33,9 @@ def history_stats(stats: _EngineStats, finish_reason: str | None) -> MessageStat
     )
 
 
-def recorded(reply: _EngineReply, recorder: ReplyRecorder) -> Iterator[str]:
+def recorded(reply: Reply, recorder: ReplyRecorder) -> Iterator[str]:
     """The reply's pieces, each also saved. The message ends as STATUS_BY_FINISH says for the
-    engine's finish reason (kept with it), interrupted when the reader stopped early (Ctrl+C, a
+    backend's finish reason (kept with it), interrupted when the reader stopped early (Ctrl+C, a
     closed pipe) and error on an exception; those two have no finish reason."""
     status, finish_reason = "interrupted", None
     try:

@@ -43,7 +43,7 @@ class StoredMessage:
     generated_tokens: int | None = None
     time_to_first_token_ms: float | None = None
     tokens_per_s: float | None = None
-    finish_reason: str | None = None  # the engine's: stop, length, context, cancelled
+    finish_reason: str | None = None  # the backend's: stop, length, context, cancelled
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,14 @@ class SearchHit:
 
 @dataclass(frozen=True)
 class MessageStats:
-    """The figures kept with a reply: what the engine measured, in the history's units."""
+    """The figures kept with a reply: what the backend measured, in the history's units."""
 
     prompt_tokens: int
     reused_tokens: int
     generated_tokens: int
     time_to_first_token_ms: float
     tokens_per_s: float
-    finish_reason: str | None = None  # the engine's: stop, length, context, cancelled
+    finish_reason: str | None = None  # the backend's: stop, length, context, cancelled
 
 
 class HistoryStore:

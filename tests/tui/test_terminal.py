@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -65,11 +66,16 @@ class Tmux:
         subprocess.run([*self.socket, "kill-server"], capture_output=True)
 
 
+_SERVERS = itertools.count()
+
+
 @pytest.fixture
 def tmux():
     if shutil.which("tmux") is None:
         pytest.fail("tmux is required for the terminal test (.ci/run installs it)")
-    session = Tmux(f"llamachat-test-{os.getpid()}")
+    # A server of its own per test: a new one on the socket of the last test's, which may still
+    # be shutting down after kill-server, can die at start on a busy machine.
+    session = Tmux(f"llamachat-test-{os.getpid()}-{next(_SERVERS)}")
     yield session
     session.kill()
 

@@ -4,7 +4,7 @@ Query/key/value and gate/up projections are fused into one matrix each (one read
 one kernel launch); the loader concatenates the checkpoint's separate matrices into them.
 
 A one-token (decode) step has two faster routes with the same arithmetic: fused Triton kernels on
-a GPU in half precision (decode_kernels.py, gemv.py), and a step with few operations on the CPU
+a GPU in half precision (kernels/cuda/), and a step with few operations on the CPU
 (for int4 on an x86 CPU, one call into C: native_step.py).
 Prompts (prefill) take the general forward().
 """
@@ -25,7 +25,7 @@ from .quantize import Int4Linear
 from .rope import apply_rope, rope_tables
 
 if TYPE_CHECKING:
-    from .gemv import Int8Activations
+    from .kernels.cuda.activations import Int8Activations
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
-        # One-token steps through the fused Triton kernels (decode_kernels.py); set by
+        # One-token steps through the fused Triton kernels (kernels/cuda/fused.py); set by
         # enable_fused_decode where they run.
         self.fused_decode = False
         # One-token steps of an int4 model on the CPU as one C call (native_step.py); set by
@@ -250,7 +250,7 @@ class Transformer(nn.Module):
         """forward() for one token with the fused kernels: per block two norms (each fused with
         the residual add before it), rotary + cache write, two attention kernels, SwiGLU's gate
         and the four matrix products."""
-        from .decode_kernels import add_rms_norm, decode_attention, rope_and_cache, silu_mul
+        from .kernels.cuda.fused import add_rms_norm, decode_attention, rope_and_cache, silu_mul
 
         project = _one_row_product
         eps = self.config.rms_norm_eps
@@ -291,7 +291,7 @@ def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def _takes_int8(linear: nn.Module) -> bool:
-    """Whether the kernel making this layer's input should also round it to int8 (gemv.py)."""
+    """Whether the kernel making this layer's input should also round it to int8 (gemv)."""
     return isinstance(linear, Int4Linear)
 
 
@@ -305,7 +305,7 @@ def _one_row_product(
         return linear(x, rounded)
     if not isinstance(linear, nn.Linear):
         return linear(x)
-    from .gemv import gemv
+    from .kernels.cuda.gemv import gemv
 
     out = gemv(x, linear.weight)
     return out if linear.bias is None else out + linear.bias

@@ -1,4 +1,4 @@
-"""The whole one-token decode step of an int4 model on the CPU as one call into C (native.py).
+"""The whole one-token decode step of an int4 model on the CPU as one call into C (kernels/cpu/).
 
 Each PyTorch operation costs microseconds of overhead however small its work; a step of a
 30-layer model is hundreds of them. Here the token's embedding row goes in and its logits come
@@ -13,7 +13,7 @@ import ctypes
 import torch
 from torch import nn
 
-from . import native
+from .kernels.cpu import native
 from .kv_cache import KVCache
 from .quantize import Int4Linear, Int8Linear
 

@@ -123,7 +123,7 @@ def test_graphed_session_matches_an_eager_one_in_a_chat(tiny_model_factory):
 
 @pytest.mark.parametrize(("rows", "columns"), [(100, 576), (4096, 4096), (1000, 14336)])
 def test_triton_gemv_kernels_multiply_by_the_dequantized_weight(rows, columns):
-    from llamachat.engine.gemv import int4_gemv, int8_gemv
+    from llamachat.engine.kernels.cuda.gemv import int4_gemv, int8_gemv
     from llamachat.engine.quantize import (
         GROUP,
         pack_int4,
@@ -156,7 +156,7 @@ def test_triton_gemv_kernels_multiply_by_the_dequantized_weight(rows, columns):
     ("rows", "outputs", "columns"), [(7, 100, 576), (512, 4096, 4096), (33, 1000, 14336)]
 )
 def test_triton_prompt_matmul_multiplies_by_the_dequantized_weight(rows, outputs, columns):
-    from llamachat.engine.qmatmul import int8_matmul
+    from llamachat.engine.kernels.cuda.prefill import int8_matmul
     from llamachat.engine.quantize import quantize_int8
 
     generator = torch.Generator(device="cuda").manual_seed(1)

@@ -1,5 +1,5 @@
-"""The C kernels for int4 on x86 CPUs (native.py, cpu_kernels.c): their arithmetic against
-PyTorch references, the decode step against the PyTorch step, the switch and the fallback.
+"""The C kernels for int4 on x86 CPUs (engine/kernels/cpu/): their arithmetic against PyTorch
+references, the decode step against the PyTorch step, the switch and the fallback.
 
 They run wherever the CPU has AVX2, FMA and F16C (CI's does, and has gcc): there a missing
 compiler or a failed build fails these tests instead of skipping them."""
@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from llamachat.engine import ChatModel, KVCache, native
+from llamachat.engine import ChatModel, KVCache
+from llamachat.engine.kernels.cpu import native
 from llamachat.engine.quantize import (
     GROUP,
     Int4Linear,

@@ -18,6 +18,7 @@ import torch
 from .chat_format import BUILTIN_FORMATS
 from .chat_model import ChatModel
 from .config import ModelConfig
+from .decode import choose_decode_step
 from .model import Transformer
 from .quantize import (
     check_quantization,
@@ -106,7 +107,9 @@ def random_model(
     if config.tie_word_embeddings and not quantization:
         transformer.output.weight = transformer.tok_embeddings.weight
     transformer.eval().requires_grad_(False)
-    transformer.enable_fused_decode()
+    # The fused CUDA step or PyTorch's CPU step, never the C one: an int4 shape on the CPU has
+    # always measured PyTorch's step here, not the one ChatModel.load picks.
+    transformer.decode_step = choose_decode_step(transformer, native=False)
     # No tokenizer: the benchmark works on token ids.
     llama3 = BUILTIN_FORMATS["llama-3"]
     return ChatModel(

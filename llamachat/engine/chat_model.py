@@ -10,6 +10,7 @@ import torch
 
 from .chat_format import ChatFormat, Message, chat_format_for, render
 from .config import ModelConfig
+from .decode import choose_decode_step
 from .errors import EngineError, ModelLoadError
 from .loading import load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
@@ -72,8 +73,7 @@ class ChatModel:
         threads_used = cpu_threads(target_device, threads)
         tokenizer = load_tokenizer(folder)
         transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
-        transformer.enable_fused_decode()
-        transformer.enable_native_decode()
+        transformer.decode_step = choose_decode_step(transformer)
         chosen_format = chat_format_for(tokenizer, chat_format)
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop

@@ -18,7 +18,8 @@ from .console import CliError, stderr
 from .options import GenerationOptions
 
 if TYPE_CHECKING:
-    from ..engine import ChatModel, ChatSession, ReplyStats, SamplingParams
+    from ..engine import ChatModel, ChatSession, SamplingParams
+    from ..engine import GenerationStats as ReplyStats
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "BUILTIN_FORMATS": "chat_format",
     "ChatFormat": "chat_format",
-    "Message": "chat_format",
+    "ChatMessage": "chat_format",
     "DEFAULT_CONTEXT": "chat_model",
     "ChatModel": "chat_model",
     "ModelConfig": "config",
@@ -36,33 +36,33 @@ _EXPORTS = {
     "ChatSession": "session",
     "Prompt": "session",
     "Reply": "session",
-    "ReplyStats": "session",
+    "GenerationStats": "session",
 }
 
 __all__ = [
     "BUILTIN_FORMATS",
     "ChatFormat",
+    "ChatMessage",
     "ChatModel",
     "ChatSession",
     "ContextOverflowError",
     "DEFAULT_CONTEXT",
     "DeviceError",
     "EngineError",
+    "GenerationStats",
     "GREEDY",
     "KVCache",
-    "Message",
     "ModelConfig",
     "ModelLoadError",
     "Prompt",
     "Reply",
-    "ReplyStats",
     "RopeScaling",
     "SamplingParams",
     "UnsupportedModelError",
 ]
 
 if TYPE_CHECKING:
-    from .chat_format import BUILTIN_FORMATS, ChatFormat, Message
+    from .chat_format import BUILTIN_FORMATS, ChatFormat, ChatMessage
     from .chat_model import DEFAULT_CONTEXT, ChatModel
     from .config import ModelConfig, RopeScaling
     from .errors import (
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     )
     from .kv_cache import KVCache
     from .sampling import GREEDY, SamplingParams
-    from .session import ChatSession, Prompt, Reply, ReplyStats
+    from .session import ChatSession, GenerationStats, Prompt, Reply
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,7 @@ from .quantize import (
     weight_bytes,
 )
 from .sampling import GREEDY
-from .session import ChatSession, ReplyStats
+from .session import ChatSession, GenerationStats
 from .threads import cpu_threads
 
 SHAPES: dict[str, dict] = {
@@ -197,7 +197,7 @@ def _decode(session: ChatSession, tokens: list[int], context: int, steps: int) -
 
 
 def _first_token_ms(session: ChatSession, conversation: list[int]) -> float:
-    stats = ReplyStats()
+    stats = GenerationStats()
     if session.model.device.type == "cuda":
         torch.cuda.synchronize()  # the history's prefill must not count
     started = time.perf_counter()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .chat_format import ChatFormat, Message, chat_format_for, render
+from .chat_format import ChatFormat, ChatMessage, chat_format_for, render
 from .config import ModelConfig
 from .decode import choose_decode_step
 from .errors import EngineError, ModelLoadError
@@ -118,7 +118,7 @@ class ChatModel:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
 
-    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+    def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self.encode(render(self.tokenizer, self.chat_format, messages))
 
     def session(self, ctx: int | None = None, cuda_graphs: bool | None = None):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Every public name → the module that defines it, loaded on first use (the TYPE_CHECKING imports
+# below name the same for type checkers).
 _EXPORTS = {
     "BUILTIN_FORMATS": "chat_format",
     "ChatFormat": "chat_format",
@@ -39,42 +41,22 @@ _EXPORTS = {
     "GenerationStats": "session",
 }
 
-__all__ = [
-    "BUILTIN_FORMATS",
-    "ChatFormat",
-    "ChatMessage",
-    "ChatModel",
-    "ChatSession",
-    "ContextOverflowError",
-    "DEFAULT_CONTEXT",
-    "DeviceError",
-    "EngineError",
-    "GenerationStats",
-    "GREEDY",
-    "KVCache",
-    "ModelConfig",
-    "ModelLoadError",
-    "Prompt",
-    "Reply",
-    "RopeScaling",
-    "SamplingParams",
-    "UnsupportedModelError",
-]
+__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .chat_format import BUILTIN_FORMATS, ChatFormat, ChatMessage
-    from .chat_model import DEFAULT_CONTEXT, ChatModel
-    from .config import ModelConfig, RopeScaling
-    from .errors import (
+if TYPE_CHECKING:  # the same names for type checkers; F401: ruff cannot read a built __all__
+    from .chat_format import BUILTIN_FORMATS, ChatFormat, ChatMessage  # noqa: F401
+    from .chat_model import DEFAULT_CONTEXT, ChatModel  # noqa: F401
+    from .config import ModelConfig, RopeScaling  # noqa: F401
+    from .errors import (  # noqa: F401
         ContextOverflowError,
         DeviceError,
         EngineError,
         ModelLoadError,
         UnsupportedModelError,
     )
-    from .kv_cache import KVCache
-    from .sampling import GREEDY, SamplingParams
-    from .session import ChatSession, GenerationStats, Prompt, Reply
+    from .kv_cache import KVCache  # noqa: F401
+    from .sampling import GREEDY, SamplingParams  # noqa: F401
+    from .session import ChatSession, GenerationStats, Prompt, Reply  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -15,6 +15,7 @@ from .errors import EngineError, ModelLoadError
 from .loading import load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
 from .quantize import resolve_quantization
+from .session import ChatSession
 from .threads import AutoThreads, cpu_threads
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -121,11 +122,9 @@ class ChatModel:
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self.encode(render(self.tokenizer, self.chat_format, messages))
 
-    def session(self, ctx: int | None = None, cuda_graphs: bool | None = None):
+    def session(self, ctx: int | None = None, cuda_graphs: bool | None = None) -> ChatSession:
         """A chat session with its own KV cache of `ctx` tokens. On a GPU its decode steps
-        replay CUDA graphs unless cuda_graphs=False.  (-> ChatSession, imported late.)"""
-        from .session import ChatSession
-
+        replay CUDA graphs unless cuda_graphs=False."""
         if ctx is None:
             ctx = min(self.context_length, DEFAULT_CONTEXT)
         if not 16 <= ctx <= self.context_length:

@@ -13,18 +13,20 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .chat_format import ChatMessage
-from .chat_model import ChatModel
 from .cuda_graphs import GraphedDecoder
 from .detokenize import StreamDecoder
 from .errors import ContextOverflowError
 from .kv_cache import KVCache
 from .model import SPLIT
 from .sampling import GREEDY, SamplingParams, sample
+
+if TYPE_CHECKING:
+    from .chat_model import ChatModel  # which imports this module to open sessions
 
 FinishReason = Literal["stop", "length", "context", "cancelled"]
 

@@ -7,6 +7,13 @@
         print(piece, end="", flush=True)
     reply.stats                                       # prompt/reused/prefilled tokens, TTFT, tok/s
 
+The package is laid out by what runs where: the architecture in model.py (PyTorch, any device),
+the kernels by device in kernels/cuda/ (Triton; imported only on a GPU) and kernels/cpu/ (C
+through ctypes), the quantised layers that call them in quantize.py, and in decode/ the
+one-token routes (fused CUDA kernels, the C step, PyTorch on the CPU), one chosen per model when
+it loads. Around them: config, loading, tokenizer and chat format, the KV cache, sampling, and
+the session that ties them into a chat (cuda_graphs.py replays its decode step on a GPU).
+
 This package imports torch and transformers (for tokenizers), never a UI library. The names
 below load on first use, so `llamachat.engine.config` and `.errors` (which the model store reads
 without torch) stay cheap to import.

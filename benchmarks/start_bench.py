@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys, threading, time
 started = time.time()
-from llamachat.engine import GREEDY, ChatModel, ReplyStats
+from llamachat.engine import GREEDY, ChatModel, GenerationStats
 imported = time.time()
 model = ChatModel.load(sys.argv[1], quantization=sys.argv[2])
 loaded = time.time()
 session = model.session()
 prompt = session.fit([{"role": "user", "content": "Hello"}], 2)
 times = []
-for _ in session.generate(prompt.token_ids, GREEDY, 2, threading.Event(), ReplyStats()):
+for _ in session.generate(prompt.token_ids, GREEDY, 2, threading.Event(), GenerationStats()):
     times.append(time.time())
 print(json.dumps({"python_start": started, "imported": imported, "loaded": loaded,
                   "tokens": times}), flush=True)

@@ -17,14 +17,14 @@ def outside_user_cache(path: str | Path) -> bool:
 
 
 def test_engine_caches_in_this_process_are_the_suites_own():
-    from llamachat.engine import native
+    from llamachat.engine.kernels.cpu import native
 
     assert outside_user_cache(native.cache_dir())
     assert outside_user_cache(os.environ["TRITON_CACHE_DIR"])
 
 
 def test_engine_caches_in_a_cli_subprocess_are_the_suites_own(tmp_path):
-    script = "from llamachat.engine import native; print(native.cache_dir())"
+    script = "from llamachat.engine.kernels.cpu import native; print(native.cache_dir())"
     env = cli_env(tmp_path)
     printed = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True

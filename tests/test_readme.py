@@ -121,4 +121,4 @@ def test_the_readme_python_example_runs_as_written(readme_home, tmp_path):
         timeout=LIMIT_S,
     )
     assert result.returncode == 0, result.stderr.decode()
-    assert "ReplyStats(" in result.stdout.decode()
+    assert "GenerationStats(" in result.stdout.decode()

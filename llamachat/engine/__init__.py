@@ -7,6 +7,13 @@
         print(piece, end="", flush=True)
     reply.stats                                       # prompt/reused/prefilled tokens, TTFT, tok/s
 
+The package is laid out by what runs where: the architecture in model.py (PyTorch, any device),
+the kernels by device in kernels/cuda/ (Triton; imported only on a GPU) and kernels/cpu/ (C
+through ctypes), the quantised layers that call them in quantize.py, and in decode/ the
+one-token routes (fused CUDA kernels, the C step, PyTorch on the CPU), one chosen per model when
+it loads. Around them: config, loading, tokenizer and chat format, the KV cache, sampling, and
+the session that ties them into a chat (cuda_graphs.py replays its decode step on a GPU).
+
 This package imports torch and transformers (for tokenizers), never a UI library. The names
 below load on first use, so `llamachat.engine.config` and `.errors` (which the model store reads
 without torch) stay cheap to import.
@@ -17,10 +24,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Every public name → the module that defines it, loaded on first use (the TYPE_CHECKING imports
+# below name the same for type checkers).
 _EXPORTS = {
     "BUILTIN_FORMATS": "chat_format",
     "ChatFormat": "chat_format",
-    "Message": "chat_format",
+    "ChatMessage": "chat_format",
     "DEFAULT_CONTEXT": "chat_model",
     "ChatModel": "chat_model",
     "ModelConfig": "config",
@@ -36,45 +45,25 @@ _EXPORTS = {
     "ChatSession": "session",
     "Prompt": "session",
     "Reply": "session",
-    "ReplyStats": "session",
+    "GenerationStats": "session",
 }
 
-__all__ = [
-    "BUILTIN_FORMATS",
-    "ChatFormat",
-    "ChatModel",
-    "ChatSession",
-    "ContextOverflowError",
-    "DEFAULT_CONTEXT",
-    "DeviceError",
-    "EngineError",
-    "GREEDY",
-    "KVCache",
-    "Message",
-    "ModelConfig",
-    "ModelLoadError",
-    "Prompt",
-    "Reply",
-    "ReplyStats",
-    "RopeScaling",
-    "SamplingParams",
-    "UnsupportedModelError",
-]
+__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .chat_format import BUILTIN_FORMATS, ChatFormat, Message
-    from .chat_model import DEFAULT_CONTEXT, ChatModel
-    from .config import ModelConfig, RopeScaling
-    from .errors import (
+if TYPE_CHECKING:  # the same names for type checkers; F401: ruff cannot read a built __all__
+    from .chat_format import BUILTIN_FORMATS, ChatFormat, ChatMessage  # noqa: F401
+    from .chat_model import DEFAULT_CONTEXT, ChatModel  # noqa: F401
+    from .config import ModelConfig, RopeScaling  # noqa: F401
+    from .errors import (  # noqa: F401
         ContextOverflowError,
         DeviceError,
         EngineError,
         ModelLoadError,
         UnsupportedModelError,
     )
-    from .kv_cache import KVCache
-    from .sampling import GREEDY, SamplingParams
-    from .session import ChatSession, Prompt, Reply, ReplyStats
+    from .kv_cache import KVCache  # noqa: F401
+    from .sampling import GREEDY, SamplingParams  # noqa: F401
+    from .session import ChatSession, GenerationStats, Prompt, Reply  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,7 @@ import torch
 from .chat_format import BUILTIN_FORMATS
 from .chat_model import ChatModel
 from .config import ModelConfig
+from .decode import choose_decode_step
 from .model import Transformer
 from .quantize import (
     check_quantization,
@@ -27,7 +28,7 @@ from .quantize import (
     weight_bytes,
 )
 from .sampling import GREEDY
-from .session import ChatSession, ReplyStats
+from .session import ChatSession, GenerationStats
 from .threads import cpu_threads
 
 SHAPES: dict[str, dict] = {
@@ -106,7 +107,9 @@ def random_model(
     if config.tie_word_embeddings and not quantization:
         transformer.output.weight = transformer.tok_embeddings.weight
     transformer.eval().requires_grad_(False)
-    transformer.enable_fused_decode()
+    # The fused CUDA step or PyTorch's CPU step, never the C one: an int4 shape on the CPU has
+    # always measured PyTorch's step here, not the one ChatModel.load picks.
+    transformer.decode_step = choose_decode_step(transformer, native=False)
     # No tokenizer: the benchmark works on token ids.
     llama3 = BUILTIN_FORMATS["llama-3"]
     return ChatModel(
@@ -194,7 +197,7 @@ def _decode(session: ChatSession, tokens: list[int], context: int, steps: int) -
 
 
 def _first_token_ms(session: ChatSession, conversation: list[int]) -> float:
-    stats = ReplyStats()
+    stats = GenerationStats()
     if session.model.device.type == "cuda":
         torch.cuda.synchronize()  # the history's prefill must not count
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from .errors import EngineError
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+ChatMessage = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 
 MODEL_FORMAT = "model"  # the name under which a model's own template goes
 
@@ -127,7 +127,7 @@ def builtin_for_vocabulary(vocabulary: Container[str]) -> ChatFormat:
     return BUILTIN_FORMATS["llama-2"]
 
 
-def render(tokenizer: Tokenizer, chat_format: ChatFormat, messages: Sequence[Message]) -> str:
+def render(tokenizer: Tokenizer, chat_format: ChatFormat, messages: Sequence[ChatMessage]) -> str:
     """The prompt text for `messages`, ending where the assistant's reply begins."""
     try:
         return tokenizer.render(chat_format.template, messages)

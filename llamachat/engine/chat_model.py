@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
-from .chat_format import ChatFormat, Message, chat_format_for, render
+from .chat_format import ChatFormat, ChatMessage, chat_format_for, render
 from .config import ModelConfig
+from .decode import choose_decode_step
 from .errors import EngineError, ModelLoadError
 from .loading import load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
 from .quantize import resolve_quantization
+from .session import ChatSession
 from .threads import AutoThreads, cpu_threads
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -72,8 +74,7 @@ class ChatModel:
         threads_used = cpu_threads(target_device, threads)
         tokenizer = load_tokenizer(folder)
         transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
-        transformer.enable_fused_decode()
-        transformer.enable_native_decode()
+        transformer.decode_step = choose_decode_step(transformer)
         chosen_format = chat_format_for(tokenizer, chat_format)
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop
@@ -118,14 +119,12 @@ class ChatModel:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
 
-    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+    def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self.encode(render(self.tokenizer, self.chat_format, messages))
 
-    def session(self, ctx: int | None = None, cuda_graphs: bool | None = None):
+    def session(self, ctx: int | None = None, cuda_graphs: bool | None = None) -> ChatSession:
         """A chat session with its own KV cache of `ctx` tokens. On a GPU its decode steps
-        replay CUDA graphs unless cuda_graphs=False.  (-> ChatSession, imported late.)"""
-        from .session import ChatSession
-
+        replay CUDA graphs unless cuda_graphs=False."""
         if ctx is None:
             ctx = min(self.context_length, DEFAULT_CONTEXT)
         if not 16 <= ctx <= self.context_length:

@@ -117,7 +117,7 @@ class ModelConfig:
             raise ModelLoadError(f"config.json has no {missing} entry") from None
         except (TypeError, ValueError) as error:
             raise ModelLoadError(f"config.json has a malformed entry: {error}") from None
-        _check_shape(config, raw)
+        _check_dimensions(config, raw)
         return config
 
 
@@ -178,7 +178,7 @@ def _context_length(raw: dict[str, Any]) -> int:
     return length
 
 
-def _check_shape(config: ModelConfig, raw: dict[str, Any]) -> None:
+def _check_dimensions(config: ModelConfig, raw: dict[str, Any]) -> None:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(

@@ -17,7 +17,7 @@ from .model import Transformer
 from .quantize import head_quantization, quantizable, quantize_linear
 from .weights_reader import read_tensors
 
-DTYPES = {
+DTYPE_BY_NAME = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -76,7 +76,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    dtype = DTYPES.get(name)
+    dtype = DTYPE_BY_NAME.get(name)
     if dtype is None:
         raise DeviceError(f"unknown dtype {name!r}: use float32, bfloat16 or float16")
     if dtype is torch.float16 and device.type == "cpu":
@@ -174,7 +174,7 @@ def _quantize_when_whole(
         return
     tensors = {n: state.pop(n) for n in names}
     for name, tensor in tensors.items():
-        _check_shape(name, tensor, expected[name])
+        _check_tensor_shape(name, tensor, expected[name])
     weight = tensors[f"{module_name}.weight"]
     quantized[module_name] = quantize_linear(
         weight, tensors.get(f"{module_name}.bias"), quantization
@@ -209,10 +209,10 @@ def _check_complete(
     for name, tensor in state.items():
         if name not in expected:
             raise ModelLoadError(f"checkpoint has {name}, which the config does not describe")
-        _check_shape(name, tensor, expected[name])
+        _check_tensor_shape(name, tensor, expected[name])
 
 
-def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
+def _check_tensor_shape(name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
     if tensor.shape != expected.shape:
         raise ModelLoadError(
             f"{name} has shape {tuple(tensor.shape)} but the config implies {tuple(expected.shape)}"

@@ -10,13 +10,14 @@ bandwidth: int8 halves what bf16 reads, int4 nearly quarters it.
   float32 matrix-vector product is bound by arithmetic, not memory; fbgemm's fp16 one is ~4×
   faster on the same core and its weights round at 2⁻¹¹, far below any quantisation error.
 
-On CUDA a one-token product runs a fused Triton kernel that dequantises while it reads (see
-gemv.py; int4 rounds the activation row to int8 in groups of 32 for it). Prompts of up to
-PROMPT_KERNEL_ROWS tokens multiply int8 weights in a Triton kernel that converts weight tiles in
-registers (qmatmul.py); longer ones, and int4 ones, dequantise the weight once per call and use
-cuBLAS. On an x86 CPU with AVX2, int4 runs C kernels with CUDA's layout and arithmetic
-(native.py); elsewhere on the CPU int8 and int4 use PyTorch's packed kernels, which take
-bfloat16 activations.
+The layers hold the weights and pick a kernel per call; the kernels live by device under
+kernels/. On CUDA a one-token product runs a Triton kernel that dequantises while it reads
+(kernels/cuda/gemv.py; int4 rounds the activation row to int8 in groups of 32 for it). Prompts of
+up to PROMPT_KERNEL_ROWS tokens multiply int8 weights in a Triton kernel that converts weight
+tiles in registers (kernels/cuda/prefill.py); longer ones, and int4 ones, dequantise the weight
+once per call and use cuBLAS. On an x86 CPU with AVX2, int4 runs C kernels with CUDA's layout and
+arithmetic (kernels/cpu/); elsewhere on the CPU int8 and int4 use PyTorch's packed kernels, which
+take bfloat16 activations.
 
 The LM head is quantised to int8 under int4 too: it is one matrix and it decides every token.
 """
@@ -29,18 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
 from .errors import DeviceError
+from .kernels.cpu import native
 
 if TYPE_CHECKING:
-    from .gemv import Int8Activations
+    from .kernels.cuda.activations import Int8Activations
 
 QUANTIZATIONS = ("int8", "int4", "f16")
 # int4 weights per scale/offset pair, as in GGUF's Q4_0/Q4_1: divides every LLaMA width (576 …
 # 28672), and a model shipped as Q4_1 (the default SmolLM2) re-quantises to its own values.
 GROUP = 32
 CHOICES = ("auto", "none", *QUANTIZATIONS)  # what a user may ask for
-# Up to this many rows an int8 product runs qmatmul's kernel: on an H100, 8b prompts of 512
+# Up to this many rows an int8 product runs the prefill kernel: on an H100, 8b prompts of 512
 # tokens prefilled at 17.7k tok/s with it against 13.4k dequantising, but 4,000 at once at 19.0k
 # against 23.8k.
 PROMPT_KERNEL_ROWS = 1024
@@ -144,7 +145,7 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(N, K) values 0..15 → (N, K/2) bytes. Read as int32 words, word w holds columns 8w+b in
     the low nibble of byte b and 8w+4+b in the high one (b = 0..3), so each nibble half of a
-    word is four bytes that pair with four consecutive int8 activations (gemv.py)."""
+    word is four bytes that pair with four consecutive int8 activations (kernels/cuda/gemv.py)."""
     rows, columns = q.shape
     words = q.view(rows, columns // 8, 2, 4)  # (word, half, byte)
     return (words[:, :, 0] | (words[:, :, 1] << 4)).reshape(rows, columns // 2)
@@ -183,11 +184,11 @@ class Int8Linear(nn.Module):
             out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scale)
             out = out.to(x.dtype)
         elif flat.shape[0] == 1:
-            from .gemv import int8_gemv
+            from .kernels.cuda.gemv import int8_gemv
 
             out = int8_gemv(flat, self.weight, self.scale)
         elif flat.shape[0] <= PROMPT_KERNEL_ROWS:
-            from .qmatmul import int8_matmul
+            from .kernels.cuda.prefill import int8_matmul
 
             out = int8_matmul(flat, self.weight, self.scale)
         else:
@@ -207,7 +208,7 @@ class Int4Linear(nn.Module):
         q, scale, offset = quantize_int4(weight)
         self.bias = bias
         self.on_cpu = weight.device.type == "cpu"
-        # On an x86 CPU with AVX2 the C kernels (native.py) read the same layout as CUDA's.
+        # On an x86 CPU with AVX2 the C kernels (kernels/cpu/) read the same layout as CUDA's.
         self.native = native.library() if self.on_cpu else None
         if self.on_cpu and self.native is None:
             # PyTorch's CPU kernel computes (q - 8) · scale + zero with its own packing and the
@@ -233,11 +234,11 @@ class Int4Linear(nn.Module):
                 flat.to(torch.bfloat16), self.weight, GROUP, self.scale_and_zero
             ).to(x.dtype)
         elif flat.shape[0] == 1:
-            from .gemv import int4_gemv
+            from .kernels.cuda.gemv import int4_gemv
 
             out = int4_gemv(flat, self.weight, self.scale, self.offset, rounded)
         else:
-            from .gemv import int4_dequantize
+            from .kernels.cuda.prefill import int4_dequantize
 
             weight = int4_dequantize(self.weight, self.scale, self.offset, x.dtype)
             out = F.linear(flat, weight)

@@ -13,18 +13,20 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .chat_format import Message
-from .chat_model import ChatModel
+from .chat_format import ChatMessage
 from .cuda_graphs import GraphedDecoder
 from .detokenize import StreamDecoder
 from .errors import ContextOverflowError
 from .kv_cache import KVCache
 from .model import SPLIT
 from .sampling import GREEDY, SamplingParams, sample
+
+if TYPE_CHECKING:
+    from .chat_model import ChatModel  # which imports this module to open sessions
 
 FinishReason = Literal["stop", "length", "context", "cancelled"]
 
@@ -38,7 +40,7 @@ DEFAULT_RESERVE = 512
 
 
 @dataclass
-class ReplyStats:
+class GenerationStats:
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens found in the cache, not computed again
     prefilled_tokens: int = 0
@@ -80,7 +82,7 @@ class ChatSession:
 
     def reply(
         self,
-        messages: Sequence[Message],
+        messages: Sequence[ChatMessage],
         sampling: SamplingParams = GREEDY,
         max_new_tokens: int | None = None,
         stop: Sequence[str] = (),
@@ -97,7 +99,7 @@ class ChatSession:
         stops = tuple(stop) + self.model.chat_format.stop
         return Reply(self, prompt, sampling, stops, cancel or threading.Event(), started)
 
-    def fit(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> Prompt:
+    def fit(self, messages: Sequence[ChatMessage], max_new_tokens: int | None = None) -> Prompt:
         """Template the conversation, dropping the oldest exchanges (never the system prompt)
         until it and the room for the reply fit the context."""
         wanted = max_new_tokens if max_new_tokens is not None else DEFAULT_RESERVE
@@ -118,7 +120,7 @@ class ChatSession:
         limit = room if max_new_tokens is None else min(max_new_tokens, room)
         return Prompt(ids, tuple(range(head, start)), limit)
 
-    def _overflow(self, kept: Sequence[Message], total: int) -> str:
+    def _overflow(self, kept: Sequence[ChatMessage], total: int) -> str:
         """Which part of an unfittable prompt takes what: a template may add a default system
         prompt of its own (SmolLM2's does), which can be most of it."""
         labels = ("the system prompt", "the last message")[-len(kept) :]
@@ -137,7 +139,7 @@ class ChatSession:
         sampling: SamplingParams,
         max_new_tokens: int,
         cancel: threading.Event,
-        stats: ReplyStats,
+        stats: GenerationStats,
     ) -> Iterator[int]:
         """Yield sampled token ids until an end-of-sequence id, max_new_tokens, or cancel.
 
@@ -213,7 +215,7 @@ class Reply:
         self.sampling = sampling
         self.cancel = cancel
         self.token_ids: list[int] = []
-        self.stats = ReplyStats()
+        self.stats = GenerationStats()
         self._decoder = StreamDecoder(session.model.decode, stop)
         self._started = started
         self._consumed = False

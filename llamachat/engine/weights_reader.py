@@ -21,7 +21,7 @@ import torch
 
 from .errors import ModelLoadError
 
-DTYPES = {
+SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
@@ -62,7 +62,7 @@ def read_header(path: Path, mapped: mmap.mmap) -> list[StoredTensor]:
         raise ModelLoadError(f"{path.name} has an unreadable safetensors header") from None
     tensors = []
     for name, kind, shape, begin, end in entries:
-        dtype = DTYPES.get(kind)
+        dtype = SAFETENSORS_DTYPES.get(kind)
         if dtype is None:
             raise ModelLoadError(f"{path.name}: {name} has unsupported dtype {kind}")
         start = 8 + length + begin

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from llamachat.engine import ChatModel, native
+from llamachat.engine import ChatModel
+from llamachat.engine.kernels.cpu import native
 from llamachat.engine.quantize import fbgemm_available
 from tests.conftest import CLI_GREEDY, run_cli, sha256_of
 

@@ -123,7 +123,7 @@ def test_graphed_session_matches_an_eager_one_in_a_chat(tiny_model_factory):
 
 @pytest.mark.parametrize(("rows", "columns"), [(100, 576), (4096, 4096), (1000, 14336)])
 def test_triton_gemv_kernels_multiply_by_the_dequantized_weight(rows, columns):
-    from llamachat.engine.gemv import int4_gemv, int8_gemv
+    from llamachat.engine.kernels.cuda.gemv import int4_gemv, int8_gemv
     from llamachat.engine.quantize import (
         GROUP,
         pack_int4,
@@ -156,7 +156,7 @@ def test_triton_gemv_kernels_multiply_by_the_dequantized_weight(rows, columns):
     ("rows", "outputs", "columns"), [(7, 100, 576), (512, 4096, 4096), (33, 1000, 14336)]
 )
 def test_triton_prompt_matmul_multiplies_by_the_dequantized_weight(rows, outputs, columns):
-    from llamachat.engine.qmatmul import int8_matmul
+    from llamachat.engine.kernels.cuda.prefill import int8_matmul
     from llamachat.engine.quantize import quantize_int8
 
     generator = torch.Generator(device="cuda").manual_seed(1)
@@ -196,13 +196,16 @@ def test_quantized_model_on_the_gpu_matches_the_cpu_one_and_graphs_match_eager(
 )
 @pytest.mark.parametrize("quantization", [None, "int4"])  # int4: norms round x for the next layer
 def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape, quantization):
+    from llamachat.engine.decode.cuda import FusedDecodeStep
+
     folder, _ = tiny_model_factory(**shape)
     model = ChatModel.load(folder, device="cuda", dtype="bfloat16", quantization=quantization)
-    assert model.transformer.fused_decode
+    fused_step = model.transformer.decode_step
+    assert isinstance(fused_step, FusedDecodeStep)
     prompt = torch.randint(0, 384, (700,), generator=torch.Generator().manual_seed(5)).tolist()
     runs = []
     for fused in (True, False):
-        model.transformer.fused_decode = fused
+        model.transformer.decode_step = fused_step if fused else None
         session = model.session(ctx=1024, cuda_graphs=False)
         with torch.inference_mode():
             session._forward(prompt[:250])

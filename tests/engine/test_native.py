@@ -1,5 +1,5 @@
-"""The C kernels for int4 on x86 CPUs (native.py, cpu_kernels.c): their arithmetic against
-PyTorch references, the decode step against the PyTorch step, the switch and the fallback.
+"""The C kernels for int4 on x86 CPUs (engine/kernels/cpu/): their arithmetic against PyTorch
+references, the decode step against the PyTorch step, the switch and the fallback.
 
 They run wherever the CPU has AVX2, FMA and F16C (CI's does, and has gcc): there a missing
 compiler or a failed build fails these tests instead of skipping them."""
@@ -13,7 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from llamachat.engine import ChatModel, KVCache, native
+from llamachat.engine import ChatModel, KVCache
+from llamachat.engine.decode.cpu import CpuDecodeStep
+from llamachat.engine.decode.native import NativeDecodeStep
+from llamachat.engine.kernels.cpu import native
 from llamachat.engine.quantize import (
     GROUP,
     Int4Linear,
@@ -134,8 +137,9 @@ def test_native_step_computes_what_the_python_step_computes_on_the_same_weights(
     folder, _ = tiny_model_factory(num_key_value_heads=kv_heads, intermediate_size=384)
     model = ChatModel.load(folder, device="cpu", quantization="int4")
     transformer = model.transformer
-    native_step = transformer.native_decode
-    assert native_step is not None
+    native_step = transformer.decode_step
+    assert isinstance(native_step, NativeDecodeStep)
+    python_step = CpuDecodeStep(transformer)
     # The Python step runs its int4 layers through the same C products; only its head differs,
     # so it gets the head's float32 arithmetic (the C step keeps the int8 head it was built on).
     transformer.output = Float32Head(transformer.output)
@@ -149,8 +153,9 @@ def test_native_step_computes_what_the_python_step_computes_on_the_same_weights(
             own = KVCache(model.config, 64, model.device, model.dtype)
             own.k.copy_(cache.k)
             own.v.copy_(cache.v)
-            native_logits = native_step(token, position, own)
-            python_logits = transformer._cpu_decode_step(token, position, cache)
+            at = torch.tensor([position])
+            native_logits = native_step(token, at, own, 64)
+            python_logits = python_step(token, at, cache, 64)
             logit_errors.append(relative_error(native_logits, python_logits))
             written = torch.stack((own.k[:, :, position], own.v[:, :, position]))
             expected = torch.stack((cache.k[:, :, position], cache.v[:, :, position]))
@@ -191,14 +196,14 @@ def test_switch_off_loads_pytorchs_int4_kernels(tiny_model_factory, monkeypatch)
     layer = model.transformer.layers[0].attention.wqkv
     assert isinstance(layer, Int4Linear) and layer.native is None
     assert hasattr(layer, "scale_and_zero")  # PyTorch's own packing
-    assert model.transformer.native_decode is None
+    assert not isinstance(model.transformer.decode_step, NativeDecodeStep)
 
 
 def test_other_formats_keep_the_pytorch_step(tiny_model_factory):
     folder, _ = tiny_model_factory()
     for quantization in (None, "int8", "f16"):
         model = ChatModel.load(folder, device="cpu", quantization=quantization)
-        assert model.transformer.native_decode is None
+        assert not isinstance(model.transformer.decode_step, NativeDecodeStep)
 
 
 def test_the_library_is_named_by_its_source_and_built_once(tmp_path, monkeypatch):
@@ -225,7 +230,7 @@ def test_a_failed_build_warns_once_and_leaves_pytorchs_kernels(
             "llamachat: int4 on the CPU runs on PyTorch's slower kernels: "
             "false could not build its C kernels: no message"
         ]
-        assert model.transformer.native_decode is None
+        assert not isinstance(model.transformer.decode_step, NativeDecodeStep)
         assert model.transformer.layers[0].feed_forward.w2.native is None
         assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
     finally:
@@ -270,7 +275,7 @@ def test_smollm2_int4_greedy_agrees_with_the_pytorch_int4_path_up_to_a_near_tie(
     from llamachat.engine import GREEDY
 
     native_model = ChatModel.load(smollm2_dir, device="cpu", quantization="int4")
-    assert native_model.transformer.native_decode is not None
+    assert isinstance(native_model.transformer.decode_step, NativeDecodeStep)
     monkeypatch.setenv(native.SWITCH, "0")
     pytorch_model = ChatModel.load(smollm2_dir, device="cpu", quantization="int4")
     for prompt in SMOLLM2_PROMPTS:

@@ -1,4 +1,4 @@
-"""The whole one-token decode step of an int4 model on the CPU as one call into C (native.py).
+"""The whole one-token decode step of an int4 model on the CPU as one call into C (kernels/cpu/).
 
 Each PyTorch operation costs microseconds of overhead however small its work; a step of a
 30-layer model is hundreds of them. Here the token's embedding row goes in and its logits come
@@ -13,13 +13,13 @@ import ctypes
 import torch
 from torch import nn
 
-from . import native
-from .kv_cache import KVCache
-from .quantize import Int4Linear, Int8Linear
+from ..kernels.cpu import native
+from ..kv_cache import KVCache
+from ..quantize import Int4Linear, Int8Linear
 
 
 class NativeDecodeStep:
-    """Transformer._cpu_decode_step's arithmetic for a model whose projections are native int4
+    """CpuDecodeStep's arithmetic (cpu.py) for a model whose projections are native int4
     layers and whose head is int8; built by `for_model`, which says None where it cannot run."""
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL):
@@ -89,8 +89,12 @@ class NativeDecodeStep:
             return None
         return cls(model, projections[0].native)  # the library the int4 layers loaded
 
-    def __call__(self, tokens: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
-        """Logits (1, 1, V) for the token (1, 1) at `position`, its keys and values written."""
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attend_len: int
+    ) -> torch.Tensor:
+        """Logits (1, 1, V) for the token (1, 1) at `positions` (1,), its keys and values
+        written. Attention reads exactly the positions up to this one, whatever attend_len."""
+        position = int(positions[0])
         assert cache.k.dtype == torch.float32 and cache.k.is_contiguous()
         rope_cos, rope_sin = self.transformer.rope_cos, self.transformer.rope_sin
         logits = torch.empty(self.vocab_size)

@@ -14,9 +14,9 @@ These kernels do the same work in six launches a block:
 - `silu_mul`: SwiGLU's gate.
 
 `add_rms_norm`, `silu_mul` and `decode_attention` can also write their output rounded to int8
-in groups of 32, the input an int4 layer's kernel multiplies (gemv.py), saving a launch of its
-own. Inside a CUDA graph on a Hopper GPU each kernel starts with a programmatic-dependent-launch
-wait (gemv.launch_options).
+in groups of 32, the input an int4 layer's kernel multiplies (gemv.py, activations.py), saving a
+launch of its own. Inside a CUDA graph on a Hopper GPU each kernel starts with a
+programmatic-dependent-launch wait (launch.py).
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import (
-    Int8Activations,
-    await_previous_kernel,
-    int8_activations,
-    launch_options,
-    store_int8_groups,
-)
+from .activations import Int8Activations, int8_activations, store_int8_groups
+from .launch import await_previous_kernel, launch_options
 
 
 @triton.jit

@@ -10,53 +10,20 @@ bf16 and int8 weights multiply in float32. int4 weights would need an unpack, an
 conversion and an FMA per weight, which caps a float kernel near half the memory bandwidth
 (measured: 1.3-1.7 TB/s of packed bytes on an H100, whatever the tiling); so the activation row
 is first rounded to int8 in groups of 32 (llama.cpp's Q8_1 idea) and four products at a time run
-as one integer dot-product instruction (dp4a). Groups are quantize.GROUP = 32 columns.
+as one integer dot-product instruction (dp4a). Groups are quantize.GROUP = 32 columns; the
+rounding is activations.py's.
 
 Imported only on CUDA (Triton ships with PyTorch's CUDA builds).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# The Triton interpreter (TRITON_INTERPRET=1, used to check these kernels on a CPU) runs no PTX.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _programmatic_launch() -> bool:
-    """Programmatic dependent launch (Hopper and later): a kernel is launched while the one
-    before it in the stream is still finishing and waits at its first instruction
-    (`griddepcontrol.wait`) rather than behind the launch queue. A decode step is ~300 kernels,
-    most of them a few microseconds long, so their launch gaps add up. LLAMACHAT_PDL=0 turns
-    it off."""
-    if _INTERPRETED or os.environ.get("LLAMACHAT_PDL") == "0" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability() >= (9, 0)
-
-
-_PDL = _programmatic_launch()
-
-
-def launch_options() -> dict[str, bool]:
-    """The PDL constexpr and launch option for a decode kernel: only inside a CUDA graph being
-    captured, where the GPU runs the kernels back to back. Launched one by one from Python, a
-    kernel starts long after the one before has finished: nothing to overlap."""
-    if _PDL and torch.cuda.is_current_stream_capturing():
-        return {"PDL": True, "launch_pdl": True}
-    return {}
-
-
-@triton.jit
-def await_previous_kernel(PDL: tl.constexpr):
-    # Every decode kernel reads what the previous one wrote: wait for it, then let the next
-    # kernel start launching.
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+from .activations import Int8Activations, round_to_int8
+from .launch import _INTERPRETED, await_previous_kernel, launch_options
 
 
 @triton.jit
@@ -107,36 +74,6 @@ def _dp4a(a, b, c):
             "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True,
             pack=1,
         )  # fmt: skip
-
-
-@triton.jit
-def store_int8_groups(values, first, q_ptr, scale_ptr, sum_ptr, LIMIT, BLOCK: tl.constexpr):
-    # values: float32 (BLOCK,) of columns first .. first + BLOCK (first a multiple of 32). Each
-    # group of 32 → int8 with one scale (largest |x| / 127) and the sum of the rounded values:
-    # the offsets' term then multiplies the same x as the nibbles' term, so the error stays that
-    # of x·w rather than x·q·scale (q in 0..15 is not centred on 0). Kernels that produce an
-    # int4 layer's input call this too, saving a launch.
-    groups = tl.reshape(values, (BLOCK // 32, 32))
-    largest = tl.max(tl.abs(groups), axis=1)
-    scale = tl.where(largest > 0, largest / 127.0, 1.0)
-    q = tl.floor(groups / scale[:, None] + 0.5)
-    group = first // 32 + tl.arange(0, BLOCK // 32)
-    at = group[:, None] * 32 + tl.arange(0, 32)[None, :]
-    tl.store(q_ptr + at, q.to(tl.int8), mask=at < LIMIT)
-    group_ok = group * 32 < LIMIT
-    tl.store(scale_ptr + group, scale, mask=group_ok)
-    tl.store(sum_ptr + group, tl.sum(q, axis=1) * scale, mask=group_ok)
-
-
-@triton.jit
-def _quantize_activations_kernel(
-    x_ptr, q_ptr, scale_ptr, sum_ptr, K, BLOCK: tl.constexpr, PDL: tl.constexpr = False
-):
-    await_previous_kernel(PDL)
-    first = tl.program_id(0) * BLOCK
-    at = first + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + at, mask=at < K, other=0.0).to(tl.float32)
-    store_int8_groups(x, first, q_ptr, scale_ptr, sum_ptr, K, BLOCK)
 
 
 @triton.jit
@@ -191,33 +128,6 @@ def _int4_gemv_kernel(
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-@triton.jit
-def _int4_dequantize_kernel(
-    w_ptr,
-    scale_ptr,
-    offset_ptr,
-    out_ptr,
-    N,
-    K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # Program (row block, group): BLOCK_N rows of one group of 32 columns, packed → weights.
-    # Byte j of the group (j = 4c + b, word c) holds column 8c + b low and 8c + 4 + b high.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    group = tl.program_id(1)
-    row_ok = rows[:, None] < N
-    j = tl.arange(0, 16)
-    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + group * 16 + j[None, :], mask=row_ok)
-    at = rows * (K // 32) + group
-    scale = tl.load(scale_ptr + at, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-    offset = tl.load(offset_ptr + at, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-    low = (packed & 15).to(tl.float32) * scale + offset
-    high = (packed >> 4).to(tl.float32) * scale + offset
-    out = out_ptr + rows[:, None] * K + group * 32 + ((j // 4) * 8 + j % 4)[None, :]
-    tl.store(out, low.to(out_ptr.dtype.element_ty), mask=row_ok)
-    tl.store(out + 4, high.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (1, K) · weight (N, K)ᵀ → (1, N) for half-precision weights."""
     return _row_kernel(x, weight, weight, scaled=False)
@@ -246,31 +156,6 @@ def _row_kernel(
     return out
 
 
-Int8Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def int8_activations(k: int, device: torch.device) -> Int8Activations:
-    """Empty buffers for a row of K activations rounded to int8 in groups of 32: (values int8
-    (K,), scale (K/32,), sum of each group's rounded values (K/32,))."""
-    return (
-        torch.empty(k, dtype=torch.int8, device=device),
-        torch.empty(k // 32, dtype=torch.float32, device=device),
-        torch.empty(k // 32, dtype=torch.float32, device=device),
-    )
-
-
-def round_to_int8(x: torch.Tensor) -> Int8Activations:
-    """x (1, K) → int8 in groups of 32 (quantize.quantize_activations is the same arithmetic in
-    PyTorch)."""
-    k = x.shape[-1]
-    out = int8_activations(k, x.device)
-    block = 512
-    _quantize_activations_kernel[(triton.cdiv(k, block),)](
-        x.contiguous(), *out, k, BLOCK=block, **launch_options()
-    )
-    return out
-
-
 def int4_gemv(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -293,16 +178,4 @@ def int4_gemv(
         xq.view(torch.int32), x_scale, x_sum, packed.view(torch.int32), scale, offset, out, n, k,
         ROWS=rows, GROUPS=groups, num_warps=warps, **launch_options(),
     )  # fmt: skip
-    return out
-
-
-def int4_dequantize(
-    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """The (N, K) weight in `dtype`, for multi-token products (prefill) that go to cuBLAS."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    _int4_dequantize_kernel[(triton.cdiv(n, 32), k // 32)](
-        packed, scale, offset, out, n, k, BLOCK_N=32
-    )
     return out

@@ -12,7 +12,12 @@ from ..engine.chat_format import MODEL_FORMAT, builtin_for_vocabulary
 from ..engine.config import ModelConfig
 from .errors import StoreError
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_SAFETENSORS_DTYPE_NAMES = {
+    "F32": "float32",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F64": "float64",
+}
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ def weights_dtype(folder: Path) -> str:
         header = _safetensors_header(path)
         entry = header.get("model.embed_tokens.weight")
         if entry:
-            return _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"].lower())
+            return _SAFETENSORS_DTYPE_NAMES.get(entry["dtype"], entry["dtype"].lower())
     raise StoreError(f"{folder} has no safetensors file holding model.embed_tokens.weight")
 
 

@@ -14,6 +14,7 @@ from .base import (
     ModelUnavailableError,
     PromptTooLongError,
     Reply,
+    ReplyRequest,
     ReplyStats,
     Sampling,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ModelUnavailableError",
     "PromptTooLongError",
     "Reply",
+    "ReplyRequest",
     "ReplyStats",
     "Sampling",
 ]

@@ -82,6 +82,16 @@ class ChatSpec:
 
 
 @dataclass(frozen=True)
+class ReplyRequest:
+    """One reply's own settings, over those the chat was opened with (what a request to a
+    server carries)."""
+
+    sampling: Sampling | None = None  # None: the chat's
+    max_tokens: int | None = None  # None: the chat's limit
+    stop: tuple[str, ...] = ()  # strings that end the reply (not included in it)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     description: str  # what the user picks it by, besides the name (weights, source)
@@ -153,10 +163,22 @@ class Chat(Protocol):
     def info(self) -> ChatInfo: ...
 
     def reply(
-        self, messages: Sequence[ChatMessage], cancel: threading.Event | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        cancel: threading.Event | None = None,
+        request: ReplyRequest | None = None,
     ) -> Reply:
         """The next assistant reply to `messages`, older turns dropped to fit the window.
         Raises PromptTooLongError; setting `cancel` stops it as Reply.cancel does."""
+        ...
+
+    def complete(
+        self,
+        prompt: str,
+        cancel: threading.Event | None = None,
+        request: ReplyRequest | None = None,
+    ) -> Reply:
+        """A continuation of raw text, no chat template. Raises PromptTooLongError."""
         ...
 
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse: ...

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..chat_options import weight_format_for
 from ..models.errors import StoreError
-from ..models.reply_defaults import reply_defaults
+from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
 from .base import (
     BackendError,
@@ -23,6 +23,7 @@ from .base import (
     ModelInfo,
     ModelUnavailableError,
     PromptTooLongError,
+    ReplyRequest,
     ReplyStats,
 )
 
@@ -77,7 +78,7 @@ class LocalBackend:
         except ValueError as error:
             raise BackendError(str(error)) from None
         max_tokens = spec.max_tokens or defaults.max_tokens
-        return LocalChat(installed.name, model, session, sampling, max_tokens)
+        return LocalChat(installed.name, model, session, sampling, defaults, max_tokens)
 
 
 class LocalChat:
@@ -89,13 +90,16 @@ class LocalChat:
         model: ChatModel,
         session: ChatSession,
         sampling: SamplingParams,
+        defaults: ReplyDefaults,
         max_tokens: int,
     ):
         self.name = name
         self.model = model  # the engine's, for tests and tools that look inside
         self.session = session
         self.sampling = sampling
+        self.defaults = defaults  # the model's advice, under a reply's own sampling
         self.max_tokens = max_tokens
+        self._lock = threading.Lock()
 
     @property
     def info(self) -> ChatInfo:
@@ -113,15 +117,41 @@ class LocalChat:
         )
 
     def reply(
-        self, messages: Sequence[ChatMessage], cancel: threading.Event | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        cancel: threading.Event | None = None,
+        request: ReplyRequest | None = None,
     ) -> LocalReply:
-        from ..engine import ContextOverflowError
+        return self._start(self.session.reply, messages, cancel, request)
 
+    def complete(
+        self,
+        prompt: str,
+        cancel: threading.Event | None = None,
+        request: ReplyRequest | None = None,
+    ) -> LocalReply:
+        return self._start(self.session.complete, prompt, cancel, request)
+
+    def _start(self, method, prompt, cancel, request: ReplyRequest | None) -> LocalReply:
+        from ..engine import ContextOverflowError, SamplingParams
+
+        request = request or ReplyRequest()
+        sampling = self.sampling
+        if request.sampling is not None:
+            sampling = SamplingParams(**self.defaults.sampling_with(request.sampling.chosen()))
+        limit = request.max_tokens or self.max_tokens
+        # One session, one cache: callers on other threads wait for the reply before theirs
+        # to end (LocalReply lets go of the lock when its stream ends).
+        self._lock.acquire()
         try:
-            reply = self.session.reply(messages, self.sampling, self.max_tokens, cancel=cancel)
+            reply = method(prompt, sampling, limit, stop=request.stop, cancel=cancel)
         except ContextOverflowError as error:
+            self._lock.release()
             raise PromptTooLongError(str(error)) from None
-        return LocalReply(reply)
+        except BaseException:
+            self._lock.release()
+            raise
+        return LocalReply(reply, self._lock)
 
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
         used = len(self.model.prompt_ids(messages)) if messages else 0
@@ -132,8 +162,10 @@ class LocalChat:
 
 
 class LocalReply:
-    def __init__(self, reply: Reply):
+    def __init__(self, reply: Reply, lock: threading.Lock):
         self._reply = reply
+        self._lock = lock  # the chat's, held from the start of this reply to its end
+        self._held = True
 
     @property
     def dropped(self) -> tuple[int, ...]:
@@ -157,7 +189,18 @@ class LocalReply:
         )
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._reply)
+        try:
+            yield from self._reply
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def __del__(self) -> None:
+        self._release()  # a reply never iterated must not keep the chat locked
 
     def cancel(self) -> None:
         self._reply.cancel.set()

@@ -99,6 +99,29 @@ class ChatSession:
         stops = tuple(stop) + self.model.chat_format.stop
         return Reply(self, prompt, sampling, stops, cancel or threading.Event(), started)
 
+    def complete(
+        self,
+        text: str,
+        sampling: SamplingParams = GREEDY,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] = (),
+        cancel: threading.Event | None = None,
+    ) -> Reply:
+        """Continue raw `text`, no chat template (what /v1/completions asks for). Raises
+        ContextOverflowError when the text alone fills the context."""
+        started = time.perf_counter()
+        self.model.retune_threads()
+        ids = self.model.encode(text)
+        if not ids or len(ids) >= self.ctx:
+            raise ContextOverflowError(
+                f"the prompt takes {_tokens(len(ids))}; it must take between 1 and"
+                f" {self.ctx - 1} tokens of the context of {self.ctx}"
+            )
+        room = self.ctx - len(ids)
+        limit = room if max_new_tokens is None else min(max_new_tokens, room)
+        prompt = Prompt(ids, (), limit)
+        return Reply(self, prompt, sampling, tuple(stop), cancel or threading.Event(), started)
+
     def fit(self, messages: Sequence[ChatMessage], max_new_tokens: int | None = None) -> Prompt:
         """Template the conversation, dropping the oldest exchanges (never the system prompt)
         until it and the room for the reply fit the context."""

@@ -1,0 +1,94 @@
+"""The local backend: one reply's own settings, raw completions, and callers on several threads
+served one at a time by the chat's one session."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from llamachat.backends import ChatSpec, PromptTooLongError, ReplyRequest, Sampling
+from llamachat.backends.local import LocalBackend
+from llamachat.engine import ChatModel, SamplingParams
+from llamachat.models.pull import pull
+from llamachat.models.store import ModelStore
+
+GREEDY = ReplyRequest(sampling=Sampling(temperature=0.0, repeat_penalty=1.0), max_tokens=9)
+
+
+@pytest.fixture(scope="module")
+def installed(tiny_model_factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("local-backend")
+    store = ModelStore(root / "models")
+    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
+    return store
+
+
+@pytest.fixture(scope="module")
+def chat(installed):
+    return LocalBackend(installed).open_chat(ChatSpec(model="tiny", ctx=128, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def engine(installed):
+    """The same model straight from the engine, the reference for what the backend gives."""
+    return ChatModel.load(installed.get("tiny").path, device="cpu")
+
+
+def engine_answer(engine, messages, max_new_tokens=9) -> list[int]:
+    reply = engine.session(128).reply(
+        messages, SamplingParams(temperature=0.0, repeat_penalty=1.0), max_new_tokens
+    )
+    "".join(reply)
+    return reply.token_ids
+
+
+def test_a_reply_takes_its_own_sampling_and_limit(chat, engine):
+    messages = [{"role": "user", "content": "hello there"}]
+    reply = chat.reply(messages, request=GREEDY)
+    text = "".join(reply)
+    assert reply.stats.generated_tokens <= 9
+    assert text == engine.decode(engine_answer(engine, messages))
+
+
+def test_a_completion_continues_the_raw_text(chat, engine):
+    prompt = "once upon a time"
+    reply = chat.complete(prompt, request=GREEDY)
+    text = "".join(reply)
+    assert reply.stats.prompt_tokens == len(engine.encode(prompt))
+    assert reply.dropped == ()
+    session = engine.session(128)
+    expected = session.complete(prompt, SamplingParams(temperature=0.0, repeat_penalty=1.0), 9)
+    assert text == "".join(expected)
+
+
+def test_a_completion_longer_than_the_context_is_refused(chat):
+    with pytest.raises(PromptTooLongError, match="128"):
+        chat.complete("word " * 400, request=GREEDY)
+
+
+def test_callers_on_several_threads_each_get_their_own_answer(chat, engine):
+    questions = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    answers: dict[int, str] = {}
+
+    def ask(index: int) -> None:
+        answers[index] = "".join(chat.reply(questions[index], request=GREEDY))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert {i: engine.decode(engine_answer(engine, q)) for i, q in enumerate(questions)} == answers
+
+
+def test_a_reply_never_read_does_not_keep_the_chat_locked(chat):
+    chat.reply([{"role": "user", "content": "unread"}], request=GREEDY)
+    answered = threading.Event()
+
+    def ask() -> None:
+        "".join(chat.reply([{"role": "user", "content": "read"}], request=GREEDY))
+        answered.set()
+
+    threading.Thread(target=ask, daemon=True).start()
+    assert answered.wait(timeout=60)

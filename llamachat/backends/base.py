@@ -79,6 +79,8 @@ class ChatSpec:
     dtype: str | None = None
     threads: int | None = None
     chat_format: str | None = None
+    # Replies the chat may write at once (a server's); 1: one at a time, callers wait their turn.
+    concurrency: int = 1
 
 
 @dataclass(frozen=True)

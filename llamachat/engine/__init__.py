@@ -43,7 +43,7 @@ _EXPORTS = {
     "GREEDY": "sampling",
     "SamplingParams": "sampling",
     "ChatSession": "session",
-    "Prompt": "session",
+    "Prompt": "prompts",
     "Reply": "session",
     "GenerationStats": "session",
 }
@@ -62,8 +62,9 @@ if TYPE_CHECKING:  # the same names for type checkers; F401: ruff cannot read a 
         UnsupportedModelError,
     )
     from .kv_cache import KVCache  # noqa: F401
+    from .prompts import Prompt  # noqa: F401
     from .sampling import GREEDY, SamplingParams  # noqa: F401
-    from .session import ChatSession, GenerationStats, Prompt, Reply  # noqa: F401
+    from .session import ChatSession, GenerationStats, Reply  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

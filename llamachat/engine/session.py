@@ -20,9 +20,9 @@ import torch
 from .chat_format import ChatMessage
 from .cuda_graphs import GraphedDecoder
 from .detokenize import StreamDecoder
-from .errors import ContextOverflowError
 from .kv_cache import KVCache
 from .model import SPLIT
+from .prompts import Prompt, PromptFitter
 from .sampling import GREEDY, SamplingParams, sample
 
 if TYPE_CHECKING:
@@ -34,9 +34,6 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory 
 # Attention reads the cache in steps of this many positions, not all of it; a multiple of the
 # slice the decode attention splits its sum into.
 ATTEND_BUCKET = SPLIT
-# Room kept for the reply when fitting a conversation: max_new_tokens, else this many, and never
-# more than a quarter of the window, so that a generous limit does not push out the history.
-DEFAULT_RESERVE = 512
 
 
 @dataclass
@@ -53,13 +50,6 @@ class GenerationStats:
     def decode_tokens_per_s(self) -> float:
         steps = self.generated_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Prompt:
-    token_ids: list[int]
-    dropped: tuple[int, ...]  # indices of the caller's messages left out to fit the context
-    max_new_tokens: int  # what the context leaves for the reply
 
 
 class ChatSession:
@@ -111,49 +101,13 @@ class ChatSession:
         ContextOverflowError when the text alone fills the context."""
         started = time.perf_counter()
         self.model.retune_threads()
-        ids = self.model.encode(text)
-        if not ids or len(ids) >= self.ctx:
-            raise ContextOverflowError(
-                f"the prompt takes {_tokens(len(ids))}; it must take between 1 and"
-                f" {self.ctx - 1} tokens of the context of {self.ctx}"
-            )
-        room = self.ctx - len(ids)
-        limit = room if max_new_tokens is None else min(max_new_tokens, room)
-        prompt = Prompt(ids, (), limit)
+        prompt = PromptFitter(self.model, self.ctx).raw(text, max_new_tokens)
         return Reply(self, prompt, sampling, tuple(stop), cancel or threading.Event(), started)
 
     def fit(self, messages: Sequence[ChatMessage], max_new_tokens: int | None = None) -> Prompt:
         """Template the conversation, dropping the oldest exchanges (never the system prompt)
         until it and the room for the reply fit the context."""
-        wanted = max_new_tokens if max_new_tokens is not None else DEFAULT_RESERVE
-        reserve = min(wanted, self.ctx // 4)
-        head = 1 if messages and messages[0]["role"] == "system" else 0
-        start = head
-        while True:
-            ids = self.model.prompt_ids([*messages[:head], *messages[start:]])
-            later_turn = next(
-                (i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"), None
-            )
-            if len(ids) + reserve <= self.ctx or later_turn is None:
-                break
-            start = later_turn
-        if len(ids) >= self.ctx:
-            raise ContextOverflowError(self._overflow(messages[:head] + messages[-1:], len(ids)))
-        room = self.ctx - len(ids)
-        limit = room if max_new_tokens is None else min(max_new_tokens, room)
-        return Prompt(ids, tuple(range(head, start)), limit)
-
-    def _overflow(self, kept: Sequence[ChatMessage], total: int) -> str:
-        """Which part of an unfittable prompt takes what: a template may add a default system
-        prompt of its own (SmolLM2's does), which can be most of it."""
-        labels = ("the system prompt", "the last message")[-len(kept) :]
-        counts = [len(self.model.encode(message["content"])) for message in kept]
-        parts = [f"{label} takes {_tokens(n)}" for label, n in zip(labels, counts, strict=True)]
-        return (
-            f"{' and '.join(parts)}, and the chat template adds {total - sum(counts)} (its markup"
-            f" and any default system prompt): {total} tokens, more than the context of"
-            f" {self.ctx}; shorten it or raise ctx"
-        )
+        return PromptFitter(self.model, self.ctx).fit(messages, max_new_tokens)
 
     @torch.inference_mode()
     def generate(
@@ -286,10 +240,6 @@ class Reply:
         window_full = len(self.prompt.token_ids) + stats.generated_tokens >= self.session.ctx
         if stats.finish_reason == "length" and window_full:
             stats.finish_reason = "context"
-
-
-def _tokens(count: int) -> str:
-    return f"{count} token" if count == 1 else f"{count} tokens"
 
 
 def _whole_buckets(length: int) -> int:

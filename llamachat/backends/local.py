@@ -16,16 +16,15 @@ from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
 from .base import (
     BackendError,
-    ChatInfo,
     ChatMessage,
     ChatSpec,
-    ContextUse,
     ModelInfo,
     ModelUnavailableError,
     PromptTooLongError,
     ReplyRequest,
     ReplyStats,
 )
+from .engine_chat import EngineChat
 
 if TYPE_CHECKING:
     from ..engine import ChatModel, ChatSession, Reply, SamplingParams
@@ -70,7 +69,10 @@ class LocalBackend:
             )
             if spec.ctx is not None and spec.ctx > model.context_length:
                 raise ContextSizeError(spec.ctx, model.context_length)
-            session = model.session(spec.ctx)
+            if spec.concurrency > 1:
+                scheduler = _scheduler(model, spec)
+            else:
+                session = model.session(spec.ctx)
         except EngineError as error:
             raise ModelUnavailableError(str(error)) from None
         try:
@@ -78,11 +80,29 @@ class LocalBackend:
         except ValueError as error:
             raise BackendError(str(error)) from None
         max_tokens = spec.max_tokens or defaults.max_tokens
+        if spec.concurrency > 1:
+            from .batched import BatchedChat
+
+            return BatchedChat(installed.name, model, scheduler, sampling, defaults, max_tokens)
         return LocalChat(installed.name, model, session, sampling, defaults, max_tokens)
 
 
-class LocalChat:
-    """One engine session: a KV cache reused across the turns of the conversation."""
+def _scheduler(model: ChatModel, spec: ChatSpec):
+    """The slots of a chat that writes several replies at once."""
+    from ..engine import DEFAULT_CONTEXT, EngineError
+    from ..engine.batching import BatchScheduler
+
+    ctx = spec.ctx if spec.ctx is not None else min(model.context_length, DEFAULT_CONTEXT)
+    if not 16 <= ctx <= model.context_length:
+        raise EngineError(
+            f"ctx must be between 16 and the model's context length {model.context_length}"
+        )
+    return BatchScheduler(model, spec.concurrency, ctx)
+
+
+class LocalChat(EngineChat):
+    """One engine session: a KV cache reused across the turns of the conversation; callers on
+    several threads are served one at a time."""
 
     def __init__(
         self,
@@ -93,28 +113,9 @@ class LocalChat:
         defaults: ReplyDefaults,
         max_tokens: int,
     ):
-        self.name = name
-        self.model = model  # the engine's, for tests and tools that look inside
+        super().__init__(name, model, session.ctx, sampling, defaults, max_tokens)
         self.session = session
-        self.sampling = sampling
-        self.defaults = defaults  # the model's advice, under a reply's own sampling
-        self.max_tokens = max_tokens
         self._lock = threading.Lock()
-
-    @property
-    def info(self) -> ChatInfo:
-        # Made anew each time: the default thread count follows the load on the machine.
-        model = self.model
-        return ChatInfo(
-            model=self.name,
-            device=str(model.device),
-            dtype=str(model.dtype).removeprefix("torch."),
-            weight_format=model.quantization,
-            threads=model.threads,
-            context_size=self.session.ctx,
-            context_length=model.context_length,
-            max_tokens=self.max_tokens,
-        )
 
     def reply(
         self,
@@ -133,13 +134,10 @@ class LocalChat:
         return self._start(self.session.complete, prompt, cancel, request)
 
     def _start(self, method, prompt, cancel, request: ReplyRequest | None) -> LocalReply:
-        from ..engine import ContextOverflowError, SamplingParams
+        from ..engine import ContextOverflowError
 
         request = request or ReplyRequest()
-        sampling = self.sampling
-        if request.sampling is not None:
-            sampling = SamplingParams(**self.defaults.sampling_with(request.sampling.chosen()))
-        limit = request.max_tokens or self.max_tokens
+        sampling, limit = self.settings_for(request)
         # One session, one cache: callers on other threads wait for the reply before theirs
         # to end (LocalReply lets go of the lock when its stream ends).
         self._lock.acquire()
@@ -152,10 +150,6 @@ class LocalChat:
             self._lock.release()
             raise
         return LocalReply(reply, self._lock)
-
-    def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
-        used = len(self.model.prompt_ids(messages)) if messages else 0
-        return ContextUse(used=used, window=self.session.ctx)
 
     def close(self) -> None:
         del self.session, self.model  # the cache and the weights go with the last reference

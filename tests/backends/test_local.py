@@ -92,3 +92,48 @@ def test_a_reply_never_read_does_not_keep_the_chat_locked(chat):
 
     threading.Thread(target=ask, daemon=True).start()
     assert answered.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def batched(installed):
+    spec = ChatSpec(model="tiny", ctx=128, device="cpu", concurrency=3)
+    chat = LocalBackend(installed).open_chat(spec)
+    yield chat
+    chat.close()
+
+
+def test_a_chat_opened_for_several_replies_writes_them_at_once(batched, chat):
+    questions = [[{"role": "user", "content": f"batched {i}"}] for i in range(5)]
+    answers: dict[int, str] = {}
+
+    def ask(index: int) -> None:
+        answers[index] = "".join(batched.reply(questions[index], request=GREEDY))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    alone = {i: "".join(chat.reply(q, request=GREEDY)) for i, q in enumerate(questions)}
+    assert answers == alone
+    completion = batched.complete("once upon a time", request=GREEDY)
+    assert "".join(completion) == "".join(chat.complete("once upon a time", request=GREEDY))
+    assert batched.info.context_size == 128
+
+
+def test_a_batched_reply_left_unread_leaves_its_slot(batched):
+    reply = batched.reply([{"role": "user", "content": "stop early"}], request=GREEDY)
+    for _ in reply:
+        break
+    del reply
+    scheduler = batched.scheduler
+    for _ in range(200):
+        if len(scheduler.free) == scheduler.slots:
+            break
+        threading.Event().wait(0.01)
+    assert len(scheduler.free) == scheduler.slots
+
+
+def test_a_batched_prompt_too_long_is_refused(batched):
+    with pytest.raises(PromptTooLongError):
+        batched.complete("word " * 400, request=GREEDY)

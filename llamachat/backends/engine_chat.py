@@ -1,0 +1,59 @@
+"""What the engine's two chats share (one session, local.LocalChat; many replies at once,
+batched.BatchedChat): their info, the sampling a reply runs with, and context use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..models.reply_defaults import ReplyDefaults
+from .base import ChatInfo, ChatMessage, ContextUse, ReplyRequest
+
+if TYPE_CHECKING:
+    from ..engine import ChatModel, SamplingParams
+
+
+class EngineChat:
+    def __init__(
+        self,
+        name: str,
+        model: ChatModel,
+        ctx: int,
+        sampling: SamplingParams,
+        defaults: ReplyDefaults,
+        max_tokens: int,
+    ):
+        self.name = name
+        self.model = model  # the engine's, for tests and tools that look inside
+        self.ctx = ctx
+        self.sampling = sampling
+        self.defaults = defaults  # the model's advice, under a reply's own sampling
+        self.max_tokens = max_tokens
+
+    @property
+    def info(self) -> ChatInfo:
+        # Made anew each time: the default thread count follows the load on the machine.
+        model = self.model
+        return ChatInfo(
+            model=self.name,
+            device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."),
+            weight_format=model.quantization,
+            threads=model.threads,
+            context_size=self.ctx,
+            context_length=model.context_length,
+            max_tokens=self.max_tokens,
+        )
+
+    def settings_for(self, request: ReplyRequest) -> tuple[SamplingParams, int]:
+        """The sampling and token limit of one reply: its own over the chat's."""
+        from ..engine import SamplingParams
+
+        sampling = self.sampling
+        if request.sampling is not None:
+            sampling = SamplingParams(**self.defaults.sampling_with(request.sampling.chosen()))
+        return sampling, request.max_tokens or self.max_tokens
+
+    def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
+        used = len(self.model.prompt_ids(messages)) if messages else 0
+        return ContextUse(used=used, window=self.ctx)

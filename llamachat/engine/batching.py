@@ -1,0 +1,262 @@
+"""Many sequences at once: one forward pass per decode step over every running sequence.
+
+A fixed pool of slots, each a KV cache of the context's length. A new sequence takes a free
+slot, preferring the one whose cached tokens share the longest prefix with its prompt (a client
+that resends its whole conversation, as every OpenAI client does, prefills only the new turn),
+else the one used longest ago: what finished sequences leave in their slots is kept until a
+slot is needed, least recently used first. Prompts are prefilled a chunk at a time between
+decode steps, so running streams do not stall behind a long prompt; a sequence joins the batch
+once its prompt is in, and leaves it the step it finishes or is cancelled.
+
+The projections run once for the whole batch (a matrix product instead of one matrix-vector
+product per sequence); attention runs per sequence over exactly its own positions, and sampling
+per sequence with its own parameters and generator. A greedy answer therefore does not depend
+on its neighbours wherever the matrix product gives each row the same bits whatever the number
+of rows, which the CPU's default f16 weights do (fbgemm); float32 MKL products can differ in the
+last bit between row counts (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .chat_model import ChatModel
+from .decode.cpu import _rotation
+from .detokenize import StreamDecoder
+from .kv_cache import KVCache
+from .prompts import Prompt
+from .sampling import SamplingParams, sample
+from .session import PREFILL_CHUNK, GenerationStats, _common_prefix, _random_seed, _whole_buckets
+
+
+@dataclass
+class BatchRequest:
+    """One sequence to generate. The callbacks run on the scheduler's thread: they must only
+    hand the text on (to a queue), never block."""
+
+    prompt: Prompt
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    on_piece: Callable[[str], None]
+    on_end: Callable[[GenerationStats], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Running:
+    request: BatchRequest
+    slot: int
+    fed: int  # tokens of the prompt (then of the reply) whose keys the slot's cache holds
+    decoder: StreamDecoder
+    generator: torch.Generator
+    stats: GenerationStats
+    context: list[int]  # prompt and reply so far, for the repetition penalty
+    next_token: int | None = None  # sampled, not yet fed through the model
+    first_token_at: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.request.prompt.token_ids)
+
+
+class BatchScheduler:
+    """Owns the slots and a thread that runs the steps; `submit` from any thread."""
+
+    def __init__(self, model: ChatModel, slots: int, ctx: int):
+        if slots < 1:
+            raise ValueError("a batch needs at least one slot")
+        self.model = model
+        self.ctx = ctx
+        capacity = _whole_buckets(ctx)
+        if model.transformer.rope_len < capacity:
+            model.transformer.setup_rope(capacity)
+        self.caches = [
+            KVCache(model.config, capacity, model.device, model.dtype) for _ in range(slots)
+        ]
+        self.cached: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
+        self.used_at = [0.0] * slots
+        self.free = set(range(slots))
+        self.waiting: deque[BatchRequest] = deque()
+        self.running: list[_Running] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="llamachat-batch", daemon=True)
+        self._thread.start()
+
+    @property
+    def slots(self) -> int:
+        return len(self.caches)
+
+    def submit(self, request: BatchRequest) -> None:
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self.waiting.append(request)
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Cancel everything and stop the thread."""
+        with self._wake:
+            self._closed = True
+            for request in self.waiting:
+                request.cancel.set()
+            for running in self.running:
+                running.request.cancel.set()
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self.waiting and not self.running:
+                    self._wake.wait()
+                if self._closed and not self.running:
+                    for request in self.waiting:
+                        request.on_end(GenerationStats(finish_reason="cancelled"))
+                    self.waiting.clear()
+                    return
+                self._admit()
+            self._step()
+
+    def _admit(self) -> None:
+        """Give waiting sequences the free slots (called holding the lock)."""
+        while self.free and self.waiting:
+            request = self.waiting.popleft()
+            ids = request.prompt.token_ids
+            slot = max(
+                self.free, key=lambda s: (_common_prefix(self.cached[s], ids), -self.used_at[s])
+            )
+            self.free.remove(slot)
+            # At least the last prompt token is computed again: its logits start the reply.
+            reuse = min(_common_prefix(self.cached[slot], ids), len(ids) - 1)
+            del self.cached[slot][reuse:]
+            stats = GenerationStats(
+                prompt_tokens=len(ids), reused_tokens=reuse, prefilled_tokens=len(ids) - reuse
+            )
+            generator = torch.Generator(self.model.device)
+            seed = request.sampling.seed
+            generator.manual_seed(seed if seed is not None else _random_seed())
+            decoder = StreamDecoder(self.model.decode, request.stop)
+            self.running.append(
+                _Running(request, slot, reuse, decoder, generator, stats, list(ids))
+            )
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        for running in [r for r in self.running if r.request.cancel.is_set()]:
+            self._finish(running, "cancelled")
+        # One chunk of prompt per step, shared out in arrival order.
+        budget = PREFILL_CHUNK
+        for running in [r for r in self.running if r.prefilling]:
+            if budget <= 0:
+                break
+            ids = running.request.prompt.token_ids
+            chunk = ids[running.fed : running.fed + budget]
+            logits = self._prefill(running, chunk)
+            budget -= len(chunk)
+            if not running.prefilling:
+                self._sampled(running, logits[0, -1])
+        decoding = [r for r in self.running if not r.prefilling and r.next_token is not None]
+        if decoding:
+            logits = self._decode(decoding)
+            for running, row in zip(decoding, logits, strict=True):
+                self._sampled(running, row)
+
+    def _prefill(self, running: _Running, chunk: list[int]) -> torch.Tensor:
+        device = self.model.device
+        start = running.fed
+        end = start + len(chunk)
+        cache = self.caches[running.slot]
+        tokens = torch.tensor([chunk], device=device)
+        positions = torch.arange(start, end, device=device)
+        attend_len = min(cache.max_len, _whole_buckets(end))
+        logits = self.model.transformer(tokens, positions, cache, attend_len)
+        self.cached[running.slot].extend(chunk)
+        running.fed = end
+        return logits
+
+    def _decode(self, batch: list[_Running]) -> torch.Tensor:
+        """One token for each sequence of `batch`, in one pass; float32 logits (B, V)."""
+        transformer = self.model.transformer
+        config = transformer.config
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        groups, eps, width = config.n_groups, config.rms_norm_eps, config.intermediate_size
+        device, dtype = self.model.device, self.model.dtype
+        positions = [r.fed for r in batch]
+        tokens = torch.tensor([r.next_token for r in batch], device=device)
+        rotations = torch.stack(
+            [_rotation(transformer.rope_cos[p], transformer.rope_sin[p]) for p in positions]
+        ).to(dtype)  # (B, hd, hd)
+        x = transformer.tok_embeddings(tokens)  # (B, D)
+        shape = x.shape[-1:]
+        for index, layer in enumerate(transformer.layers):
+            h = F.rms_norm(x, shape, layer.attention_norm.weight, eps)
+            qkv = layer.attention.wqkv(h).view(len(batch), heads + 2 * kv_heads, head_dim)
+            qk = torch.bmm(qkv[:, : heads + kv_heads], rotations)  # (B, H + KV, hd), rotated
+            attended = []
+            for row, (running, position) in enumerate(zip(batch, positions, strict=True)):
+                keys, values = self.caches[running.slot].layers[index]
+                keys[:, position] = qk[row, heads:]
+                values[:, position] = qkv[row, heads + kv_heads :]
+                q = qk[row, :heads].view(kv_heads, groups, head_dim)
+                seen_keys, seen_values = keys[:, : position + 1], values[:, : position + 1]
+                scores = torch.bmm(q, seen_keys.transpose(1, 2)).mul_(head_dim**-0.5)
+                attended.append(torch.bmm(torch.softmax(scores, dim=-1), seen_values).flatten())
+            x = x + layer.attention.wo(torch.stack(attended))
+            h = F.rms_norm(x, shape, layer.ffn_norm.weight, eps)
+            gate_up = layer.feed_forward.w13(h)
+            x = x + layer.feed_forward.w2(F.silu(gate_up[:, :width]) * gate_up[:, width:])
+        for running in batch:
+            assert running.next_token is not None
+            self.cached[running.slot].append(running.next_token)
+            running.context.append(running.next_token)
+            running.fed += 1
+            running.next_token = None
+        return transformer.output(transformer.norm(x)).float()
+
+    def _sampled(self, running: _Running, logits: torch.Tensor) -> None:
+        """Draw the sequence's next token from its logits (V,) and pass it on."""
+        request, stats = running.request, running.stats
+        recent = None
+        if request.sampling.repeat_penalty != 1.0:
+            window = running.context[-request.sampling.repeat_last_n :]
+            recent = torch.tensor(window, device=self.model.device)
+        token = int(sample(logits, request.sampling, running.generator, recent))
+        now = time.perf_counter()
+        if running.first_token_at is None:
+            running.first_token_at = now
+            stats.time_to_first_token_s = now - request.submitted
+        stats.decode_s = now - running.first_token_at
+        stats.generated_tokens += 1
+        if token in self.model.eos_token_ids:
+            self._finish(running, "stop")
+            return
+        piece = running.decoder.push(token)
+        if piece:
+            request.on_piece(piece)
+        if running.decoder.stopped:
+            self._finish(running, "stop")
+        elif stats.generated_tokens >= request.prompt.max_new_tokens:
+            full = stats.prompt_tokens + stats.generated_tokens >= self.ctx
+            self._finish(running, "context" if full else "length")
+        else:
+            running.next_token = token
+
+    def _finish(self, running: _Running, reason: str) -> None:
+        running.stats.finish_reason = reason  # type: ignore[assignment]
+        piece = running.decoder.finish()
+        if piece:
+            running.request.on_piece(piece)
+        with self._wake:
+            self.running.remove(running)
+            self.used_at[running.slot] = time.monotonic()
+            self.free.add(running.slot)
+        running.request.on_end(running.stats)

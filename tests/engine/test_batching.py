@@ -1,0 +1,136 @@
+"""The batch scheduler: many sequences per step, each answer the one it gets alone (from a
+plain session), prompts reused across requests, long prompts prefilled between decode steps,
+cancelled sequences gone at once."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from llamachat.engine import ChatModel, SamplingParams
+from llamachat.engine.batching import BatchRequest, BatchScheduler
+from llamachat.engine.prompts import PromptFitter
+
+CTX = 4096
+GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.1)
+QUESTIONS = [
+    "hello there",
+    "what is the capital of France?",
+    "天气很好",
+    "def main():",
+    "once upon a time",
+    "How are you today?",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory) -> ChatModel:
+    folder, _ = tiny_model_factory(max_position_embeddings=CTX)
+    return ChatModel.load(folder, device="cpu")  # the CPU default: f16 weights
+
+
+@pytest.fixture(scope="module")
+def scheduler(model):
+    scheduler = BatchScheduler(model, slots=4, ctx=CTX)
+    yield scheduler
+    scheduler.close()
+
+
+class Collected:
+    """What one sequence produced, and when it ended."""
+
+    def __init__(self):
+        self.pieces: list[str] = []
+        self.stats = None
+        self.done = threading.Event()
+
+    def end(self, stats) -> None:
+        self.stats = stats
+        self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def submit(scheduler, model, messages, sampling=GREEDY, max_new_tokens=16) -> Collected:
+    out = Collected()
+    prompt = PromptFitter(model, CTX).fit(messages, max_new_tokens)
+    scheduler.submit(
+        BatchRequest(prompt, sampling, model.chat_format.stop, out.pieces.append, out.end)
+    )
+    return out
+
+
+def alone(model, messages, sampling=GREEDY, max_new_tokens=16) -> str:
+    """The same request through a plain session: the engine's one-conversation path."""
+    return "".join(model.session(CTX).reply(messages, sampling, max_new_tokens))
+
+
+def ask(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def test_every_answer_in_a_full_batch_is_the_one_it_gets_alone(scheduler, model):
+    # More requests than slots: the rest wait their turn.
+    outs = [submit(scheduler, model, ask(q)) for q in QUESTIONS]
+    for out in outs:
+        assert out.done.wait(timeout=120)
+    assert [out.text for out in outs] == [alone(model, ask(q)) for q in QUESTIONS]
+    assert {out.stats.finish_reason for out in outs} <= {"stop", "length"}
+    assert sorted(scheduler.free) == [0, 1, 2, 3]
+
+
+def test_a_seeded_sample_does_not_depend_on_its_neighbours(scheduler, model):
+    sampling = SamplingParams(temperature=0.9, seed=7)
+    outs = [submit(scheduler, model, ask(q), sampling) for q in QUESTIONS[:3]]
+    for out in outs:
+        assert out.done.wait(timeout=120)
+    assert [out.text for out in outs] == [alone(model, ask(q), sampling) for q in QUESTIONS[:3]]
+
+
+def test_a_resent_conversation_prefills_only_its_new_turn(scheduler, model):
+    first = submit(scheduler, model, ask("a question to continue"))
+    assert first.done.wait(timeout=120)
+    conversation = [
+        *ask("a question to continue"),
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "and then?"},
+    ]
+    again = submit(scheduler, model, conversation)
+    assert again.done.wait(timeout=120)
+    ids = PromptFitter(model, CTX).fit(conversation, 16).token_ids
+    first_ids = PromptFitter(model, CTX).fit(ask("a question to continue"), 16).token_ids
+    assert again.stats.reused_tokens >= len(first_ids) - 1
+    assert again.stats.prefilled_tokens == len(ids) - again.stats.reused_tokens
+    assert again.text == alone(model, conversation)
+
+
+def test_a_long_prompt_is_prefilled_between_the_steps_of_a_running_stream(scheduler, model):
+    running = submit(scheduler, model, ask("keep writing"), max_new_tokens=400)
+    while not running.pieces:
+        running.done.wait(0.01)
+    long_messages = ask("word " * 1100)  # six prefill chunks and more
+    long = submit(scheduler, model, long_messages, max_new_tokens=4)
+    seen_before = len(running.pieces)
+    while not long.pieces and not long.done.is_set():
+        long.done.wait(0.001)
+    grown = len(running.pieces) - seen_before
+    assert long.done.wait(timeout=120) and running.done.wait(timeout=120)
+    assert grown >= 2, "the running stream stalled behind the long prompt"
+    assert long.text == alone(model, long_messages, max_new_tokens=4)
+
+
+def test_a_cancelled_sequence_leaves_the_batch_at_once(scheduler, model):
+    out = Collected()
+    prompt = PromptFitter(model, CTX).fit(ask("cancel me"), 1000)
+    request = BatchRequest(prompt, GREEDY, (), out.pieces.append, out.end)
+    scheduler.submit(request)
+    while not out.pieces and not out.done.is_set():
+        out.done.wait(0.005)
+    request.cancel.set()
+    assert out.done.wait(timeout=30)
+    assert out.stats.finish_reason == "cancelled"
+    assert out.stats.generated_tokens < 1000
+    assert sorted(scheduler.free) == [0, 1, 2, 3]

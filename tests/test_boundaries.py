@@ -83,6 +83,18 @@ def test_stores_and_shared_modules_load_no_torch(module):
     assert "torch" not in loaded_after_import(module)
 
 
+@pytest.mark.parametrize("module", modules("server"))
+def test_the_server_loads_no_torch_and_no_engine_cli_or_app(module):
+    loaded = loaded_after_import(module)
+    assert "torch" not in loaded
+    reached = [
+        name
+        for name in loaded
+        if any(_within(name, p) for p in ("llamachat.engine", "llamachat.cli", "llamachat.tui"))
+    ]
+    assert not reached, f"{module} loads {reached}"
+
+
 ENGINE = modules("engine")
 
 

@@ -24,7 +24,7 @@ from ..history.db import HistoryError
 from ..home import Home
 from ..models.errors import StoreError
 from ..settings import SettingsError
-from . import bench, config_cmd, history_cmd, models
+from . import bench, config_cmd, history_cmd, models, serve
 from .console import CliError, error_line, one_line_warning, stdin_is_terminal
 from .options import GenerationOptions, generation_options, given_options, with_earlier
 
@@ -66,6 +66,7 @@ app.command("show")(models.show)
 app.command("verify")(models.verify)
 app.command("rm")(models.rm)
 app.command("bench")(bench.bench)
+app.command("serve")(serve.serve)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(history_cmd.app, name="history")
 

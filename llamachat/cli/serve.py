@@ -1,0 +1,173 @@
+"""`llamachat serve`: the OpenAI-compatible HTTP server over local chats (llamachat/server)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import sys
+from dataclasses import replace
+from typing import Annotated
+
+import typer
+
+from ..backends.base import Chat
+from ..backends.local import ContextSizeError, LocalBackend
+from ..chat_options import ChatOptions, chosen_model, resolve
+from ..home import Home
+from ..models.store import ModelStore
+from ..settings import load
+from .console import CliError
+from .generation import open_history
+from .options import DEVICE_PATTERN, DTYPE_PATTERN, GenerationOptions, _checked, checked_quantize
+
+GRACEFUL_SHUTDOWN_S = 10  # in-flight replies get this long after Ctrl+C/SIGTERM, then stop
+
+
+def serve(
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model", "-m", help="A model to serve (repeatable). [default: the default model]"
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="LLAMACHAT_API_KEY",
+            show_envvar=True,
+            help="Clients must send Authorization: Bearer KEY.",
+        ),
+    ] = None,
+    no_api_key_on_network: Annotated[
+        bool,
+        typer.Option(
+            "--no-api-key-on-network",
+            help="Serve a non-loopback --host without an API key (open to anyone who reaches it).",
+        ),
+    ] = False,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="Replies written at once, per model.")
+    ] = 8,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue", min=0, help="Requests that may wait beyond those; more get 503."
+        ),
+    ] = 64,
+    ctx: Annotated[int | None, typer.Option(min=16, help="Context window in tokens.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="auto, cpu, cuda or cuda:N.",
+            callback=lambda v: _checked(v, DEVICE_PATTERN, "auto, cpu, cuda or cuda:N"),
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="float32, bfloat16 or float16.",
+            callback=lambda v: _checked(v, DTYPE_PATTERN, "float32, bfloat16 or float16"),
+        ),
+    ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option("--quantize", help="auto, none, int8, int4, f16.", callback=checked_quantize),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+) -> int:
+    """Serve models over OpenAI's API (chat completions, completions, models) on HOST:PORT."""
+    if not api_key and not no_api_key_on_network and not _is_loopback(host):
+        raise CliError(
+            f"--host {host} is reachable from other machines: give --api-key KEY (or"
+            " LLAMACHAT_API_KEY), or pass --no-api-key-on-network to serve it open",
+            exit_code=2,
+        )
+    import uvicorn
+
+    from ..server import create_app
+
+    home = Home.current()
+    given = GenerationOptions(
+        ctx=ctx, device=device, dtype=dtype, quantize=quantize, threads=threads
+    )
+    options = resolve(given, load(home.config_file), open_history())
+    store = ModelStore(home.models)
+    names = [chosen_model(replace(options, model=m), store) for m in model or [None]]
+    sock = _listening(host, port)  # before loading: a port in use fails at once
+    chats: dict[str, Chat] = {}
+    for name in dict.fromkeys(names):
+        chats[name] = _open(store, options, name, max_batch)
+    app = create_app(chats, api_key=api_key, max_queue=max_queue, max_batch=max_batch)
+    config = uvicorn.Config(
+        app,
+        log_config=_log_config(),
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"llamachat: serving {', '.join(chats)} at http://{shown}:{bound}/v1"
+        f"{' (API key required)' if api_key else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+    terminated: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, _: terminated.append(sig))
+    try:
+        server.run(sockets=[sock])  # uvicorn re-raises the signal it stopped for, after
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for chat in chats.values():
+            chat.close()
+    return 0
+
+
+def _open(store: ModelStore, options: ChatOptions, name: str, max_batch: int) -> Chat:
+    """The chat for `name`, asked to write up to `max_batch` replies at once."""
+    print(f"llamachat: loading {name}…", file=sys.stderr, flush=True)
+    try:
+        return LocalBackend(store).open_chat(replace(options.spec(name), concurrency=max_batch))
+    except ContextSizeError as error:
+        raise CliError(
+            f"--ctx {error.requested} is larger than the model's context of {error.limit}", 2
+        ) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as error:
+        sock.close()
+        raise CliError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.listen(2048)
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def _log_config() -> dict:
+    """uvicorn's logging, every line on stderr (stdout is for answers; the access log shows
+    the request line only, never a header, so the key is not logged)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = {**LOGGING_CONFIG, "handlers": {**LOGGING_CONFIG["handlers"]}}
+    config["handlers"]["access"] = {**config["handlers"]["access"], "stream": "ext://sys.stderr"}
+    return config

@@ -1,0 +1,348 @@
+"""The FastAPI app: OpenAI's routes over backend chats, by model name."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..backends.base import Chat, ReplyStats
+from .errors import ApiError, error_response
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .runner import Gate, Run
+
+_TYPE_NAME = re.compile(r"str|int|float|bool|none|(list|dict|literal|function-\w+)\[.*|[A-Z]\w*")
+Body = TypeVar("Body", bound=BaseModel)
+log = logging.getLogger("llamachat.server")
+FINISH = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+
+
+class Served:
+    """What the app serves: the chats by model name, a gate each, the metrics."""
+
+    def __init__(self, chats: dict[str, Chat], max_batch: int, max_queue: int):
+        self.chats = chats
+        self.metrics = Metrics()
+        self.gates = {name: Gate(name, max_batch, max_queue, self.metrics) for name in chats}
+        self.created = int(time.time())
+
+    def chat(self, model: str) -> tuple[Chat, Gate]:
+        if model not in self.chats:
+            served = ", ".join(sorted(self.chats))
+            raise ApiError(
+                404,
+                f"the model {model!r} is not served here (served: {served})",
+                "model",
+                "model_not_found",
+            )
+        return self.chats[model], self.gates[model]
+
+    def count(self, model: str, stats: ReplyStats) -> None:
+        self.metrics.prompt_tokens.labels(model).inc(stats.prompt_tokens)
+        self.metrics.cached_tokens.labels(model).inc(stats.reused_tokens)
+        self.metrics.generated_tokens.labels(model).inc(stats.generated_tokens)
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        info = self.chats[name].info
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llamachat",
+            "context_length": info.context_length,  # the most the model takes
+            "max_model_len": info.context_size,  # the window it is served with
+        }
+
+
+def create_app(
+    chats: dict[str, Chat], api_key: str | None = None, max_queue: int = 64, max_batch: int = 8
+) -> FastAPI:
+    """An app serving `chats` (opened backend chats by model name). With `api_key`, every route
+    but /health needs `Authorization: Bearer KEY`. Up to `max_batch` replies of a model run at
+    once and `max_queue` more wait; beyond that a request gets 503 with Retry-After."""
+    served = Served(chats, max_batch, max_queue)
+    app = FastAPI(title="llamachat", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.served = served
+    app.add_middleware(_Guard, key=api_key.encode() if api_key else None, served=served)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _invalid(error.errors()).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error")  # the traceback to the log, never to the client
+        return error_response(500, f"internal error: {type(error).__name__}")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(served.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [served.model_card(name) for name in served.chats]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        served.chat(model)
+        return served.model_card(model)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await _parsed(request, ChatCompletionRequest)
+        body.check_supported()
+        chat, gate = served.chat(body.model)
+        messages, reply_request = body.conversation(), body.to_reply_request()
+        run = await _started(
+            gate, chat, lambda cancel: chat.reply(messages, cancel=cancel, request=reply_request)
+        )
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            frame = _frame(ident, "chat.completion.chunk", created, body.model)
+
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                yield frame(delta={"role": "assistant", "content": ""})
+                async for text in run.pieces():
+                    yield frame(delta={"content": text})
+                yield frame(delta={}, finish_reason=_finish(run.stats))
+                if body.include_usage:
+                    yield {**frame(), "choices": [], "usage": _usage(run.stats)}
+
+            return EventStream(chunks(), run, served, body.model)
+        text = "".join([piece async for piece in run.pieces()])
+        served.count(body.model, run.stats)
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": _finish(run.stats),
+                    }
+                ],
+                "usage": _usage(run.stats),
+            }
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await _parsed(request, CompletionRequest)
+        body.check_supported()
+        chat, gate = served.chat(body.model)
+        prompt, reply_request = body.text, body.to_reply_request()
+        run = await _started(
+            gate, chat, lambda cancel: chat.complete(prompt, cancel=cancel, request=reply_request)
+        )
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            frame = _frame(ident, "text_completion", created, body.model, text=True)
+
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                async for text in run.pieces():
+                    yield frame(text=text)
+                yield frame(text="", finish_reason=_finish(run.stats))
+                if body.include_usage:
+                    yield {**frame(), "choices": [], "usage": _usage(run.stats)}
+
+            return EventStream(chunks(), run, served, body.model)
+        text = "".join([piece async for piece in run.pieces()])
+        served.count(body.model, run.stats)
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": _finish(run.stats),
+                    }
+                ],
+                "usage": _usage(run.stats),
+            }
+        )
+
+    return app
+
+
+async def _started(gate: Gate, chat: Chat, start: Callable) -> Run:
+    await gate.enter()
+    run = Run(start, gate, chat)
+    await run.start()
+    return run
+
+
+class _Guard:
+    """Every request: the key checked (but for /health), and counted by route and status once
+    answered. Plain ASGI, so streamed responses pass through untouched."""
+
+    def __init__(self, app: ASGIApp, key: bytes | None, served: Served):
+        self.app = app
+        self.key = key
+        self.served = served
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.key is not None and scope["path"] != "/health" and not self._authorised(scope):
+                message = "a valid API key is needed: Authorization: Bearer KEY"
+                refused = error_response(401, message, code="invalid_api_key")
+                await refused(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "other"
+            self.served.metrics.requests.labels(route, str(status)).inc()
+
+    def _authorised(self, scope: Scope) -> bool:
+        assert self.key is not None
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        # Compared in constant time, so a wrong key's timing says nothing about the right one.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+class EventStream(Response):
+    """Server-sent events, one `data:` line per chunk, then `data: [DONE]`. A client that goes
+    away (a failed send, or the disconnect message) cancels the reply; its worker then ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], run: Run, served: Served, model):
+        super().__init__()
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        ]
+        self.chunks = chunks
+        self.run_ = run
+        self.served = served
+        self.model = model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.run_.cancel.set()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                if self.run_.cancel.is_set():
+                    break
+                line = f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                await send({"type": "http.response.body", "body": line.encode(), "more_body": True})
+            else:
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+                self.served.count(self.model, self.run_.stats)
+                return
+            await send({"type": "http.response.body", "body": b""})
+        except ApiError as error:  # the reply failed after the headers went out
+            body = json.dumps(json.loads(error.response().body))
+            await send({"type": "http.response.body", "body": f"data: {body}\n\n".encode()})
+        except OSError:
+            pass  # the client went away mid-send
+        finally:
+            self.run_.cancel.set()  # a no-op for a reply that ended; else its worker stops
+            watcher.cancel()
+            await self.chunks.aclose()
+
+
+def _frame(ident: str, kind: str, created: int, model: str, text: bool = False):
+    def frame(finish_reason: str | None = None, **fields: Any) -> dict[str, Any]:
+        choice = {"index": 0, **fields, "logprobs": None, "finish_reason": finish_reason}
+        return {"id": ident, "object": kind, "created": created, "model": model,
+                "choices": [choice] if fields or finish_reason else []}  # fmt: skip
+
+    return frame
+
+
+def _finish(stats: ReplyStats) -> str:
+    return FINISH.get(stats.finish_reason or "stop", "stop")
+
+
+def _usage(stats: ReplyStats) -> dict[str, Any]:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.generated_tokens,
+        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.reused_tokens},
+    }
+
+
+async def _parsed(request: Request, model: type[Body]) -> Body:
+    """The JSON body as `model`, whatever the Content-Type says (curl -d sends a form's)."""
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise _invalid(error.errors()) from None
+
+
+def _invalid(errors: Sequence[Any]) -> ApiError:
+    """pydantic's first complaint as one OpenAI error, naming the field."""
+    first = errors[0] if errors else {}
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # A union's members appear in the location ("str", "list[TextPart]"): not the client's.
+    param = _param([part for part in where if not _TYPE_NAME.fullmatch(part)])
+    text = first.get("msg", "invalid value")
+    return ApiError(400, f"{param}: {text}" if param else text, param or None, "invalid_value")
+
+
+def _param(where: list[str]) -> str:
+    """pydantic's location (["messages", "0", "content"]) as OpenAI's param: messages[0].content."""
+    text = ""
+    for part in where:
+        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    return text

@@ -1,0 +1,227 @@
+"""The OpenAI API of `llamachat serve`, through the real openai client (raw httpx where a
+client would not send it): one server with a key, serving the tiny model, for the module."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+
+from .conftest import REQUEST_S, start_server
+
+KEY = "test-key-1234"
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_home):
+    served = start_server(tiny_home, "-m", "tiny", "--ctx", "256", api_key=KEY)
+    yield served
+    assert served.stop() == 0
+    assert KEY not in "".join(served.log)  # the key is never logged
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def ask(client, content: str, **options) -> openai.types.chat.ChatCompletion:
+    messages = [{"role": "user", "content": content}]
+    return client.chat.completions.create(model="tiny", messages=messages, **options)
+
+
+def test_a_plain_chat_reply_has_text_usage_and_a_finish_reason(client):
+    reply = ask(client, "Hello", **GREEDY)
+    (choice,) = reply.choices
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"  # a random model runs to its limit
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_a_streamed_reply_is_the_plain_one_in_pieces(client):
+    plain = ask(client, "Tell me a story", **GREEDY).choices[0].message.content
+    chunks = list(
+        ask(
+            client, "Tell me a story", stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_the_stream_ends_with_done(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={**body, **GREEDY},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=REQUEST_S,
+    )
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.text.splitlines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_content_as_text_parts_is_the_same_as_a_string(client):
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
+    as_parts = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": parts}], **GREEDY
+    )
+    assert (
+        as_parts.choices[0].message.content
+        == ask(client, "Hello", **GREEDY).choices[0].message.content
+    )
+
+
+def test_a_second_turn_that_resends_the_conversation_reuses_the_cache(client):
+    first = ask(client, "What is the capital of France?", **GREEDY)
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    second = client.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+
+
+def test_completions_continue_raw_text_streamed_and_not(client):
+    plain = client.completions.create(model="tiny", prompt="Once upon a time", **GREEDY)
+    assert plain.choices[0].text and plain.choices[0].finish_reason == "length"
+    assert plain.usage.completion_tokens == 12
+    streamed = client.completions.create(
+        model="tiny", prompt="Once upon a time", stream=True, **GREEDY
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text
+
+
+def test_a_stop_string_ends_the_reply_before_it(client):
+    full = ask(client, "Hello there", temperature=0, max_tokens=24).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut = ask(client, "Hello there", temperature=0, max_tokens=24, stop=[stop, "never-seen"])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_the_same_seed_gives_the_same_sampled_text(client):
+    def sampled(seed: int) -> str:
+        reply = ask(
+            client, "Hello", temperature=1.0, max_tokens=24, seed=seed, extra_body={"top_k": 0}
+        )
+        return reply.choices[0].message.content
+
+    assert sampled(7) == sampled(7)
+    assert sampled(7) != sampled(8)
+
+
+def test_models_list_the_served_model_with_its_context(client):
+    (card,) = client.models.list().data
+    assert card.id == "tiny"
+    one = client.models.retrieve("tiny")
+    assert one.model_extra["context_length"] == 1024  # tests/tiny.py's max_position_embeddings
+    assert one.model_extra["max_model_len"] == 256  # --ctx
+
+
+def error_of(call) -> tuple[int, dict]:
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    return caught.value.status_code, caught.value.body
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
+def test_a_field_the_engine_cannot_honour_is_refused_by_name(client, options, param):
+    status, error = error_of(lambda: ask(client, "Hi", max_tokens=4, **options))
+    assert status == 400 and error["type"] == "invalid_request_error"
+    assert error["param"] == param and "not supported" in error["message"]
+
+
+def test_an_image_part_is_refused(client):
+    parts = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    status, error = error_of(
+        lambda: client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": parts}]
+        )
+    )
+    assert status == 400 and error["param"] == "messages[0].content[0].type"
+
+
+def test_a_bad_field_value_is_400_naming_the_field(client):
+    status, error = error_of(lambda: ask(client, "Hi", max_tokens=0))
+    assert status == 400 and error["param"] == "max_tokens"
+    status, error = error_of(lambda: ask(client, "Hi", top_p=1.5))
+    assert status == 400 and error["param"] == "top_p"
+
+
+def test_a_prompt_longer_than_the_context_is_400_with_its_size(client):
+    status, error = error_of(lambda: ask(client, "hello world " * 400, max_tokens=4))
+    assert status == 400 and error["code"] == "context_length_exceeded"
+    assert "256" in error["message"]
+
+
+def test_an_unknown_model_is_404_naming_the_served_ones(client):
+    status, error = error_of(
+        lambda: client.chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "Hi"}]
+        )
+    )
+    assert status == 404 and error["type"] == "not_found_error" and "tiny" in error["message"]
+
+
+def test_a_wrong_key_is_401(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    status, error = error_of(lambda: client.models.list())
+    assert status == 401 and error["type"] == "authentication_error"
+
+
+def test_a_missing_key_is_401_and_health_needs_none(server):
+    response = httpx.get(f"{server.url}/v1/models", timeout=REQUEST_S)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server.url}/health", timeout=REQUEST_S).json() == {"status": "ok"}
+
+
+def test_a_body_that_is_not_json_is_400_in_openais_shape(server):
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=REQUEST_S,
+    )
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in response.text
+
+
+def test_eight_concurrent_clients_each_get_their_own_greedy_answer(client, server):
+    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
+    alone = [ask(client, p, **GREEDY).choices[0].message.content for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(
+            pool.map(lambda p: ask(client, p, **GREEDY).choices[0].message.content, prompts)
+        )
+    assert together == alone
+    assert server.metric("llamachat_requests_running") == 0
+
+
+def test_metrics_count_requests_and_tokens(server, client):
+    before = server.metric("llamachat_generated_tokens_total")
+    ask(client, "Hi", **GREEDY)
+    assert server.metric("llamachat_generated_tokens_total") == before + 12
+    assert server.metric('llamachat_requests_total{route="/v1/chat/completions",status="200"}') > 0

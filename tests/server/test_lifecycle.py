@@ -1,0 +1,83 @@
+"""A full queue, a client that goes away mid-stream, refused binds, and how the server stops."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import run_cli
+
+from .conftest import REQUEST_S, start_server
+
+LONG = {"temperature": 0, "max_tokens": 900}  # a random tiny model runs to its limit
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def one_slot(tiny_home):
+    """One reply at a time and no waiting room: the second request is refused at once."""
+    served = start_server(tiny_home, "--max-batch", "1", "--max-queue", "0")
+    yield served
+    served.stop()
+
+
+def wait_until_idle(server) -> None:
+    deadline = time.monotonic() + REQUEST_S
+    while server.metric("llamachat_requests_running") != 0:
+        assert time.monotonic() < deadline, "the cancelled reply still runs"
+        time.sleep(0.1)
+
+
+def test_a_request_beyond_the_queue_is_503_with_retry_after(one_slot):
+    client = one_slot.client()
+    stream = client.chat.completions.create(model="tiny", messages=HI, stream=True, **LONG)
+    try:
+        next(iter(stream))  # the first reply holds the only slot now
+        response = httpx.post(
+            f"{one_slot.url}/v1/chat/completions",
+            json={"model": "tiny", "messages": HI, "max_tokens": 2},
+            timeout=REQUEST_S,
+        )
+        assert response.status_code == 503
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.json()["error"]["code"] == "queue_full"
+    finally:
+        stream.close()
+    wait_until_idle(one_slot)
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_reply(one_slot):
+    client = one_slot.client()
+    before = one_slot.metric("llamachat_generated_tokens_total")
+    stream = client.chat.completions.create(model="tiny", messages=HI, stream=True, **LONG)
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()
+    wait_until_idle(one_slot)
+    # The slot is free again: the next request is served, not refused.
+    reply = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens == 3
+    # The cancelled reply was not counted as finished.
+    assert one_slot.metric("llamachat_generated_tokens_total") == before + 3
+
+
+def test_binding_beyond_loopback_without_a_key_is_refused(tiny_home):
+    result = run_cli("serve", "--host", "0.0.0.0", "--port", "0", env=tiny_home, timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert "--api-key" in line and "--no-api-key-on-network" in line
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_ctrl_c_and_sigterm_stop_the_server(tiny_home, sig, code):
+    served = start_server(tiny_home)
+    client = served.client()
+    assert client.models.list().data[0].id == "tiny"
+    assert served.stop(sig) == code
+    assert "Traceback" not in "".join(served.log)
+    with pytest.raises(openai.APIConnectionError):
+        client.models.list()

@@ -78,8 +78,14 @@ class BatchScheduler:
         capacity = _whole_buckets(ctx)
         if model.transformer.rope_len < capacity:
             model.transformer.setup_rope(capacity)
+        # One pool for every slot, so that a step writes and reads the whole batch's keys with
+        # one indexing operation per layer on a GPU; each slot's cache is a view of its share.
+        config = model.config
+        shape = (config.n_layers, slots, config.n_kv_heads, capacity, config.head_dim)
+        self.k_pool = torch.zeros(shape, device=model.device, dtype=model.dtype)
+        self.v_pool = torch.zeros(shape, device=model.device, dtype=model.dtype)
         self.caches = [
-            KVCache(model.config, capacity, model.device, model.dtype) for _ in range(slots)
+            KVCache.over(self.k_pool[:, slot], self.v_pool[:, slot]) for slot in range(slots)
         ]
         self.cached: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.used_at = [0.0] * slots
@@ -185,6 +191,8 @@ class BatchScheduler:
 
     def _decode(self, batch: list[_Running]) -> torch.Tensor:
         """One token for each sequence of `batch`, in one pass; float32 logits (B, V)."""
+        if self.model.device.type == "cuda":
+            return self._decode_on_gpu(batch)
         transformer = self.model.transformer
         config = transformer.config
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -214,13 +222,72 @@ class BatchScheduler:
             h = F.rms_norm(x, shape, layer.ffn_norm.weight, eps)
             gate_up = layer.feed_forward.w13(h)
             x = x + layer.feed_forward.w2(F.silu(gate_up[:, :width]) * gate_up[:, width:])
+        self._fed(batch)
+        return transformer.output(transformer.norm(x)).float()
+
+    def _decode_on_gpu(self, batch: list[_Running]) -> torch.Tensor:
+        """_decode with the batch's attention as padded batched products, its cache writes and
+        reads one indexing operation per layer: a GPU pays for each launch, not for the
+        padding. A lone sequence takes the model's own one-token step (fused kernels)."""
+        transformer = self.model.transformer
+        device = self.model.device
+        positions = [r.fed for r in batch]
+        if len(batch) == 1 and transformer.decode_step is not None:
+            running = batch[0]
+            cache = self.caches[running.slot]
+            attend_len = min(cache.max_len, _whole_buckets(positions[0] + 1))
+            logits = transformer(
+                torch.tensor([[running.next_token]], device=device),
+                torch.tensor(positions, device=device),
+                cache,
+                attend_len,
+            )
+            self._fed(batch)
+            return logits.view(1, -1)
+        config = transformer.config
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        groups, eps, width = config.n_groups, config.rms_norm_eps, config.intermediate_size
+        size = len(batch)
+        slots = torch.tensor([r.slot for r in batch], device=device)
+        at = torch.tensor(positions, device=device)
+        span = max(positions) + 1
+        hidden = torch.arange(span, device=device)[None, :] > at[:, None]  # (B, S)
+        bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
+        bias = bias[:, None, None, :]  # (B, 1, 1, S): every kv head and query alike
+        cos = transformer.rope_cos[at][:, None].to(self.model.dtype)  # (B, 1, hd)
+        sin = transformer.rope_sin[at][:, None].to(self.model.dtype)
+        half = head_dim // 2
+        x = transformer.tok_embeddings(torch.tensor([r.next_token for r in batch], device=device))
+        shape = x.shape[-1:]
+        for index, layer in enumerate(transformer.layers):
+            h = F.rms_norm(x, shape, layer.attention_norm.weight, eps)
+            qkv = layer.attention.wqkv(h).view(size, heads + 2 * kv_heads, head_dim)
+            qk = qkv[:, : heads + kv_heads]
+            turned = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + turned * sin  # (B, H + KV, hd), rotated
+            k_pool, v_pool = self.k_pool[index], self.v_pool[index]  # (slots, KV, cap, hd)
+            k_pool[slots, :, at] = qk[:, heads:]
+            v_pool[slots, :, at] = qkv[:, heads + kv_heads :]
+            keys, values = k_pool[slots, :, :span], v_pool[slots, :, :span]  # (B, KV, S, hd)
+            q = qk[:, :heads].reshape(size, kv_heads, groups, head_dim)
+            scores = torch.matmul(q * head_dim**-0.5, keys.transpose(-1, -2)) + bias
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+            attended = torch.matmul(probs, values).reshape(size, heads * head_dim)
+            x = x + layer.attention.wo(attended)
+            h = F.rms_norm(x, shape, layer.ffn_norm.weight, eps)
+            gate_up = layer.feed_forward.w13(h)
+            x = x + layer.feed_forward.w2(F.silu(gate_up[:, :width]) * gate_up[:, width:])
+        self._fed(batch)
+        return transformer.output(transformer.norm(x)).float()
+
+    def _fed(self, batch: list[_Running]) -> None:
+        """The batch's tokens are in the caches now."""
         for running in batch:
             assert running.next_token is not None
             self.cached[running.slot].append(running.next_token)
             running.context.append(running.next_token)
             running.fed += 1
             running.next_token = None
-        return transformer.output(transformer.norm(x)).float()
 
     def _sampled(self, running: _Running, logits: torch.Tensor) -> None:
         """Draw the sequence's next token from its logits (V,) and pass it on."""

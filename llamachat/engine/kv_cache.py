@@ -24,6 +24,15 @@ class KVCache:
         # Each layer's (n_kv, max_len, hd) keys and values, as views made once.
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A cache whose keys and values are the given (layers, n_kv, max_len, hd) tensors, such
+        as one slot's share of a batch's pool."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len = k, v, k.shape[2]
+        cache.layers = list(zip(k.unbind(0), v.unbind(0), strict=True))
+        return cache
+
     @property
     def bytes_per_token(self) -> int:
         layers, kv_heads, _, head_dim = self.k.shape

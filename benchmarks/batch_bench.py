@@ -104,7 +104,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     for clients in args.clients:
         scheduler = BatchScheduler(model, slots=clients, ctx=ctx)
-        run(scheduler, min(clients, 2), 1, args.prompt, 8, vocab)  # warm-up
+        run(scheduler, clients, 1, args.prompt, 8, vocab)  # warm-up: captures its graphs
         result = run(
             scheduler, clients, args.requests, args.prompt, args.new, model.config.vocab_size
         )

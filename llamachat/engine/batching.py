@@ -25,10 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .chat_model import ChatModel
-from .decode.cpu import _rotation
+from .decode.batch import BatchedCpuStep, BatchedGpuStep
 from .detokenize import StreamDecoder
 from .kv_cache import KVCache
 from .prompts import Prompt
@@ -81,12 +80,20 @@ class BatchScheduler:
         # One pool for every slot, so that a step writes and reads the whole batch's keys with
         # one indexing operation per layer on a GPU; each slot's cache is a view of its share.
         config = model.config
-        shape = (config.n_layers, slots, config.n_kv_heads, capacity, config.head_dim)
+        pooled = slots + (model.device.type == "cuda")
+        shape = (config.n_layers, pooled, config.n_kv_heads, capacity, config.head_dim)
         self.k_pool = torch.zeros(shape, device=model.device, dtype=model.dtype)
         self.v_pool = torch.zeros(shape, device=model.device, dtype=model.dtype)
         self.caches = [
             KVCache.over(self.k_pool[:, slot], self.v_pool[:, slot]) for slot in range(slots)
         ]
+        self.cpu_step = BatchedCpuStep(model.transformer)
+        # On a GPU one more slot takes the rows that pad a batch to the size of its graph.
+        self.device_step = (
+            BatchedGpuStep(model.transformer, self.k_pool, self.v_pool, scratch=slots)
+            if model.device.type == "cuda"
+            else None
+        )
         self.cached: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.used_at = [0.0] * slots
         self.free = set(range(slots))
@@ -169,12 +176,16 @@ class BatchScheduler:
             logits = self._prefill(running, chunk)
             budget -= len(chunk)
             if not running.prefilling:
-                self._sampled(running, logits[0, -1])
+                self._take(running, self._draw(running, logits[0, -1]))
         decoding = [r for r in self.running if not r.prefilling and r.next_token is not None]
         if decoding:
             logits = self._decode(decoding)
-            for running, row in zip(decoding, logits, strict=True):
-                self._sampled(running, row)
+            # Plain greedy rows in one argmax (one wait for the device, not one per row).
+            plain = [i for i, r in enumerate(decoding) if _plain_greedy(r.request.sampling)]
+            tokens = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True))
+            for index, running in enumerate(decoding):
+                token = tokens.get(index)
+                self._take(running, self._draw(running, logits[index]) if token is None else token)
 
     def _prefill(self, running: _Running, chunk: list[int]) -> torch.Tensor:
         device = self.model.device
@@ -191,94 +202,15 @@ class BatchScheduler:
 
     def _decode(self, batch: list[_Running]) -> torch.Tensor:
         """One token for each sequence of `batch`, in one pass; float32 logits (B, V)."""
-        if self.model.device.type == "cuda":
-            return self._decode_on_gpu(batch)
-        transformer = self.model.transformer
-        config = transformer.config
-        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        groups, eps, width = config.n_groups, config.rms_norm_eps, config.intermediate_size
-        device, dtype = self.model.device, self.model.dtype
         positions = [r.fed for r in batch]
-        tokens = torch.tensor([r.next_token for r in batch], device=device)
-        rotations = torch.stack(
-            [_rotation(transformer.rope_cos[p], transformer.rope_sin[p]) for p in positions]
-        ).to(dtype)  # (B, hd, hd)
-        x = transformer.tok_embeddings(tokens)  # (B, D)
-        shape = x.shape[-1:]
-        for index, layer in enumerate(transformer.layers):
-            h = F.rms_norm(x, shape, layer.attention_norm.weight, eps)
-            qkv = layer.attention.wqkv(h).view(len(batch), heads + 2 * kv_heads, head_dim)
-            qk = torch.bmm(qkv[:, : heads + kv_heads], rotations)  # (B, H + KV, hd), rotated
-            attended = []
-            for row, (running, position) in enumerate(zip(batch, positions, strict=True)):
-                keys, values = self.caches[running.slot].layers[index]
-                keys[:, position] = qk[row, heads:]
-                values[:, position] = qkv[row, heads + kv_heads :]
-                q = qk[row, :heads].view(kv_heads, groups, head_dim)
-                seen_keys, seen_values = keys[:, : position + 1], values[:, : position + 1]
-                scores = torch.bmm(q, seen_keys.transpose(1, 2)).mul_(head_dim**-0.5)
-                attended.append(torch.bmm(torch.softmax(scores, dim=-1), seen_values).flatten())
-            x = x + layer.attention.wo(torch.stack(attended))
-            h = F.rms_norm(x, shape, layer.ffn_norm.weight, eps)
-            gate_up = layer.feed_forward.w13(h)
-            x = x + layer.feed_forward.w2(F.silu(gate_up[:, :width]) * gate_up[:, width:])
+        tokens = [r.next_token for r in batch]
+        slots = [r.slot for r in batch]
+        if self.device_step is not None:
+            logits = self.device_step(tokens, slots, positions)
+        else:
+            logits = self.cpu_step(tokens, [self.caches[s] for s in slots], positions)
         self._fed(batch)
-        return transformer.output(transformer.norm(x)).float()
-
-    def _decode_on_gpu(self, batch: list[_Running]) -> torch.Tensor:
-        """_decode with the batch's attention as padded batched products, its cache writes and
-        reads one indexing operation per layer: a GPU pays for each launch, not for the
-        padding. A lone sequence takes the model's own one-token step (fused kernels)."""
-        transformer = self.model.transformer
-        device = self.model.device
-        positions = [r.fed for r in batch]
-        if len(batch) == 1 and transformer.decode_step is not None:
-            running = batch[0]
-            cache = self.caches[running.slot]
-            attend_len = min(cache.max_len, _whole_buckets(positions[0] + 1))
-            logits = transformer(
-                torch.tensor([[running.next_token]], device=device),
-                torch.tensor(positions, device=device),
-                cache,
-                attend_len,
-            )
-            self._fed(batch)
-            return logits.view(1, -1)
-        config = transformer.config
-        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        groups, eps, width = config.n_groups, config.rms_norm_eps, config.intermediate_size
-        size = len(batch)
-        slots = torch.tensor([r.slot for r in batch], device=device)
-        at = torch.tensor(positions, device=device)
-        span = max(positions) + 1
-        hidden = torch.arange(span, device=device)[None, :] > at[:, None]  # (B, S)
-        bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
-        bias = bias[:, None, None, :]  # (B, 1, 1, S): every kv head and query alike
-        cos = transformer.rope_cos[at][:, None].to(self.model.dtype)  # (B, 1, hd)
-        sin = transformer.rope_sin[at][:, None].to(self.model.dtype)
-        half = head_dim // 2
-        x = transformer.tok_embeddings(torch.tensor([r.next_token for r in batch], device=device))
-        shape = x.shape[-1:]
-        for index, layer in enumerate(transformer.layers):
-            h = F.rms_norm(x, shape, layer.attention_norm.weight, eps)
-            qkv = layer.attention.wqkv(h).view(size, heads + 2 * kv_heads, head_dim)
-            qk = qkv[:, : heads + kv_heads]
-            turned = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos + turned * sin  # (B, H + KV, hd), rotated
-            k_pool, v_pool = self.k_pool[index], self.v_pool[index]  # (slots, KV, cap, hd)
-            k_pool[slots, :, at] = qk[:, heads:]
-            v_pool[slots, :, at] = qkv[:, heads + kv_heads :]
-            keys, values = k_pool[slots, :, :span], v_pool[slots, :, :span]  # (B, KV, S, hd)
-            q = qk[:, :heads].reshape(size, kv_heads, groups, head_dim)
-            scores = torch.matmul(q * head_dim**-0.5, keys.transpose(-1, -2)) + bias
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-            attended = torch.matmul(probs, values).reshape(size, heads * head_dim)
-            x = x + layer.attention.wo(attended)
-            h = F.rms_norm(x, shape, layer.ffn_norm.weight, eps)
-            gate_up = layer.feed_forward.w13(h)
-            x = x + layer.feed_forward.w2(F.silu(gate_up[:, :width]) * gate_up[:, width:])
-        self._fed(batch)
-        return transformer.output(transformer.norm(x)).float()
+        return logits
 
     def _fed(self, batch: list[_Running]) -> None:
         """The batch's tokens are in the caches now."""
@@ -289,14 +221,18 @@ class BatchScheduler:
             running.fed += 1
             running.next_token = None
 
-    def _sampled(self, running: _Running, logits: torch.Tensor) -> None:
-        """Draw the sequence's next token from its logits (V,) and pass it on."""
-        request, stats = running.request, running.stats
+    def _draw(self, running: _Running, logits: torch.Tensor) -> int:
+        """The sequence's next token, from its logits (V,)."""
+        sampling = running.request.sampling
         recent = None
-        if request.sampling.repeat_penalty != 1.0:
-            window = running.context[-request.sampling.repeat_last_n :]
+        if sampling.repeat_penalty != 1.0:
+            window = running.context[-sampling.repeat_last_n :]
             recent = torch.tensor(window, device=self.model.device)
-        token = int(sample(logits, request.sampling, running.generator, recent))
+        return int(sample(logits, sampling, running.generator, recent))
+
+    def _take(self, running: _Running, token: int) -> None:
+        """Pass the sequence's new token on: text, a stop, or the next step's input."""
+        request, stats = running.request, running.stats
         now = time.perf_counter()
         if running.first_token_at is None:
             running.first_token_at = now
@@ -327,3 +263,8 @@ class BatchScheduler:
             self.used_at[running.slot] = time.monotonic()
             self.free.add(running.slot)
         running.request.on_end(running.stats)
+
+
+def _plain_greedy(sampling: SamplingParams) -> bool:
+    """Greedy with no repetition penalty: the argmax of the logits alone."""
+    return sampling.greedy and (sampling.repeat_penalty == 1.0 or sampling.repeat_last_n == 0)

@@ -219,3 +219,38 @@ def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape, 
     # residual add and norm), so their keys and values differ by bf16 rounding too.
     for fused_cache, plain_cache in ((k_fused, k_plain), (v_fused, v_plain)):
         assert (fused_cache - plain_cache).abs().max() <= 3e-2 * plain_cache.abs().max()
+
+
+def _batched_texts(model: ChatModel, questions, graphs: bool) -> tuple[list[str], list]:
+    import threading
+
+    from llamachat.engine.batching import BatchRequest, BatchScheduler
+    from llamachat.engine.prompts import PromptFitter
+
+    scheduler = BatchScheduler(model, slots=4, ctx=512)
+    scheduler.device_step.graphs = graphs
+    texts: list[list[str]] = [[] for _ in questions]
+    ended = [threading.Event() for _ in questions]
+    for question, pieces, done in zip(questions, texts, ended, strict=True):
+        prompt = PromptFitter(model, 512).fit(question, 24)
+        scheduler.submit(
+            BatchRequest(
+                prompt, GREEDY, model.chat_format.stop, pieces.append, lambda _, d=done: d.set()
+            )
+        )
+    assert all(done.wait(120) for done in ended)
+    captured = scheduler.device_step.captured
+    scheduler.close()
+    return ["".join(pieces) for pieces in texts], captured
+
+
+def test_batched_steps_replayed_as_graphs_match_eager_and_fp32_matches_alone(tiny_model_factory):
+    folder, _ = tiny_model_factory(max_position_embeddings=1024)
+    questions = [[{"role": "user", "content": f"question {i} " * (i + 1)}] for i in range(6)]
+    model = ChatModel.load(folder, device="cuda", dtype="float32")
+    alone = ["".join(model.session(512).reply(q, GREEDY, 24)) for q in questions]
+    eager, _ = _batched_texts(model, questions, graphs=False)
+    graphed, captured = _batched_texts(model, questions, graphs=True)
+    assert eager == alone
+    assert graphed == eager
+    assert captured  # the batch did replay graphs

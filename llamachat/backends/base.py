@@ -44,6 +44,8 @@ class Sampling:
     top_p: float | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
+    frequency_penalty: float | None = None  # OpenAI's, over the reply so far
+    presence_penalty: float | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -53,6 +55,12 @@ class Sampling:
             (self.top_p, lambda v: 0 < v <= 1, "top_p must be in (0, 1]"),
             (self.min_p, lambda v: 0 <= v < 1, "min_p must be in [0, 1)"),
             (self.repeat_penalty, lambda v: v > 0, "repeat_penalty must be > 0"),
+            (
+                self.frequency_penalty,
+                lambda v: -2 <= v <= 2,
+                "frequency_penalty must be in [-2, 2]",
+            ),
+            (self.presence_penalty, lambda v: -2 <= v <= 2, "presence_penalty must be in [-2, 2]"),
             (self.seed, lambda v: 0 <= v < 2**64, "seed must be in [0, 2**64)"),
         ]
         for value, ok, message in checks:
@@ -62,6 +70,10 @@ class Sampling:
     def chosen(self) -> dict[str, float | int]:
         """The fields that were set, by name."""
         return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+
+def _penalty(value: float) -> bool:
+    return -2 <= value <= 2
 
 
 @dataclass(frozen=True)

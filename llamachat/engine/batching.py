@@ -228,7 +228,11 @@ class BatchScheduler:
         if sampling.repeat_penalty != 1.0:
             window = running.context[-sampling.repeat_last_n :]
             recent = torch.tensor(window, device=self.model.device)
-        return int(sample(logits, sampling, running.generator, recent))
+        produced = None
+        if sampling.occurrence_penalised:
+            reply = running.context[len(running.request.prompt.token_ids) :]
+            produced = torch.tensor(reply, device=self.model.device, dtype=torch.long)
+        return int(sample(logits, sampling, running.generator, recent, produced))
 
     def _take(self, running: _Running, token: int) -> None:
         """Pass the sequence's new token on: text, a stop, or the next step's input."""
@@ -266,5 +270,6 @@ class BatchScheduler:
 
 
 def _plain_greedy(sampling: SamplingParams) -> bool:
-    """Greedy with no repetition penalty: the argmax of the logits alone."""
-    return sampling.greedy and (sampling.repeat_penalty == 1.0 or sampling.repeat_last_n == 0)
+    """Greedy with no penalty: the argmax of the logits alone."""
+    no_repeat_penalty = sampling.repeat_penalty == 1.0 or sampling.repeat_last_n == 0
+    return sampling.greedy and no_repeat_penalty and not sampling.occurrence_penalised

@@ -22,6 +22,10 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    # OpenAI's: subtracted from a token's logit per time (frequency) and once (presence) it
+    # occurs in the reply so far; 0 switches them off.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -32,6 +36,8 @@ class SamplingParams:
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
             (self.repeat_last_n >= 0, "repeat_last_n must be ≥ 0"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2**64)"),
         ]
         for ok, message in checks:
@@ -42,8 +48,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def occurrence_penalised(self) -> bool:
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
+
 
 GREEDY = SamplingParams(temperature=0.0)
+
+
+def apply_occurrence_penalties(
+    logits: torch.Tensor, produced: torch.Tensor, frequency: float, presence: float
+) -> torch.Tensor:
+    """logits − frequency × (times a token occurs in `produced`) − presence × (whether it does)."""
+    counts = torch.bincount(produced, minlength=logits.shape[-1]).to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def apply_repeat_penalty(
@@ -63,11 +81,18 @@ def sample(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     recent: torch.Tensor | None = None,
+    produced: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pick one token id from float32 logits (V,); returns a 0-d long tensor on their device."""
+    """Pick one token id from float32 logits (V,); returns a 0-d long tensor on their device.
+    `recent`: the context's last tokens (the repetition penalty); `produced`: the reply's tokens
+    so far (the frequency and presence penalties)."""
     if recent is not None and params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
         logits = apply_repeat_penalty(
             logits, recent[-params.repeat_last_n :], params.repeat_penalty
+        )
+    if produced is not None and produced.numel() and params.occurrence_penalised:
+        logits = apply_occurrence_penalties(
+            logits, produced, params.frequency_penalty, params.presence_penalty
         )
     if params.greedy:
         return logits.argmax(-1)

@@ -143,7 +143,10 @@ class ChatSession:
             recent = None
             if sampling.repeat_penalty != 1.0:
                 recent = torch.tensor(context[-sampling.repeat_last_n :], device=self.model.device)
-            token = int(sample(logits[0, -1], sampling, generator, recent))
+            produced = None
+            if sampling.occurrence_penalised:
+                produced = torch.tensor(context[len(prompt_ids) :], device=self.model.device)
+            token = int(sample(logits[0, -1], sampling, generator, recent, produced))
             if token in self.model.eos_token_ids:
                 stats.finish_reason = "stop"
             elif count == max_new_tokens:

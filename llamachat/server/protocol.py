@@ -67,9 +67,6 @@ class _Generation(BaseModel):
             raise unsupported("logprobs", "returning log probabilities")
         if self.top_logprobs:
             raise unsupported("top_logprobs", "returning log probabilities")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise unsupported(name, f"a nonzero {name} (use repeat_penalty)")
         if self.logit_bias:
             raise unsupported("logit_bias", "a logit bias")
 
@@ -81,6 +78,8 @@ class _Generation(BaseModel):
                 top_p=self.top_p,
                 min_p=self.min_p,
                 repeat_penalty=self.repeat_penalty,
+                frequency_penalty=self.frequency_penalty,
+                presence_penalty=self.presence_penalty,
                 seed=self.seed,
             )
         except ValueError as error:

@@ -137,3 +137,14 @@ def test_a_cancelled_sequence_leaves_the_batch_at_once(scheduler, model):
     assert out.stats.finish_reason == "cancelled"
     assert out.stats.generated_tokens < 1000
     assert sorted(scheduler.free) == [0, 1, 2, 3]
+
+
+def test_a_strong_presence_penalty_keeps_a_greedy_reply_from_repeating_a_token(scheduler, model):
+    plain = SamplingParams(temperature=0.0)
+    penalised = SamplingParams(temperature=0.0, presence_penalty=2.0)
+    question = ask("say it again and again")
+    repeated = alone(model, question, plain, max_new_tokens=24)
+    out = submit(scheduler, model, question, penalised, max_new_tokens=24)
+    assert out.done.wait(timeout=120)
+    assert out.text == alone(model, question, penalised, max_new_tokens=24)
+    assert out.text != repeated

@@ -89,3 +89,24 @@ def test_same_seed_same_draws():
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_frequency_and_presence_penalties_subtract_per_occurrence_and_once():
+    from llamachat.engine.sampling import apply_occurrence_penalties
+
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    produced = torch.tensor([0, 0, 0, 2])
+    penalised = apply_occurrence_penalties(logits, produced, frequency=0.5, presence=0.25)
+    assert penalised.tolist() == [1.0 - 1.5 - 0.25, 1.0, 1.0 - 0.5 - 0.25, 1.0]
+
+
+def test_a_presence_penalty_can_change_the_greedy_choice():
+    params = SamplingParams(temperature=0.0, presence_penalty=0.2)
+    assert int(sample(LOGITS, params, produced=torch.tensor([1]))) == 5
+    assert int(sample(LOGITS, params, produced=torch.tensor([], dtype=torch.long))) == 1
+
+
+@pytest.mark.parametrize("name", ["frequency_penalty", "presence_penalty"])
+def test_occurrence_penalties_outside_minus_two_to_two_are_refused(name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**{name: 2.5})

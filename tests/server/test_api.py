@@ -143,14 +143,23 @@ def error_of(call) -> tuple[int, dict]:
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"logprobs": True}, "logprobs"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
     ],
 )
 def test_a_field_the_engine_cannot_honour_is_refused_by_name(client, options, param):
     status, error = error_of(lambda: ask(client, "Hi", max_tokens=4, **options))
     assert status == 400 and error["type"] == "invalid_request_error"
     assert error["param"] == param and "not supported" in error["message"]
+
+
+def test_frequency_and_presence_penalties_change_a_repeating_answer(client):
+    plain = ask(client, "say it again and again", temperature=0, max_tokens=24)
+    tokens = plain.choices[0].message.content
+    penalised = ask(
+        client, "say it again and again", temperature=0, max_tokens=24, presence_penalty=2.0
+    )
+    assert penalised.choices[0].message.content != tokens
+    status, error = error_of(lambda: ask(client, "Hi", max_tokens=4, frequency_penalty=2.5))
+    assert status == 400 and error["param"] == "frequency_penalty"
 
 
 def test_an_image_part_is_refused(client):

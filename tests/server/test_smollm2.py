@@ -1,0 +1,81 @@
+"""`llamachat serve` with the real SmolLM2: a served greedy answer is the one `llamachat ask` gives,
+whether asked alone or beside others, and a second turn reuses the first one's cache."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from tests.conftest import CLI_GREEDY, run_cli
+
+from .conftest import start_server
+
+pytestmark = pytest.mark.smollm2
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "用一句话介绍长城。"]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_env):
+    served = start_server(smollm2_env, "-m", "smollm2", "--ctx", "1024", "--max-batch", "4")
+    yield served
+    assert served.stop() == 0
+
+
+def ask_cli(env, question: str) -> str:
+    result = run_cli(
+        "ask",
+        question,
+        "-m",
+        "smollm2",
+        "--temperature",
+        "0",
+        "--repeat-penalty",
+        str(CLI_GREEDY.repeat_penalty),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--ctx",
+        "1024",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode().removesuffix("\n")
+
+
+def ask_server(client, question: str) -> str:
+    completion = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        extra_body={"repeat_penalty": CLI_GREEDY.repeat_penalty},
+    )
+    return completion.choices[0].message.content
+
+
+def test_served_answers_are_the_cli_answers_alone_and_together(server, smollm2_env):
+    client = server.client()
+    expected = [ask_cli(smollm2_env, q) for q in QUESTIONS]
+    assert [ask_server(client, q) for q in QUESTIONS] == expected
+    with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        assert list(pool.map(lambda q: ask_server(client, q), QUESTIONS)) == expected
+
+
+def test_a_second_turn_prefills_only_what_is_new(server):
+    client = server.client()
+    first = [{"role": "user", "content": "Tell me a fact about the sea."}]
+    reply = client.chat.completions.create(
+        model="smollm2", messages=first, temperature=0, max_tokens=16
+    )
+    second = [
+        *first,
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "And another?"},
+    ]
+    again = client.chat.completions.create(
+        model="smollm2", messages=second, temperature=0, max_tokens=16
+    )
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached >= reply.usage.prompt_tokens - 1
+    assert cached < again.usage.prompt_tokens

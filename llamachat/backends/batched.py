@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from ..models.reply_defaults import ReplyDefaults
-from .base import ChatMessage, PromptTooLongError, ReplyRequest, ReplyStats
+from .base import BackendError, ChatMessage, PromptTooLongError, ReplyRequest, ReplyStats
 from .engine_chat import EngineChat
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class BatchedChat(EngineChat):
                 on_piece=reply.pieces.put,
                 on_end=reply.ended,
                 cancel=reply.cancel_event,
+                on_error=reply.failed,
             )
         )
         return reply
@@ -124,6 +125,10 @@ class BatchedReply:
         )
         self.pieces.put(_END)
 
+    def failed(self, error: BaseException) -> None:
+        """The scheduler's word that the step writing this reply failed (from its thread)."""
+        self.pieces.put(error)
+
     def __iter__(self) -> Iterator[str]:
         if self._consumed:
             raise RuntimeError("a reply can be streamed only once")
@@ -131,6 +136,9 @@ class BatchedReply:
         finished = False
         try:
             while (piece := self.pieces.get()) is not _END:
+                if isinstance(piece, BaseException):
+                    finished = True
+                    raise BackendError(f"the reply failed: {piece}") from piece
                 assert isinstance(piece, str)
                 yield piece
             finished = True

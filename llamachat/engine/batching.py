@@ -47,6 +47,8 @@ class BatchRequest:
     on_end: Callable[[GenerationStats], None]
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    # The step failed (out of memory, say): the sequence is over, with this error.
+    on_error: Callable[[BaseException], None] | None = None
 
 
 @dataclass
@@ -137,7 +139,10 @@ class BatchScheduler:
                     self.waiting.clear()
                     return
                 self._admit()
-            self._step()
+            try:
+                self._step()
+            except Exception as error:  # noqa: BLE001 - a batch step: its sequences all end
+                self._fail(list(self.running), error)
 
     def _admit(self) -> None:
         """Give waiting sequences the free slots (called holding the lock)."""
@@ -173,10 +178,13 @@ class BatchScheduler:
                 break
             ids = running.request.prompt.token_ids
             chunk = ids[running.fed : running.fed + budget]
-            logits = self._prefill(running, chunk)
             budget -= len(chunk)
-            if not running.prefilling:
-                self._take(running, self._draw(running, logits[0, -1]))
+            try:
+                logits = self._prefill(running, chunk)
+                if not running.prefilling:
+                    self._take(running, self._draw(running, logits[0, -1]))
+            except Exception as error:  # noqa: BLE001 - this sequence's own: it alone ends
+                self._fail([running], error)
         decoding = [r for r in self.running if not r.prefilling and r.next_token is not None]
         if decoding:
             logits = self._decode(decoding)
@@ -211,6 +219,21 @@ class BatchScheduler:
             logits = self.cpu_step(tokens, [self.caches[s] for s in slots], positions)
         self._fed(batch)
         return logits
+
+    def _fail(self, failed: list[_Running], error: Exception) -> None:
+        """A step raised: end these sequences with the error, and forget what their slots held
+        (the step may have stopped half-way through writing them)."""
+        with self._wake:
+            for running in failed:
+                self.running.remove(running)
+                self.cached[running.slot] = []
+                self.free.add(running.slot)
+        for running in failed:
+            if running.request.on_error is not None:
+                running.request.on_error(error)
+            else:
+                running.stats.finish_reason = None
+                running.request.on_end(running.stats)
 
     def _fed(self, batch: list[_Running]) -> None:
         """The batch's tokens are in the caches now."""

@@ -148,3 +148,27 @@ def test_a_strong_presence_penalty_keeps_a_greedy_reply_from_repeating_a_token(s
     assert out.done.wait(timeout=120)
     assert out.text == alone(model, question, penalised, max_new_tokens=24)
     assert out.text != repeated
+
+
+def test_a_sequence_that_fails_ends_with_its_error_and_the_others_go_on(scheduler, model):
+    from llamachat.engine.prompts import Prompt
+
+    good = submit(scheduler, model, ask("still answered"))
+    errors: list[BaseException] = []
+    broken = Collected()
+    # A token id past the vocabulary: the embedding lookup of its prefill raises.
+    prompt = Prompt([model.config.vocab_size + 7, 5], (), 4)
+    scheduler.submit(
+        BatchRequest(prompt, GREEDY, (), broken.pieces.append, broken.end, on_error=errors.append)
+    )
+    assert good.done.wait(timeout=120)
+    for _ in range(1000):
+        if errors:
+            break
+        threading.Event().wait(0.01)
+    assert len(errors) == 1 and isinstance(errors[0], IndexError)
+    assert not broken.done.is_set()
+    assert good.text == alone(model, ask("still answered"))
+    assert sorted(scheduler.free) == [0, 1, 2, 3]
+    after = submit(scheduler, model, ask("after the failure"))
+    assert after.done.wait(timeout=120)

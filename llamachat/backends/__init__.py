@@ -10,6 +10,7 @@ from .base import (
     ChatSpec,
     ContextUse,
     FinishReason,
+    Logprob,
     ModelInfo,
     ModelUnavailableError,
     PromptTooLongError,
@@ -17,6 +18,7 @@ from .base import (
     ReplyRequest,
     ReplyStats,
     Sampling,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "ChatSpec",
     "ContextUse",
     "FinishReason",
+    "Logprob",
     "ModelInfo",
     "ModelUnavailableError",
     "PromptTooLongError",
@@ -35,4 +38,5 @@ __all__ = [
     "ReplyRequest",
     "ReplyStats",
     "Sampling",
+    "TokenLogprob",
 ]

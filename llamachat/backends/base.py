@@ -103,6 +103,9 @@ class ReplyRequest:
     sampling: Sampling | None = None  # None: the chat's
     max_tokens: int | None = None  # None: the chat's limit
     stop: tuple[str, ...] = ()  # strings that end the reply (not included in it)
+    # Log probabilities of the reply's tokens with this many alternatives each (0 to 20);
+    # None: none.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,21 @@ class ChatInfo:
     context_size: int  # this chat's window in tokens
     context_length: int  # the most the model takes
     max_tokens: int  # the reply's token limit
+
+
+@dataclass(frozen=True)
+class Logprob:
+    token: str  # the token's text alone (U+FFFD where it is part of a character)
+    logprob: float
+    bytes: tuple[int, ...]  # its UTF-8 bytes
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a reply: its log probability, and the most likely tokens' in its place."""
+
+    chosen: Logprob
+    top: tuple[Logprob, ...]
 
 
 @dataclass
@@ -161,6 +179,11 @@ class Reply(Protocol):
 
     @property
     def stats(self) -> ReplyStats: ...
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """With ReplyRequest.logprobs: one per token so far, in order; else empty."""
+        ...
 
     def __iter__(self) -> Iterator[str]: ...
 

@@ -9,7 +9,14 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from ..models.reply_defaults import ReplyDefaults
-from .base import BackendError, ChatMessage, PromptTooLongError, ReplyRequest, ReplyStats
+from .base import (
+    BackendError,
+    ChatMessage,
+    PromptTooLongError,
+    ReplyRequest,
+    ReplyStats,
+    TokenLogprob,
+)
 from .engine_chat import EngineChat
 
 if TYPE_CHECKING:
@@ -74,6 +81,7 @@ class BatchedChat(EngineChat):
 
         sampling, _ = self.settings_for(request)
         reply = BatchedReply(prompt, cancel or threading.Event())
+        wanted = request.logprobs is not None
         self.scheduler.submit(
             BatchRequest(
                 prompt=prompt,
@@ -83,6 +91,12 @@ class BatchedChat(EngineChat):
                 on_end=reply.ended,
                 cancel=reply.cancel_event,
                 on_error=reply.failed,
+                top_logprobs=request.logprobs,
+                on_logprob=(
+                    (lambda sampled: reply.logprobs.append(self.token_logprob(sampled)))
+                    if wanted
+                    else None
+                ),
             )
         )
         return reply
@@ -98,6 +112,7 @@ class BatchedReply:
         self.cancel_event = cancel
         self.pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stats = ReplyStats(prompt_tokens=len(prompt.token_ids))
+        self.logprobs: list[TokenLogprob] = []  # appended by the scheduler's thread
         self._consumed = False
 
     @property

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..models.reply_defaults import ReplyDefaults
-from .base import ChatInfo, ChatMessage, ContextUse, ReplyRequest
+from .base import ChatInfo, ChatMessage, ContextUse, Logprob, ReplyRequest, TokenLogprob
 
 if TYPE_CHECKING:
     from ..engine import ChatModel, SamplingParams
+    from ..engine.sampling import SampledLogprob
 
 
 class EngineChat:
@@ -53,6 +54,17 @@ class EngineChat:
         if request.sampling is not None:
             sampling = SamplingParams(**self.defaults.sampling_with(request.sampling.chosen()))
         return sampling, request.max_tokens or self.max_tokens
+
+    def token_logprob(self, sampled: SampledLogprob) -> TokenLogprob:
+        """The engine's token ids as text."""
+        return TokenLogprob(
+            chosen=self._logprob(sampled.token_id, sampled.logprob),
+            top=tuple(self._logprob(i, value) for i, value in sampled.top),
+        )
+
+    def _logprob(self, token_id: int, value: float) -> Logprob:
+        text = self.model.decode([token_id])
+        return Logprob(text, value, tuple(text.encode("utf-8")))
 
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
         used = len(self.model.prompt_ids(messages)) if messages else 0

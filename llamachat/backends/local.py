@@ -7,7 +7,7 @@ that fails before that (a bad flag, no model) answers at once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from ..chat_options import weight_format_for
@@ -23,6 +23,7 @@ from .base import (
     PromptTooLongError,
     ReplyRequest,
     ReplyStats,
+    TokenLogprob,
 )
 from .engine_chat import EngineChat
 
@@ -142,22 +143,31 @@ class LocalChat(EngineChat):
         # to end (LocalReply lets go of the lock when its stream ends).
         self._lock.acquire()
         try:
-            reply = method(prompt, sampling, limit, stop=request.stop, cancel=cancel)
+            reply = method(
+                prompt,
+                sampling,
+                limit,
+                stop=request.stop,
+                cancel=cancel,
+                top_logprobs=request.logprobs,
+            )
         except ContextOverflowError as error:
             self._lock.release()
             raise PromptTooLongError(str(error)) from None
         except BaseException:
             self._lock.release()
             raise
-        return LocalReply(reply, self._lock)
+        return LocalReply(reply, self._lock, self.token_logprob)
 
     def close(self) -> None:
         del self.session, self.model  # the cache and the weights go with the last reference
 
 
 class LocalReply:
-    def __init__(self, reply: Reply, lock: threading.Lock):
+    def __init__(self, reply: Reply, lock: threading.Lock, as_text: Callable):
         self._reply = reply
+        self._as_text = as_text  # an engine SampledLogprob → a TokenLogprob
+        self._logprobs: list[TokenLogprob] = []
         self._lock = lock  # the chat's, held from the start of this reply to its end
         self._held = True
 
@@ -181,6 +191,13 @@ class LocalReply:
             decode_s=measured.decode_s,
             finish_reason=measured.finish_reason,
         )
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        measured = self._reply.logprobs
+        while len(self._logprobs) < len(measured):
+            self._logprobs.append(self._as_text(measured[len(self._logprobs)]))
+        return self._logprobs
 
     def __iter__(self) -> Iterator[str]:
         try:

@@ -31,7 +31,7 @@ from .decode.batch import BatchedCpuStep, BatchedGpuStep
 from .detokenize import StreamDecoder
 from .kv_cache import KVCache
 from .prompts import Prompt
-from .sampling import SamplingParams, sample
+from .sampling import SampledLogprob, SamplingParams, sample, sampled_logprob
 from .session import PREFILL_CHUNK, GenerationStats, _common_prefix, _random_seed, _whole_buckets
 
 
@@ -49,6 +49,10 @@ class BatchRequest:
     submitted: float = field(default_factory=time.perf_counter)
     # The step failed (out of memory, say): the sequence is over, with this error.
     on_error: Callable[[BaseException], None] | None = None
+    # With top_logprobs (0 to 20 alternatives), each token's SampledLogprob goes to
+    # on_logprob, before its text goes to on_piece.
+    top_logprobs: int | None = None
+    on_logprob: Callable[[SampledLogprob], None] | None = None
 
 
 @dataclass
@@ -182,7 +186,8 @@ class BatchScheduler:
             try:
                 logits = self._prefill(running, chunk)
                 if not running.prefilling:
-                    self._take(running, self._draw(running, logits[0, -1]))
+                    row = logits[0, -1]
+                    self._take(running, self._draw(running, row), row)
             except Exception as error:  # noqa: BLE001 - this sequence's own: it alone ends
                 self._fail([running], error)
         decoding = [r for r in self.running if not r.prefilling and r.next_token is not None]
@@ -193,7 +198,8 @@ class BatchScheduler:
             tokens = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True))
             for index, running in enumerate(decoding):
                 token = tokens.get(index)
-                self._take(running, self._draw(running, logits[index]) if token is None else token)
+                row = logits[index]
+                self._take(running, self._draw(running, row) if token is None else token, row)
 
     def _prefill(self, running: _Running, chunk: list[int]) -> torch.Tensor:
         device = self.model.device
@@ -257,9 +263,13 @@ class BatchScheduler:
             produced = torch.tensor(reply, device=self.model.device, dtype=torch.long)
         return int(sample(logits, sampling, running.generator, recent, produced))
 
-    def _take(self, running: _Running, token: int) -> None:
-        """Pass the sequence's new token on: text, a stop, or the next step's input."""
+    def _take(self, running: _Running, token: int, logits: torch.Tensor) -> None:
+        """Pass the sequence's new token on (drawn from `logits`): text, a stop, or the next
+        step's input."""
         request, stats = running.request, running.stats
+        wanted = request.top_logprobs is not None and request.on_logprob is not None
+        if wanted and token not in self.model.eos_token_ids:
+            request.on_logprob(sampled_logprob(logits, token, request.top_logprobs))
         now = time.perf_counter()
         if running.first_token_at is None:
             running.first_token_at = now

@@ -56,6 +56,27 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
+@dataclass(frozen=True)
+class SampledLogprob:
+    """A drawn token's log probability under the model (its raw logits, before any penalty or
+    filter, as OpenAI's and vLLM's logprobs are), and the most likely tokens' with theirs."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def sampled_logprob(logits: torch.Tensor, token: int, top: int) -> SampledLogprob:
+    """For float32 logits (V,) the token was drawn from; `top` alternatives (0 to 20)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    chosen = float(logprobs[token])
+    if best is None:
+        return SampledLogprob(token, chosen, ())
+    pairs = zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    return SampledLogprob(token, chosen, tuple(pairs))
+
+
 def apply_occurrence_penalties(
     logits: torch.Tensor, produced: torch.Tensor, frequency: float, presence: float
 ) -> torch.Tensor:

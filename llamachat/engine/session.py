@@ -23,7 +23,7 @@ from .detokenize import StreamDecoder
 from .kv_cache import KVCache
 from .model import SPLIT
 from .prompts import Prompt, PromptFitter
-from .sampling import GREEDY, SamplingParams, sample
+from .sampling import GREEDY, SampledLogprob, SamplingParams, sample, sampled_logprob
 
 if TYPE_CHECKING:
     from .chat_model import ChatModel  # which imports this module to open sessions
@@ -77,6 +77,7 @@ class ChatSession:
         max_new_tokens: int | None = None,
         stop: Sequence[str] = (),
         cancel: threading.Event | None = None,
+        top_logprobs: int | None = None,
     ) -> Reply:
         """Prepare the assistant's next reply to `messages`; iterate the Reply to stream it.
 
@@ -87,7 +88,8 @@ class ChatSession:
         self.model.retune_threads()
         prompt = self.fit(messages, max_new_tokens)
         stops = tuple(stop) + self.model.chat_format.stop
-        return Reply(self, prompt, sampling, stops, cancel or threading.Event(), started)
+        cancel = cancel or threading.Event()
+        return Reply(self, prompt, sampling, stops, cancel, started, top_logprobs)
 
     def complete(
         self,
@@ -96,13 +98,15 @@ class ChatSession:
         max_new_tokens: int | None = None,
         stop: Sequence[str] = (),
         cancel: threading.Event | None = None,
+        top_logprobs: int | None = None,
     ) -> Reply:
         """Continue raw `text`, no chat template (what /v1/completions asks for). Raises
         ContextOverflowError when the text alone fills the context."""
         started = time.perf_counter()
         self.model.retune_threads()
         prompt = PromptFitter(self.model, self.ctx).raw(text, max_new_tokens)
-        return Reply(self, prompt, sampling, tuple(stop), cancel or threading.Event(), started)
+        cancel = cancel or threading.Event()
+        return Reply(self, prompt, sampling, tuple(stop), cancel, started, top_logprobs)
 
     def fit(self, messages: Sequence[ChatMessage], max_new_tokens: int | None = None) -> Prompt:
         """Template the conversation, dropping the oldest exchanges (never the system prompt)
@@ -117,11 +121,14 @@ class ChatSession:
         max_new_tokens: int,
         cancel: threading.Event,
         stats: GenerationStats,
+        logprobs: tuple[list[SampledLogprob], int] | None = None,
     ) -> Iterator[int]:
         """Yield sampled token ids until an end-of-sequence id, max_new_tokens, or cancel.
 
         The end-of-sequence id is yielded too, so the caller can tell it apart; the cache keeps
         every token fed through the model, and survives a stop or an exception half-way.
+        `logprobs`: a list that gets each token's SampledLogprob (but the end-of-sequence id's),
+        with that many alternatives.
         """
         # At least the last prompt token is computed again: its logits start the reply.
         reuse = min(_common_prefix(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
@@ -147,6 +154,9 @@ class ChatSession:
             if sampling.occurrence_penalised:
                 produced = torch.tensor(context[len(prompt_ids) :], device=self.model.device)
             token = int(sample(logits[0, -1], sampling, generator, recent, produced))
+            if logprobs is not None and token not in self.model.eos_token_ids:
+                kept, top = logprobs
+                kept.append(sampled_logprob(logits[0, -1], token, top))
             if token in self.model.eos_token_ids:
                 stats.finish_reason = "stop"
             elif count == max_new_tokens:
@@ -189,6 +199,7 @@ class Reply:
         stop: tuple[str, ...],
         cancel: threading.Event,
         started: float,
+        top_logprobs: int | None = None,
     ):
         self.session = session
         self.prompt = prompt
@@ -196,6 +207,9 @@ class Reply:
         self.cancel = cancel
         self.token_ids: list[int] = []
         self.stats = GenerationStats()
+        # With top_logprobs (0 to 20 alternatives): each token's SampledLogprob, as it comes.
+        self.top_logprobs = top_logprobs
+        self.logprobs: list[SampledLogprob] = []
         self._decoder = StreamDecoder(session.model.decode, stop)
         self._started = started
         self._consumed = False
@@ -215,8 +229,14 @@ class Reply:
         self._consumed = True
         stats, eos = self.stats, self.session.model.eos_token_ids
         first_token_at = None
+        wanted = None if self.top_logprobs is None else (self.logprobs, self.top_logprobs)
         tokens = self.session.generate(
-            self.prompt.token_ids, self.sampling, self.prompt.max_new_tokens, self.cancel, stats
+            self.prompt.token_ids,
+            self.sampling,
+            self.prompt.max_new_tokens,
+            self.cancel,
+            stats,
+            wanted,
         )
         try:
             for token in tokens:

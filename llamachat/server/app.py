@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..backends.base import Chat, ReplyStats
+from ..backends.base import Chat, Logprob, ReplyStats, TokenLogprob
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -120,6 +120,7 @@ def create_app(
         body.check_supported()
         chat, gate = served.chat(body.model)
         messages, reply_request = body.conversation(), body.to_reply_request()
+        asked = reply_request.logprobs is not None
         run = await _started(
             gate, chat, lambda cancel: chat.reply(messages, cancel=cancel, request=reply_request)
         )
@@ -129,14 +130,21 @@ def create_app(
 
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 yield frame(delta={"role": "assistant", "content": ""})
-                async for text in run.pieces():
-                    yield frame(delta={"content": text})
+                async for text, logprobs in run.pieces_with_logprobs():
+                    if not asked:
+                        yield frame(delta={"content": text})
+                    elif text or logprobs:
+                        yield frame(delta={"content": text}, logprobs=_content(logprobs))
                 yield frame(delta={}, finish_reason=_finish(run.stats))
                 if body.include_usage:
                     yield {**frame(), "choices": [], "usage": _usage(run.stats)}
 
             return EventStream(chunks(), run, served, body.model)
-        text = "".join([piece async for piece in run.pieces()])
+        pieces, logprobs = [], []
+        async for text, given in run.pieces_with_logprobs():
+            pieces.append(text)
+            logprobs.extend(given)
+        text = "".join(pieces)
         served.count(body.model, run.stats)
         return JSONResponse(
             {
@@ -148,7 +156,7 @@ def create_app(
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
+                        "logprobs": _content(logprobs) if asked else None,
                         "finish_reason": _finish(run.stats),
                     }
                 ],
@@ -295,12 +303,28 @@ class EventStream(Response):
 
 
 def _frame(ident: str, kind: str, created: int, model: str, text: bool = False):
-    def frame(finish_reason: str | None = None, **fields: Any) -> dict[str, Any]:
-        choice = {"index": 0, **fields, "logprobs": None, "finish_reason": finish_reason}
+    def frame(
+        finish_reason: str | None = None, logprobs: Any = None, **fields: Any
+    ) -> dict[str, Any]:
+        choice = {"index": 0, **fields, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"id": ident, "object": kind, "created": created, "model": model,
                 "choices": [choice] if fields or finish_reason else []}  # fmt: skip
 
     return frame
+
+
+def _content(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` object for these tokens."""
+
+    def entry(item: Logprob) -> dict[str, Any]:
+        return {"token": item.token, "logprob": item.logprob, "bytes": list(item.bytes)}
+
+    return {
+        "content": [
+            {**entry(t.chosen), "top_logprobs": [entry(alt) for alt in t.top]} for t in logprobs
+        ],
+        "refusal": None,
+    }
 
 
 def _finish(stats: ReplyStats) -> str:

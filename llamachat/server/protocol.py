@@ -19,7 +19,7 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
-class Message(BaseModel):
+class RequestMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -63,14 +63,10 @@ class _Generation(BaseModel):
     def check_supported(self) -> None:
         if self.n is not None and self.n != 1:
             raise unsupported("n", "more than one choice")
-        if self.logprobs not in (None, False, 0):
-            raise unsupported("logprobs", "returning log probabilities")
-        if self.top_logprobs:
-            raise unsupported("top_logprobs", "returning log probabilities")
         if self.logit_bias:
             raise unsupported("logit_bias", "a logit bias")
 
-    def reply_request(self, max_tokens: int | None) -> ReplyRequest:
+    def reply_request(self, max_tokens: int | None, logprobs: int | None = None) -> ReplyRequest:
         try:
             sampling = Sampling(
                 temperature=self.temperature,
@@ -88,11 +84,13 @@ class _Generation(BaseModel):
         if any(not s for s in stop):
             raise ApiError(400, "stop strings must not be empty", "stop")
         chosen = sampling if sampling.chosen() else None
-        return ReplyRequest(sampling=chosen, max_tokens=max_tokens, stop=tuple(stop))
+        return ReplyRequest(
+            sampling=chosen, max_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs
+        )
 
 
 class ChatCompletionRequest(_Generation):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[RequestMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -102,6 +100,13 @@ class ChatCompletionRequest(_Generation):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.logprobs not in (None, False, True):
+            raise ApiError(400, "logprobs must be true or false", "logprobs")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= 20:
+                raise ApiError(400, "top_logprobs must be between 0 and 20", "top_logprobs")
+            if not self.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.tools:
             raise unsupported("tools", "tool calling")
         if self.tool_choice not in (None, "none", "auto"):
@@ -134,7 +139,8 @@ class ChatCompletionRequest(_Generation):
         return turns
 
     def to_reply_request(self) -> ReplyRequest:
-        return self.reply_request(self.max_completion_tokens or self.max_tokens)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.reply_request(self.max_completion_tokens or self.max_tokens, logprobs)
 
 
 class CompletionRequest(_Generation):
@@ -145,6 +151,8 @@ class CompletionRequest(_Generation):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.logprobs not in (None, False, 0):
+            raise unsupported("logprobs", "log probabilities in completions (chat has them)")
         if self.echo:
             raise unsupported("echo", "echoing the prompt")
         if self.best_of not in (None, 1):

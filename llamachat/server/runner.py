@@ -8,7 +8,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..backends.base import BackendError, Chat, PromptTooLongError, Reply, ReplyStats
+from ..backends.base import (
+    BackendError,
+    Chat,
+    PromptTooLongError,
+    Reply,
+    ReplyStats,
+    TokenLogprob,
+)
 from .errors import ApiError
 from .metrics import Metrics
 
@@ -21,6 +28,7 @@ class _Started:
 @dataclass
 class _Piece:
     text: str
+    logprobs: list[TokenLogprob]  # the tokens since the last piece, when asked for
 
 
 @dataclass
@@ -90,10 +98,16 @@ class Run:
             raise event.error
 
     async def pieces(self):
+        """The reply's text pieces; see `pieces_with_logprobs`."""
+        async for text, _ in self.pieces_with_logprobs():
+            yield text
+
+    async def pieces_with_logprobs(self):
+        """(text, the TokenLogprobs of its tokens) pairs; the text may be empty at the end."""
         while True:
             event = await self._events.get()
             if isinstance(event, _Piece):
-                yield event.text
+                yield event.text, event.logprobs
             elif isinstance(event, _Ended):
                 self.stats = event.stats
                 return
@@ -136,10 +150,15 @@ class Run:
             self._post(_Failed(ApiError(400, message, "messages", "context_length_exceeded")))
             return
         self._post(_Started(reply))
+        sent = 0
         try:
             for text in reply:
                 if text:
-                    self._post(_Piece(text))
+                    given = reply.logprobs[sent:]
+                    sent += len(given)
+                    self._post(_Piece(text, given))
+            if left := reply.logprobs[sent:]:  # tokens whose text the end released or cut
+                self._post(_Piece("", left))
         except Exception as error:  # noqa: BLE001
             self._post(_Failed(ApiError(500, f"the reply failed: {type(error).__name__}")))
             return

@@ -172,3 +172,32 @@ def test_a_sequence_that_fails_ends_with_its_error_and_the_others_go_on(schedule
     assert sorted(scheduler.free) == [0, 1, 2, 3]
     after = submit(scheduler, model, ask("after the failure"))
     assert after.done.wait(timeout=120)
+
+
+def test_logprobs_in_a_batch_are_those_of_the_sequence_alone(scheduler, model):
+    question = ask("tell me more")
+    sampled = []
+    out = Collected()
+    prompt = PromptFitter(model, CTX).fit(question, 12)
+    scheduler.submit(
+        BatchRequest(
+            prompt,
+            GREEDY,
+            model.chat_format.stop,
+            out.pieces.append,
+            out.end,
+            top_logprobs=2,
+            on_logprob=sampled.append,
+        )
+    )
+    neighbour = submit(scheduler, model, ask("a neighbour"))
+    assert out.done.wait(timeout=120) and neighbour.done.wait(timeout=120)
+    reply = model.session(CTX).reply(question, GREEDY, 12, top_logprobs=2)
+    "".join(reply)
+    assert [s.token_id for s in sampled] == reply.token_ids
+    for batched, lone in zip(sampled, reply.logprobs, strict=True):
+        # The same tokens; the values to float32 precision (the batch's row is reduced apart).
+        assert [i for i, _ in batched.top] == [i for i, _ in lone.top]
+        assert batched.logprob == pytest.approx(lone.logprob, abs=1e-5)
+        assert [v for _, v in batched.top] == pytest.approx([v for _, v in lone.top], abs=1e-5)
+    assert all(len(s.top) == 2 and s.logprob <= 0 for s in sampled)

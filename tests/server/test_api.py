@@ -142,13 +142,59 @@ def error_of(call) -> tuple[int, dict]:
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
     ],
 )
 def test_a_field_the_engine_cannot_honour_is_refused_by_name(client, options, param):
     status, error = error_of(lambda: ask(client, "Hi", max_tokens=4, **options))
     assert status == 400 and error["type"] == "invalid_request_error"
     assert error["param"] == param and "not supported" in error["message"]
+
+
+def test_logprobs_name_each_token_with_its_alternatives(client):
+    options = {"temperature": 0, "max_tokens": 10, "extra_body": {"repeat_penalty": 1.0}}
+    plain = ask(client, "tell me more", logprobs=True, top_logprobs=3, **options)
+    content = plain.choices[0].logprobs.content
+    assert len(content) == plain.usage.completion_tokens
+    for token in content:
+        alternatives = [alt.logprob for alt in token.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert token.logprob <= 0
+        # Greedy with no penalty: the token drawn is the most likely one.
+        assert token.logprob == pytest.approx(alternatives[0], abs=1e-6)
+        assert token.token == token.top_logprobs[0].token
+    streamed = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "tell me more"}],
+        stream=True,
+        logprobs=True,
+        top_logprobs=3,
+        **options,
+    )
+    entries = [t for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+               for t in chunk.choices[0].logprobs.content]  # fmt: skip
+    assert [t.token for t in entries] == [t.token for t in content]
+    assert [t.logprob for t in entries] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    without = ask(client, "tell me more", **options)
+    assert without.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ],
+)
+def test_top_logprobs_needs_logprobs_and_at_most_twenty(client, options, param):
+    status, error = error_of(lambda: ask(client, "Hi", max_tokens=4, **options))
+    assert status == 400 and error["param"] == param
+
+
+def test_completions_refuse_logprobs_by_name(client):
+    status, error = error_of(
+        lambda: client.completions.create(model="tiny", prompt="Hi", max_tokens=4, logprobs=2)
+    )
+    assert status == 400 and error["param"] == "logprobs" and "not supported" in error["message"]
 
 
 def test_frequency_and_presence_penalties_change_a_repeating_answer(client):

@@ -25,7 +25,7 @@ from .base import (
     ReplyStats,
     TokenLogprob,
 )
-from .engine_chat import EngineChat
+from .engine_chat import EngineChat, reply_stats
 
 if TYPE_CHECKING:
     from ..engine import ChatModel, ChatSession, Reply, SamplingParams
@@ -90,15 +90,9 @@ class LocalBackend:
 
 def _scheduler(model: ChatModel, spec: ChatSpec):
     """The slots of a chat that writes several replies at once."""
-    from ..engine import DEFAULT_CONTEXT, EngineError
     from ..engine.batching import BatchScheduler
 
-    ctx = spec.ctx if spec.ctx is not None else min(model.context_length, DEFAULT_CONTEXT)
-    if not 16 <= ctx <= model.context_length:
-        raise EngineError(
-            f"ctx must be between 16 and the model's context length {model.context_length}"
-        )
-    return BatchScheduler(model, spec.concurrency, ctx)
+    return BatchScheduler(model, spec.concurrency, model.window(spec.ctx))
 
 
 class LocalChat(EngineChat):
@@ -181,16 +175,7 @@ class LocalReply:
 
     @property
     def stats(self) -> ReplyStats:
-        measured = self._reply.stats
-        return ReplyStats(
-            prompt_tokens=measured.prompt_tokens,
-            reused_tokens=measured.reused_tokens,
-            prefilled_tokens=measured.prefilled_tokens,
-            generated_tokens=measured.generated_tokens,
-            time_to_first_token_s=measured.time_to_first_token_s,
-            decode_s=measured.decode_s,
-            finish_reason=measured.finish_reason,
-        )
+        return reply_stats(self._reply.stats)
 
     @property
     def logprobs(self) -> list[TokenLogprob]:

@@ -125,13 +125,18 @@ class ChatModel:
     def session(self, ctx: int | None = None, cuda_graphs: bool | None = None) -> ChatSession:
         """A chat session with its own KV cache of `ctx` tokens. On a GPU its decode steps
         replay CUDA graphs unless cuda_graphs=False."""
+        return ChatSession(self, self.window(ctx), cuda_graphs)
+
+    def window(self, ctx: int | None = None) -> int:
+        """The context window a cache of `ctx` tokens gives (None: the default); raises
+        EngineError outside 16 to the model's context length."""
         if ctx is None:
             ctx = min(self.context_length, DEFAULT_CONTEXT)
         if not 16 <= ctx <= self.context_length:
             raise EngineError(
                 f"ctx must be between 16 and the model's context length {self.context_length}"
             )
-        return ChatSession(self, ctx, cuda_graphs)
+        return ctx
 
 
 def _eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]:

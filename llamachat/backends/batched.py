@@ -17,7 +17,7 @@ from .base import (
     ReplyStats,
     TokenLogprob,
 )
-from .engine_chat import EngineChat
+from .engine_chat import EngineChat, reply_stats
 
 if TYPE_CHECKING:
     from ..engine import ChatModel, GenerationStats, Prompt, SamplingParams
@@ -129,15 +129,7 @@ class BatchedReply:
 
     def ended(self, measured: GenerationStats) -> None:
         """The scheduler's word that the sequence is over (from its thread)."""
-        self._stats = ReplyStats(
-            prompt_tokens=measured.prompt_tokens or len(self._prompt.token_ids),
-            reused_tokens=measured.reused_tokens,
-            prefilled_tokens=measured.prefilled_tokens,
-            generated_tokens=measured.generated_tokens,
-            time_to_first_token_s=measured.time_to_first_token_s,
-            decode_s=measured.decode_s,
-            finish_reason=measured.finish_reason,
-        )
+        self._stats = reply_stats(measured)
         self.pieces.put(_END)
 
     def failed(self, error: BaseException) -> None:

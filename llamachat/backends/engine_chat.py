@@ -7,10 +7,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..models.reply_defaults import ReplyDefaults
-from .base import ChatInfo, ChatMessage, ContextUse, Logprob, ReplyRequest, TokenLogprob
+from .base import (
+    ChatInfo,
+    ChatMessage,
+    ContextUse,
+    Logprob,
+    ReplyRequest,
+    ReplyStats,
+    TokenLogprob,
+)
 
 if TYPE_CHECKING:
-    from ..engine import ChatModel, SamplingParams
+    from ..engine import ChatModel, GenerationStats, SamplingParams
     from ..engine.sampling import SampledLogprob
 
 
@@ -69,3 +77,16 @@ class EngineChat:
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
         used = len(self.model.prompt_ids(messages)) if messages else 0
         return ContextUse(used=used, window=self.ctx)
+
+
+def reply_stats(measured: GenerationStats) -> ReplyStats:
+    """What the engine measured of a reply, as the interface gives it."""
+    return ReplyStats(
+        prompt_tokens=measured.prompt_tokens,
+        reused_tokens=measured.reused_tokens,
+        prefilled_tokens=measured.prefilled_tokens,
+        generated_tokens=measured.generated_tokens,
+        time_to_first_token_s=measured.time_to_first_token_s,
+        decode_s=measured.decode_s,
+        finish_reason=measured.finish_reason,
+    )

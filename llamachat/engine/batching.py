@@ -139,7 +139,10 @@ class BatchScheduler:
                     self._wake.wait()
                 if self._closed and not self.running:
                     for request in self.waiting:
-                        request.on_end(GenerationStats(finish_reason="cancelled"))
+                        prompt_tokens = len(request.prompt.token_ids)
+                        request.on_end(
+                            GenerationStats(prompt_tokens=prompt_tokens, finish_reason="cancelled")
+                        )
                     self.waiting.clear()
                     return
                 self._admit()

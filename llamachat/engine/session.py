@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -84,12 +84,10 @@ class ChatSession:
         Raises ContextOverflowError when the system prompt and the last message alone do not
         fit the context; older turns are dropped silently otherwise (see Reply.dropped).
         """
-        started = time.perf_counter()
-        self.model.retune_threads()
-        prompt = self.fit(messages, max_new_tokens)
         stops = tuple(stop) + self.model.chat_format.stop
-        cancel = cancel or threading.Event()
-        return Reply(self, prompt, sampling, stops, cancel, started, top_logprobs)
+        return self._prepared(
+            lambda: self.fit(messages, max_new_tokens), sampling, stops, cancel, top_logprobs
+        )
 
     def complete(
         self,
@@ -102,11 +100,27 @@ class ChatSession:
     ) -> Reply:
         """Continue raw `text`, no chat template (what /v1/completions asks for). Raises
         ContextOverflowError when the text alone fills the context."""
+        fitter = PromptFitter(self.model, self.ctx)
+        return self._prepared(
+            lambda: fitter.raw(text, max_new_tokens), sampling, tuple(stop), cancel, top_logprobs
+        )
+
+    def _prepared(
+        self,
+        make_prompt: Callable[[], Prompt],
+        sampling: SamplingParams,
+        stop: tuple[str, ...],
+        cancel: threading.Event | None,
+        top_logprobs: int | None,
+    ) -> Reply:
+        """A Reply to the prompt `make_prompt` builds; its time to first token counts from
+        here, the templating included."""
         started = time.perf_counter()
         self.model.retune_threads()
-        prompt = PromptFitter(self.model, self.ctx).raw(text, max_new_tokens)
-        cancel = cancel or threading.Event()
-        return Reply(self, prompt, sampling, tuple(stop), cancel, started, top_logprobs)
+        prompt = make_prompt()
+        return Reply(
+            self, prompt, sampling, stop, cancel or threading.Event(), started, top_logprobs
+        )
 
     def fit(self, messages: Sequence[ChatMessage], max_new_tokens: int | None = None) -> Prompt:
         """Template the conversation, dropping the oldest exchanges (never the system prompt)

@@ -29,6 +29,16 @@ def checked_quantize(value: str | None) -> str | None:
     return _checked(value, QUANTIZE_PATTERN, QUANTIZE_NAMES)
 
 
+def checked_device(value: str | None) -> str | None:
+    """The --device callback, shared with `serve`."""
+    return _checked(value, DEVICE_PATTERN, "auto, cpu, cuda or cuda:N")
+
+
+def checked_dtype(value: str | None) -> str | None:
+    """The --dtype callback, shared with `serve`."""
+    return _checked(value, DTYPE_PATTERN, "float32, bfloat16 or float16")
+
+
 def _checked(value: str | None, pattern: re.Pattern[str], choices: str) -> str | None:
     if value is not None and not pattern.fullmatch(value):
         raise typer.BadParameter(f"{value!r} is not one of {choices}")
@@ -126,7 +136,7 @@ class GenerationOptions:
         str | None,
         typer.Option(
             help="auto, cpu, cuda or cuda:N. [default: auto]",
-            callback=lambda value: _checked(value, DEVICE_PATTERN, "auto, cpu, cuda or cuda:N"),
+            callback=checked_device,
             rich_help_panel=PANEL,
         ),
     ] = None
@@ -134,7 +144,7 @@ class GenerationOptions:
         str | None,
         typer.Option(
             help="float32, bfloat16 or float16. [default: bf16 on GPU, fp32 on CPU]",
-            callback=lambda value: _checked(value, DTYPE_PATTERN, "float32, bfloat16 or float16"),
+            callback=checked_dtype,
             rich_help_panel=PANEL,
         ),
     ] = None

@@ -20,7 +20,7 @@ from ..models.store import ModelStore
 from ..settings import load
 from .console import CliError
 from .generation import open_history
-from .options import DEVICE_PATTERN, DTYPE_PATTERN, GenerationOptions, _checked, checked_quantize
+from .options import GenerationOptions, checked_device, checked_dtype, checked_quantize
 
 GRACEFUL_SHUTDOWN_S = 10  # in-flight replies get this long after Ctrl+C/SIGTERM, then stop
 
@@ -64,14 +64,14 @@ def serve(
         str | None,
         typer.Option(
             help="auto, cpu, cuda or cuda:N.",
-            callback=lambda v: _checked(v, DEVICE_PATTERN, "auto, cpu, cuda or cuda:N"),
+            callback=checked_device,
         ),
     ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
             help="float32, bfloat16 or float16.",
-            callback=lambda v: _checked(v, DTYPE_PATTERN, "float32, bfloat16 or float16"),
+            callback=checked_dtype,
         ),
     ] = None,
     quantize: Annotated[

@@ -55,6 +55,17 @@ class BatchRequest:
     on_logprob: Callable[[SampledLogprob], None] | None = None
 
 
+@dataclass(frozen=True)
+class BatchUsage:
+    """What the scheduler holds at one moment (for a server's metrics)."""
+
+    running: int  # sequences with a slot: decoding, or their prompt being prefilled
+    waiting: int  # submitted, waiting for a slot
+    last_batch: int  # sequences the latest decode step ran
+    kv_tokens: int  # tokens whose keys and values the slots hold, running or kept for reuse
+    kv_capacity: int  # tokens the slots can hold together
+
+
 @dataclass
 class _Running:
     request: BatchRequest
@@ -105,6 +116,7 @@ class BatchScheduler:
         self.free = set(range(slots))
         self.waiting: deque[BatchRequest] = deque()
         self.running: list[_Running] = []
+        self.last_batch = 0
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="llamachat-batch", daemon=True)
@@ -113,6 +125,16 @@ class BatchScheduler:
     @property
     def slots(self) -> int:
         return len(self.caches)
+
+    def usage(self) -> BatchUsage:
+        with self._wake:
+            return BatchUsage(
+                running=len(self.running),
+                waiting=len(self.waiting),
+                last_batch=self.last_batch,
+                kv_tokens=sum(len(held) for held in self.cached),
+                kv_capacity=self.slots * self.ctx,
+            )
 
     def submit(self, request: BatchRequest) -> None:
         with self._wake:
@@ -222,6 +244,7 @@ class BatchScheduler:
         positions = [r.fed for r in batch]
         tokens = [r.next_token for r in batch]
         slots = [r.slot for r in batch]
+        self.last_batch = len(batch)
         if self.device_step is not None:
             logits = self.device_step(tokens, slots, positions)
         else:

@@ -201,3 +201,15 @@ def test_logprobs_in_a_batch_are_those_of_the_sequence_alone(scheduler, model):
         assert batched.logprob == pytest.approx(lone.logprob, abs=1e-5)
         assert [v for _, v in batched.top] == pytest.approx([v for _, v in lone.top], abs=1e-5)
     assert all(len(s.top) == 2 and s.logprob <= 0 for s in sampled)
+
+
+def test_usage_counts_what_the_slots_hold(scheduler, model):
+    outs = [submit(scheduler, model, ask(q), max_new_tokens=8) for q in QUESTIONS[:2]]
+    for out in outs:
+        assert out.done.wait(timeout=60)
+    usage = scheduler.usage()
+    assert usage.running == 0 and usage.waiting == 0
+    assert 1 <= usage.last_batch <= 2
+    # The finished sequences' keys stay in their slots for reuse: at least their prompts.
+    held = sum(out.stats.prompt_tokens for out in outs)
+    assert held <= usage.kv_tokens <= usage.kv_capacity == 4 * CTX

@@ -5,8 +5,9 @@ slot, preferring the one whose cached tokens share the longest prefix with its p
 that resends its whole conversation, as every OpenAI client does, prefills only the new turn),
 else the one used longest ago: what finished sequences leave in their slots is kept until a
 slot is needed, least recently used first. Prompts are prefilled a chunk at a time between
-decode steps, so running streams do not stall behind a long prompt; a sequence joins the batch
-once its prompt is in, and leaves it the step it finishes or is cancelled.
+decode steps (on a GPU in half precision, within them: the chunks' rows join the decoding
+rows' matrix products), so running streams do not stall behind a long prompt; a sequence joins
+the batch once its prompt is in, and leaves it the step it finishes or is cancelled.
 
 The projections run once for the whole batch (a matrix product instead of one matrix-vector
 product per sequence); attention runs per sequence over exactly its own positions, and sampling
@@ -27,12 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .chat_model import ChatModel
-from .decode.batch import BatchedCpuStep, BatchedGpuStep
+from .decode.batch import BatchedCpuStep, BatchedGpuStep, PromptChunk
 from .detokenize import StreamDecoder
 from .kv_cache import KVCache
 from .prompts import Prompt
 from .sampling import SampledLogprob, SamplingParams, sample, sampled_logprob
 from .session import PREFILL_CHUNK, GenerationStats, _common_prefix, _random_seed, _whole_buckets
+
+MIXED_PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -86,7 +89,7 @@ class _Running:
 class BatchScheduler:
     """Owns the slots and a thread that runs the steps; `submit` from any thread."""
 
-    def __init__(self, model: ChatModel, slots: int, ctx: int):
+    def __init__(self, model: ChatModel, slots: int, ctx: int, prefill_tokens: int | None = None):
         if slots < 1:
             raise ValueError("a batch needs at least one slot")
         self.model = model
@@ -111,6 +114,15 @@ class BatchScheduler:
             if model.device.type == "cuda"
             else None
         )
+        if self.device_step is not None:
+            self.device_step.capture(slots)  # now, not during the first requests
+        # Prompt tokens fed per step, shared out among the prompts being prefilled: more feeds
+        # new requests sooner and reads the weights for fewer steps, fewer keeps the running
+        # streams' steps short. Where prompts ride along with the decoding rows (the fused GPU
+        # step), 2,048 gave the most tokens/s and the shortest waits for a first token
+        # (docs/BENCHMARKS.md); elsewhere each chunk is a pass of its own.
+        fused = self.device_step is not None and self.device_step.fused
+        self.prefill_tokens = prefill_tokens or (MIXED_PREFILL_TOKENS if fused else PREFILL_CHUNK)
         self.cached: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.used_at = [0.0] * slots
         self.free = set(range(slots))
@@ -201,13 +213,18 @@ class BatchScheduler:
         for running in [r for r in self.running if r.request.cancel.is_set()]:
             self._finish(running, "cancelled")
         # One chunk of prompt per step, shared out in arrival order.
-        budget = PREFILL_CHUNK
+        chunks: list[tuple[_Running, list[int]]] = []
+        budget = self.prefill_tokens
         for running in [r for r in self.running if r.prefilling]:
             if budget <= 0:
                 break
             ids = running.request.prompt.token_ids
-            chunk = ids[running.fed : running.fed + budget]
-            budget -= len(chunk)
+            chunks.append((running, ids[running.fed : running.fed + budget]))
+            budget -= len(chunks[-1][1])
+        if chunks and self.device_step is not None and self.device_step.fused:
+            self._mixed_step(chunks)
+            return
+        for running, chunk in chunks:
             try:
                 logits = self._prefill(running, chunk)
                 if not running.prefilling:
@@ -215,16 +232,49 @@ class BatchScheduler:
                     self._take(running, self._draw(running, row), row)
             except Exception as error:  # noqa: BLE001 - this sequence's own: it alone ends
                 self._fail([running], error)
-        decoding = [r for r in self.running if not r.prefilling and r.next_token is not None]
+        decoding = self._decoding()
         if decoding:
-            logits = self._decode(decoding)
-            # Plain greedy rows in one argmax (one wait for the device, not one per row).
-            plain = [i for i, r in enumerate(decoding) if _plain_greedy(r.request.sampling)]
-            tokens = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True))
-            for index, running in enumerate(decoding):
-                token = tokens.get(index)
-                row = logits[index]
-                self._take(running, self._draw(running, row) if token is None else token, row)
+            self._take_rows(decoding, self._decode(decoding))
+
+    def _decoding(self) -> list[_Running]:
+        """The sequences whose next token is drawn and waits to be fed through the model."""
+        return [r for r in self.running if not r.prefilling and r.next_token is not None]
+
+    def _mixed_step(self, chunks: list[tuple[_Running, list[int]]]) -> None:
+        """The decoding sequences' tokens and the prompt chunks in one pass (the fused GPU
+        step): the weights are read once for both."""
+        decoding = self._decoding()
+        assert self.device_step is not None
+        try:
+            token_logits, chunk_logits = self.device_step.mixed(
+                [r.next_token for r in decoding],  # type: ignore[misc]
+                [r.slot for r in decoding],
+                [r.fed for r in decoding],
+                [PromptChunk(r.slot, r.fed, chunk) for r, chunk in chunks],
+            )
+        except Exception as error:  # noqa: BLE001 - the step's sequences all end
+            self._fail(decoding + [r for r, _ in chunks], error)
+            return
+        self.last_batch = len(decoding)
+        self._fed(decoding)
+        for index, (running, chunk) in enumerate(chunks):
+            self.cached[running.slot].extend(chunk)
+            running.fed += len(chunk)
+            if not running.prefilling:
+                row = chunk_logits[index]
+                self._take(running, self._draw(running, row), row)
+        if decoding:
+            self._take_rows(decoding, token_logits)
+
+    def _take_rows(self, decoding: list[_Running], logits: torch.Tensor) -> None:
+        """Each sequence's next token from its row of `logits` (B, V)."""
+        # Plain greedy rows in one argmax (one wait for the device, not one per row).
+        plain = [i for i, r in enumerate(decoding) if _plain_greedy(r.request.sampling)]
+        tokens = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True))
+        for index, running in enumerate(decoding):
+            token = tokens.get(index)
+            row = logits[index]
+            self._take(running, self._draw(running, row) if token is None else token, row)
 
     def _prefill(self, running: _Running, chunk: list[int]) -> torch.Tensor:
         device = self.model.device

@@ -244,13 +244,97 @@ def _batched_texts(model: ChatModel, questions, graphs: bool) -> tuple[list[str]
     return ["".join(pieces) for pieces in texts], captured
 
 
-def test_batched_steps_replayed_as_graphs_match_eager_and_fp32_matches_alone(tiny_model_factory):
+def test_batched_steps_in_fp32_match_each_answer_alone(tiny_model_factory):
     folder, _ = tiny_model_factory(max_position_embeddings=1024)
     questions = [[{"role": "user", "content": f"question {i} " * (i + 1)}] for i in range(6)]
     model = ChatModel.load(folder, device="cuda", dtype="float32")
     alone = ["".join(model.session(512).reply(q, GREEDY, 24)) for q in questions]
-    eager, _ = _batched_texts(model, questions, graphs=False)
-    graphed, captured = _batched_texts(model, questions, graphs=True)
-    assert eager == alone
-    assert graphed == eager
-    assert captured  # the batch did replay graphs
+    batched, captured = _batched_texts(model, questions, graphs=True)
+    assert batched == alone
+    assert captured == []  # float32 takes the gathered step, eagerly
+
+
+def _fused_step(model: ChatModel, slots: int, capacity: int):
+    from llamachat.engine.decode.batch import BatchedGpuStep
+
+    config = model.config
+    shape = (config.n_layers, slots + 1, config.n_kv_heads, capacity, config.head_dim)
+    k_pool = torch.zeros(shape, device=model.device, dtype=model.dtype)
+    v_pool = torch.zeros_like(k_pool)
+    model.transformer.setup_rope(capacity)
+    return BatchedGpuStep(model.transformer, k_pool, v_pool, scratch=slots)
+
+
+def test_the_fused_batched_step_matches_each_sequence_alone_in_bf16(tiny_model_factory):
+    from llamachat.engine.decode.batch import PromptChunk
+
+    folder, _ = tiny_model_factory(max_position_embeddings=1024)
+    model = ChatModel.load(folder, device="cuda", dtype="bfloat16")
+    step = _fused_step(model, slots=4, capacity=1024)
+    assert step.fused
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 384, (n,), generator=generator).tolist() for n in (37, 300, 5)]
+    references = []  # each prompt alone through forward(), then one decode token
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache = KVCache(model.config, 1024, model.device, model.dtype)
+            positions = torch.arange(len(prompt), device=model.device)
+            last = model.transformer(torch.tensor([prompt], device="cuda"), positions, cache, 1024)
+            token = int(last[0, -1].argmax())
+            position = torch.tensor([len(prompt)], device="cuda")
+            next_logits = model.transformer(
+                torch.tensor([[token]], device="cuda"), position, cache, 1024
+            )
+            references.append((last[0, -1].cpu(), token, next_logits[0, -1].cpu()))
+        # All three prompts in one step (the second in two chunks, the second of them riding
+        # along with the others' first decode tokens), then decode steps of 1 and 3 rows.
+        chunks = [PromptChunk(0, 0, prompts[0]), PromptChunk(1, 0, prompts[1][:200])]
+        chunks.append(PromptChunk(2, 0, prompts[2]))
+        _, first = step.mixed([], [], [], chunks)
+        tokens = [references[0][1], references[2][1]]
+        decoded, rest = step.mixed(
+            tokens,
+            [0, 2],
+            [len(prompts[0]), len(prompts[2])],
+            [PromptChunk(1, 200, prompts[1][200:])],
+        )
+        lone = step([references[1][1]], [1], [len(prompts[1])])
+        again = step(tokens, [0, 2], [len(prompts[0]), len(prompts[2])])
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool((a.float().cpu() - b).abs().max() <= 3e-2 * b.abs().max())
+
+    assert close(first[0], references[0][0]) and close(first[2], references[2][0])
+    assert close(rest[0], references[1][0])
+    assert close(decoded[0], references[0][2]) and close(decoded[1], references[2][2])
+    assert close(lone[0], references[1][2])
+    # The same tokens at the same positions again: the same keys, the same logits.
+    assert close(again[0], references[0][2]) and close(again[1], references[2][2])
+    assert step.captured == [1, 2]  # graphs for the decode steps' buckets only
+
+
+def test_a_replayed_graph_gives_the_eager_steps_bits(tiny_model_factory):
+    folder, _ = tiny_model_factory(max_position_embeddings=1024)
+    model = ChatModel.load(folder, device="cuda", dtype="bfloat16")
+    step = _fused_step(model, slots=4, capacity=1024)
+    step.capture(4)
+    assert step.captured == [1, 2, 4]
+    tokens, slots = [5, 17, 99], [0, 1, 3]
+    with torch.inference_mode():
+        for position in range(40):  # three sequences of random tokens, decoded together
+            positions = [position, position + 3, position + 100]
+            step.graphs = position % 2 == 1  # the last one replayed
+            logits = step(tokens, slots, positions)
+        graphed = logits.clone()
+        step.graphs = False
+        eager = step(tokens, slots, positions)  # the last step again: same keys, same inputs
+    assert torch.equal(graphed, eager)
+
+
+def test_a_bf16_batch_serves_more_requests_than_slots(tiny_model_factory):
+    folder, _ = tiny_model_factory(max_position_embeddings=1024)
+    questions = [[{"role": "user", "content": f"question {i} " * (i + 1)}] for i in range(10)]
+    model = ChatModel.load(folder, device="cuda", dtype="bfloat16")
+    texts, captured = _batched_texts(model, questions, graphs=True)
+    assert all(texts)
+    assert captured == [1, 2, 4]  # every bucket up to the 4 slots, captured at start

@@ -3,20 +3,19 @@ engine/batching.py): the projections once for the whole batch, as a matrix produ
 
 - BatchedCpuStep: attention per sequence over exactly its own positions, the arithmetic of
   cpu.CpuDecodeStep, so that a greedy answer is the one the sequence gets alone.
-- BatchedGpuStep: attention as padded batched products, the cache written and read with one
-  indexing operation per layer over the batch's shared KV pool, and the whole step replayed as
-  a CUDA graph per (batch size, attention length) bucket: a GPU pays for each launch, not for
-  the padding.
+- BatchedGpuStep: the session's fused kernels with a row per sequence, each reading and writing
+  its own slot of the batch's KV pool, replayed as a CUDA graph per batch size; prompt chunks
+  can share a step with the decoding rows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..cuda_graphs import graph_span
 from .cpu import _rotation
 
 if TYPE_CHECKING:
@@ -63,9 +62,25 @@ class BatchedCpuStep:
         return transformer.output(transformer.norm(x)).float()
 
 
+@dataclass(frozen=True)
+class PromptChunk:
+    """Tokens of one sequence's prompt to feed in a batched step, at positions from `start`."""
+
+    slot: int
+    start: int
+    tokens: list[int]
+
+
 class BatchedGpuStep:
     """`k_pool`/`v_pool` are (layers, slots, KV, capacity, hd); slot `scratch` is written by
-    the rows that pad a batch to its bucket and never read for a real sequence."""
+    the rows that pad a batch to its bucket and never read for a real sequence.
+
+    In half precision the step runs the fused kernels (decode/cuda.py) with each row reading
+    and writing its own slot, so its shapes depend on the batch size alone: a decode-only step
+    replays the CUDA graph of its bucket (powers of two), whatever the sequences' lengths.
+    Chunks of prompts can ride along (`mixed`): their rows share the step's matrix products, so
+    the weights are read once for both. Elsewhere (float32) attention runs as padded batched
+    products over the keys gathered from the pool, eagerly."""
 
     def __init__(
         self,
@@ -75,39 +90,81 @@ class BatchedGpuStep:
         scratch: int,
         graphs: bool = True,
     ):
+        from . import fused_kernels_fit
+
         self.transformer = transformer
         self.k_pool, self.v_pool = k_pool, v_pool
         self.scratch = scratch
-        self.capacity = k_pool.shape[3]
-        self.graphs = graphs
-        device = k_pool.device
-        self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple, torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if graphs else None
-        self._device = device
+        self.fused = fused_kernels_fit(transformer)
+        self.graphs = graphs and self.fused
+        self._layers = list(zip(k_pool.unbind(0), v_pool.unbind(0), strict=True))
+        self._device = k_pool.device
+        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, tuple, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         # A graph holds raw pointers: keep the rotary tables it reads alive.
         self._tables = (transformer.rope_cos, transformer.rope_sin)
 
     @property
-    def captured(self) -> list[tuple[int, int]]:
+    def captured(self) -> list[int]:
         return sorted(self._captured)
+
+    def capture(self, most: int) -> None:
+        """Capture the graph of every bucket up to `most` sequences now, rather than on the
+        first step of each size (each takes a fraction of a second)."""
+        bucket = 1
+        while self.graphs:
+            if bucket not in self._captured:
+                self._captured[bucket] = self._capture(bucket)
+            if bucket >= most:
+                break
+            bucket *= 2
 
     def __call__(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
         """Float32 logits (B, V); keys and values go into each sequence's slot."""
         size = len(tokens)
-        span = graph_span(max(positions) + 1, self.capacity)
-        if not self.graphs:
-            inputs = self._inputs(tokens, slots, positions, size)
-            return self.forward(*inputs, span)
-        bucket = 1 << (size - 1).bit_length()  # the next power of two
-        key = (bucket, span)
-        if key not in self._captured:
-            self._captured[key] = self._capture(bucket, span)
-        graph, static, logits = self._captured[key]
+        if not self.fused:
+            return self._gathered(*self._inputs(tokens, slots, positions, size))
+        bucket = _bucket(size)
+        if not self.graphs:  # the graph's arithmetic, padding included, launched one by one
+            return self._fused(*self._inputs(tokens, slots, positions, bucket))[:size]
+        if bucket not in self._captured:
+            self._captured[bucket] = self._capture(bucket)
+        graph, static, logits = self._captured[bucket]
         given = self._inputs(tokens, slots, positions, bucket)
         for target, values in zip(static, given, strict=True):
             target.copy_(values)
         graph.replay()
         return logits[:size]
+
+    def mixed(
+        self,
+        tokens: list[int],
+        slots: list[int],
+        positions: list[int],
+        chunks: list[PromptChunk],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token of each decoding sequence and the prompt chunks, in one pass (fused only):
+        float32 logits (B, V) for the tokens and (C, V) for each chunk's last position."""
+        assert self.fused, "prompt chunks ride along on the fused step only"
+        rows_tokens = tokens + [t for chunk in chunks for t in chunk.tokens]
+        rows_slots = slots + [chunk.slot for chunk in chunks for _ in chunk.tokens]
+        rows_positions = positions + [
+            p for chunk in chunks for p in range(chunk.start, chunk.start + len(chunk.tokens))
+        ]
+        inputs = self._inputs(rows_tokens, rows_slots, rows_positions, len(rows_tokens))
+        decoding = len(tokens)
+        ends, masks, offset = [], [], decoding
+        groups = self.transformer.config.n_groups
+        for chunk in chunks:
+            offset += len(chunk.tokens)
+            ends.append(offset - 1)
+            end = chunk.start + len(chunk.tokens)
+            at = torch.arange(chunk.start, end, device=self._device)
+            visible = torch.arange(end, device=self._device)[None, :] <= at[:, None]
+            masks.append(visible.repeat(groups, 1))  # (G·T, end), as model.Attention stacks
+        logit_rows = torch.tensor(list(range(decoding)) + ends, device=self._device)
+        logits = self._fused(*inputs, chunks=(chunks, masks), logit_rows=logit_rows)
+        return logits[:decoding], logits[decoding:]
 
     def _inputs(
         self, tokens: list[int], slots: list[int], positions: list[int], rows: int
@@ -120,34 +177,76 @@ class BatchedGpuStep:
         )
         return tuple(torch.tensor(v, device=self._device) for v in values)  # type: ignore[return-value]
 
-    def _capture(self, rows: int, span: int):
+    def _capture(self, rows: int):
         static = (
             torch.zeros(rows, dtype=torch.long, device=self._device),
             torch.full((rows,), self.scratch, dtype=torch.long, device=self._device),
             torch.zeros(rows, dtype=torch.long, device=self._device),
         )
-        # Warm up on a side stream (cuBLAS picks its kernels); every row writes the scratch
-        # slot only, so no sequence's cache is touched.
+        # Warm up on a side stream (cuBLAS picks its kernels, Triton compiles); every row
+        # writes the scratch slot only, so no sequence's cache is touched.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.forward(*static, span)
+                self._fused(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.forward(*static, span)
+            logits = self._fused(*static)
         return graph, static, logits
 
-    def forward(
-        self, tokens: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, span: int
+    def _fused(
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        at: torch.Tensor,
+        chunks: tuple[list[PromptChunk], list[torch.Tensor]] | None = None,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The step on tensors alone (what a graph captures): tokens, slots, positions (B,)."""
+        """The step through the fused kernels: tokens, slots, positions (R,); rows past the
+        decoding ones belong to `chunks` (with each chunk's attention mask), in order."""
+        from ..kernels.cuda.fused import decode_attention
+        from .cuda import fused_forward
+
+        transformer = self.transformer
+        rows = tokens.shape[0]
+        decoding = rows - sum(len(c.tokens) for c in chunks[0]) if chunks else rows
+        splits = _attention_chunks(max(decoding, 1), transformer.config.n_kv_heads)
+
+        def attend(index: int, q: torch.Tensor, quantize: bool):
+            k_pool, v_pool = self._layers[index]
+            if chunks is None:
+                return decode_attention(q, k_pool, v_pool, at, splits, False, slots)
+            parts = []
+            if decoding:
+                part, _ = decode_attention(
+                    q[:decoding], k_pool, v_pool, at[:decoding], splits, False, slots[:decoding]
+                )
+                parts.append(part)
+            offset = decoding
+            for chunk, mask in zip(*chunks, strict=True):
+                length = len(chunk.tokens)
+                parts.append(_prompt_attention(q[offset : offset + length], k_pool[chunk.slot],
+                                               v_pool[chunk.slot], mask))  # fmt: skip
+                offset += length
+            return torch.cat(parts), None
+
+        return fused_forward(
+            transformer, tokens, at, self._layers, attend, slots, logit_rows=logit_rows
+        )
+
+    def _gathered(
+        self, tokens: torch.Tensor, slots: torch.Tensor, at: torch.Tensor
+    ) -> torch.Tensor:
+        """The step in plain PyTorch (any dtype): each row's keys gathered from the pool up to
+        the batch's longest, attention as padded batched products."""
         transformer = self.transformer
         config = transformer.config
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         groups, eps, width = config.n_groups, config.rms_norm_eps, config.intermediate_size
         size = tokens.shape[0]
+        span = int(at.max()) + 1
         dtype = self.k_pool.dtype
         hidden = torch.arange(span, device=at.device)[None, :] > at[:, None]  # (B, S)
         bias = torch.zeros(hidden.shape, device=at.device).masked_fill_(hidden, float("-inf"))
@@ -163,7 +262,7 @@ class BatchedGpuStep:
             qk = qkv[:, : heads + kv_heads]
             turned = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + turned * sin  # (B, H + KV, hd), rotated
-            k_pool, v_pool = self.k_pool[index], self.v_pool[index]  # (slots, KV, cap, hd)
+            k_pool, v_pool = self._layers[index]  # (slots, KV, cap, hd)
             k_pool[slots, :, at] = qk[:, heads:]
             v_pool[slots, :, at] = qkv[:, heads + kv_heads :]
             keys, values = k_pool[slots, :, :span], v_pool[slots, :, :span]  # (B, KV, S, hd)
@@ -176,3 +275,29 @@ class BatchedGpuStep:
             gate_up = layer.feed_forward.w13(h)
             x = x + layer.feed_forward.w2(F.silu(gate_up[:, :width]) * gate_up[:, width:])
         return transformer.output(transformer.norm(x)).float()
+
+
+def _bucket(size: int) -> int:
+    """The batch size a graph runs for `size` sequences: the next power of two."""
+    return 1 << (size - 1).bit_length()
+
+
+def _attention_chunks(rows: int, kv_heads: int) -> int:
+    """Shares each row's keys are cut into: enough programs to fill the GPU at small batches
+    (a lone sequence, 64 shares per kv head, as the session's step), one or two at large."""
+    return max(1, min(64, 1024 // (rows * kv_heads)))
+
+
+def _prompt_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention of a prompt chunk's queries (T, H, hd) over its slot's keys and values (KV,
+    capacity, hd), `mask` (G·T, S) saying which of the first S keys each query sees: (T, H·hd).
+    The query heads that share a kv head are stacked along the sequence axis (model.Attention)."""
+    length, heads, head_dim = q.shape
+    kv_heads, span = keys.shape[0], mask.shape[-1]
+    stacked = q.transpose(0, 1).reshape(1, kv_heads, heads // kv_heads * length, head_dim)
+    out = F.scaled_dot_product_attention(
+        stacked, keys[None, :, :span], values[None, :, :span], attn_mask=mask
+    )
+    return out.reshape(heads, length, head_dim).transpose(0, 1).reshape(length, heads * head_dim)

@@ -4,7 +4,8 @@ Besides its four matrix products a LLaMA block runs some twenty small operations
 (norms, rotary embedding, cache writes, the attention's scores, mask, softmax, weighted sum,
 residual adds, SiLU). Each is a kernel that moves a few kilobytes and costs ~3 µs however
 little it does: at 32 layers that is ~2 ms a token, a third of the whole step on an H100.
-These kernels do the same work in six launches a block:
+These kernels do the same work in six launches a block, for one row (a session's token) or
+many (one token of each sequence in a batch, whose caches are slots of one pool):
 
 - `add_rms_norm`: residual add and the next RMSNorm in one pass;
 - `rope_and_cache`: rotates queries and keys, writes keys and values into the cache slot;
@@ -44,9 +45,14 @@ def _add_rms_norm_kernel(
     QUANTIZE: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
+    # Program r: row r.
     await_previous_kernel(PDL)
     at = tl.arange(0, BLOCK)
     ok = at < D
+    row = tl.program_id(0).to(tl.int64) * D
+    x_ptr += row
+    delta_ptr += row
+    normed_ptr += row
     x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
     x += tl.load(delta_ptr + at, mask=ok, other=0.0).to(tl.float32)
     x = x.to(x_ptr.dtype.element_ty)  # the residual stream keeps the activation dtype
@@ -63,12 +69,13 @@ def _add_rms_norm_kernel(
 def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool
 ) -> tuple[torch.Tensor, Int8Activations | None]:
-    """x += delta (in place, the residual stream) and return rms_norm(x) · weight (1, D), and
-    with `quantize` the same rounded to int8 in groups of 32."""
+    """x += delta (in place, the residual stream) and return rms_norm(x) · weight, each (R, D);
+    with `quantize` (one row only) also the row rounded to int8 in groups of 32."""
     normed = torch.empty_like(x)
-    d = x.shape[-1]
+    rows, d = x.shape
+    assert rows == 1 or not quantize, "int8 rounding is for one row"
     rounded = int8_activations(d, x.device) if quantize else None
-    _add_rms_norm_kernel[(1,)](
+    _add_rms_norm_kernel[(rows,)](
         x, delta, weight, normed, *(rounded or (normed, normed, normed)), eps, d,
         triton.next_power_of_2(d), QUANTIZE=quantize, num_warps=8, **launch_options(),
     )  # fmt: skip
@@ -81,6 +88,7 @@ def _rope_and_cache_kernel(
     cos_ptr,
     sin_ptr,
     position_ptr,
+    slot_ptr,
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -88,13 +96,23 @@ def _rope_and_cache_kernel(
     HEADS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    SLOTTED: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    # One program per head of the fused qkv row: HEADS query heads, then KV_HEADS keys, then
-    # KV_HEADS values. Half-split rotation: out = x·cos + rotate_half(x)·sin.
+    # Program (head, row): one head of row's fused qkv: HEADS query heads, then KV_HEADS keys,
+    # then KV_HEADS values. Half-split rotation: out = x·cos + rotate_half(x)·sin. SLOTTED: the
+    # caches are a pool of slots (slots, KV, max_len, hd) and the row's slot is at slot_ptr.
     await_previous_kernel(PDL)
     head = tl.program_id(0)
-    position = tl.load(position_ptr)
+    row = tl.program_id(1)
+    position = tl.load(position_ptr + row)
+    width: tl.constexpr = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    qkv_ptr += row.to(tl.int64) * width
+    q_ptr += row.to(tl.int64) * HEADS * HEAD_DIM
+    if SLOTTED:
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        k_cache_ptr += slot * KV_HEADS * max_len * HEAD_DIM
+        v_cache_ptr += slot * KV_HEADS * max_len * HEAD_DIM
     half: tl.constexpr = HEAD_DIM // 2
     low = tl.arange(0, half)
     x_low = tl.load(qkv_ptr + head * HEAD_DIM + low)
@@ -112,13 +130,13 @@ def _rope_and_cache_kernel(
             tl.store(q_ptr + head * HEAD_DIM + low, out_low)
             tl.store(q_ptr + head * HEAD_DIM + half + low, out_high)
         else:
-            slot = ((head - HEADS) * max_len + position) * HEAD_DIM
-            tl.store(k_cache_ptr + slot + low, out_low)
-            tl.store(k_cache_ptr + slot + half + low, out_high)
+            at = ((head - HEADS) * max_len + position) * HEAD_DIM
+            tl.store(k_cache_ptr + at + low, out_low)
+            tl.store(k_cache_ptr + at + half + low, out_high)
     else:
-        slot = ((head - HEADS - KV_HEADS) * max_len + position) * HEAD_DIM
-        tl.store(v_cache_ptr + slot + low, x_low)
-        tl.store(v_cache_ptr + slot + half + low, x_high)
+        at = ((head - HEADS - KV_HEADS) * max_len + position) * HEAD_DIM
+        tl.store(v_cache_ptr + at + low, x_low)
+        tl.store(v_cache_ptr + at + half + low, x_high)
 
 
 def rope_and_cache(
@@ -129,15 +147,19 @@ def rope_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     heads: int,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rotated queries (heads, hd) from qkv (1, (heads + 2·kv)·hd); the rotated key and the
-    value go into k_cache/v_cache (kv, max_len, hd) at `position` (a one-element tensor)."""
-    kv_heads, max_len, head_dim = k_cache.shape
-    q = torch.empty((heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    grid = (heads + 2 * kv_heads,)
+    """Rotated queries (R, heads, hd) from qkv (R, (heads + 2·kv)·hd); each row's rotated key
+    and value go into k_cache/v_cache at its position (`position` (R,)). The caches are
+    (kv, max_len, hd), or with `slots` (R,) a pool (slots, kv, max_len, hd) and row r writes
+    slot slots[r]."""
+    kv_heads, max_len, head_dim = k_cache.shape[-3:]
+    rows = qkv.shape[0]
+    q = torch.empty((rows, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    grid = (heads + 2 * kv_heads, rows)
     _rope_and_cache_kernel[grid](
-        qkv, cos, sin, position, q, k_cache, v_cache, max_len, heads, kv_heads, head_dim,
-        **launch_options(),
+        qkv, cos, sin, position, position if slots is None else slots, q, k_cache, v_cache,
+        max_len, heads, kv_heads, head_dim, slots is not None, **launch_options(),
     )  # fmt: skip
     return q
 
@@ -148,26 +170,36 @@ def _attention_chunk_kernel(
     k_ptr,
     v_ptr,
     position_ptr,
+    slot_ptr,
     acc_ptr,
     max_ptr,
     sum_ptr,
     max_len,
     scale,
+    CHUNKS,
+    KV_HEADS: tl.constexpr,
     GROUPS: tl.constexpr,
     GROUPS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
-    CHUNKS: tl.constexpr,
+    SLOTTED: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    # Program (kv head, chunk): the GROUPS query heads sharing this kv head against keys
-    # [chunk·CHUNK, (chunk+1)·CHUNK) that are ≤ position, with an online softmax; writes the
-    # unnormalised weighted sum of values, the running max and the sum of exponentials.
+    # Program (kv head, chunk, row): the GROUPS query heads of `row` that share this kv head,
+    # against the chunk-th of CHUNKS equal shares (whole BLOCKs) of the keys [0, position],
+    # with an online softmax; writes the unnormalised weighted sum of values, the running max
+    # and the sum of exponentials. Keys past the position are never read, so the cost follows
+    # the context in use, whatever the number of chunks.
     await_previous_kernel(PDL)
     kv_head = tl.program_id(0)
     chunk = tl.program_id(1)
-    position = tl.load(position_ptr)
+    row = tl.program_id(2)
+    position = tl.load(position_ptr + row)
+    q_ptr += row.to(tl.int64) * KV_HEADS * GROUPS * HEAD_DIM
+    if SLOTTED:
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        k_ptr += slot * KV_HEADS * max_len * HEAD_DIM
+        v_ptr += slot * KV_HEADS * max_len * HEAD_DIM
     rows = tl.arange(0, GROUPS_PAD)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < GROUPS
@@ -179,9 +211,10 @@ def _attention_chunk_kernel(
     running_max = tl.full((GROUPS_PAD,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((GROUPS_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUPS_PAD, HEAD_DIM), dtype=tl.float32)
-    first = chunk * CHUNK
-    last = tl.minimum(first + CHUNK, position + 1)  # keys past the position are never read
-    base = kv_head * max_len * HEAD_DIM
+    share = ((position + CHUNKS) // CHUNKS + BLOCK - 1) // BLOCK * BLOCK  # whole blocks
+    first = chunk * share
+    last = tl.minimum(first + share, position + 1)
+    base = kv_head.to(tl.int64) * max_len * HEAD_DIM
     for start in range(first, last, BLOCK):
         keys_at = start + tl.arange(0, BLOCK)
         key_ok = keys_at < last
@@ -203,7 +236,7 @@ def _attention_chunk_kernel(
         )
         acc = acc * correction[:, None] + tl.dot(weights.to(v.dtype), v)
         running_max = new_max
-    out = (kv_head * CHUNKS + chunk) * GROUPS + rows
+    out = ((row * KV_HEADS + kv_head) * CHUNKS + chunk) * GROUPS + rows
     tl.store(acc_ptr + out[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
     tl.store(max_ptr + out, running_max, mask=row_ok)
     tl.store(sum_ptr + out, running_sum, mask=row_ok)
@@ -219,6 +252,7 @@ def _attention_combine_kernel(
     scale_ptr,
     rounded_sum_ptr,
     WIDTH,
+    KV_HEADS: tl.constexpr,
     GROUPS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     CHUNKS: tl.constexpr,
@@ -226,14 +260,16 @@ def _attention_combine_kernel(
     QUANTIZE: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    # Program (kv head, group): rescale every chunk's partials to the overall max and divide.
+    # Program (kv head, group, row): rescale every chunk's partials to the overall max and
+    # divide. A chunk that held no key has max -inf and weighs 0.
     await_previous_kernel(PDL)
     kv_head = tl.program_id(0)
     group = tl.program_id(1)
+    row = tl.program_id(2)
     chunks = tl.arange(0, CHUNKS_PAD)
     chunk_ok = chunks < CHUNKS
     dims = tl.arange(0, HEAD_DIM)
-    at = (kv_head * CHUNKS + chunks) * GROUPS + group
+    at = ((row * KV_HEADS + kv_head) * CHUNKS + chunks) * GROUPS + group
     maxima = tl.load(max_ptr + at, mask=chunk_ok, other=float("-inf"))
     overall = tl.max(maxima, axis=0)  # finite: chunk 0 always holds key 0
     factors = tl.exp(maxima - overall)  # 0 for chunks past the position
@@ -243,16 +279,16 @@ def _attention_combine_kernel(
     )
     out = (tl.sum(acc * factors[:, None], axis=0) / total).to(out_ptr.dtype.element_ty)
     first = (kv_head * GROUPS + group) * HEAD_DIM
-    tl.store(out_ptr + first + dims, out)
+    tl.store(out_ptr + row.to(tl.int64) * WIDTH + first + dims, out)
     if QUANTIZE:  # a head is whole groups of 32 (HEAD_DIM a multiple of 32)
         store_int8_groups(
             out.to(tl.float32), first, q_ptr, scale_ptr, rounded_sum_ptr, WIDTH, HEAD_DIM
         )
 
 
-def attention_chunk(span: int) -> int:
-    """Keys per chunk for a graph of `span` keys: at least 64, at most 64 chunks."""
-    return max(64, triton.cdiv(span, 64))
+def attention_chunks(span: int) -> int:
+    """Chunks for one row's attention over up to `span` keys: at most 64, of at least 64 keys."""
+    return triton.cdiv(span, max(64, triton.cdiv(span, 64)))
 
 
 def decode_attention(
@@ -260,33 +296,38 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     position: torch.Tensor,
-    span: int,
+    chunks: int,
     quantize: bool,
+    slots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Int8Activations | None]:
-    """Attention of one token's queries (heads, hd) over cached keys [0, position], position
-    < span: (1, heads·hd), and with `quantize` the same rounded to int8 in groups of 32 (when a
-    head is whole groups; else None). Query head h reads kv head h // (heads / kv_heads)."""
-    heads, head_dim = q.shape
-    kv_heads, max_len, _ = k_cache.shape
+    """Attention of each row's queries (R, heads, hd) over its cached keys [0, position[r]],
+    the keys cut into `chunks` shares computed in parallel: (R, heads·hd), and with `quantize`
+    (one row only) the same rounded to int8 in groups of 32 (when a head is whole groups; else
+    None). Query head h reads kv head h // (heads / kv_heads). The caches are (kv, max_len, hd),
+    or with `slots` (R,) a pool (slots, kv, max_len, hd) and row r reads slot slots[r]."""
+    rows, heads, head_dim = q.shape
+    kv_heads, max_len, _ = k_cache.shape[-3:]
     groups = heads // kv_heads
-    chunk = attention_chunk(span)
-    chunks = triton.cdiv(span, chunk)
     partial_acc = torch.empty(
-        (kv_heads, chunks, groups, head_dim), dtype=torch.float32, device=q.device
+        (rows, kv_heads, chunks, groups, head_dim), dtype=torch.float32, device=q.device
     )
-    partial_max = torch.empty((kv_heads, chunks, groups), dtype=torch.float32, device=q.device)
+    partial_max = torch.empty(
+        (rows, kv_heads, chunks, groups), dtype=torch.float32, device=q.device
+    )
     partial_sum = torch.empty_like(partial_max)
-    _attention_chunk_kernel[(kv_heads, chunks)](
-        q, k_cache, v_cache, position, partial_acc, partial_max, partial_sum, max_len,
-        head_dim**-0.5, groups, max(16, triton.next_power_of_2(groups)), head_dim, chunk,
-        min(chunk, 64), chunks, num_warps=4, **launch_options(),
+    _attention_chunk_kernel[(kv_heads, chunks, rows)](
+        q, k_cache, v_cache, position, position if slots is None else slots, partial_acc,
+        partial_max, partial_sum, max_len, head_dim**-0.5, chunks, kv_heads, groups,
+        max(16, triton.next_power_of_2(groups)), head_dim, 64, slots is not None, num_warps=4,
+        **launch_options(),
     )  # fmt: skip
-    out = torch.empty((1, heads * head_dim), dtype=q.dtype, device=q.device)
+    out = torch.empty((rows, heads * head_dim), dtype=q.dtype, device=q.device)
+    assert rows == 1 or not quantize, "int8 rounding is for one row"
     quantize = quantize and head_dim % 32 == 0
     rounded = int8_activations(heads * head_dim, q.device) if quantize else None
-    _attention_combine_kernel[(kv_heads, groups)](
+    _attention_combine_kernel[(kv_heads, groups, rows)](
         partial_acc, partial_max, partial_sum, out, *(rounded or (out, out, out)),
-        heads * head_dim, groups, head_dim, chunks, triton.next_power_of_2(chunks),
+        heads * head_dim, kv_heads, groups, head_dim, chunks, triton.next_power_of_2(chunks),
         QUANTIZE=quantize, num_warps=2, **launch_options(),
     )  # fmt: skip
     return out, rounded
@@ -298,8 +339,12 @@ def _silu_mul_kernel(
     QUANTIZE: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
+    # Program (block, row).
     await_previous_kernel(PDL)
     first = tl.program_id(0) * BLOCK
+    row = tl.program_id(1).to(tl.int64)
+    gate_up_ptr += row * 2 * WIDTH
+    out_ptr += row * WIDTH
     at = first + tl.arange(0, BLOCK)
     ok = at < WIDTH
     gate = tl.load(gate_up_ptr + at, mask=ok, other=0.0).to(tl.float32)
@@ -311,12 +356,13 @@ def _silu_mul_kernel(
 
 
 def silu_mul(gate_up: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, Int8Activations | None]:
-    """silu(gate) · up for gate_up (1, 2·I) = [gate | up]: (1, I), and with `quantize` the same
-    rounded to int8 in groups of 32."""
-    width = gate_up.shape[-1] // 2
-    out = torch.empty((1, width), dtype=gate_up.dtype, device=gate_up.device)
+    """silu(gate) · up for each row of gate_up (R, 2·I) = [gate | up]: (R, I), and with
+    `quantize` (one row only) the same rounded to int8 in groups of 32."""
+    rows, width = gate_up.shape[0], gate_up.shape[-1] // 2
+    assert rows == 1 or not quantize, "int8 rounding is for one row"
+    out = torch.empty((rows, width), dtype=gate_up.dtype, device=gate_up.device)
     rounded = int8_activations(width, gate_up.device) if quantize else None
-    _silu_mul_kernel[(triton.cdiv(width, 1024),)](
+    _silu_mul_kernel[(triton.cdiv(width, 1024), rows)](
         gate_up, out, *(rounded or (out, out, out)), width, BLOCK=1024, QUANTIZE=quantize,
         **launch_options(),
     )  # fmt: skip

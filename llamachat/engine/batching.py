@@ -1,13 +1,14 @@
 """Many sequences at once: one forward pass per decode step over every running sequence.
 
 A fixed pool of slots, each a KV cache of the context's length. A new sequence takes a free
-slot, preferring the one whose cached tokens share the longest prefix with its prompt (a client
-that resends its whole conversation, as every OpenAI client does, prefills only the new turn),
-else the one used longest ago: what finished sequences leave in their slots is kept until a
-slot is needed, least recently used first. Prompts are prefilled a chunk at a time between
-decode steps (on a GPU in half precision, within them: the chunks' rows join the decoding
-rows' matrix products), so running streams do not stall behind a long prompt; a sequence joins
-the batch once its prompt is in, and leaves it the step it finishes or is cancelled.
+slot, preferring the one whose cached tokens are mostly the start of its prompt (a client that
+resends its whole conversation, as every OpenAI client does, prefills only the new turn), else
+the one used longest ago: what finished sequences leave in their slots is kept until a slot is
+needed, least recently used first; slots beyond the running batch only keep such caches.
+Prompts are prefilled a chunk at a time between decode steps (on a GPU in half precision,
+within them: the chunks' rows join the decoding rows' matrix products), so running streams do
+not stall behind a long prompt; a sequence joins the batch once its prompt is in, and leaves it
+the step it finishes or is cancelled.
 
 The projections run once for the whole batch (a matrix product instead of one matrix-vector
 product per sequence); attention runs per sequence over exactly its own positions, and sampling
@@ -86,14 +87,33 @@ class _Running:
         return self.fed < len(self.request.prompt.token_ids)
 
 
-class BatchScheduler:
-    """Owns the slots and a thread that runs the steps; `submit` from any thread."""
+def slot_bytes(model: ChatModel, ctx: int) -> int:
+    """The memory one slot's keys and values take: a whole context's worth."""
+    config = model.config
+    per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * model.dtype.itemsize
+    return per_token * _whole_buckets(ctx)
 
-    def __init__(self, model: ChatModel, slots: int, ctx: int, prefill_tokens: int | None = None):
-        if slots < 1:
-            raise ValueError("a batch needs at least one slot")
+
+class BatchScheduler:
+    """Owns the slots and a thread that runs the steps; `submit` from any thread.
+
+    Up to `batch` sequences run at once (all `slots` by default); slots beyond that hold only
+    what finished sequences left, for the clients that come back to them."""
+
+    def __init__(
+        self,
+        model: ChatModel,
+        slots: int,
+        ctx: int,
+        prefill_tokens: int | None = None,
+        batch: int | None = None,
+    ):
+        batch = batch or slots
+        if not 1 <= batch <= slots:
+            raise ValueError("a batch needs at least one slot, and no more than there are")
         self.model = model
         self.ctx = ctx
+        self.batch = batch
         capacity = _whole_buckets(ctx)
         if model.transformer.rope_len < capacity:
             model.transformer.setup_rope(capacity)
@@ -115,7 +135,7 @@ class BatchScheduler:
             else None
         )
         if self.device_step is not None:
-            self.device_step.capture(slots)  # now, not during the first requests
+            self.device_step.capture(batch)  # now, not during the first requests
         # Prompt tokens fed per step, shared out among the prompts being prefilled: more feeds
         # new requests sooner and reads the weights for fewer steps, fewer keeps the running
         # streams' steps short. Where prompts ride along with the decoding rows (the fused GPU
@@ -187,12 +207,10 @@ class BatchScheduler:
 
     def _admit(self) -> None:
         """Give waiting sequences the free slots (called holding the lock)."""
-        while self.free and self.waiting:
+        while self.free and self.waiting and len(self.running) < self.batch:
             request = self.waiting.popleft()
             ids = request.prompt.token_ids
-            slot = max(
-                self.free, key=lambda s: (_common_prefix(self.cached[s], ids), -self.used_at[s])
-            )
+            slot = self._slot_for(ids)
             self.free.remove(slot)
             # At least the last prompt token is computed again: its logits start the reply.
             reuse = min(_common_prefix(self.cached[slot], ids), len(ids) - 1)
@@ -207,6 +225,17 @@ class BatchScheduler:
             self.running.append(
                 _Running(request, slot, reuse, decoder, generator, stats, list(ids))
             )
+
+    def _slot_for(self, ids: list[int]) -> int:
+        """The free slot for a prompt: the one holding the longest start of it, if what it
+        holds is mostly that start (the client's own conversation, coming back); else the
+        least recently used, so that a chat template's few shared tokens never cost another
+        conversation its cache."""
+        shared = {s: _common_prefix(self.cached[s], ids) for s in self.free}
+        returning = [s for s in self.free if 0 < len(self.cached[s]) <= 2 * shared[s]]
+        if returning:
+            return max(returning, key=lambda s: shared[s])
+        return min(self.free, key=lambda s: self.used_at[s])
 
     @torch.inference_mode()
     def _step(self) -> None:

@@ -213,3 +213,39 @@ def test_usage_counts_what_the_slots_hold(scheduler, model):
     # The finished sequences' keys stay in their slots for reuse: at least their prompts.
     held = sum(out.stats.prompt_tokens for out in outs)
     assert held <= usage.kv_tokens <= usage.kv_capacity == 4 * CTX
+
+
+def test_slots_beyond_the_batch_keep_finished_conversations_for_their_return(model):
+    scheduler = BatchScheduler(model, slots=4, ctx=CTX, batch=2)
+    try:
+        most_running = []
+        first = ask("remember me, I will be back")
+        answered = submit(scheduler, model, first, max_new_tokens=8)
+        assert answered.done.wait(timeout=60)
+        # Three others come and go, at once, through a batch of two: the fourth slot keeps it.
+        original = scheduler._take
+
+        def counting(running, token, logits):
+            most_running.append(len(scheduler.running))
+            original(running, token, logits)
+
+        scheduler._take = counting
+        others = [submit(scheduler, model, ask(q), max_new_tokens=8) for q in QUESTIONS[:3]]
+        for out in others:
+            assert out.done.wait(timeout=60)
+        assert max(most_running) == 2
+        follow_up = [
+            *first,
+            {"role": "assistant", "content": answered.text},
+            {"role": "user", "content": "I am back"},
+        ]
+        back = submit(scheduler, model, follow_up, max_new_tokens=4)
+        assert back.done.wait(timeout=60)
+        assert back.stats.reused_tokens >= answered.stats.prompt_tokens
+    finally:
+        scheduler.close()
+
+
+def test_a_batch_larger_than_its_slots_is_refused(model):
+    with pytest.raises(ValueError, match="no more than"):
+        BatchScheduler(model, slots=2, ctx=CTX, batch=3)

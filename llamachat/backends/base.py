@@ -93,6 +93,9 @@ class ChatSpec:
     chat_format: str | None = None
     # Replies the chat may write at once (a server's); 1: one at a time, callers wait their turn.
     concurrency: int = 1
+    # With concurrency > 1: bytes of KV cache to hold conversations in, running or finished
+    # (kept for the clients that come back); None: just enough for `concurrency` of them.
+    kv_memory: int | None = None
 
 
 @dataclass(frozen=True)

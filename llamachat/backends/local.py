@@ -70,7 +70,8 @@ class LocalBackend:
             )
             if spec.ctx is not None and spec.ctx > model.context_length:
                 raise ContextSizeError(spec.ctx, model.context_length)
-            if spec.concurrency > 1:
+            batched = spec.concurrency > 1 or spec.kv_memory is not None
+            if batched:
                 scheduler = _scheduler(model, spec)
             else:
                 session = model.session(spec.ctx)
@@ -81,7 +82,7 @@ class LocalBackend:
         except ValueError as error:
             raise BackendError(str(error)) from None
         max_tokens = spec.max_tokens or defaults.max_tokens
-        if spec.concurrency > 1:
+        if batched:
             from .batched import BatchedChat
 
             return BatchedChat(installed.name, model, scheduler, sampling, defaults, max_tokens)
@@ -89,10 +90,22 @@ class LocalBackend:
 
 
 def _scheduler(model: ChatModel, spec: ChatSpec):
-    """The slots of a chat that writes several replies at once."""
-    from ..engine.batching import BatchScheduler
+    """The slots of a chat that writes several replies at once: a conversation's worth of KV
+    cache each, as many as `spec.kv_memory` holds (at least one per reply written at once)."""
+    from ..engine.batching import BatchScheduler, slot_bytes
 
-    return BatchScheduler(model, spec.concurrency, model.window(spec.ctx))
+    window = model.window(spec.ctx)
+    slots = spec.concurrency
+    if spec.kv_memory is not None:
+        each = slot_bytes(model, window)
+        slots = spec.kv_memory // each
+        if slots < spec.concurrency:
+            raise BackendError(
+                f"{spec.kv_memory / 2**30:.1f} GiB of KV cache holds {slots} conversations of "
+                f"{window} tokens ({each / 2**30:.2f} GiB each); {spec.concurrency} replies at "
+                f"once need {spec.concurrency * each / 2**30:.1f} GiB"
+            )
+    return BatchScheduler(model, slots, window, batch=spec.concurrency)
 
 
 class LocalChat(EngineChat):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from llamachat.backends import ChatSpec, PromptTooLongError, ReplyRequest, Sampling
+from llamachat.backends import BackendError, ChatSpec, PromptTooLongError, ReplyRequest, Sampling
 from llamachat.backends.local import LocalBackend
 from llamachat.engine import ChatModel, SamplingParams
 from llamachat.models.pull import pull
@@ -137,3 +137,20 @@ def test_a_batched_reply_left_unread_leaves_its_slot(batched):
 def test_a_batched_prompt_too_long_is_refused(batched):
     with pytest.raises(PromptTooLongError):
         batched.complete("word " * 400, request=GREEDY)
+
+
+def test_a_kv_memory_budget_keeps_more_conversations_than_run_at_once(installed):
+    from llamachat.engine.batching import slot_bytes
+
+    probe = LocalBackend(installed).open_chat(ChatSpec(model="tiny", ctx=128, device="cpu"))
+    each = slot_bytes(probe.model, 128)
+    probe.close()
+    spec = ChatSpec(model="tiny", ctx=128, device="cpu", concurrency=2, kv_memory=5 * each + 1)
+    chat = LocalBackend(installed).open_chat(spec)
+    try:
+        assert (chat.scheduler.slots, chat.scheduler.batch) == (5, 2)
+    finally:
+        chat.close()
+    too_small = ChatSpec(model="tiny", ctx=128, device="cpu", concurrency=3, kv_memory=2 * each)
+    with pytest.raises(BackendError, match="holds 2 conversations of 128 tokens.*3 replies"):
+        LocalBackend(installed).open_chat(too_small)

@@ -379,10 +379,9 @@ def main() -> int:
         )
     try:
         import uvloop  # on the GPU machine's image: an event loop with less overhead of its own
-
-        rows = uvloop.run(run(args))
     except ImportError:
-        rows = asyncio.run(run(args))
+        uvloop = None
+    rows = getattr(uvloop, "run", asyncio.run)(run(args))
     print(table(rows))
     failed = sum(r.get("errors", 0) for r in rows)
     return 1 if failed else 0

@@ -160,6 +160,17 @@ class ReplyStats:
 
 
 @dataclass(frozen=True)
+class ChatLoad:
+    """What a chat is doing at one moment (a server's metrics)."""
+
+    running: int  # replies being written: decoding, or their prompt being read
+    waiting: int  # replies asked for, waiting their turn
+    last_batch: int  # replies the latest decode step wrote at once; 0 while none runs
+    kv_tokens: int  # tokens whose keys and values the chat holds, running or kept for reuse
+    kv_capacity: int  # tokens it can hold
+
+
+@dataclass(frozen=True)
 class ContextUse:
     used: int  # tokens the whole conversation takes, templated
     window: int  # the chat's context size
@@ -219,6 +230,10 @@ class Chat(Protocol):
         ...
 
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse: ...
+
+    def load(self) -> ChatLoad:
+        """What it is doing now; cheap, from any thread."""
+        ...
 
     def close(self) -> None:
         """Let go of the model (its memory); the chat cannot be used after."""

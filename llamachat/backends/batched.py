@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ..models.reply_defaults import ReplyDefaults
 from .base import (
     BackendError,
+    ChatLoad,
     ChatMessage,
     PromptTooLongError,
     ReplyRequest,
@@ -100,6 +101,17 @@ class BatchedChat(EngineChat):
             )
         )
         return reply
+
+    def load(self) -> ChatLoad:
+        usage = self.scheduler.usage()
+        return ChatLoad(
+            running=usage.running,
+            waiting=usage.waiting,
+            # The scheduler keeps the size of its latest decode step when it goes idle.
+            last_batch=usage.last_batch if usage.running else 0,
+            kv_tokens=usage.kv_tokens,
+            kv_capacity=usage.kv_capacity,
+        )
 
     def close(self) -> None:
         self.scheduler.close()

@@ -16,6 +16,7 @@ from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
 from .base import (
     BackendError,
+    ChatLoad,
     ChatMessage,
     ChatSpec,
     ModelInfo,
@@ -111,6 +112,8 @@ class LocalChat(EngineChat):
         super().__init__(name, model, session.ctx, sampling, defaults, max_tokens)
         self.session = session
         self._lock = threading.Lock()
+        self._waiting = 0  # callers waiting for the lock, counted under _counting
+        self._counting = threading.Lock()
 
     def reply(
         self,
@@ -135,7 +138,11 @@ class LocalChat(EngineChat):
         sampling, limit = self.settings_for(request)
         # One session, one cache: callers on other threads wait for the reply before theirs
         # to end (LocalReply lets go of the lock when its stream ends).
+        with self._counting:
+            self._waiting += 1
         self._lock.acquire()
+        with self._counting:
+            self._waiting -= 1
         try:
             reply = method(
                 prompt,
@@ -152,6 +159,16 @@ class LocalChat(EngineChat):
             self._lock.release()
             raise
         return LocalReply(reply, self._lock, self.token_logprob)
+
+    def load(self) -> ChatLoad:
+        running = int(self._lock.locked())
+        return ChatLoad(
+            running=running,
+            waiting=self._waiting,
+            last_batch=running,
+            kv_tokens=len(self.session.cached_ids),
+            kv_capacity=self.ctx,
+        )
 
     def close(self) -> None:
         del self.session, self.model  # the cache and the weights go with the last reference

@@ -38,6 +38,7 @@ class Served:
     def __init__(self, chats: dict[str, Chat], max_batch: int, max_queue: int):
         self.chats = chats
         self.metrics = Metrics()
+        self.metrics.watch(lambda: {name: chat.load() for name, chat in chats.items()})
         self.gates = {name: Gate(name, max_batch, max_queue, self.metrics) for name in chats}
         self.created = int(time.time())
 

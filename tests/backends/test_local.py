@@ -137,3 +137,20 @@ def test_a_batched_reply_left_unread_leaves_its_slot(batched):
 def test_a_batched_prompt_too_long_is_refused(batched):
     with pytest.raises(PromptTooLongError):
         batched.complete("word " * 400, request=GREEDY)
+
+
+def test_the_load_of_a_session_is_its_one_reply_and_its_cache(chat):
+    reply = chat.reply([{"role": "user", "content": "how loaded?"}], request=GREEDY)
+    assert chat.load().running == 1  # the reply holds the session until its stream ends
+    "".join(reply)
+    load = chat.load()
+    assert (load.running, load.waiting, load.last_batch) == (0, 0, 0)
+    assert reply.prompt_tokens <= load.kv_tokens <= load.kv_capacity == 128
+
+
+def test_the_load_of_a_batched_chat_is_its_slots(batched):
+    reply = batched.reply([{"role": "user", "content": "how loaded?"}], request=GREEDY)
+    "".join(reply)
+    load = batched.load()
+    assert (load.running, load.waiting, load.last_batch) == (0, 0, 0)
+    assert load.kv_tokens >= reply.prompt_tokens and load.kv_capacity == 3 * 128

@@ -17,7 +17,7 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 @pytest.fixture(scope="module")
 def server(tiny_home):
-    served = start_server(tiny_home, "-m", "tiny", "--ctx", "256", api_key=KEY)
+    served = start_server(tiny_home, "-m", "tiny", "--ctx", "256", "--max-batch", "8", api_key=KEY)
     yield served
     assert served.stop() == 0
     assert KEY not in "".join(served.log)  # the key is never logged
@@ -280,3 +280,13 @@ def test_metrics_count_requests_and_tokens(server, client):
     ask(client, "Hi", **GREEDY)
     assert server.metric("llamachat_generated_tokens_total") == before + 12
     assert server.metric('llamachat_requests_total{route="/v1/chat/completions",status="200"}') > 0
+
+
+def test_metrics_show_the_kv_cache_held_and_the_batch(server, client):
+    reply = ask(client, "Keep this sentence in the cache, please", **GREEDY)
+    held = server.metric('llamachat_kv_cache_tokens{model="tiny"}')
+    assert held >= reply.usage.prompt_tokens
+    # 8 slots (--max-batch) of the 256-token window (--ctx).
+    assert server.metric('llamachat_kv_cache_capacity_tokens{model="tiny"}') == 8 * 256
+    assert server.metric('llamachat_batch_running{model="tiny"}') == 0
+    assert server.metric('llamachat_batch_size{model="tiny"}') == 0

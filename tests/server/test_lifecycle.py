@@ -56,11 +56,16 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_reply(one_slot):
     stream = client.chat.completions.create(model="tiny", messages=HI, stream=True, **LONG)
     chunks = iter(stream)
     next(chunks), next(chunks)
+    assert one_slot.metric("llamachat_batch_running") == 1
+    assert one_slot.metric("llamachat_batch_size") == 1
     stream.close()
     wait_until_idle(one_slot)
+    assert one_slot.metric("llamachat_batch_running") == 0
+    assert one_slot.metric("llamachat_batch_size") == 0
     # The slot is free again: the next request is served, not refused.
     reply = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3, temperature=0)
     assert reply.usage.completion_tokens == 3
+    assert one_slot.metric("llamachat_kv_cache_tokens") >= reply.usage.prompt_tokens
     # The cancelled reply was not counted as finished.
     assert one_slot.metric("llamachat_generated_tokens_total") == before + 3
 

@@ -141,6 +141,10 @@ class TokenLogprob:
 
     chosen: Logprob
     top: tuple[Logprob, ...]
+    # The reply's text that came out with this token: "" for one whose text is held back (the
+    # start of a character that a later token ends, or of a possible stop string), which then
+    # comes with the token that releases it. A reply's token texts join to its text.
+    text: str = ""
 
 
 @dataclass
@@ -193,7 +197,8 @@ class Reply(Protocol):
 
     @property
     def logprobs(self) -> list[TokenLogprob]:
-        """With ReplyRequest.logprobs: one per token so far, in order; else empty."""
+        """With ReplyRequest.logprobs: one per token so far, in order, each there by the time
+        the iteration yields the text it came with; else empty."""
         ...
 
     def __iter__(self) -> Iterator[str]: ...

@@ -26,7 +26,7 @@ from .base import (
     ReplyStats,
     TokenLogprob,
 )
-from .engine_chat import EngineChat, reply_stats
+from .engine_chat import EngineChat, LogprobTexts, reply_stats
 
 if TYPE_CHECKING:
     from ..engine import ChatModel, ChatSession, Reply, SamplingParams
@@ -178,6 +178,8 @@ class LocalReply:
     def __init__(self, reply: Reply, lock: threading.Lock, as_text: Callable):
         self._reply = reply
         self._as_text = as_text  # an engine SampledLogprob → a TokenLogprob
+        self._texts = LogprobTexts()
+        self._read = 0  # of the engine's logprobs, those given to _texts
         self._logprobs: list[TokenLogprob] = []
         self._lock = lock  # the chat's, held from the start of this reply to its end
         self._held = True
@@ -196,16 +198,26 @@ class LocalReply:
 
     @property
     def logprobs(self) -> list[TokenLogprob]:
-        measured = self._reply.logprobs
-        while len(self._logprobs) < len(measured):
-            self._logprobs.append(self._as_text(measured[len(self._logprobs)]))
         return self._logprobs
 
     def __iter__(self) -> Iterator[str]:
         try:
-            yield from self._reply
+            for text in self._reply:
+                self._drawn()
+                self._logprobs.extend(self._texts.piece(text))
+                yield text
+            self._drawn()
+            self._logprobs.extend(self._texts.rest())
         finally:
             self._release()
+
+    def _drawn(self) -> None:
+        """The tokens the engine drew since the last look (it records them on this thread, as
+        the iteration runs)."""
+        measured = self._reply.logprobs
+        for sampled in measured[self._read :]:
+            self._texts.token(self._as_text(sampled))
+        self._read = len(measured)
 
     def _release(self) -> None:
         if self._held:

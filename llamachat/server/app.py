@@ -171,6 +171,7 @@ def create_app(
         body.check_supported()
         chat, gate = served.chat(body.model)
         prompt, reply_request = body.text, body.to_reply_request()
+        asked = reply_request.logprobs is not None
         run = await _started(
             gate, chat, lambda cancel: chat.complete(prompt, cancel=cancel, request=reply_request)
         )
@@ -179,14 +180,23 @@ def create_app(
             frame = _frame(ident, "text_completion", created, body.model, text=True)
 
             async def chunks() -> AsyncIterator[dict[str, Any]]:
-                async for text in run.pieces():
-                    yield frame(text=text)
+                offset = 0  # of the chunk's first token, in the whole completion's text
+                async for text, logprobs in run.pieces_with_logprobs():
+                    if not asked:
+                        yield frame(text=text)
+                    elif text or logprobs:
+                        yield frame(text=text, logprobs=_legacy(logprobs, offset))
+                        offset += sum(len(token.text) for token in logprobs)
                 yield frame(text="", finish_reason=_finish(run.stats))
                 if body.include_usage:
                     yield {**frame(), "choices": [], "usage": _usage(run.stats)}
 
             return EventStream(chunks(), run, served, body.model)
-        text = "".join([piece async for piece in run.pieces()])
+        pieces, logprobs = [], []
+        async for text, given in run.pieces_with_logprobs():
+            pieces.append(text)
+            logprobs.extend(given)
+        text = "".join(pieces)
         served.count(body.model, run.stats)
         return JSONResponse(
             {
@@ -198,7 +208,7 @@ def create_app(
                     {
                         "index": 0,
                         "text": text,
-                        "logprobs": None,
+                        "logprobs": _legacy(logprobs, 0) if asked else None,
                         "finish_reason": _finish(run.stats),
                     }
                 ],
@@ -325,6 +335,22 @@ def _content(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
             {**entry(t.chosen), "top_logprobs": [entry(alt) for alt in t.top]} for t in logprobs
         ],
         "refusal": None,
+    }
+
+
+def _legacy(logprobs: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The completions API's `logprobs` object for these tokens, the first of them at character
+    `offset` of the completion: each token as the text it adds (so that they join to the text),
+    its log probability, its alternatives by their text, and where it starts."""
+    offsets = []
+    for token in logprobs:
+        offsets.append(offset)
+        offset += len(token.text)
+    return {
+        "tokens": [token.text for token in logprobs],
+        "token_logprobs": [token.chosen.logprob for token in logprobs],
+        "top_logprobs": [{alt.token: alt.logprob for alt in token.top} for token in logprobs],
+        "text_offset": offsets,
     }
 
 

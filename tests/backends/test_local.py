@@ -154,3 +154,17 @@ def test_the_load_of_a_batched_chat_is_its_slots(batched):
     load = batched.load()
     assert (load.running, load.waiting, load.last_batch) == (0, 0, 0)
     assert load.kv_tokens >= reply.prompt_tokens and load.kv_capacity == 3 * 128
+
+
+@pytest.mark.parametrize("which", ["chat", "batched"])
+def test_the_texts_of_a_replys_tokens_join_to_its_text(which, request):
+    opened = request.getfixturevalue(which)
+    sampled = Sampling(temperature=1.0, seed=3)
+    for stop in [(), ("e",)]:
+        asked = ReplyRequest(sampling=sampled, max_tokens=40, logprobs=1, stop=stop)
+        reply = opened.complete("Once", request=asked)
+        text = "".join(reply)
+        texts = [token.text for token in reply.logprobs]
+        assert "".join(texts) == text
+        # The tiny model's byte tokens split characters: some tokens' text comes with the next.
+        assert "" in texts

@@ -141,11 +141,7 @@ def create_app(
                     yield {**frame(), "choices": [], "usage": _usage(run.stats)}
 
             return EventStream(chunks(), run, served, body.model)
-        pieces, logprobs = [], []
-        async for text, given in run.pieces_with_logprobs():
-            pieces.append(text)
-            logprobs.extend(given)
-        text = "".join(pieces)
+        text, logprobs = await _whole(request, run)
         served.count(body.model, run.stats)
         return JSONResponse(
             {
@@ -192,11 +188,7 @@ def create_app(
                     yield {**frame(), "choices": [], "usage": _usage(run.stats)}
 
             return EventStream(chunks(), run, served, body.model)
-        pieces, logprobs = [], []
-        async for text, given in run.pieces_with_logprobs():
-            pieces.append(text)
-            logprobs.extend(given)
-        text = "".join(pieces)
+        text, logprobs = await _whole(request, run)
         served.count(body.model, run.stats)
         return JSONResponse(
             {
@@ -224,6 +216,29 @@ async def _started(gate: Gate, chat: Chat, start: Callable) -> Run:
     run = Run(start, gate, chat)
     await run.start()
     return run
+
+
+async def _whole(request: Request, run: Run) -> tuple[str, list[TokenLogprob]]:
+    """The reply's whole text and logprobs, for a response that is not streamed. A client that
+    goes away before the reply ends cancels it (ApiError 499, which only the metrics see)."""
+
+    async def watch_disconnect() -> None:
+        # The body is read: what the connection sends next is its end.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        run.cancel.set()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    pieces, logprobs = [], []
+    try:
+        async for text, given in run.pieces_with_logprobs():
+            pieces.append(text)
+            logprobs.extend(given)
+    finally:
+        watcher.cancel()
+    if run.cancel.is_set():
+        raise ApiError(499, "the client closed the connection before the reply ended")
+    return "".join(pieces), logprobs
 
 
 class _Guard:

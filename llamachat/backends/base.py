@@ -93,6 +93,11 @@ class ChatSpec:
     chat_format: str | None = None
     # Replies the chat may write at once (a server's); 1: one at a time, callers wait their turn.
     concurrency: int = 1
+    # Random weights of this engine shape ("8b") instead of an installed model, for benchmarks
+    # (the chat goes by `model`), with the tokenizer and chat format of `tokenizer`: an
+    # installed model's name or a model folder.
+    shape: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,19 @@ def test_the_texts_of_a_replys_tokens_join_to_its_text(which, request):
         assert "".join(texts) == text
         # The tiny model's byte tokens split characters: some tokens' text comes with the next.
         assert "" in texts
+
+
+@pytest.mark.parametrize("tokenizer", ["installed", "folder"])
+def test_a_shape_opens_random_weights_with_a_models_tokenizer(
+    installed, engine, tiny_model_factory, tokenizer
+):
+    source = "tiny" if tokenizer == "installed" else str(tiny_model_factory()[0])
+    spec = ChatSpec(model="toy", shape="toy", tokenizer=source, ctx=128, device="cpu")
+    chat = LocalBackend(installed).open_chat(spec)
+    messages = [{"role": "user", "content": "hello there"}]
+    reply = chat.reply(messages, request=GREEDY)
+    assert "".join(reply)
+    assert reply.prompt_tokens == len(engine.prompt_ids(messages))  # the tiny model's template
+    assert (reply.stats.generated_tokens, reply.stats.finish_reason) == (9, "length")
+    assert (chat.info.model, chat.info.context_length) == ("toy", 2048)
+    chat.close()

@@ -109,7 +109,9 @@ def main() -> None:
     for index, (prompt, run) in enumerate(zip(asked, together, strict=True)):
         lone = alone(model, prompt, ctx)
         ids, lone_ids = [p.token_id for p in run], [p.token_id for p in lone]
-        parted = next((i for i, (a, b) in enumerate(zip(ids, lone_ids, strict=False)) if a != b), None)
+        parted = next(
+            (i for i, (a, b) in enumerate(zip(ids, lone_ids, strict=False)) if a != b), None
+        )
         if parted is None and len(ids) == len(lone_ids):
             identical += 1
             print(json.dumps({"request": index, "identical": True, "tokens": len(ids)}))

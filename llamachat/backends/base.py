@@ -96,6 +96,11 @@ class ChatSpec:
     # With concurrency > 1: bytes of KV cache to hold conversations in, running or finished
     # (kept for the clients that come back); None: just enough for `concurrency` of them.
     kv_memory: int | None = None
+    # Random weights of this engine shape ("8b") instead of an installed model, for benchmarks
+    # (the chat goes by `model`), with the tokenizer and chat format of `tokenizer`: an
+    # installed model's name or a model folder.
+    shape: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,10 @@ class TokenLogprob:
 
     chosen: Logprob
     top: tuple[Logprob, ...]
+    # The reply's text that came out with this token: "" for one whose text is held back (the
+    # start of a character that a later token ends, or of a possible stop string), which then
+    # comes with the token that releases it. A reply's token texts join to its text.
+    text: str = ""
 
 
 @dataclass
@@ -160,6 +169,17 @@ class ReplyStats:
     def decode_tokens_per_s(self) -> float:
         steps = self.generated_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ChatLoad:
+    """What a chat is doing at one moment (a server's metrics)."""
+
+    running: int  # replies being written: decoding, or their prompt being read
+    waiting: int  # replies asked for, waiting their turn
+    last_batch: int  # replies the latest decode step wrote at once; 0 while none runs
+    kv_tokens: int  # tokens whose keys and values the chat holds, running or kept for reuse
+    kv_capacity: int  # tokens it can hold
 
 
 @dataclass(frozen=True)
@@ -185,7 +205,8 @@ class Reply(Protocol):
 
     @property
     def logprobs(self) -> list[TokenLogprob]:
-        """With ReplyRequest.logprobs: one per token so far, in order; else empty."""
+        """With ReplyRequest.logprobs: one per token so far, in order, each there by the time
+        the iteration yields the text it came with; else empty."""
         ...
 
     def __iter__(self) -> Iterator[str]: ...
@@ -222,6 +243,10 @@ class Chat(Protocol):
         ...
 
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse: ...
+
+    def load(self) -> ChatLoad:
+        """What it is doing now; cheap, from any thread."""
+        ...
 
     def close(self) -> None:
         """Let go of the model (its memory); the chat cannot be used after."""

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 from ..models.reply_defaults import ReplyDefaults
 from .base import (
     BackendError,
+    ChatLoad,
     ChatMessage,
     PromptTooLongError,
     ReplyRequest,
     ReplyStats,
     TokenLogprob,
 )
-from .engine_chat import EngineChat, reply_stats
+from .engine_chat import EngineChat, LogprobTexts, reply_stats
 
 if TYPE_CHECKING:
     from ..engine import ChatModel, GenerationStats, Prompt, SamplingParams
@@ -80,26 +81,35 @@ class BatchedChat(EngineChat):
         from ..engine.batching import BatchRequest
 
         sampling, _ = self.settings_for(request)
-        reply = BatchedReply(prompt, cancel or threading.Event())
-        wanted = request.logprobs is not None
+        texts = LogprobTexts() if request.logprobs is not None else None
+        reply = BatchedReply(prompt, cancel or threading.Event(), texts)
         self.scheduler.submit(
             BatchRequest(
                 prompt=prompt,
                 sampling=sampling,
                 stop=stop,
-                on_piece=reply.pieces.put,
+                on_piece=reply.piece,
                 on_end=reply.ended,
                 cancel=reply.cancel_event,
                 on_error=reply.failed,
                 top_logprobs=request.logprobs,
                 on_logprob=(
-                    (lambda sampled: reply.logprobs.append(self.token_logprob(sampled)))
-                    if wanted
-                    else None
+                    (lambda sampled: texts.token(self.token_logprob(sampled))) if texts else None
                 ),
             )
         )
         return reply
+
+    def load(self) -> ChatLoad:
+        usage = self.scheduler.usage()
+        return ChatLoad(
+            running=usage.running,
+            waiting=usage.waiting,
+            # The scheduler keeps the size of its latest decode step when it goes idle.
+            last_batch=usage.last_batch if usage.running else 0,
+            kv_tokens=usage.kv_tokens,
+            kv_capacity=usage.kv_capacity,
+        )
 
     def close(self) -> None:
         self.scheduler.close()
@@ -107,12 +117,15 @@ class BatchedChat(EngineChat):
 
 
 class BatchedReply:
-    def __init__(self, prompt: Prompt, cancel: threading.Event):
+    def __init__(self, prompt: Prompt, cancel: threading.Event, texts: LogprobTexts | None):
         self._prompt = prompt
         self.cancel_event = cancel
+        # (text, the TokenLogprobs it came with), an error, or _END.
         self.pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stats = ReplyStats(prompt_tokens=len(prompt.token_ids))
-        self.logprobs: list[TokenLogprob] = []  # appended by the scheduler's thread
+        self._texts = texts  # the scheduler thread's, with logprobs
+        self._rest: list[TokenLogprob] = []  # the tokens no text came with, at the end
+        self.logprobs: list[TokenLogprob] = []  # extended by the iteration, with their text
         self._consumed = False
 
     @property
@@ -127,9 +140,15 @@ class BatchedReply:
     def stats(self) -> ReplyStats:
         return self._stats
 
+    def piece(self, text: str) -> None:
+        """The scheduler's next piece of text (from its thread)."""
+        self.pieces.put((text, self._texts.piece(text) if self._texts else []))
+
     def ended(self, measured: GenerationStats) -> None:
         """The scheduler's word that the sequence is over (from its thread)."""
         self._stats = reply_stats(measured)
+        if self._texts:
+            self._rest = self._texts.rest()
         self.pieces.put(_END)
 
     def failed(self, error: BaseException) -> None:
@@ -142,12 +161,15 @@ class BatchedReply:
         self._consumed = True
         finished = False
         try:
-            while (piece := self.pieces.get()) is not _END:
-                if isinstance(piece, BaseException):
+            while (item := self.pieces.get()) is not _END:
+                if isinstance(item, BaseException):
                     finished = True
-                    raise BackendError(f"the reply failed: {piece}") from piece
-                assert isinstance(piece, str)
-                yield piece
+                    raise BackendError(f"the reply failed: {item}") from item
+                assert isinstance(item, tuple)
+                text, tokens = item
+                self.logprobs.extend(tokens)
+                yield text
+            self.logprobs.extend(self._rest)
             finished = True
         finally:
             if not finished:  # the reader stopped early: the sequence leaves the batch

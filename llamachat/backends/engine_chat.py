@@ -4,6 +4,7 @@ batched.BatchedChat): their info, the sampling a reply runs with, and context us
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..models.reply_defaults import ReplyDefaults
@@ -77,6 +78,31 @@ class EngineChat:
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
         used = len(self.model.prompt_ids(messages)) if messages else 0
         return ContextUse(used=used, window=self.ctx)
+
+
+class LogprobTexts:
+    """One reply's TokenLogprobs, each given the text it came out with: on the thread that
+    makes the reply, `token` as each token is drawn, then `piece` with the text it released."""
+
+    def __init__(self) -> None:
+        self.pending: list[TokenLogprob] = []  # drawn since the last piece
+
+    def token(self, logprob: TokenLogprob) -> None:
+        self.pending.append(logprob)
+
+    def piece(self, text: str) -> list[TokenLogprob]:
+        """The tokens that `text` came out with: the latest one has it, those before "" (their
+        text was held until it). Text released at the very end, after its token's own piece
+        (a possible stop string the reply ended on), has no token left to go with."""
+        tokens = self.rest()
+        if tokens:
+            tokens[-1] = replace(tokens[-1], text=tokens[-1].text + text)
+        return tokens
+
+    def rest(self) -> list[TokenLogprob]:
+        """The tokens drawn since the last piece (at the end: those of a stop string)."""
+        tokens, self.pending = self.pending, []
+        return tokens
 
 
 def reply_stats(measured: GenerationStats) -> ReplyStats:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..chat_options import weight_format_for
@@ -16,6 +17,7 @@ from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
 from .base import (
     BackendError,
+    ChatLoad,
     ChatMessage,
     ChatSpec,
     ModelInfo,
@@ -25,10 +27,15 @@ from .base import (
     ReplyStats,
     TokenLogprob,
 )
-from .engine_chat import EngineChat, reply_stats
+from .engine_chat import EngineChat, LogprobTexts, reply_stats
 
 if TYPE_CHECKING:
     from ..engine import ChatModel, ChatSession, Reply, SamplingParams
+    from ..engine.tokenizer import Tokenizer
+
+
+class ShapeError(ModelUnavailableError):
+    """A shape of random weights that does not exist, or a tokenizer that does not fit it."""
 
 
 class ContextSizeError(ModelUnavailableError):
@@ -53,21 +60,33 @@ class LocalBackend:
     def open_chat(self, spec: ChatSpec) -> LocalChat:
         from ..engine import ChatModel, EngineError, SamplingParams
 
+        if spec.shape is not None:
+            name, defaults = spec.model, ReplyDefaults()
+            folder = self._tokenizer_folder(spec)
+
+            def load() -> ChatModel:
+                return _random_model(spec, folder)
+        else:
+            try:
+                installed = self.store.get(spec.model)
+                installed.check_sizes()  # a truncated or missing file: named, before torch reads
+            except StoreError as error:
+                raise ModelUnavailableError(str(error)) from None
+            name, defaults = installed.name, reply_defaults(installed.path)
+            recorded = installed.manifest.quantization
+
+            def load() -> ChatModel:
+                return ChatModel.load(
+                    installed.path,
+                    device=spec.device,
+                    dtype=spec.dtype,
+                    chat_format=spec.chat_format,
+                    quantization=weight_format_for(spec.weight_format, recorded),
+                    threads=spec.threads,
+                )
+
         try:
-            installed = self.store.get(spec.model)
-            installed.check_sizes()  # a truncated or missing file: named, before torch reads it
-        except StoreError as error:
-            raise ModelUnavailableError(str(error)) from None
-        defaults = reply_defaults(installed.path)
-        try:
-            model = ChatModel.load(
-                installed.path,
-                device=spec.device,
-                dtype=spec.dtype,
-                chat_format=spec.chat_format,
-                quantization=weight_format_for(spec.weight_format, installed.manifest.quantization),
-                threads=spec.threads,
-            )
+            model = load()
             if spec.ctx is not None and spec.ctx > model.context_length:
                 raise ContextSizeError(spec.ctx, model.context_length)
             batched = spec.concurrency > 1 or spec.kv_memory is not None
@@ -85,8 +104,69 @@ class LocalBackend:
         if batched:
             from .batched import BatchedChat
 
-            return BatchedChat(installed.name, model, scheduler, sampling, defaults, max_tokens)
-        return LocalChat(installed.name, model, session, sampling, defaults, max_tokens)
+            return BatchedChat(name, model, scheduler, sampling, defaults, max_tokens)
+        return LocalChat(name, model, session, sampling, defaults, max_tokens)
+
+    def _tokenizer_folder(self, spec: ChatSpec) -> Path:
+        """The folder whose tokenizer a shape's random model takes: spec.tokenizer names an
+        installed model or a folder."""
+        given = spec.tokenizer
+        if given is None:
+            raise ShapeError("random weights need a tokenizer: a model's name or folder")
+        try:
+            return self.store.get(given).path
+        except StoreError:
+            folder = Path(given).expanduser()
+            if folder.is_dir():
+                return folder
+        raise ShapeError(f"no installed model or folder named {given!r} to take a tokenizer from")
+
+
+def _random_model(spec: ChatSpec, folder: Path) -> ChatModel:
+    """Random weights of spec.shape (engine/bench.py), with the tokenizer and chat format of the
+    model in `folder`; its replies never end on their own (no end-of-sequence token), so each
+    runs to its token limit, as a benchmark's should."""
+    from ..engine.bench import SHAPES, random_model
+    from ..engine.chat_format import chat_format_for
+    from ..engine.loading import resolve_device, resolve_dtype
+    from ..engine.quantize import resolve_quantization
+    from ..engine.tokenizer import load_tokenizer
+
+    shape = SHAPES.get(spec.shape or "")
+    if shape is None:
+        raise ShapeError(f"unknown shape {spec.shape!r}: use {', '.join(SHAPES)}")
+    tokenizer = load_tokenizer(folder)
+    if len(tokenizer) > shape["vocab_size"]:
+        raise ShapeError(
+            f"the tokenizer of {folder} has {len(tokenizer)} tokens, more than the"
+            f" {shape['vocab_size']} of the {spec.shape} shape"
+        )
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    quantization = resolve_quantization(weight_format_for(spec.weight_format, None), device, dtype)
+    model = random_model(spec.shape, str(device), dtype, quantization, spec.threads)
+    model.folder = folder
+    model.tokenizer = _Folded(tokenizer)
+    model.chat_format = chat_format_for(tokenizer, spec.chat_format)
+    return model
+
+
+class _Folded:
+    """A tokenizer for a shape whose vocabulary is larger than its own: an id it lacks is shown
+    as the id modulo its size, so that every token the random model draws has text."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._size = len(tokenizer)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode([i % self._size for i in token_ids])
 
 
 def _scheduler(model: ChatModel, spec: ChatSpec):
@@ -124,6 +204,8 @@ class LocalChat(EngineChat):
         super().__init__(name, model, session.ctx, sampling, defaults, max_tokens)
         self.session = session
         self._lock = threading.Lock()
+        self._waiting = 0  # callers waiting for the lock, counted under _counting
+        self._counting = threading.Lock()
 
     def reply(
         self,
@@ -148,7 +230,11 @@ class LocalChat(EngineChat):
         sampling, limit = self.settings_for(request)
         # One session, one cache: callers on other threads wait for the reply before theirs
         # to end (LocalReply lets go of the lock when its stream ends).
+        with self._counting:
+            self._waiting += 1
         self._lock.acquire()
+        with self._counting:
+            self._waiting -= 1
         try:
             reply = method(
                 prompt,
@@ -166,6 +252,16 @@ class LocalChat(EngineChat):
             raise
         return LocalReply(reply, self._lock, self.token_logprob)
 
+    def load(self) -> ChatLoad:
+        running = int(self._lock.locked())
+        return ChatLoad(
+            running=running,
+            waiting=self._waiting,
+            last_batch=running,
+            kv_tokens=len(self.session.cached_ids),
+            kv_capacity=self.ctx,
+        )
+
     def close(self) -> None:
         del self.session, self.model  # the cache and the weights go with the last reference
 
@@ -174,6 +270,8 @@ class LocalReply:
     def __init__(self, reply: Reply, lock: threading.Lock, as_text: Callable):
         self._reply = reply
         self._as_text = as_text  # an engine SampledLogprob → a TokenLogprob
+        self._texts = LogprobTexts()
+        self._read = 0  # of the engine's logprobs, those given to _texts
         self._logprobs: list[TokenLogprob] = []
         self._lock = lock  # the chat's, held from the start of this reply to its end
         self._held = True
@@ -192,16 +290,26 @@ class LocalReply:
 
     @property
     def logprobs(self) -> list[TokenLogprob]:
-        measured = self._reply.logprobs
-        while len(self._logprobs) < len(measured):
-            self._logprobs.append(self._as_text(measured[len(self._logprobs)]))
         return self._logprobs
 
     def __iter__(self) -> Iterator[str]:
         try:
-            yield from self._reply
+            for text in self._reply:
+                self._drawn()
+                self._logprobs.extend(self._texts.piece(text))
+                yield text
+            self._drawn()
+            self._logprobs.extend(self._texts.rest())
         finally:
             self._release()
+
+    def _drawn(self) -> None:
+        """The tokens the engine drew since the last look (it records them on this thread, as
+        the iteration runs)."""
+        measured = self._reply.logprobs
+        for sampled in measured[self._read :]:
+            self._texts.token(self._as_text(sampled))
+        self._read = len(measured)
 
     def _release(self) -> None:
         if self._held:

@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
-from ..backends.base import Chat
-from ..backends.local import ContextSizeError, LocalBackend
-from ..chat_options import ChatOptions, chosen_model, resolve
+from ..backends.base import Chat, ChatSpec
+from ..backends.local import ContextSizeError, LocalBackend, ShapeError
+from ..chat_options import chosen_model, resolve
 from ..home import Home
 from ..models.store import ModelStore
 from ..settings import load
@@ -30,6 +30,22 @@ def serve(
         list[str] | None,
         typer.Option(
             "--model", "-m", help="A model to serve (repeatable). [default: the default model]"
+        ),
+    ] = None,
+    shape: Annotated[
+        str | None,
+        typer.Option(
+            "--shape",
+            help="Serve random weights of a model shape instead (1b, 7b, 8b, 70b), for"
+            " benchmarks, as model id SHAPE; its replies run to their token limit.",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="With --shape: the tokenizer and chat format of this installed model or model"
+            " folder. [default: the default model's]",
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -81,6 +97,10 @@ def serve(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
 ) -> int:
     """Serve models over OpenAI's API (chat completions, completions, models) on HOST:PORT."""
+    if shape is not None and model:
+        raise CliError("give either --model or --shape, not both", exit_code=2)
+    if tokenizer is not None and shape is None:
+        raise CliError("--tokenizer goes with --shape (a model has its own)", exit_code=2)
     if not api_key and not no_api_key_on_network and not _is_loopback(host):
         raise CliError(
             f"--host {host} is reachable from other machines: give --api-key KEY (or"
@@ -97,11 +117,19 @@ def serve(
     )
     options = resolve(given, load(home.config_file), open_history())
     store = ModelStore(home.models)
-    names = [chosen_model(replace(options, model=m), store) for m in model or [None]]
+    if shape is not None:
+        names = [shape]
+        # A name or a folder; by default the model `-m` would pick.
+        tokenizer = tokenizer or chosen_model(options, store)
+    else:
+        names = [chosen_model(replace(options, model=m), store) for m in model or [None]]
     sock = _listening(host, port)  # before loading: a port in use fails at once
     chats: dict[str, Chat] = {}
     for name in dict.fromkeys(names):
-        chats[name] = _open(store, options, name, max_batch)
+        spec = replace(options.spec(name), concurrency=max_batch)
+        if shape is not None:
+            spec = replace(spec, shape=shape, tokenizer=tokenizer)
+        chats[name] = _open(store, spec)
     app = create_app(chats, api_key=api_key, max_queue=max_queue, max_batch=max_batch)
     config = uvicorn.Config(
         app,
@@ -129,15 +157,17 @@ def serve(
     return 0
 
 
-def _open(store: ModelStore, options: ChatOptions, name: str, max_batch: int) -> Chat:
-    """The chat for `name`, asked to write up to `max_batch` replies at once."""
-    print(f"llamachat: loading {name}…", file=sys.stderr, flush=True)
+def _open(store: ModelStore, spec: ChatSpec) -> Chat:
+    what = f"a {spec.shape} model with random weights" if spec.shape else spec.model
+    print(f"llamachat: loading {what}…", file=sys.stderr, flush=True)
     try:
-        return LocalBackend(store).open_chat(replace(options.spec(name), concurrency=max_batch))
+        return LocalBackend(store).open_chat(spec)
     except ContextSizeError as error:
         raise CliError(
             f"--ctx {error.requested} is larger than the model's context of {error.limit}", 2
         ) from None
+    except ShapeError as error:
+        raise CliError(str(error), 2) from None
 
 
 def _is_loopback(host: str) -> bool:

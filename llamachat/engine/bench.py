@@ -50,6 +50,10 @@ SHAPES: dict[str, dict] = {
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
         rope_theta=500000.0, tie_word_embeddings=True,
     ),
+    "toy": dict(  # no real model's: a few hundred kB, for tests of `serve --shape` on a CPU
+        vocab_size=448, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    ),
 }  # fmt: skip
 
 

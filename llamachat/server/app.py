@@ -38,6 +38,7 @@ class Served:
     def __init__(self, chats: dict[str, Chat], max_batch: int, max_queue: int):
         self.chats = chats
         self.metrics = Metrics()
+        self.metrics.watch(lambda: {name: chat.load() for name, chat in chats.items()})
         self.gates = {name: Gate(name, max_batch, max_queue, self.metrics) for name in chats}
         self.created = int(time.time())
 
@@ -140,11 +141,7 @@ def create_app(
                     yield {**frame(), "choices": [], "usage": _usage(run.stats)}
 
             return EventStream(chunks(), run, served, body.model)
-        pieces, logprobs = [], []
-        async for text, given in run.pieces_with_logprobs():
-            pieces.append(text)
-            logprobs.extend(given)
-        text = "".join(pieces)
+        text, logprobs = await _whole(request, run)
         served.count(body.model, run.stats)
         return JSONResponse(
             {
@@ -170,6 +167,7 @@ def create_app(
         body.check_supported()
         chat, gate = served.chat(body.model)
         prompt, reply_request = body.text, body.to_reply_request()
+        asked = reply_request.logprobs is not None
         run = await _started(
             gate, chat, lambda cancel: chat.complete(prompt, cancel=cancel, request=reply_request)
         )
@@ -178,14 +176,19 @@ def create_app(
             frame = _frame(ident, "text_completion", created, body.model, text=True)
 
             async def chunks() -> AsyncIterator[dict[str, Any]]:
-                async for text in run.pieces():
-                    yield frame(text=text)
+                offset = 0  # of the chunk's first token, in the whole completion's text
+                async for text, logprobs in run.pieces_with_logprobs():
+                    if not asked:
+                        yield frame(text=text)
+                    elif text or logprobs:
+                        yield frame(text=text, logprobs=_legacy(logprobs, offset))
+                        offset += sum(len(token.text) for token in logprobs)
                 yield frame(text="", finish_reason=_finish(run.stats))
                 if body.include_usage:
                     yield {**frame(), "choices": [], "usage": _usage(run.stats)}
 
             return EventStream(chunks(), run, served, body.model)
-        text = "".join([piece async for piece in run.pieces()])
+        text, logprobs = await _whole(request, run)
         served.count(body.model, run.stats)
         return JSONResponse(
             {
@@ -197,7 +200,7 @@ def create_app(
                     {
                         "index": 0,
                         "text": text,
-                        "logprobs": None,
+                        "logprobs": _legacy(logprobs, 0) if asked else None,
                         "finish_reason": _finish(run.stats),
                     }
                 ],
@@ -213,6 +216,29 @@ async def _started(gate: Gate, chat: Chat, start: Callable) -> Run:
     run = Run(start, gate, chat)
     await run.start()
     return run
+
+
+async def _whole(request: Request, run: Run) -> tuple[str, list[TokenLogprob]]:
+    """The reply's whole text and logprobs, for a response that is not streamed. A client that
+    goes away before the reply ends cancels it (ApiError 499, which only the metrics see)."""
+
+    async def watch_disconnect() -> None:
+        # The body is read: what the connection sends next is its end.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        run.cancel.set()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    pieces, logprobs = [], []
+    try:
+        async for text, given in run.pieces_with_logprobs():
+            pieces.append(text)
+            logprobs.extend(given)
+    finally:
+        watcher.cancel()
+    if run.cancel.is_set():
+        raise ApiError(499, "the client closed the connection before the reply ended")
+    return "".join(pieces), logprobs
 
 
 class _Guard:
@@ -324,6 +350,22 @@ def _content(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
             {**entry(t.chosen), "top_logprobs": [entry(alt) for alt in t.top]} for t in logprobs
         ],
         "refusal": None,
+    }
+
+
+def _legacy(logprobs: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The completions API's `logprobs` object for these tokens, the first of them at character
+    `offset` of the completion: each token as the text it adds (so that they join to the text),
+    its log probability, its alternatives by their text, and where it starts."""
+    offsets = []
+    for token in logprobs:
+        offsets.append(offset)
+        offset += len(token.text)
+    return {
+        "tokens": [token.text for token in logprobs],
+        "token_logprobs": [token.chosen.logprob for token in logprobs],
+        "top_logprobs": [{alt.token: alt.logprob for alt in token.top} for token in logprobs],
+        "text_offset": offsets,
     }
 
 

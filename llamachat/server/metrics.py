@@ -3,7 +3,24 @@ two apps in one process, as in tests, count apart)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from ..backends.base import ChatLoad
+
+# What the backends report of their chats, read at each scrape: (metric, help, ChatLoad field).
+LOAD_GAUGES = [
+    ("llamachat_batch_running", "Sequences the backend is writing (decoding or prefilling)",
+     "running"),
+    ("llamachat_batch_waiting", "Sequences the backend holds waiting for a slot", "waiting"),
+    ("llamachat_batch_size", "Sequences in the latest decode step; 0 while none runs",
+     "last_batch"),
+    ("llamachat_kv_cache_tokens", "Tokens held in the KV cache, running or kept for reuse",
+     "kv_tokens"),
+    ("llamachat_kv_cache_capacity_tokens", "Tokens the KV cache can hold", "kv_capacity"),
+]  # fmt: skip
 
 
 class Metrics:
@@ -45,3 +62,25 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+
+    def watch(self, loads: Callable[[], dict[str, ChatLoad]]) -> None:
+        """Report `loads()` (each served chat's ChatLoad, by model name) at every scrape."""
+        self.registry.register(_LoadCollector(loads))
+
+
+class _LoadCollector:
+    def __init__(self, loads: Callable[[], dict[str, ChatLoad]]):
+        self.loads = loads
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.loads())
+
+    def _families(self, loads: dict[str, ChatLoad]) -> Iterator[Metric]:
+        for name, text, field in LOAD_GAUGES:
+            family = GaugeMetricFamily(name, text, labels=["model"])
+            for model, load in loads.items():
+                family.add_metric([model], getattr(load, field))
+            yield family

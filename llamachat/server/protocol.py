@@ -151,8 +151,9 @@ class CompletionRequest(_Generation):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs not in (None, False, 0):
-            raise unsupported("logprobs", "log probabilities in completions (chat has them)")
+        logprobs = self.logprobs
+        if logprobs is not None and (type(logprobs) is not int or not 0 <= logprobs <= 5):
+            raise ApiError(400, "logprobs must be an integer between 0 and 5", "logprobs")
         if self.echo:
             raise unsupported("echo", "echoing the prompt")
         if self.best_of not in (None, 1):
@@ -167,4 +168,4 @@ class CompletionRequest(_Generation):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def to_reply_request(self) -> ReplyRequest:
-        return self.reply_request(self.max_tokens)
+        return self.reply_request(self.max_tokens, self.logprobs)

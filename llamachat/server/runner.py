@@ -78,7 +78,8 @@ class Gate:
 
 class Run:
     """One reply on a worker thread. `start()` waits until the backend has taken the request
-    (or refused it); then `pieces()` yields its text and `stats` is final at the end."""
+    (or refused it); then `pieces_with_logprobs()` yields its text and `stats` is final at the
+    end."""
 
     def __init__(self, start: Callable[[threading.Event], Reply], gate: Gate, chat: Chat):
         self._start = start
@@ -96,11 +97,6 @@ class Run:
         event = await self._events.get()
         if isinstance(event, _Failed):
             raise event.error
-
-    async def pieces(self):
-        """The reply's text pieces; see `pieces_with_logprobs`."""
-        async for text, _ in self.pieces_with_logprobs():
-            yield text
 
     async def pieces_with_logprobs(self):
         """(text, the TokenLogprobs of its tokens) pairs; the text may be empty at the end."""

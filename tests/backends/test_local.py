@@ -154,3 +154,50 @@ def test_a_kv_memory_budget_keeps_more_conversations_than_run_at_once(installed)
     too_small = ChatSpec(model="tiny", ctx=128, device="cpu", concurrency=3, kv_memory=2 * each)
     with pytest.raises(BackendError, match="holds 2 conversations of 128 tokens.*3 replies"):
         LocalBackend(installed).open_chat(too_small)
+
+
+def test_the_load_of_a_session_is_its_one_reply_and_its_cache(chat):
+    reply = chat.reply([{"role": "user", "content": "how loaded?"}], request=GREEDY)
+    assert chat.load().running == 1  # the reply holds the session until its stream ends
+    "".join(reply)
+    load = chat.load()
+    assert (load.running, load.waiting, load.last_batch) == (0, 0, 0)
+    assert reply.prompt_tokens <= load.kv_tokens <= load.kv_capacity == 128
+
+
+def test_the_load_of_a_batched_chat_is_its_slots(batched):
+    reply = batched.reply([{"role": "user", "content": "how loaded?"}], request=GREEDY)
+    "".join(reply)
+    load = batched.load()
+    assert (load.running, load.waiting, load.last_batch) == (0, 0, 0)
+    assert load.kv_tokens >= reply.prompt_tokens and load.kv_capacity == 3 * 128
+
+
+@pytest.mark.parametrize("which", ["chat", "batched"])
+def test_the_texts_of_a_replys_tokens_join_to_its_text(which, request):
+    opened = request.getfixturevalue(which)
+    sampled = Sampling(temperature=1.0, seed=3)
+    for stop in [(), ("e",)]:
+        asked = ReplyRequest(sampling=sampled, max_tokens=40, logprobs=1, stop=stop)
+        reply = opened.complete("Once", request=asked)
+        text = "".join(reply)
+        texts = [token.text for token in reply.logprobs]
+        assert "".join(texts) == text
+        # The tiny model's byte tokens split characters: some tokens' text comes with the next.
+        assert "" in texts
+
+
+@pytest.mark.parametrize("tokenizer", ["installed", "folder"])
+def test_a_shape_opens_random_weights_with_a_models_tokenizer(
+    installed, engine, tiny_model_factory, tokenizer
+):
+    source = "tiny" if tokenizer == "installed" else str(tiny_model_factory()[0])
+    spec = ChatSpec(model="toy", shape="toy", tokenizer=source, ctx=128, device="cpu")
+    chat = LocalBackend(installed).open_chat(spec)
+    messages = [{"role": "user", "content": "hello there"}]
+    reply = chat.reply(messages, request=GREEDY)
+    assert "".join(reply)
+    assert reply.prompt_tokens == len(engine.prompt_ids(messages))  # the tiny model's template
+    assert (reply.stats.generated_tokens, reply.stats.finish_reason) == (9, "length")
+    assert (chat.info.model, chat.info.context_length) == ("toy", 2048)
+    chat.close()

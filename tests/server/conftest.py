@@ -92,3 +92,19 @@ def tiny_home(tiny_model_factory, tmp_path_factory) -> dict[str, str]:
     result = run_cli("pull", str(folder), "--as", "tiny", env=env)
     assert result.returncode == 0, result.stderr.decode()
     return env
+
+
+def check_completion_logprobs(choice, top: int) -> None:
+    """A completion's `logprobs` in the legacy shape: the tokens are the text in pieces, each at
+    its offset, with a log probability and at most `top` alternatives."""
+    logprobs = choice.logprobs
+    tokens, offsets = logprobs.tokens, logprobs.text_offset
+    assert tokens and "".join(tokens) == choice.text
+    assert len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(offsets)
+    assert len(offsets) == len(tokens)
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    for token, offset in zip(tokens, offsets, strict=True):
+        assert choice.text[offset : offset + len(token)] == token
+    for chosen, alternatives in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert chosen <= 0
+        assert 1 <= len(alternatives) <= top and all(v <= 0 for v in alternatives.values())

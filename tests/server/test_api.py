@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import REQUEST_S, start_server
+from .conftest import REQUEST_S, check_completion_logprobs, start_server
 
 KEY = "test-key-1234"
 GREEDY = {"temperature": 0, "max_tokens": 12}
@@ -17,7 +17,7 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 @pytest.fixture(scope="module")
 def server(tiny_home):
-    served = start_server(tiny_home, "-m", "tiny", "--ctx", "256", api_key=KEY)
+    served = start_server(tiny_home, "-m", "tiny", "--ctx", "256", "--max-batch", "8", api_key=KEY)
     yield served
     assert served.stop() == 0
     assert KEY not in "".join(served.log)  # the key is never logged
@@ -190,11 +190,39 @@ def test_top_logprobs_needs_logprobs_and_at_most_twenty(client, options, param):
     assert status == 400 and error["param"] == param
 
 
-def test_completions_refuse_logprobs_by_name(client):
-    status, error = error_of(
-        lambda: client.completions.create(model="tiny", prompt="Hi", max_tokens=4, logprobs=2)
+def test_completions_give_logprobs_in_the_legacy_shape(client):
+    options = {"temperature": 0, "max_tokens": 16, "extra_body": {"repeat_penalty": 1.0}}
+    plain = client.completions.create(model="tiny", prompt="Once", logprobs=2, **options)
+    (choice,) = plain.choices
+    check_completion_logprobs(choice, top=2)
+    assert len(choice.logprobs.tokens) == plain.usage.completion_tokens
+    # Greedy with no penalty: the token drawn is the most likely one.
+    for chosen, alternatives in zip(
+        choice.logprobs.token_logprobs, choice.logprobs.top_logprobs, strict=True
+    ):
+        assert chosen == pytest.approx(max(alternatives.values()), abs=1e-6)
+    streamed = list(
+        client.completions.create(model="tiny", prompt="Once", logprobs=2, stream=True, **options)
     )
-    assert status == 400 and error["param"] == "logprobs" and "not supported" in error["message"]
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == choice.logprobs.tokens
+    assert [o for p in parts for o in p.text_offset] == choice.logprobs.text_offset
+    assert [v for p in parts for v in p.token_logprobs] == pytest.approx(
+        choice.logprobs.token_logprobs, abs=1e-5
+    )
+    none = client.completions.create(model="tiny", prompt="Once", **options)
+    assert none.choices[0].logprobs is None and none.choices[0].text == choice.text
+
+
+@pytest.mark.parametrize("logprobs", [6, -1])
+def test_completions_logprobs_out_of_range_are_400(client, logprobs):
+    status, error = error_of(
+        lambda: client.completions.create(
+            model="tiny", prompt="Hi", max_tokens=4, logprobs=logprobs
+        )
+    )
+    assert status == 400 and error["type"] == "invalid_request_error"
+    assert error["param"] == "logprobs" and "5" in error["message"]
 
 
 def test_frequency_and_presence_penalties_change_a_repeating_answer(client):
@@ -280,3 +308,13 @@ def test_metrics_count_requests_and_tokens(server, client):
     ask(client, "Hi", **GREEDY)
     assert server.metric("llamachat_generated_tokens_total") == before + 12
     assert server.metric('llamachat_requests_total{route="/v1/chat/completions",status="200"}') > 0
+
+
+def test_metrics_show_the_kv_cache_held_and_the_batch(server, client):
+    reply = ask(client, "Keep this sentence in the cache, please", **GREEDY)
+    held = server.metric('llamachat_kv_cache_tokens{model="tiny"}')
+    assert held >= reply.usage.prompt_tokens
+    # 8 slots (--max-batch) of the 256-token window (--ctx).
+    assert server.metric('llamachat_kv_cache_capacity_tokens{model="tiny"}') == 8 * 256
+    assert server.metric('llamachat_batch_running{model="tiny"}') == 0
+    assert server.metric('llamachat_batch_size{model="tiny"}') == 0

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 
 from .conftest import REQUEST_S, start_server
 
@@ -56,13 +56,55 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_reply(one_slot):
     stream = client.chat.completions.create(model="tiny", messages=HI, stream=True, **LONG)
     chunks = iter(stream)
     next(chunks), next(chunks)
+    assert one_slot.metric("llamachat_batch_running") == 1
+    assert one_slot.metric("llamachat_batch_size") == 1
     stream.close()
     wait_until_idle(one_slot)
+    assert one_slot.metric("llamachat_batch_running") == 0
+    assert one_slot.metric("llamachat_batch_size") == 0
     # The slot is free again: the next request is served, not refused.
     reply = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3, temperature=0)
     assert reply.usage.completion_tokens == 3
+    assert one_slot.metric("llamachat_kv_cache_tokens") >= reply.usage.prompt_tokens
     # The cancelled reply was not counted as finished.
     assert one_slot.metric("llamachat_generated_tokens_total") == before + 3
+
+
+LONG_CTX = 16384  # a reply to the whole window takes the tiny model many seconds
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["one-session", "batched"])
+def long_server(request, tiny_model_factory, tmp_path_factory):
+    """A tiny model with a long window, served to one reply at a time or to several."""
+    env = cli_env(tmp_path_factory.mktemp("serve-long"))
+    folder = tiny_model_factory(max_position_embeddings=LONG_CTX)[0]
+    result = run_cli("pull", str(folder), "--as", "long", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    served = start_server(
+        env, "-m", "long", "--ctx", str(LONG_CTX), "--max-batch", str(request.param)
+    )
+    yield served
+    served.stop()
+
+
+def test_a_client_that_drops_a_plain_request_cancels_its_reply(long_server):
+    limit = LONG_CTX - 64
+    body = {"model": "long", "messages": HI, "max_tokens": limit, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(
+            f"{long_server.url}/v1/chat/completions",
+            json=body,
+            timeout=httpx.Timeout(REQUEST_S, read=2),
+        )
+    deadline = time.monotonic() + REQUEST_S
+    while long_server.metric("llamachat_batch_running") != 0:
+        assert time.monotonic() < deadline, "the dropped reply still runs"
+        time.sleep(0.1)
+    # It stopped when the client went, long before its token limit: the KV cache holds what
+    # it had written by then.
+    assert long_server.metric("llamachat_kv_cache_tokens") < limit / 2
+    assert long_server.metric("llamachat_generated_tokens_total") == 0  # not a finished reply
+    wait_until_idle(long_server)
 
 
 def test_binding_beyond_loopback_without_a_key_is_refused(tiny_home):

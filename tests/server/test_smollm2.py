@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import CLI_GREEDY, run_cli
 
-from .conftest import start_server
+from .conftest import check_completion_logprobs, start_server
 
 pytestmark = pytest.mark.smollm2
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "用一句话介绍长城。"]
@@ -79,3 +79,21 @@ def test_a_second_turn_prefills_only_what_is_new(server):
     cached = again.usage.prompt_tokens_details.cached_tokens
     assert cached >= reply.usage.prompt_tokens - 1
     assert cached < again.usage.prompt_tokens
+
+
+def test_completion_logprobs_name_the_tokens_of_the_text(server):
+    completion = server.client().completions.create(
+        model="smollm2",
+        prompt="The capital of France is",
+        temperature=0,
+        max_tokens=12,
+        logprobs=2,
+        extra_body={"repeat_penalty": 1.0},
+    )
+    (choice,) = completion.choices
+    check_completion_logprobs(choice, top=2)
+    # Greedy, no penalty, English text: each token is the most likely of its alternatives.
+    for token, alternatives in zip(
+        choice.logprobs.tokens, choice.logprobs.top_logprobs, strict=True
+    ):
+        assert token == max(alternatives, key=alternatives.get)

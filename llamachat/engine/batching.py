@@ -33,7 +33,7 @@ from .decode.batch import BatchedCpuStep, BatchedGpuStep, PromptChunk
 from .detokenize import StreamDecoder
 from .kv_cache import KVCache
 from .prompts import Prompt
-from .sampling import SampledLogprob, SamplingParams, sample, sampled_logprob
+from .sampling import SampledLogprob, SamplingParams, greedy_rows, sample, sampled_logprob
 from .session import PREFILL_CHUNK, GenerationStats, _common_prefix, _random_seed, _whole_buckets
 
 MIXED_PREFILL_TOKENS = 2048
@@ -297,9 +297,19 @@ class BatchScheduler:
 
     def _take_rows(self, decoding: list[_Running], logits: torch.Tensor) -> None:
         """Each sequence's next token from its row of `logits` (B, V)."""
-        # Plain greedy rows in one argmax (one wait for the device, not one per row).
-        plain = [i for i, r in enumerate(decoding) if _plain_greedy(r.request.sampling)]
-        tokens = dict(zip(plain, logits[plain].argmax(-1).tolist(), strict=True))
+        # Greedy rows, whatever their penalties, in one pass (one wait for the device, not one
+        # per row); sampled ones draw from their own generators.
+        greedy = [i for i, r in enumerate(decoding) if r.request.sampling.greedy]
+        tokens: dict[int, int] = {}
+        if greedy:
+            chosen = greedy_rows(
+                logits[greedy],
+                [decoding[i].request.sampling for i in greedy],
+                [decoding[i].context for i in greedy],
+                [decoding[i].context[len(decoding[i].request.prompt.token_ids) :] for i in greedy],
+            )
+            _await_device(chosen)
+            tokens = dict(zip(greedy, chosen.tolist(), strict=True))
         for index, running in enumerate(decoding):
             token = tokens.get(index)
             row = logits[index]
@@ -366,7 +376,9 @@ class BatchScheduler:
         if sampling.occurrence_penalised:
             reply = running.context[len(running.request.prompt.token_ids) :]
             produced = torch.tensor(reply, device=self.model.device, dtype=torch.long)
-        return int(sample(logits, sampling, running.generator, recent, produced))
+        token = sample(logits, sampling, running.generator, recent, produced)
+        _await_device(token)
+        return int(token)
 
     def _take(self, running: _Running, token: int, logits: torch.Tensor) -> None:
         """Pass the sequence's new token on (drawn from `logits`): text, a stop, or the next
@@ -407,7 +419,9 @@ class BatchScheduler:
         running.request.on_end(running.stats)
 
 
-def _plain_greedy(sampling: SamplingParams) -> bool:
-    """Greedy with no penalty: the argmax of the logits alone."""
-    no_repeat_penalty = sampling.repeat_penalty == 1.0 or sampling.repeat_last_n == 0
-    return sampling.greedy and no_repeat_penalty and not sampling.occurrence_penalised
+def _await_device(tensor: torch.Tensor) -> None:
+    """Wait for a GPU to finish the work that makes `tensor` with Python's lock released: a
+    step takes milliseconds, in which a server's threads stream the last step's tokens
+    (reading the tensor back would wait holding the lock, and stall them all)."""
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()

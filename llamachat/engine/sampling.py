@@ -132,3 +132,45 @@ def sample(
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def greedy_rows(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    recent: list[list[int]],
+    produced: list[list[int]],
+) -> torch.Tensor:
+    """The greedy choice (B,) for each row of float32 logits (B, V) under its own penalties:
+    what `sample` gives each row alone (temperature 0), in a few operations for the whole batch
+    rather than a few per row. `recent`: each row's context tokens for its repetition penalty
+    (the last repeat_last_n are taken), `produced`: its reply so far (frequency and presence)."""
+    device = logits.device
+    windows = [
+        row[-p.repeat_last_n :] if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 else []
+        for p, row in zip(params, recent, strict=True)
+    ]
+    if any(windows):
+        # Rows are padded with their own first token (or token 0 under a penalty of 1): a
+        # token seen twice is penalised once, as in apply_repeat_penalty.
+        width = max(len(w) for w in windows)
+        padded = [w + w[:1] * (width - len(w)) if w else [0] * width for w in windows]
+        index = torch.tensor(padded, device=device)
+        penalty = [p.repeat_penalty if w else 1.0 for p, w in zip(params, windows, strict=True)]
+        factor = torch.tensor(penalty, device=device)[:, None]
+        seen = logits.gather(-1, index)
+        seen = torch.where(seen > 0, seen / factor, seen * factor)
+        logits = logits.scatter(-1, index, seen)
+    replies = [
+        row if p.occurrence_penalised else [] for p, row in zip(params, produced, strict=True)
+    ]
+    if any(replies):
+        width = max(len(r) for r in replies)
+        index = torch.tensor([r + [0] * (width - len(r)) for r in replies], device=device)
+        valid = [[1.0] * len(r) + [0.0] * (width - len(r)) for r in replies]
+        counts = torch.zeros_like(logits).scatter_add_(
+            -1, index, torch.tensor(valid, device=device, dtype=logits.dtype)
+        )
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    return logits.argmax(-1)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamachat.engine.sampling import GREEDY, SamplingParams, apply_repeat_penalty, sample
+from llamachat.engine.sampling import (
+    GREEDY,
+    SamplingParams,
+    apply_repeat_penalty,
+    greedy_rows,
+    sample,
+)
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0, 2.9])
 
@@ -110,3 +116,29 @@ def test_a_presence_penalty_can_change_the_greedy_choice():
 def test_occurrence_penalties_outside_minus_two_to_two_are_refused(name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**{name: 2.5})
+
+
+def test_greedy_rows_choose_what_each_row_alone_would_under_its_own_penalties():
+    generator = torch.Generator().manual_seed(7)
+    rows = 6
+    logits = torch.randn(rows, 40, generator=generator) * 3
+    recent = [torch.randint(0, 40, (n,), generator=generator).tolist() for n in (5, 9, 1, 20, 3, 7)]
+    produced = [row[-3:] for row in recent]
+    params = [
+        SamplingParams(temperature=0.0),  # plain
+        SamplingParams(temperature=0.0, repeat_penalty=1.8),
+        SamplingParams(temperature=0.0, repeat_penalty=0.5, repeat_last_n=4),
+        SamplingParams(temperature=0.0, repeat_penalty=3.0, repeat_last_n=2),
+        SamplingParams(temperature=0.0, presence_penalty=2.0),
+        SamplingParams(temperature=0.0, repeat_penalty=2.0, frequency_penalty=1.5),
+    ]
+    # Each row's best token is in its context, so the penalties matter.
+    for row, seen in enumerate(recent):
+        logits[row, seen[-1]] = logits[row].max() + 0.5
+    alone = [
+        int(sample(logits[i], p, None, torch.tensor(recent[i]), torch.tensor(produced[i])))
+        for i, p in enumerate(params)
+    ]
+    together = greedy_rows(logits, params, recent, produced).tolist()
+    assert together == alone
+    assert alone != logits.argmax(-1).tolist()  # some penalty did change a choice

@@ -10,7 +10,7 @@ first one), errors as the classes below.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal, Protocol
 
@@ -210,6 +210,13 @@ class Reply(Protocol):
         ...
 
     def __iter__(self) -> Iterator[str]: ...
+
+    def watch(self, ready: Callable[[], None]) -> bool:
+        """Rather than block a thread in the iteration: have `ready` called, from the
+        backend's own thread, once for each step of the iteration (a piece, its end, or its
+        failure) that is then there to take without waiting. False where this reply cannot:
+        iterate it on a thread."""
+        ...
 
     def cancel(self) -> None:
         """Stop the reply from any thread; the iteration ends within a token."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from ..models.reply_defaults import ReplyDefaults
@@ -127,6 +127,8 @@ class BatchedReply:
         self._rest: list[TokenLogprob] = []  # the tokens no text came with, at the end
         self.logprobs: list[TokenLogprob] = []  # extended by the iteration, with their text
         self._consumed = False
+        self._ready: Callable[[], None] | None = None  # watch()'s, told of each item put
+        self._putting = threading.Lock()
 
     @property
     def dropped(self) -> tuple[int, ...]:
@@ -142,18 +144,35 @@ class BatchedReply:
 
     def piece(self, text: str) -> None:
         """The scheduler's next piece of text (from its thread)."""
-        self.pieces.put((text, self._texts.piece(text) if self._texts else []))
+        self._put((text, self._texts.piece(text) if self._texts else []))
 
     def ended(self, measured: GenerationStats) -> None:
         """The scheduler's word that the sequence is over (from its thread)."""
         self._stats = reply_stats(measured)
         if self._texts:
             self._rest = self._texts.rest()
-        self.pieces.put(_END)
+        self._put(_END)
 
     def failed(self, error: BaseException) -> None:
         """The scheduler's word that the step writing this reply failed (from its thread)."""
-        self.pieces.put(error)
+        self._put(error)
+
+    def _put(self, item: object) -> None:
+        with self._putting:
+            self.pieces.put(item)
+            ready = self._ready
+        if ready is not None:
+            ready()
+
+    def watch(self, ready: Callable[[], None]) -> bool:
+        """Each item of the queue is one step of the iteration: `ready` is called once per
+        item, those already there included."""
+        with self._putting:
+            self._ready = ready
+            queued = self.pieces.qsize()
+        for _ in range(queued):
+            ready()
+        return True
 
     def __iter__(self) -> Iterator[str]:
         if self._consumed:

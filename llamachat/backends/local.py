@@ -319,5 +319,8 @@ class LocalReply:
     def __del__(self) -> None:
         self._release()  # a reply never iterated must not keep the chat locked
 
+    def watch(self, ready: Callable[[], None]) -> bool:
+        return False  # the session writes as it is iterated: on the reader's thread
+
     def cancel(self) -> None:
         self._reply.cancel.set()

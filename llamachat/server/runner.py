@@ -1,11 +1,12 @@
-"""A reply iterated on its own worker thread (Reply iteration blocks), its pieces handed to the
-event loop through an asyncio queue; and the gate that bounds how many run and wait."""
+"""A reply's pieces handed to the event loop through an asyncio queue, read there as they come
+(a reply that says when: the batch's) or by a worker thread iterating it (Reply iteration
+blocks); and the gate that bounds how many run and wait."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..backends.base import (
@@ -18,11 +19,6 @@ from ..backends.base import (
 )
 from .errors import ApiError
 from .metrics import Metrics
-
-
-@dataclass
-class _Started:
-    reply: Reply
 
 
 @dataclass
@@ -77,9 +73,10 @@ class Gate:
 
 
 class Run:
-    """One reply on a worker thread. `start()` waits until the backend has taken the request
-    (or refused it); then `pieces_with_logprobs()` yields its text and `stats` is final at the
-    end."""
+    """One reply. `start()` waits until the backend has taken the request (or refused it);
+    then `pieces_with_logprobs()` yields its text and `stats` is final at the end. A reply
+    that can tell when its next piece is there (Reply.watch: the batch's) is read on the
+    event loop as each piece comes; any other is iterated on a worker thread of its own."""
 
     def __init__(self, start: Callable[[threading.Event], Reply], gate: Gate, chat: Chat):
         self._start = start
@@ -89,14 +86,22 @@ class Run:
         self._events: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
         self.stats = ReplyStats()
-        self._thread = threading.Thread(target=self._work, daemon=True, name="llamachat-reply")
+        self._reply: Reply | None = None
+        self._pieces: Iterator[str] | None = None  # the watched reply's iteration
+        self._sent = 0  # the reply's logprobs handed on so far
 
     async def start(self) -> None:
         """Raises ApiError (prompt too long, a backend failure); the gate is let go then."""
-        self._thread.start()
-        event = await self._events.get()
-        if isinstance(event, _Failed):
-            raise event.error
+        try:
+            reply = await asyncio.to_thread(self._started)
+        except ApiError:
+            self._gate.leave()
+            raise
+        self._reply = reply
+        if reply.watch(self._ready):
+            self._pieces = iter(reply)
+        else:
+            threading.Thread(target=self._work, daemon=True, name="llamachat-reply").start()
 
     async def pieces_with_logprobs(self):
         """(text, the TokenLogprobs of its tokens) pairs; the text may be empty at the end."""
@@ -110,28 +115,17 @@ class Run:
             else:
                 raise event.error
 
-    def _post(self, event) -> None:
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    def _work(self) -> None:
-        try:
-            self._run()
-        finally:
-            # The slot is free only once the backend is done with the reply, whoever ended it.
-            self._loop.call_soon_threadsafe(self._gate.leave)
-
-    def _run(self) -> None:
+    def _started(self) -> Reply:
+        """The backend's reply to the request (on a worker thread: templating and handing the
+        prompt over can take a while), or the ApiError that says why not."""
         try:
             reply = self._start(self.cancel)
         except PromptTooLongError as error:
-            self._post(_Failed(ApiError(400, str(error), "messages", "context_length_exceeded")))
-            return
+            raise ApiError(400, str(error), "messages", "context_length_exceeded") from None
         except (BackendError, ValueError) as error:
-            self._post(_Failed(ApiError(400, str(error))))
-            return
+            raise ApiError(400, str(error)) from None
         except Exception as error:  # noqa: BLE001 - reported to the client as one line
-            self._post(_Failed(ApiError(500, f"the backend failed: {type(error).__name__}")))
-            return
+            raise ApiError(500, f"the backend failed: {type(error).__name__}") from None
         if reply.dropped:
             # The backend would drop older turns to fit its window; a client of this API expects
             # its whole conversation read, or an error.
@@ -143,19 +137,68 @@ class Run:
                 f"the conversation does not fit the context window of {window} tokens"
                 f" (with room for the reply); shorten it or serve the model with a larger --ctx"
             )
-            self._post(_Failed(ApiError(400, message, "messages", "context_length_exceeded")))
+            raise ApiError(400, message, "messages", "context_length_exceeded")
+        return reply
+
+    def _ready(self) -> None:
+        """The watched reply's word that its next step is there (from its thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._advance)
+        except RuntimeError:  # the loop is closed: the server has stopped
+            pass
+
+    def _advance(self) -> None:
+        """One step of a watched reply's iteration, which `ready` said will not wait (on the
+        event loop)."""
+        assert self._pieces is not None and self._reply is not None
+        try:
+            text = next(self._pieces)
+        except StopIteration:
+            self._handed(self._reply, "")
+            self._events.put_nowait(_Ended(self._reply.stats))
+            self._gate.leave()
             return
-        self._post(_Started(reply))
-        sent = 0
+        except Exception as error:  # noqa: BLE001
+            self._events.put_nowait(_Failed(ApiError(500, f"the reply failed: {_name(error)}")))
+            self._gate.leave()
+            return
+        if text:
+            self._handed(self._reply, text)
+
+    def _handed(self, reply: Reply, text: str) -> None:
+        """Queue `text` with the tokens that came since the last piece; at the end (text "")
+        only if some are left, whose text the end released or cut."""
+        given = reply.logprobs[self._sent :]
+        self._sent += len(given)
+        if text or given:
+            self._events.put_nowait(_Piece(text, given))
+
+    def _post(self, event) -> None:
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def _work(self) -> None:
+        try:
+            self._run()
+        finally:
+            # The slot is free only once the backend is done with the reply, whoever ended it.
+            self._loop.call_soon_threadsafe(self._gate.leave)
+
+    def _run(self) -> None:
+        reply = self._reply
+        assert reply is not None
         try:
             for text in reply:
                 if text:
-                    given = reply.logprobs[sent:]
-                    sent += len(given)
+                    given = reply.logprobs[self._sent :]
+                    self._sent += len(given)
                     self._post(_Piece(text, given))
-            if left := reply.logprobs[sent:]:  # tokens whose text the end released or cut
+            if left := reply.logprobs[self._sent :]:  # tokens whose text the end released or cut
                 self._post(_Piece("", left))
         except Exception as error:  # noqa: BLE001
-            self._post(_Failed(ApiError(500, f"the reply failed: {type(error).__name__}")))
+            self._post(_Failed(ApiError(500, f"the reply failed: {_name(error)}")))
             return
         self._post(_Ended(reply.stats))
+
+
+def _name(error: Exception) -> str:
+    return type(error).__name__

@@ -201,3 +201,29 @@ def test_a_shape_opens_random_weights_with_a_models_tokenizer(
     assert (reply.stats.generated_tokens, reply.stats.finish_reason) == (9, "length")
     assert (chat.info.model, chat.info.context_length) == ("toy", 2048)
     chat.close()
+
+
+def test_a_watched_batched_reply_says_once_for_each_step_that_will_not_wait(batched, chat):
+    ready = threading.Semaphore(0)
+    told = []
+
+    def tell() -> None:
+        told.append(threading.current_thread().name)
+        ready.release()
+
+    reply = batched.reply([{"role": "user", "content": "watch me"}], request=GREEDY)
+    assert reply.watch(tell)
+    pieces = iter(reply)
+    texts = []
+    while True:
+        assert ready.acquire(timeout=60)  # each step is announced before it is taken
+        try:
+            texts.append(next(pieces))
+        except StopIteration:
+            break
+    assert not ready.acquire(timeout=0.2)  # and no step more than there were
+    assert "".join(texts) == "".join(
+        chat.reply([{"role": "user", "content": "watch me"}], request=GREEDY)
+    )
+    assert "llamachat-batch" in told  # from the scheduler's thread
+    assert not chat.reply([{"role": "user", "content": "hi"}], request=GREEDY).watch(tell)

@@ -212,7 +212,8 @@ class BatchedGpuStep:
         transformer = self.transformer
         rows = tokens.shape[0]
         decoding = rows - sum(len(c.tokens) for c in chunks[0]) if chunks else rows
-        splits = _attention_chunks(max(decoding, 1), transformer.config.n_kv_heads)
+        # From the bucket, not the exact count: each value is a kernel Triton compiles once.
+        splits = _attention_chunks(_bucket(max(decoding, 1)), transformer.config.n_kv_heads)
 
         def attend(index: int, q: torch.Tensor, quantize: bool):
             k_pool, v_pool = self._layers[index]

@@ -38,6 +38,12 @@ LLAMACHAT_HOME=$home "$python" -m llamachat serve --shape "$shape" --tokenizer "
   --port "$port" --max-batch 64 --max-queue 256 --ctx 1024 >"$out/server.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+for _ in $(seq 240); do  # the model is made and its graphs captured before the port opens
+  curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+  kill -0 $pid 2>/dev/null || { say "error: the server did not start"; cat "$out/server.log" >&2; exit 1; }
+  sleep 1
+done
+say "server up"
 
 for mode in stream no-stream; do
   left=$((deadline - $(elapsed) - 20))

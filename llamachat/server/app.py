@@ -281,6 +281,17 @@ class _Guard:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
 
+# Characters JSON leaves as they are that Python's str.splitlines (and clients reading events
+# with it, such as httpx's iter_lines) takes for line ends: inside an event they would cut it.
+_LINE_BREAKING = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_data(chunk: dict[str, Any]) -> bytes:
+    """One server-sent event holding `chunk` as JSON on one line, whatever text it carries."""
+    line = json.dumps(chunk, ensure_ascii=False).translate(_LINE_BREAKING)
+    return f"data: {line}\n\n".encode()
+
+
 class EventStream(Response):
     """Server-sent events, one `data:` line per chunk, then `data: [DONE]`. A client that goes
     away (a failed send, or the disconnect message) cancels the reply; its worker then ends."""
@@ -310,8 +321,8 @@ class EventStream(Response):
             async for chunk in self.chunks:
                 if self.run_.cancel.is_set():
                     break
-                line = f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-                await send({"type": "http.response.body", "body": line.encode(), "more_body": True})
+                body = sse_data(chunk)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
             else:
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
                 self.served.count(self.model, self.run_.stats)

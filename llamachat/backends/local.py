@@ -47,6 +47,10 @@ class ContextSizeError(ModelUnavailableError):
         super().__init__(f"ctx must be between 16 and the model's context length {limit}")
 
 
+class KvMemoryError(BackendError):
+    """ChatSpec.kv_memory holds fewer conversations than the chat writes at once."""
+
+
 class LocalBackend:
     def __init__(self, store: ModelStore):
         self.store = store
@@ -180,7 +184,7 @@ def _scheduler(model: ChatModel, spec: ChatSpec):
         each = slot_bytes(model, window)
         slots = spec.kv_memory // each
         if slots < spec.concurrency:
-            raise BackendError(
+            raise KvMemoryError(
                 f"{spec.kv_memory / 2**30:.1f} GiB of KV cache holds {slots} conversations of "
                 f"{window} tokens ({each / 2**30:.2f} GiB each); {spec.concurrency} replies at "
                 f"once need {spec.concurrency * each / 2**30:.1f} GiB"

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from ..backends.base import Chat, ChatSpec
-from ..backends.local import ContextSizeError, LocalBackend, ShapeError
+from ..backends.local import ContextSizeError, KvMemoryError, LocalBackend, ShapeError
 from ..chat_options import chosen_model, resolve
 from ..home import Home
 from ..models.store import ModelStore
@@ -75,6 +75,15 @@ def serve(
             "--max-queue", min=0, help="Requests that may wait beyond those; more get 503."
         ),
     ] = 64,
+    kv_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--kv-memory",
+            min=0.0,
+            help="GiB of KV cache per model: conversations beyond --max-batch stay cached for"
+            " their clients' next turns. [default: just enough for --max-batch]",
+        ),
+    ] = None,
     ctx: Annotated[int | None, typer.Option(min=16, help="Context window in tokens.")] = None,
     device: Annotated[
         str | None,
@@ -127,6 +136,8 @@ def serve(
     chats: dict[str, Chat] = {}
     for name in dict.fromkeys(names):
         spec = replace(options.spec(name), concurrency=max_batch)
+        if kv_memory is not None:
+            spec = replace(spec, kv_memory=int(kv_memory * 2**30))
         if shape is not None:
             spec = replace(spec, shape=shape, tokenizer=tokenizer)
         chats[name] = _open(store, spec)
@@ -166,7 +177,7 @@ def _open(store: ModelStore, spec: ChatSpec) -> Chat:
         raise CliError(
             f"--ctx {error.requested} is larger than the model's context of {error.limit}", 2
         ) from None
-    except ShapeError as error:
+    except (ShapeError, KvMemoryError) as error:
         raise CliError(str(error), 2) from None
 
 

@@ -123,3 +123,19 @@ def test_ctrl_c_and_sigterm_stop_the_server(tiny_home, sig, code):
     assert "Traceback" not in "".join(served.log)
     with pytest.raises(openai.APIConnectionError):
         client.models.list()
+
+
+def test_a_kv_memory_budget_keeps_more_conversations_than_the_batch(tiny_home):
+    served = start_server(tiny_home, "--max-batch", "2", "--ctx", "256", "--kv-memory", "0.01")
+    try:
+        capacity = served.metric("llamachat_kv_cache_capacity_tokens")
+    finally:
+        served.stop()
+    assert capacity > 2 * 256  # more slots than replies written at once, each a whole context
+    too_small = run_cli(
+        "serve", "--port", "0", "--max-batch", "4", "--kv-memory", "0.000001", env=tiny_home,
+        timeout=120,
+    )  # fmt: skip
+    assert too_small.returncode == 2
+    (line,) = too_small.stderr.decode().strip().splitlines()[-1:]
+    assert "holds 0 conversations" in line and "4 replies at once" in line

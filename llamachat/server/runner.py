@@ -5,7 +5,9 @@ blocks); and the gate that bounds how many run and wait."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +21,8 @@ from ..backends.base import (
 )
 from .errors import ApiError
 from .metrics import Metrics
+
+log = logging.getLogger("llamachat.server")
 
 
 @dataclass
@@ -104,11 +108,22 @@ class Run:
             threading.Thread(target=self._work, daemon=True, name="llamachat-reply").start()
 
     async def pieces_with_logprobs(self):
-        """(text, the TokenLogprobs of its tokens) pairs; the text may be empty at the end."""
+        """(text, the TokenLogprobs of its tokens) pairs; the text may be empty at the end.
+        Pieces that came while the reader was busy are joined into one: a reader that falls
+        behind (a busy server) writes fewer, longer chunks instead of falling further behind."""
+        held = None
         while True:
-            event = await self._events.get()
+            event, held = held or await self._events.get(), None
             if isinstance(event, _Piece):
-                yield event.text, event.logprobs
+                texts, tokens = [event.text], list(event.logprobs)
+                while not self._events.empty():
+                    following = self._events.get_nowait()
+                    if not isinstance(following, _Piece):
+                        held = following
+                        break
+                    texts.append(following.text)
+                    tokens.extend(following.logprobs)
+                yield "".join(texts), tokens
             elif isinstance(event, _Ended):
                 self.stats = event.stats
                 return
@@ -142,10 +157,7 @@ class Run:
 
     def _ready(self) -> None:
         """The watched reply's word that its next step is there (from its thread)."""
-        try:
-            self._loop.call_soon_threadsafe(self._advance)
-        except RuntimeError:  # the loop is closed: the server has stopped
-            pass
+        _doorbell(self._loop).ring(self._advance)
 
     def _advance(self) -> None:
         """One step of a watched reply's iteration, which `ready` said will not wait (on the
@@ -198,6 +210,51 @@ class Run:
             self._post(_Failed(ApiError(500, f"the reply failed: {_name(error)}")))
             return
         self._post(_Ended(reply.stats))
+
+
+class _Doorbell:
+    """Runs callables on an event loop, asked from other threads, waking the loop once for
+    however many come before it gets to them: a batch step readies every running reply at
+    once, and one wake-up (a write to the loop's pipe) serves them all."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._due: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def ring(self, call: Callable[[], None]) -> None:
+        with self._lock:
+            self._due.append(call)
+            if len(self._due) > 1:
+                return  # the wake-up already asked for will run this one too
+        try:
+            self._loop.call_soon_threadsafe(self._answer)
+        except RuntimeError:  # the loop is closed: the server has stopped
+            pass
+
+    def _answer(self) -> None:
+        with self._lock:
+            due, self._due = self._due, []
+        for call in due:
+            try:
+                call()
+            except Exception:  # noqa: BLE001 - one reply's fault must not strand the others
+                log.exception("a reply's step failed")
+
+
+_doorbells: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Doorbell] = (
+    weakref.WeakKeyDictionary()
+)
+_doorbells_lock = threading.Lock()
+
+
+def _doorbell(loop: asyncio.AbstractEventLoop) -> _Doorbell:
+    """The loop's doorbell (made on first use; ringing it from several threads is safe)."""
+    with _doorbells_lock:
+        bell = _doorbells.get(loop)
+        if bell is None:
+            bell = _doorbells[loop] = _Doorbell(loop)
+        return bell
 
 
 def _name(error: Exception) -> str:

@@ -1,0 +1,63 @@
+"""A reply read on the event loop (server/runner.py): a batched reply's pieces come through the
+loop as the scheduler writes them, and a reader that falls behind gets them joined."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from llamachat.backends import ChatSpec, ReplyRequest, Sampling
+from llamachat.backends.local import LocalBackend
+from llamachat.models.pull import pull
+from llamachat.models.store import ModelStore
+from llamachat.server.metrics import Metrics
+from llamachat.server.runner import Gate, Run
+
+GREEDY = ReplyRequest(sampling=Sampling(temperature=0.0), max_tokens=24)
+ASKED = [{"role": "user", "content": "tell me a story"}]
+
+
+@pytest.fixture(scope="module")
+def chats(tiny_model_factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    store = ModelStore(root / "models")
+    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
+    backend = LocalBackend(store)
+    batched = backend.open_chat(ChatSpec(model="tiny", ctx=256, device="cpu", concurrency=4))
+    alone = backend.open_chat(ChatSpec(model="tiny", ctx=256, device="cpu"))
+    yield batched, alone
+    batched.close()
+    alone.close()
+
+
+async def _read(chat, lag: bool) -> tuple[list[str], object]:
+    gate = Gate("tiny", running=4, queue=4, metrics=Metrics())
+    await gate.enter()
+    run = Run(lambda cancel: chat.reply(ASKED, cancel=cancel, request=GREEDY), gate, chat)
+    await run.start()
+    if lag:  # the reader is busy while the whole reply is written
+        deadline = time.monotonic() + 60
+        while chat.load().running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the loop takes the last steps
+    pieces = [text async for text, _ in run.pieces_with_logprobs()]
+    return pieces, run.stats
+
+
+def test_a_batched_reply_reads_on_the_loop_and_a_late_reader_gets_it_joined(chats):
+    batched, alone = chats
+    expected = "".join(alone.reply(ASKED, request=GREEDY))
+    prompt, stats = asyncio.run(_read(batched, lag=False))
+    assert "".join(prompt) == expected and stats.generated_tokens == 24
+    late, stats = asyncio.run(_read(batched, lag=True))
+    assert late == [expected]  # every piece that waited, in one
+    assert stats.generated_tokens == 24
+
+
+def test_a_reply_that_cannot_be_watched_is_read_on_a_thread(chats):
+    _, alone = chats
+    pieces, stats = asyncio.run(_read(alone, lag=False))
+    assert "".join(pieces) == "".join(alone.reply(ASKED, request=GREEDY))
+    assert stats.finish_reason == "length"

@@ -96,16 +96,34 @@ class Run:
 
     async def start(self) -> None:
         """Raises ApiError (prompt too long, a backend failure); the gate is let go then."""
+        started = asyncio.ensure_future(asyncio.to_thread(self._started))
         try:
-            reply = await asyncio.to_thread(self._started)
+            reply = await asyncio.shield(started)
         except ApiError:
             self._gate.leave()
             raise
+        except asyncio.CancelledError:
+            # The request went away while the backend took it: what it took must still end,
+            # and only then let the gate go.
+            started.add_done_callback(self._abandoned)
+            raise
+        self._read(reply)
+
+    def _read(self, reply: Reply) -> None:
+        """Start reading the reply: on the loop when it can say when, else on a thread."""
         self._reply = reply
         if reply.watch(self._ready):
             self._pieces = iter(reply)
         else:
             threading.Thread(target=self._work, daemon=True, name="llamachat-reply").start()
+
+    def _abandoned(self, started: asyncio.Future) -> None:
+        if started.cancelled() or started.exception() is not None:
+            self._gate.leave()
+            return
+        reply = started.result()
+        reply.cancel()
+        self._read(reply)  # its iteration ends within a token, and lets the gate go
 
     async def pieces_with_logprobs(self):
         """(text, the TokenLogprobs of its tokens) pairs; the text may be empty at the end.

@@ -4,6 +4,8 @@ loop as the scheduler writes them, and a reader that falls behind gets them join
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 
 import pytest
@@ -61,3 +63,35 @@ def test_a_reply_that_cannot_be_watched_is_read_on_a_thread(chats):
     pieces, stats = asyncio.run(_read(alone, lag=False))
     assert "".join(pieces) == "".join(alone.reply(ASKED, request=GREEDY))
     assert stats.finish_reason == "length"
+
+
+def test_a_request_cancelled_while_the_backend_takes_it_lets_the_gate_go(chats):
+    batched, _ = chats
+    taken = threading.Event()
+    go_on = threading.Event()
+    replies = []
+
+    def start(cancel):
+        taken.set()
+        go_on.wait(timeout=60)  # the backend is slow to take this one
+        replies.append(batched.reply(ASKED, cancel=cancel, request=GREEDY))
+        return replies[-1]
+
+    async def scenario() -> bool:
+        gate = Gate("tiny", running=1, queue=0, metrics=Metrics())
+        await gate.enter()
+        run = Run(start, gate, batched)
+        starting = asyncio.ensure_future(run.start())
+        while not taken.is_set():
+            await asyncio.sleep(0.01)
+        starting.cancel()  # the request goes away (a client, a shutdown)
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        go_on.set()
+        deadline = time.monotonic() + 60
+        while gate.slots.locked() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not gate.slots.locked()
+
+    assert asyncio.run(scenario())  # the slot is free again
+    assert replies and replies[0].stats.finish_reason == "cancelled"

@@ -143,23 +143,12 @@ def create_app(
             return EventStream(chunks(), run, served, body.model)
         text, logprobs = await _whole(request, run)
         served.count(body.model, run.stats)
-        return JSONResponse(
-            {
-                "id": ident,
-                "object": "chat.completion",
-                "created": created,
-                "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": _content(logprobs) if asked else None,
-                        "finish_reason": _finish(run.stats),
-                    }
-                ],
-                "usage": _usage(run.stats),
-            }
+        whole = _frame(ident, "chat.completion", created, body.model)(
+            message={"role": "assistant", "content": text},
+            logprobs=_content(logprobs) if asked else None,
+            finish_reason=_finish(run.stats),
         )
+        return JSONResponse({**whole, "usage": _usage(run.stats)})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -173,7 +162,7 @@ def create_app(
         )
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            frame = _frame(ident, "text_completion", created, body.model, text=True)
+            frame = _frame(ident, "text_completion", created, body.model)
 
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 offset = 0  # of the chunk's first token, in the whole completion's text
@@ -190,23 +179,12 @@ def create_app(
             return EventStream(chunks(), run, served, body.model)
         text, logprobs = await _whole(request, run)
         served.count(body.model, run.stats)
-        return JSONResponse(
-            {
-                "id": ident,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": text,
-                        "logprobs": _legacy(logprobs, 0) if asked else None,
-                        "finish_reason": _finish(run.stats),
-                    }
-                ],
-                "usage": _usage(run.stats),
-            }
+        whole = _frame(ident, "text_completion", created, body.model)(
+            text=text,
+            logprobs=_legacy(logprobs, 0) if asked else None,
+            finish_reason=_finish(run.stats),
         )
+        return JSONResponse({**whole, "usage": _usage(run.stats)})
 
     return app
 
@@ -339,7 +317,10 @@ class EventStream(Response):
             await self.chunks.aclose()
 
 
-def _frame(ident: str, kind: str, created: int, model: str, text: bool = False):
+def _frame(ident: str, kind: str, created: int, model: str):
+    """A maker of this response's objects (a streamed chunk, or the whole reply): a choice
+    when given its fields or a finish reason, else none (a usage-only chunk)."""
+
     def frame(
         finish_reason: str | None = None, logprobs: Any = None, **fields: Any
     ) -> dict[str, Any]:

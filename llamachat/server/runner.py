@@ -184,7 +184,8 @@ class Run:
         try:
             text = next(self._pieces)
         except StopIteration:
-            self._handed(self._reply, "")
+            if piece := self._piece(self._reply, ""):
+                self._events.put_nowait(piece)
             self._events.put_nowait(_Ended(self._reply.stats))
             self._gate.leave()
             return
@@ -193,15 +194,14 @@ class Run:
             self._gate.leave()
             return
         if text:
-            self._handed(self._reply, text)
+            self._events.put_nowait(self._piece(self._reply, text))
 
-    def _handed(self, reply: Reply, text: str) -> None:
-        """Queue `text` with the tokens that came since the last piece; at the end (text "")
-        only if some are left, whose text the end released or cut."""
+    def _piece(self, reply: Reply, text: str) -> _Piece | None:
+        """`text` with the tokens that came since the last piece; at the end (text "") only if
+        some are left, whose text the end released or cut."""
         given = reply.logprobs[self._sent :]
         self._sent += len(given)
-        if text or given:
-            self._events.put_nowait(_Piece(text, given))
+        return _Piece(text, given) if text or given else None
 
     def _post(self, event) -> None:
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
@@ -219,11 +219,9 @@ class Run:
         try:
             for text in reply:
                 if text:
-                    given = reply.logprobs[self._sent :]
-                    self._sent += len(given)
-                    self._post(_Piece(text, given))
-            if left := reply.logprobs[self._sent :]:  # tokens whose text the end released or cut
-                self._post(_Piece("", left))
+                    self._post(self._piece(reply, text))
+            if piece := self._piece(reply, ""):
+                self._post(piece)
         except Exception as error:  # noqa: BLE001
             self._post(_Failed(ApiError(500, f"the reply failed: {_name(error)}")))
             return

@@ -82,15 +82,26 @@ def apply_occurrence_penalties(
 ) -> torch.Tensor:
     """logits − frequency × (times a token occurs in `produced`) − presence × (whether it does)."""
     counts = torch.bincount(produced, minlength=logits.shape[-1]).to(logits.dtype)
+    return _penalise_counts(logits, counts, frequency, presence)
+
+
+def _penalise_counts(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    frequency: float | torch.Tensor,
+    presence: float | torch.Tensor,
+) -> torch.Tensor:
+    """logits − frequency × counts − presence × (counts > 0), per row where given as tensors."""
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def apply_repeat_penalty(
-    logits: torch.Tensor, recent: torch.Tensor, penalty: float
+    logits: torch.Tensor, recent: torch.Tensor, penalty: float | torch.Tensor
 ) -> torch.Tensor:
     """Make recently seen tokens less likely (CTRL's penalty): positive logits are divided by the
-    penalty and negative ones multiplied, so the push is always towards less probable."""
-    if penalty == 1.0 or recent.numel() == 0:
+    penalty and negative ones multiplied, so the push is always towards less probable. Rows of
+    logits (B, V) take recent (B, W) and a penalty per row (B, 1)."""
+    if (not isinstance(penalty, torch.Tensor) and penalty == 1.0) or recent.numel() == 0:
         return logits
     seen = logits.gather(-1, recent)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
@@ -150,16 +161,13 @@ def greedy_rows(
         for p, row in zip(params, recent, strict=True)
     ]
     if any(windows):
-        # Rows are padded with their own first token (or token 0 under a penalty of 1): a
-        # token seen twice is penalised once, as in apply_repeat_penalty.
+        # Rows are padded with their own first token (or token 0 under a penalty of 1): the
+        # gather and scatter penalise a token seen twice once.
         width = max(len(w) for w in windows)
         padded = [w + w[:1] * (width - len(w)) if w else [0] * width for w in windows]
         index = torch.tensor(padded, device=device)
         penalty = [p.repeat_penalty if w else 1.0 for p, w in zip(params, windows, strict=True)]
-        factor = torch.tensor(penalty, device=device)[:, None]
-        seen = logits.gather(-1, index)
-        seen = torch.where(seen > 0, seen / factor, seen * factor)
-        logits = logits.scatter(-1, index, seen)
+        logits = apply_repeat_penalty(logits, index, torch.tensor(penalty, device=device)[:, None])
     replies = [
         row if p.occurrence_penalised else [] for p, row in zip(params, produced, strict=True)
     ]
@@ -172,5 +180,5 @@ def greedy_rows(
         )
         frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
         presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-        logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+        logits = _penalise_counts(logits, counts, frequency, presence)
     return logits.argmax(-1)

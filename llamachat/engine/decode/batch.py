@@ -10,6 +10,7 @@ engine/batching.py): the projections once for the whole batch, as a matrix produ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -153,7 +154,7 @@ class BatchedGpuStep:
         ]
         inputs = self._inputs(rows_tokens, rows_slots, rows_positions, len(rows_tokens))
         decoding = len(tokens)
-        ends, masks, offset = [], [], decoding
+        ends, prompts, offset = [], [], decoding
         groups = self.transformer.config.n_groups
         for chunk in chunks:
             offset += len(chunk.tokens)
@@ -161,9 +162,9 @@ class BatchedGpuStep:
             end = chunk.start + len(chunk.tokens)
             at = torch.arange(chunk.start, end, device=self._device)
             visible = torch.arange(end, device=self._device)[None, :] <= at[:, None]
-            masks.append(visible.repeat(groups, 1))  # (G·T, end), as model.Attention stacks
+            prompts.append((chunk, visible.repeat(groups, 1)))  # (G·T, end): model.Attention's
         logit_rows = torch.tensor(list(range(decoding)) + ends, device=self._device)
-        logits = self._fused(*inputs, chunks=(chunks, masks), logit_rows=logit_rows)
+        logits = self._fused(*inputs, prompts=prompts, logit_rows=logit_rows)
         return logits[:decoding], logits[decoding:]
 
     def _inputs(
@@ -201,23 +202,23 @@ class BatchedGpuStep:
         tokens: torch.Tensor,
         slots: torch.Tensor,
         at: torch.Tensor,
-        chunks: tuple[list[PromptChunk], list[torch.Tensor]] | None = None,
+        prompts: Sequence[tuple[PromptChunk, torch.Tensor]] = (),
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The step through the fused kernels: tokens, slots, positions (R,); rows past the
-        decoding ones belong to `chunks` (with each chunk's attention mask), in order."""
+        decoding ones belong to the `prompts` chunks (each with its attention mask), in order."""
         from ..kernels.cuda.fused import decode_attention
         from .cuda import fused_forward
 
         transformer = self.transformer
         rows = tokens.shape[0]
-        decoding = rows - sum(len(c.tokens) for c in chunks[0]) if chunks else rows
+        decoding = rows - sum(len(chunk.tokens) for chunk, _ in prompts)
         # From the bucket, not the exact count: each value is a kernel Triton compiles once.
         splits = _attention_chunks(_bucket(max(decoding, 1)), transformer.config.n_kv_heads)
 
         def attend(index: int, q: torch.Tensor, quantize: bool):
             k_pool, v_pool = self._layers[index]
-            if chunks is None:
+            if not prompts:
                 return decode_attention(q, k_pool, v_pool, at, splits, False, slots)
             parts = []
             if decoding:
@@ -226,7 +227,7 @@ class BatchedGpuStep:
                 )
                 parts.append(part)
             offset = decoding
-            for chunk, mask in zip(*chunks, strict=True):
+            for chunk, mask in prompts:
                 length = len(chunk.tokens)
                 parts.append(_prompt_attention(q[offset : offset + length], k_pool[chunk.slot],
                                                v_pool[chunk.slot], mask))  # fmt: skip

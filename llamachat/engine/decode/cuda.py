@@ -68,12 +68,12 @@ def fused_forward(
     queries (R, H, hd), quantize)` reads them. One row multiplies through the Triton GEMV and
     the int4 path's int8 activations; several through the matrix products. With `logit_rows`,
     only those rows reach the LM head."""
-    project = _one_row_product if tokens.shape[0] == 1 else _rows_product
     eps = model.config.rms_norm_eps
     heads = model.config.n_heads
     x = model.tok_embeddings(tokens)  # (R, D): the residual stream
     h = F.rms_norm(x, x.shape[-1:], model.layers[0].attention_norm.weight, eps)
     one_row = tokens.shape[0] == 1
+    project = _one_row_product if one_row else _rows_product
     rounded = None  # h rounded to int8 by the kernel that made it, for an int4 layer
     for index, (layer, (k_cache, v_cache)) in enumerate(zip(model.layers, caches, strict=True)):
         qkv = project(layer.attention.wqkv, h, rounded)  # (R, (H + 2·KV)·hd)

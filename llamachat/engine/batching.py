@@ -306,7 +306,7 @@ class BatchScheduler:
                 logits[greedy],
                 [decoding[i].request.sampling for i in greedy],
                 [decoding[i].context for i in greedy],
-                [decoding[i].context[len(decoding[i].request.prompt.token_ids) :] for i in greedy],
+                [len(decoding[i].request.prompt.token_ids) for i in greedy],
             )
             _await_device(chosen)
             tokens = dict(zip(greedy, chosen.tolist(), strict=True))

@@ -148,17 +148,18 @@ def sample(
 def greedy_rows(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    recent: list[list[int]],
-    produced: list[list[int]],
+    contexts: list[list[int]],
+    reply_starts: list[int],
 ) -> torch.Tensor:
     """The greedy choice (B,) for each row of float32 logits (B, V) under its own penalties:
     what `sample` gives each row alone (temperature 0), in a few operations for the whole batch
-    rather than a few per row. `recent`: each row's context tokens for its repetition penalty
-    (the last repeat_last_n are taken), `produced`: its reply so far (frequency and presence)."""
+    rather than a few per row. `contexts`: each row's tokens, prompt and reply so far (its
+    last repeat_last_n for the repetition penalty); `reply_starts`: where its reply begins
+    (the frequency and presence penalties count the tokens from there)."""
     device = logits.device
     windows = [
         row[-p.repeat_last_n :] if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 else []
-        for p, row in zip(params, recent, strict=True)
+        for p, row in zip(params, contexts, strict=True)
     ]
     if any(windows):
         # Rows are padded with their own first token (or token 0 under a penalty of 1): the
@@ -169,7 +170,8 @@ def greedy_rows(
         penalty = [p.repeat_penalty if w else 1.0 for p, w in zip(params, windows, strict=True)]
         logits = apply_repeat_penalty(logits, index, torch.tensor(penalty, device=device)[:, None])
     replies = [
-        row if p.occurrence_penalised else [] for p, row in zip(params, produced, strict=True)
+        row[start:] if p.occurrence_penalised else []
+        for p, row, start in zip(params, contexts, reply_starts, strict=True)
     ]
     if any(replies):
         width = max(len(r) for r in replies)

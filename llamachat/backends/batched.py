@@ -3,28 +3,23 @@ scheduler (engine/batching.py), which decodes every running one in the same forw
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..models.reply_defaults import ReplyDefaults
 from .base import (
-    BackendError,
     ChatLoad,
     ChatMessage,
     PromptTooLongError,
     ReplyRequest,
-    ReplyStats,
-    TokenLogprob,
 )
 from .engine_chat import EngineChat, LogprobTexts, reply_stats
+from .queued import QueuedReply
 
 if TYPE_CHECKING:
     from ..engine import ChatModel, GenerationStats, Prompt, SamplingParams
     from ..engine.batching import BatchScheduler
-
-_END = object()  # what the reply's queue holds after its last piece
 
 
 class BatchedChat(EngineChat):
@@ -116,83 +111,21 @@ class BatchedChat(EngineChat):
         del self.scheduler, self.model
 
 
-class BatchedReply:
+class BatchedReply(QueuedReply):
+    """One sequence of the scheduler's batch: the scheduler's thread puts its pieces."""
+
     def __init__(self, prompt: Prompt, cancel: threading.Event, texts: LogprobTexts | None):
-        self._prompt = prompt
-        self.cancel_event = cancel
-        # (text, the TokenLogprobs it came with), an error, or _END.
-        self.pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._stats = ReplyStats(prompt_tokens=len(prompt.token_ids))
+        super().__init__(len(prompt.token_ids), prompt.dropped, cancel)
         self._texts = texts  # the scheduler thread's, with logprobs
-        self._rest: list[TokenLogprob] = []  # the tokens no text came with, at the end
-        self.logprobs: list[TokenLogprob] = []  # extended by the iteration, with their text
-        self._consumed = False
-        self._ready: Callable[[], None] | None = None  # watch()'s, told of each item put
-        self._putting = threading.Lock()
-
-    @property
-    def dropped(self) -> tuple[int, ...]:
-        return self._prompt.dropped
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self._prompt.token_ids)
-
-    @property
-    def stats(self) -> ReplyStats:
-        return self._stats
 
     def piece(self, text: str) -> None:
         """The scheduler's next piece of text (from its thread)."""
-        self._put((text, self._texts.piece(text) if self._texts else []))
+        self.put_piece(text, self._texts.piece(text) if self._texts else [])
 
     def ended(self, measured: GenerationStats) -> None:
         """The scheduler's word that the sequence is over (from its thread)."""
-        self._stats = reply_stats(measured)
-        if self._texts:
-            self._rest = self._texts.rest()
-        self._put(_END)
+        self.put_end(reply_stats(measured), self._texts.rest() if self._texts else [])
 
     def failed(self, error: BaseException) -> None:
         """The scheduler's word that the step writing this reply failed (from its thread)."""
-        self._put(error)
-
-    def _put(self, item: object) -> None:
-        with self._putting:
-            self.pieces.put(item)
-            ready = self._ready
-        if ready is not None:
-            ready()
-
-    def watch(self, ready: Callable[[], None]) -> bool:
-        """Each item of the queue is one step of the iteration: `ready` is called once per
-        item, those already there included."""
-        with self._putting:
-            self._ready = ready
-            queued = self.pieces.qsize()
-        for _ in range(queued):
-            ready()
-        return True
-
-    def __iter__(self) -> Iterator[str]:
-        if self._consumed:
-            raise RuntimeError("a reply can be streamed only once")
-        self._consumed = True
-        finished = False
-        try:
-            while (item := self.pieces.get()) is not _END:
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise BackendError(f"the reply failed: {item}") from item
-                assert isinstance(item, tuple)
-                text, tokens = item
-                self.logprobs.extend(tokens)
-                yield text
-            self.logprobs.extend(self._rest)
-            finished = True
-        finally:
-            if not finished:  # the reader stopped early: the sequence leaves the batch
-                self.cancel()
-
-    def cancel(self) -> None:
-        self.cancel_event.set()
+        self.put_failure(error)

@@ -4,6 +4,7 @@ engine in this process). Nothing here imports torch until a local chat opens."""
 from .base import (
     Backend,
     BackendError,
+    BackendGoneError,
     Chat,
     ChatInfo,
     ChatLoad,
@@ -25,6 +26,7 @@ from .base import (
 __all__ = [
     "Backend",
     "BackendError",
+    "BackendGoneError",
     "Chat",
     "ChatInfo",
     "ChatLoad",

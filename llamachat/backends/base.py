@@ -29,6 +29,10 @@ class ModelUnavailableError(BackendError):
     device or dtype this machine lacks."""
 
 
+class BackendGoneError(BackendError):
+    """What runs the model (a process, a server) is gone: the reply cannot be written."""
+
+
 class PromptTooLongError(BackendError):
     """What cannot be dropped from the conversation (the system prompt and the last message)
     does not fit the context window; nothing was generated."""

@@ -46,6 +46,9 @@ class ContextSizeError(ModelUnavailableError):
         self.limit = limit
         super().__init__(f"ctx must be between 16 and the model's context length {limit}")
 
+    def __reduce__(self):  # to cross to a server from its engine process intact
+        return type(self), (self.requested, self.limit)
+
 
 class KvMemoryError(BackendError):
     """ChatSpec.kv_memory holds fewer conversations than the chat writes at once."""

@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 
 from ..backends.base import Chat, ChatSpec
-from ..backends.local import ContextSizeError, KvMemoryError, LocalBackend, ShapeError
+from ..backends.local import ContextSizeError, KvMemoryError, ShapeError
+from ..backends.process import EngineProcess
 from ..chat_options import chosen_model, resolve
 from ..home import Home
 from ..models.store import ModelStore
@@ -133,14 +134,16 @@ def serve(
     else:
         names = [chosen_model(replace(options, model=m), store) for m in model or [None]]
     sock = _listening(host, port)  # before loading: a port in use fails at once
-    chats: dict[str, Chat] = {}
+    specs = []
     for name in dict.fromkeys(names):
         spec = replace(options.spec(name), concurrency=max_batch)
         if kv_memory is not None:
             spec = replace(spec, kv_memory=int(kv_memory * 2**30))
         if shape is not None:
             spec = replace(spec, shape=shape, tokenizer=tokenizer)
-        chats[name] = _open(store, spec)
+        specs.append(spec)
+    engine = _open(store, specs)
+    chats: dict[str, Chat] = dict(engine.chats)
     app = create_app(chats, api_key=api_key, max_queue=max_queue, max_batch=max_batch)
     config = uvicorn.Config(
         app,
@@ -149,6 +152,13 @@ def serve(
         server_header=False,
     )
     server = uvicorn.Server(config)
+    lost: list[str] = []  # why the engine process stopped under the server, if it did
+
+    def engine_lost(why: str) -> None:
+        lost.append(why)
+        server.should_exit = True  # uvicorn looks at it between its ticks
+
+    engine.when_lost(engine_lost)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -163,16 +173,19 @@ def serve(
         server.run(sockets=[sock])  # uvicorn re-raises the signal it stopped for, after
     finally:
         signal.signal(signal.SIGTERM, previous)
-        for chat in chats.values():
-            chat.close()
+        engine.close()
+    if lost:
+        raise CliError(f"{lost[-1]}; the server stopped with it")
     return 0
 
 
-def _open(store: ModelStore, spec: ChatSpec) -> Chat:
-    what = f"a {spec.shape} model with random weights" if spec.shape else spec.model
-    print(f"llamachat: loading {what}…", file=sys.stderr, flush=True)
+def _open(store: ModelStore, specs: list[ChatSpec]) -> EngineProcess:
+    """The models of `specs`, opened in an engine process of their own."""
+    for spec in specs:
+        what = f"a {spec.shape} model with random weights" if spec.shape else spec.model
+        print(f"llamachat: loading {what}…", file=sys.stderr, flush=True)
     try:
-        return LocalBackend(store).open_chat(spec)
+        return EngineProcess(store.root, specs)
     except ContextSizeError as error:
         raise CliError(
             f"--ctx {error.requested} is larger than the model's context of {error.limit}", 2

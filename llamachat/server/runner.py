@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..backends.base import (
     BackendError,
+    BackendGoneError,
     Chat,
     PromptTooLongError,
     Reply,
@@ -155,6 +156,8 @@ class Run:
             reply = self._start(self.cancel)
         except PromptTooLongError as error:
             raise ApiError(400, str(error), "messages", "context_length_exceeded") from None
+        except BackendGoneError as error:
+            raise ApiError(503, str(error), code="backend_gone") from None
         except (BackendError, ValueError) as error:
             raise ApiError(400, str(error)) from None
         except Exception as error:  # noqa: BLE001 - reported to the client as one line
@@ -190,7 +193,7 @@ class Run:
             self._gate.leave()
             return
         except Exception as error:  # noqa: BLE001
-            self._events.put_nowait(_Failed(ApiError(500, f"the reply failed: {_name(error)}")))
+            self._events.put_nowait(_Failed(_failure(error)))
             self._gate.leave()
             return
         if text:
@@ -223,7 +226,7 @@ class Run:
             if piece := self._piece(reply, ""):
                 self._post(piece)
         except Exception as error:  # noqa: BLE001
-            self._post(_Failed(ApiError(500, f"the reply failed: {_name(error)}")))
+            self._post(_Failed(_failure(error)))
             return
         self._post(_Ended(reply.stats))
 
@@ -273,5 +276,9 @@ def _doorbell(loop: asyncio.AbstractEventLoop) -> _Doorbell:
         return bell
 
 
-def _name(error: Exception) -> str:
-    return type(error).__name__
+def _failure(error: Exception) -> ApiError:
+    """A reply that failed midway: a backend's own one line, else what failed by name (the
+    traceback stays in the server)."""
+    if isinstance(error, BackendError):
+        return ApiError(500, str(error))
+    return ApiError(500, f"the reply failed: {type(error).__name__}")

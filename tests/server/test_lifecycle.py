@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from llamachat.processes import pid_alive
 from tests.conftest import cli_env, run_cli
 
 from .conftest import REQUEST_S, start_server
@@ -114,15 +117,46 @@ def test_binding_beyond_loopback_without_a_key_is_refused(tiny_home):
     assert "--api-key" in line and "--no-api-key-on-network" in line
 
 
+def engine_pid(served) -> int:
+    """The server's engine process (multiprocessing's resource tracker is a child too)."""
+    pid = served.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    (engine,) = [
+        int(child)
+        for child in children
+        if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+    return engine
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 def test_ctrl_c_and_sigterm_stop_the_server(tiny_home, sig, code):
     served = start_server(tiny_home)
     client = served.client()
     assert client.models.list().data[0].id == "tiny"
+    engine = engine_pid(served)
     assert served.stop(sig) == code
     assert "Traceback" not in "".join(served.log)
     with pytest.raises(openai.APIConnectionError):
         client.models.list()
+    assert not pid_alive(engine)  # the engine process went with it
+
+
+def test_a_server_whose_engine_process_dies_stops_in_one_line(tiny_home):
+    served = start_server(tiny_home)
+    client = served.client()
+    stream = client.chat.completions.create(model="tiny", messages=HI, stream=True, **LONG)
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    os.kill(engine_pid(served), signal.SIGKILL)
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        list(chunks)  # the reply in flight fails, in the stream's own way
+    assert served.process.wait(timeout=60) == 1
+    log = "".join(served.log)
+    assert "Traceback" not in log
+    assert log.strip().splitlines()[-1] == (
+        "llamachat: error: the engine process stopped (signal 9); the server stopped with it"
+    )
 
 
 def test_a_kv_memory_budget_keeps_more_conversations_than_the_batch(tiny_home):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -71,9 +72,23 @@ class Attention(nn.Module):
         if length == 1:
             out = _decode_attention(q, keys, values, mask)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            out = masked_attention(q, keys, values, mask)
         out = out.reshape(batch, heads, length, head_dim)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+
+
+# cuDNN's attention builds a plan for each new shape, on the CPU: 40 ms to over a second on an
+# H200, and nearly every prompt (or prompt chunk) is a new shape. The others are fixed kernels.
+_FIXED_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def masked_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Scaled dot-product attention of `q` over `keys`/`values` where `mask` allows, on any
+    backend but cuDNN's."""
+    with sdpa_kernel(_FIXED_KERNELS):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 SPLIT = 256  # keys per slice of the attention sum (attention lengths are multiples of it)

@@ -338,3 +338,36 @@ def test_a_bf16_batch_serves_more_requests_than_slots(tiny_model_factory):
     texts, captured = _batched_texts(model, questions, graphs=True)
     assert all(texts)
     assert captured == [1, 2, 4]  # every bucket up to the 4 slots, captured at start
+
+
+def kernels_run(work) -> list[str]:
+    """The names of the GPU kernels `work()` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+        work()
+        torch.cuda.synchronize()
+    return [event.name for event in profiled.events() if event.device_type.name == "CUDA"]
+
+
+def test_prompt_attention_runs_no_cudnn_kernel_which_plans_each_new_shape():
+    from llamachat.engine.model import masked_attention
+
+    # A prompt chunk of an 8B-shaped model: 8 kv heads, each with its 4 query heads stacked.
+    length, end = 300, 500
+    q = torch.randn(1, 8, 4 * length, 128, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(1, 8, end, 128, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    at = torch.arange(end - length, end, device="cuda")
+    mask = (torch.arange(end, device="cuda")[None, :] <= at[:, None]).repeat(4, 1)
+    default = kernels_run(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    )
+    assert any("cudnn" in name.lower() for name in default)  # what PyTorch picks by itself
+    ours = kernels_run(lambda: masked_attention(q, keys, values, mask))
+    assert ours and not any("cudnn" in name.lower() for name in ours)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), keys.float(), values.float(), attn_mask=mask
+    )
+    got = masked_attention(q, keys, values, mask).float()
+    assert (got - expected).abs().max() < 2e-2

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..model import masked_attention
 from .cpu import _rotation
 
 if TYPE_CHECKING:
@@ -299,7 +300,5 @@ def _prompt_attention(
     length, heads, head_dim = q.shape
     kv_heads, span = keys.shape[0], mask.shape[-1]
     stacked = q.transpose(0, 1).reshape(1, kv_heads, heads // kv_heads * length, head_dim)
-    out = F.scaled_dot_product_attention(
-        stacked, keys[None, :, :span], values[None, :, :span], attn_mask=mask
-    )
+    out = masked_attention(stacked, keys[None, :, :span], values[None, :, :span], mask)
     return out.reshape(heads, length, head_dim).transpose(0, 1).reshape(length, heads * head_dim)

@@ -81,6 +81,7 @@ class _Running:
     context: list[int]  # prompt and reply so far, for the repetition penalty
     next_token: int | None = None  # sampled, not yet fed through the model
     first_token_at: float | None = None
+    done: bool = False  # finished, cancelled or failed: out of the batch
 
     @property
     def prefilling(self) -> bool:
@@ -107,6 +108,7 @@ class BatchScheduler:
         ctx: int,
         prefill_tokens: int | None = None,
         batch: int | None = None,
+        run_ahead: bool | None = None,
     ):
         batch = batch or slots
         if not 1 <= batch <= slots:
@@ -143,6 +145,12 @@ class BatchScheduler:
         # (docs/BENCHMARKS.md); elsewhere each chunk is a pass of its own.
         fused = self.device_step is not None and self.device_step.fused
         self.prefill_tokens = prefill_tokens or (MIXED_PREFILL_TOKENS if fused else PREFILL_CHUNK)
+        # Launch each decode step before handing the last one's tokens out (detokenizing, the
+        # callbacks), so that a GPU computes while Python does that; where steps run on this
+        # thread (the CPU) that would only hold the pieces back a step, so by default only on
+        # a GPU.
+        self.run_ahead = self.device_step is not None if run_ahead is None else run_ahead
+        self._ahead: tuple[list[_Running], torch.Tensor] | None = None  # launched, not taken
         self.cached: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.used_at = [0.0] * slots
         self.free = set(range(slots))
@@ -203,6 +211,7 @@ class BatchScheduler:
             try:
                 self._step()
             except Exception as error:  # noqa: BLE001 - a batch step: its sequences all end
+                self._ahead = None
                 self._fail(list(self.running), error)
 
     def _admit(self) -> None:
@@ -241,6 +250,11 @@ class BatchScheduler:
     def _step(self) -> None:
         for running in [r for r in self.running if r.request.cancel.is_set()]:
             self._finish(running, "cancelled")
+        if self._ahead is not None:  # a step launched ahead: its tokens first
+            batch, logits = self._ahead
+            self._ahead = None
+            self._take_rows(batch, logits)
+            return
         # One chunk of prompt per step, shared out in arrival order.
         chunks: list[tuple[_Running, list[int]]] = []
         budget = self.prefill_tokens
@@ -258,7 +272,8 @@ class BatchScheduler:
                 logits = self._prefill(running, chunk)
                 if not running.prefilling:
                     row = logits[0, -1]
-                    self._take(running, self._draw(running, row), row)
+                    token = self._draw(running, row)
+                    self._take(running, token, self._logprob(running, row, token))
             except Exception as error:  # noqa: BLE001 - this sequence's own: it alone ends
                 self._fail([running], error)
         decoding = self._decoding()
@@ -291,29 +306,68 @@ class BatchScheduler:
             running.fed += len(chunk)
             if not running.prefilling:
                 row = chunk_logits[index]
-                self._take(running, self._draw(running, row), row)
+                token = self._draw(running, row)
+                self._take(running, token, self._logprob(running, row, token))
         if decoding:
             self._take_rows(decoding, token_logits)
 
     def _take_rows(self, decoding: list[_Running], logits: torch.Tensor) -> None:
-        """Each sequence's next token from its row of `logits` (B, V)."""
+        """Each sequence's next token from its row of `logits` (B, V); rows that left the
+        batch since the step was launched (a step launched ahead) are passed over."""
+        tokens = self._tokens(decoding, logits)
+        live = [(i, r) for i, r in enumerate(decoding) if not r.done]
+        # The logits are the graph's own buffer, which the next step overwrites: what is read
+        # of them is read first.
+        logprobs = [self._logprob(r, logits[i], tokens[i]) for i, r in live]
+        ahead = self._launch_ahead([(r, tokens[i]) for i, r in live])
+        for (index, running), logprob in zip(live, logprobs, strict=True):
+            self._take(running, tokens[index], logprob, fed=id(running) in ahead)
+
+    def _tokens(self, decoding: list[_Running], logits: torch.Tensor) -> list[int]:
+        """The next token of each row (0 for rows out of the batch)."""
         # Greedy rows, whatever their penalties, in one pass (one wait for the device, not one
         # per row); sampled ones draw from their own generators.
         greedy = [i for i, r in enumerate(decoding) if r.request.sampling.greedy]
-        tokens: dict[int, int] = {}
+        tokens = [0] * len(decoding)
         if greedy:
+            # Rows picked by a list of indices would be copied to the device first, a wait for
+            # the step holding Python's lock: all rows greedy (the usual batch) need no pick.
             chosen = greedy_rows(
-                logits[greedy],
+                logits if len(greedy) == len(decoding) else logits[greedy],
                 [decoding[i].request.sampling for i in greedy],
                 [decoding[i].context for i in greedy],
                 [len(decoding[i].request.prompt.token_ids) for i in greedy],
             )
             _await_device(chosen)
-            tokens = dict(zip(greedy, chosen.tolist(), strict=True))
+            for index, token in zip(greedy, chosen.tolist(), strict=True):
+                tokens[index] = token
         for index, running in enumerate(decoding):
-            token = tokens.get(index)
-            row = logits[index]
-            self._take(running, self._draw(running, row) if token is None else token, row)
+            if not running.request.sampling.greedy and not running.done:
+                tokens[index] = self._draw(running, logits[index])
+        return tokens
+
+    def _launch_ahead(self, taken: list[tuple[_Running, int]]) -> set[int]:
+        """Feed these sequences' new tokens through the next step now, before they are handed
+        out, if that step would be nothing else: every running sequence is among them (none
+        is prefilling or has its token from elsewhere). Those whose token ends them are left
+        out; one that a stop string ends turns out to have a row it does not need. The ids of
+        the sequences launched."""
+        if not self.run_ahead or len(taken) != len(self.running):
+            return set()
+        going = [
+            (r, token)
+            for r, token in taken
+            if token not in self.model.eos_token_ids
+            and r.stats.generated_tokens + 1 < r.request.prompt.max_new_tokens
+            and not r.request.cancel.is_set()
+        ]
+        if not going:
+            return set()
+        for running, token in going:
+            running.next_token = token
+        batch = [running for running, _ in going]
+        self._ahead = (batch, self._decode(batch))
+        return {id(running) for running in batch}
 
     def _prefill(self, running: _Running, chunk: list[int]) -> torch.Tensor:
         device = self.model.device
@@ -346,6 +400,7 @@ class BatchScheduler:
         (the step may have stopped half-way through writing them)."""
         with self._wake:
             for running in failed:
+                running.done = True
                 self.running.remove(running)
                 self.cached[running.slot] = []
                 self.free.add(running.slot)
@@ -380,13 +435,20 @@ class BatchScheduler:
         _await_device(token)
         return int(token)
 
-    def _take(self, running: _Running, token: int, logits: torch.Tensor) -> None:
-        """Pass the sequence's new token on (drawn from `logits`): text, a stop, or the next
-        step's input."""
-        request, stats = running.request, running.stats
+    def _logprob(self, running: _Running, logits: torch.Tensor, token: int):
+        """The token's SampledLogprob, where its request asks for them."""
+        request = running.request
         wanted = request.top_logprobs is not None and request.on_logprob is not None
         if wanted and token not in self.model.eos_token_ids:
-            request.on_logprob(sampled_logprob(logits, token, request.top_logprobs))
+            return sampled_logprob(logits, token, request.top_logprobs)
+        return None
+
+    def _take(self, running: _Running, token: int, logprob, fed: bool = False) -> None:
+        """Pass the sequence's new token on: text, a stop, or the next step's input (unless
+        `fed`: a step launched ahead took it already)."""
+        request, stats = running.request, running.stats
+        if logprob is not None:
+            request.on_logprob(logprob)
         now = time.perf_counter()
         if running.first_token_at is None:
             running.first_token_at = now
@@ -404,10 +466,11 @@ class BatchScheduler:
         elif stats.generated_tokens >= request.prompt.max_new_tokens:
             full = stats.prompt_tokens + stats.generated_tokens >= self.ctx
             self._finish(running, "context" if full else "length")
-        else:
+        elif not fed:
             running.next_token = token
 
     def _finish(self, running: _Running, reason: str) -> None:
+        running.done = True
         running.stats.finish_reason = reason  # type: ignore[assignment]
         piece = running.decoder.finish()
         if piece:

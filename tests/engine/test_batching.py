@@ -30,9 +30,11 @@ def model(tiny_model_factory) -> ChatModel:
     return ChatModel.load(folder, device="cpu")  # the CPU default: f16 weights
 
 
-@pytest.fixture(scope="module")
-def scheduler(model):
-    scheduler = BatchScheduler(model, slots=4, ctx=CTX)
+# Run ahead: each decode step launched before the last one's tokens are handed out (a GPU's
+# default), tested here on the CPU where it changes nothing but the order of the work.
+@pytest.fixture(scope="module", params=[False, True], ids=["in-turn", "run-ahead"])
+def scheduler(model, request):
+    scheduler = BatchScheduler(model, slots=4, ctx=CTX, run_ahead=request.param)
     yield scheduler
     scheduler.close()
 
@@ -249,3 +251,50 @@ def test_slots_beyond_the_batch_keep_finished_conversations_for_their_return(mod
 def test_a_batch_larger_than_its_slots_is_refused(model):
     with pytest.raises(ValueError, match="no more than"):
         BatchScheduler(model, slots=2, ctx=CTX, batch=3)
+
+
+def test_running_ahead_gives_each_request_what_it_gets_in_turn(model):
+    """Stop strings, token limits, sampled and greedy rows and logprobs, batched together: the
+    same pieces, stats and logprobs whether each step is launched ahead or not."""
+    questions = [ask(q) for q in QUESTIONS]
+    # A stop string from the middle of each greedy answer, so that most replies end on one.
+    stops = [(alone(model, q, GREEDY, 24)[6:9] or "zz",) for q in questions]
+    samplings = [GREEDY, SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=0)]
+
+    def served(run_ahead: bool) -> list[tuple]:
+        scheduler = BatchScheduler(model, slots=4, ctx=CTX, run_ahead=run_ahead)
+        outs = []
+        try:
+            for index, question in enumerate(questions):
+                out, logprobs = Collected(), []
+                prompt = PromptFitter(model, CTX).fit(question, 8 + 4 * index)
+                scheduler.submit(
+                    BatchRequest(
+                        prompt,
+                        samplings[index % 3],
+                        stops[index],
+                        out.pieces.append,
+                        out.end,
+                        top_logprobs=2 if index % 2 else None,
+                        on_logprob=logprobs.append,
+                    )
+                )
+                outs.append((out, logprobs))
+            for out, _ in outs:
+                assert out.done.wait(timeout=120)
+            assert sorted(scheduler.free) == [0, 1, 2, 3]
+        finally:
+            scheduler.close()
+        return [(o.pieces, o.stats.generated_tokens, o.stats.finish_reason, lp) for o, lp in outs]
+
+    in_turn, ahead = served(False), served(True)
+    # A row a stop string ends rides along one step more when launched ahead: the steps' batch
+    # sizes differ, which may round a logit's last bit differently (the tokens never differ).
+    assert [row[:3] for row in ahead] == [row[:3] for row in in_turn]
+    for (*_, ours), (*_, theirs) in zip(ahead, in_turn, strict=True):
+        assert [lp.token_id for lp in ours] == [lp.token_id for lp in theirs]
+        assert [[i for i, _ in lp.top] for lp in ours] == [[i for i, _ in lp.top] for lp in theirs]
+        values = [v for lp in ours for v in (lp.logprob, *(v for _, v in lp.top))]
+        expected = [v for lp in theirs for v in (lp.logprob, *(v for _, v in lp.top))]
+        assert values == pytest.approx(expected, abs=1e-5)
+    assert {reason for _, _, reason, _ in in_turn} == {"stop", "length"}

@@ -68,7 +68,6 @@ class _Worker:
         self.conn = conn
         self.chats = chats
         self.running: dict[int, _Running] = {}
-        self.cancelled: set[int] = set()  # cancelled before they started
         self._sending = threading.Lock()
         self._due: list[int | None] = []  # replies with a step ready; None: stop sending
         self._wake = threading.Condition()
@@ -101,16 +100,14 @@ class _Worker:
         kind, ident = message[0], message[1]
         if kind in (REPLY, COMPLETE):
             self._starters.submit(self._start, *message)
-        elif kind == CANCEL:
-            running = self.running.get(ident)
-            if running is None:
-                self.cancelled.add(ident)
-            else:
+        elif kind == CANCEL:  # only a started reply is cancelled: it is running, or has ended
+            if (running := self.running.get(ident)) is not None:
                 running.reply.cancel()
         elif kind == CALL:
             _, _, model, method, args = message
             try:
-                assert method in CALLS
+                if method not in CALLS:
+                    raise BackendError(f"no call {method!r} in the engine process")
                 value = getattr(self.chats[model], method)(*args)
             except BaseException as error:  # noqa: BLE001 - the asker gets it
                 value = _sendable(error)
@@ -126,9 +123,6 @@ class _Worker:
             return
         self.running[ident] = _Running(reply, iter(reply))
         self._send((STARTED, ident, reply.prompt_tokens, reply.dropped))
-        if ident in self.cancelled:  # the cancel came while it started
-            self.cancelled.discard(ident)
-            reply.cancel()
         if not reply.watch(lambda: self._ready(ident)):
             self._starters.submit(self._iterate, ident)
 

@@ -95,3 +95,37 @@ def test_a_request_cancelled_while_the_backend_takes_it_lets_the_gate_go(chats):
 
     assert asyncio.run(scenario())  # the slot is free again
     assert replies and replies[0].stats.finish_reason == "cancelled"
+
+
+def test_a_request_to_an_engine_process_that_is_gone_is_503(tiny_model_factory, tmp_path_factory):
+    import os
+    import signal
+
+    from llamachat.backends.process import EngineProcess
+    from llamachat.server.errors import ApiError
+
+    root = tmp_path_factory.mktemp("runner-gone")
+    store = ModelStore(root / "models")
+    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
+    engine = EngineProcess(store.root, [ChatSpec(model="tiny", ctx=256, device="cpu")])
+    lost = threading.Event()
+    engine.when_lost(lambda _: lost.set())
+    chat = engine.chats["tiny"]
+    try:
+        os.kill(engine.pid, signal.SIGKILL)
+        assert lost.wait(30)
+
+        async def ask() -> ApiError:
+            gate = Gate("tiny", 1, 0, Metrics())
+            await gate.enter()
+            run = Run(lambda cancel: chat.reply(ASKED, cancel, GREEDY), gate, chat)
+            with pytest.raises(ApiError) as refused:
+                await run.start()
+            assert not gate.slots.locked()  # the refused request let its slot go
+            return refused.value
+
+        error = asyncio.run(ask())
+        assert (error.status, error.code) == (503, "backend_gone")
+        assert error.message == "the engine process stopped (signal 9)"
+    finally:
+        engine.close()

@@ -35,6 +35,7 @@ from .kv_cache import KVCache
 from .prompts import Prompt
 from .sampling import SampledLogprob, SamplingParams, greedy_rows, sample, sampled_logprob
 from .session import PREFILL_CHUNK, GenerationStats, _common_prefix, _random_seed, _whole_buckets
+from .transfer import to_device
 
 MIXED_PREFILL_TOKENS = 2048
 
@@ -426,11 +427,11 @@ class BatchScheduler:
         recent = None
         if sampling.repeat_penalty != 1.0:
             window = running.context[-sampling.repeat_last_n :]
-            recent = torch.tensor(window, device=self.model.device)
+            recent = to_device(window, self.model.device)
         produced = None
         if sampling.occurrence_penalised:
             reply = running.context[len(running.request.prompt.token_ids) :]
-            produced = torch.tensor(reply, device=self.model.device, dtype=torch.long)
+            produced = to_device(reply, self.model.device, torch.long)
         token = sample(logits, sampling, running.generator, recent, produced)
         _await_device(token)
         return int(token)

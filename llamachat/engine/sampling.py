@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .transfer import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -166,21 +168,21 @@ def greedy_rows(
         # gather and scatter penalise a token seen twice once.
         width = max(len(w) for w in windows)
         padded = [w + w[:1] * (width - len(w)) if w else [0] * width for w in windows]
-        index = torch.tensor(padded, device=device)
+        index = to_device(padded, device)
         penalty = [p.repeat_penalty if w else 1.0 for p, w in zip(params, windows, strict=True)]
-        logits = apply_repeat_penalty(logits, index, torch.tensor(penalty, device=device)[:, None])
+        logits = apply_repeat_penalty(logits, index, to_device(penalty, device)[:, None])
     replies = [
         row[start:] if p.occurrence_penalised else []
         for p, row, start in zip(params, contexts, reply_starts, strict=True)
     ]
     if any(replies):
         width = max(len(r) for r in replies)
-        index = torch.tensor([r + [0] * (width - len(r)) for r in replies], device=device)
+        index = to_device([r + [0] * (width - len(r)) for r in replies], device)
         valid = [[1.0] * len(r) + [0.0] * (width - len(r)) for r in replies]
         counts = torch.zeros_like(logits).scatter_add_(
-            -1, index, torch.tensor(valid, device=device, dtype=logits.dtype)
+            -1, index, to_device(valid, device, logits.dtype)
         )
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = to_device([p.frequency_penalty for p in params], device)[:, None]
+        presence = to_device([p.presence_penalty for p in params], device)[:, None]
         logits = _penalise_counts(logits, counts, frequency, presence)
     return logits.argmax(-1)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import masked_attention
+from ..transfer import to_device
 from .cpu import _rotation
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ class BatchedGpuStep:
             at = torch.arange(chunk.start, end, device=self._device)
             visible = torch.arange(end, device=self._device)[None, :] <= at[:, None]
             prompts.append((chunk, visible.repeat(groups, 1)))  # (G·T, end): model.Attention's
-        logit_rows = torch.tensor(list(range(decoding)) + ends, device=self._device)
+        logit_rows = to_device(list(range(decoding)) + ends, self._device)
         logits = self._fused(*inputs, prompts=prompts, logit_rows=logit_rows)
         return logits[:decoding], logits[decoding:]
 
@@ -177,7 +178,7 @@ class BatchedGpuStep:
             slots + [self.scratch] * padding,
             positions + [0] * padding,
         )
-        return tuple(torch.tensor(v, device=self._device) for v in values)  # type: ignore[return-value]
+        return tuple(to_device(v, self._device) for v in values)  # type: ignore[return-value]
 
     def _capture(self, rows: int):
         static = (

@@ -315,6 +315,9 @@ class BatchScheduler:
     def _take_rows(self, decoding: list[_Running], logits: torch.Tensor) -> None:
         """Each sequence's next token from its row of `logits` (B, V); rows that left the
         batch since the step was launched (a step launched ahead) are passed over."""
+        if self._chainable(decoding):
+            self._take_chained(decoding, logits)
+            return
         tokens = self._tokens(decoding, logits)
         live = [(i, r) for i, r in enumerate(decoding) if not r.done]
         # The logits are the graph's own buffer, which the next step overwrites: what is read
@@ -323,6 +326,48 @@ class BatchScheduler:
         ahead = self._launch_ahead([(r, tokens[i]) for i, r in live])
         for (index, running), logprob in zip(live, logprobs, strict=True):
             self._take(running, tokens[index], logprob, fed=id(running) in ahead)
+
+    def _chainable(self, decoding: list[_Running]) -> bool:
+        """Whether the next step can take this one's tokens straight from the device: it
+        would decode every running sequence and nothing else, all greedy, none asking for
+        logprobs (read from the logits the next step overwrites)."""
+        live = [r for r in decoding if not r.done]
+        return (
+            self.run_ahead
+            and len(live) == len(self.running)
+            and all(r.request.sampling.greedy and (r.request.top_logprobs is None) for r in live)
+        )
+
+    def _take_chained(self, decoding: list[_Running], logits: torch.Tensor) -> None:
+        """Greedy tokens chosen on the device feed the next step before they are read back:
+        the device goes on to that step while they come over and are handed out. A sequence
+        whose token turns out to end it had a row in that step it does not need."""
+        chosen = greedy_rows(
+            logits,
+            [r.request.sampling for r in decoding],
+            [r.context for r in decoding],
+            [len(r.request.prompt.token_ids) for r in decoding],
+        )
+        read = _read_back(chosen)
+        live = [(i, r) for i, r in enumerate(decoding) if not r.done]
+        going = [
+            (i, r)
+            for i, r in live
+            if r.stats.generated_tokens + 1 < r.request.prompt.max_new_tokens
+            and not r.request.cancel.is_set()
+        ]
+        if going:
+            batch = [r for _, r in going]
+            if len(going) == len(decoding):
+                tokens = chosen
+            else:
+                tokens = chosen.index_select(0, to_device([i for i, _ in going], chosen.device))
+            self._ahead = (batch, self._decode(batch, tokens))
+        values = read()
+        self._fed_tokens([r for _, r in going], [values[i] for i, _ in going])
+        fed = {id(r) for _, r in going}
+        for index, running in live:
+            self._take(running, values[index], None, fed=id(running) in fed)
 
     def _tokens(self, decoding: list[_Running], logits: torch.Tensor) -> list[int]:
         """The next token of each row (0 for rows out of the batch)."""
@@ -383,17 +428,21 @@ class BatchScheduler:
         running.fed = end
         return logits
 
-    def _decode(self, batch: list[_Running]) -> torch.Tensor:
-        """One token for each sequence of `batch`, in one pass; float32 logits (B, V)."""
+    def _decode(self, batch: list[_Running], chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """One token for each sequence of `batch`, in one pass; float32 logits (B, V). The
+        tokens are the sequences' next_token, or `chosen` (B,) on the device, whose bookkeeping
+        (_fed_tokens) waits until they are read back."""
         positions = [r.fed for r in batch]
-        tokens = [r.next_token for r in batch]
         slots = [r.slot for r in batch]
+        tokens = chosen if chosen is not None else [r.next_token for r in batch]
         self.last_batch = len(batch)
         if self.device_step is not None:
-            logits = self.device_step(tokens, slots, positions)
+            logits = self.device_step(tokens, slots, positions)  # type: ignore[arg-type]
         else:
-            logits = self.cpu_step(tokens, [self.caches[s] for s in slots], positions)
-        self._fed(batch)
+            listed = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+            logits = self.cpu_step(listed, [self.caches[s] for s in slots], positions)
+        if chosen is None:
+            self._fed(batch)
         return logits
 
     def _fail(self, failed: list[_Running], error: Exception) -> None:
@@ -414,12 +463,18 @@ class BatchScheduler:
 
     def _fed(self, batch: list[_Running]) -> None:
         """The batch's tokens are in the caches now."""
+        tokens = [r.next_token for r in batch]
+        assert None not in tokens
         for running in batch:
-            assert running.next_token is not None
-            self.cached[running.slot].append(running.next_token)
-            running.context.append(running.next_token)
-            running.fed += 1
             running.next_token = None
+        self._fed_tokens(batch, tokens)  # type: ignore[arg-type]
+
+    def _fed_tokens(self, batch: list[_Running], tokens: list[int]) -> None:
+        """These tokens of the batch are in (or on their way to) the caches."""
+        for running, token in zip(batch, tokens, strict=True):
+            self.cached[running.slot].append(token)
+            running.context.append(token)
+            running.fed += 1
 
     def _draw(self, running: _Running, logits: torch.Tensor) -> int:
         """The sequence's next token, from its logits (V,)."""
@@ -481,6 +536,24 @@ class BatchScheduler:
             self.used_at[running.slot] = time.monotonic()
             self.free.add(running.slot)
         running.request.on_end(running.stats)
+
+
+def _read_back(tensor: torch.Tensor):
+    """Start copying a device tensor of ints to the host; the returned call waits for it (with
+    Python's lock released) and gives the values. Work queued after this call is not waited
+    for, as reading the tensor directly would."""
+    if not tensor.is_cuda:
+        return tensor.tolist
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def values() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return values
 
 
 def _await_device(tensor: torch.Tensor) -> None:

@@ -261,8 +261,13 @@ def test_running_ahead_gives_each_request_what_it_gets_in_turn(model):
     stops = [(alone(model, q, GREEDY, 24)[6:9] or "zz",) for q in questions]
     samplings = [GREEDY, SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=0)]
 
-    def served(run_ahead: bool) -> list[tuple]:
+    def served(run_ahead: bool, samplings=samplings, with_logprobs=True):
+        """Each request's pieces, token count, finish reason and logprobs; and whether a step
+        took the last one's tokens straight from the device."""
         scheduler = BatchScheduler(model, slots=4, ctx=CTX, run_ahead=run_ahead)
+        chained = []
+        take_chained = scheduler._take_chained  # watched, still run
+        scheduler._take_chained = lambda *args: (chained.append(1), take_chained(*args))
         outs = []
         try:
             for index, question in enumerate(questions):
@@ -271,11 +276,11 @@ def test_running_ahead_gives_each_request_what_it_gets_in_turn(model):
                 scheduler.submit(
                     BatchRequest(
                         prompt,
-                        samplings[index % 3],
+                        samplings[index % len(samplings)],
                         stops[index],
                         out.pieces.append,
                         out.end,
-                        top_logprobs=2 if index % 2 else None,
+                        top_logprobs=2 if with_logprobs and index % 2 else None,
                         on_logprob=logprobs.append,
                     )
                 )
@@ -285,9 +290,12 @@ def test_running_ahead_gives_each_request_what_it_gets_in_turn(model):
             assert sorted(scheduler.free) == [0, 1, 2, 3]
         finally:
             scheduler.close()
-        return [(o.pieces, o.stats.generated_tokens, o.stats.finish_reason, lp) for o, lp in outs]
+        results = [
+            (o.pieces, o.stats.generated_tokens, o.stats.finish_reason, lp) for o, lp in outs
+        ]
+        return results, bool(chained)
 
-    in_turn, ahead = served(False), served(True)
+    (in_turn, _), (ahead, _) = served(False), served(True)
     # A row a stop string ends rides along one step more when launched ahead: the steps' batch
     # sizes differ, which may round a logit's last bit differently (the tokens never differ).
     assert [row[:3] for row in ahead] == [row[:3] for row in in_turn]
@@ -298,3 +306,10 @@ def test_running_ahead_gives_each_request_what_it_gets_in_turn(model):
         expected = [v for lp in theirs for v in (lp.logprob, *(v for _, v in lp.top))]
         assert values == pytest.approx(expected, abs=1e-5)
     assert {reason for _, _, reason, _ in in_turn} == {"stop", "length"}
+    assert any(lp for *_, lp in in_turn)
+    # All greedy, no logprobs: each step's choice feeds the next on the device (chained).
+    greedy = [GREEDY, SamplingParams(temperature=0)]  # with a repetition penalty, and without
+    (chained, used), (plain, unused) = served(True, greedy, False), served(False, greedy, False)
+    assert chained == plain
+    assert (used, unused) == (True, False)
+    assert {reason for _, _, reason, _ in plain} == {"stop", "length"}

@@ -122,8 +122,11 @@ class BatchedGpuStep:
                 break
             bucket *= 2
 
-    def __call__(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
-        """Float32 logits (B, V); keys and values go into each sequence's slot."""
+    def __call__(
+        self, tokens: list[int] | torch.Tensor, slots: list[int], positions: list[int]
+    ) -> torch.Tensor:
+        """Float32 logits (B, V); keys and values go into each sequence's slot. The tokens may
+        be on the device already (the last step's choice, not yet read back)."""
         size = len(tokens)
         if not self.fused:
             return self._gathered(*self._inputs(tokens, slots, positions, size))
@@ -170,15 +173,18 @@ class BatchedGpuStep:
         return logits[:decoding], logits[decoding:]
 
     def _inputs(
-        self, tokens: list[int], slots: list[int], positions: list[int], rows: int
+        self, tokens: list[int] | torch.Tensor, slots: list[int], positions: list[int], rows: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         padding = rows - len(tokens)
-        values = (
-            tokens + [0] * padding,
-            slots + [self.scratch] * padding,
-            positions + [0] * padding,
+        if isinstance(tokens, torch.Tensor):
+            token_rows = F.pad(tokens, (0, padding))
+        else:
+            token_rows = to_device(tokens + [0] * padding, self._device)
+        return (
+            token_rows,
+            to_device(slots + [self.scratch] * padding, self._device),
+            to_device(positions + [0] * padding, self._device),
         )
-        return tuple(to_device(v, self._device) for v in values)  # type: ignore[return-value]
 
     def _capture(self, rows: int):
         static = (

@@ -227,14 +227,15 @@ def test_slots_beyond_the_batch_keep_finished_conversations_for_their_return(mod
         # Three others come and go, at once, through a batch of two: the fourth slot keeps it.
         original = scheduler._take
 
-        def counting(running, token, logits):
+        def counting(*args, **kwargs):
             most_running.append(len(scheduler.running))
-            original(running, token, logits)
+            original(*args, **kwargs)
 
         scheduler._take = counting
         others = [submit(scheduler, model, ask(q), max_new_tokens=8) for q in QUESTIONS[:3]]
         for out in others:
             assert out.done.wait(timeout=60)
+            assert (out.stats.finish_reason, out.stats.generated_tokens) == ("length", 8)
         assert max(most_running) == 2
         follow_up = [
             *first,

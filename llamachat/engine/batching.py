@@ -154,6 +154,7 @@ class BatchScheduler:
         self._ahead: tuple[list[_Running], torch.Tensor] | None = None  # launched, not taken
         self.cached: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.used_at = [0.0] * slots
+        self.prompt_lengths = [0] * slots  # of the latest sequence in each slot
         self.free = set(range(slots))
         self.waiting: deque[BatchRequest] = deque()
         self.running: list[_Running] = []
@@ -225,6 +226,8 @@ class BatchScheduler:
             # At least the last prompt token is computed again: its logits start the reply.
             reuse = min(_common_prefix(self.cached[slot], ids), len(ids) - 1)
             del self.cached[slot][reuse:]
+            reuse = self._borrow(slot, ids, reuse)
+            self.prompt_lengths[slot] = len(ids)
             stats = GenerationStats(
                 prompt_tokens=len(ids), reused_tokens=reuse, prefilled_tokens=len(ids) - reuse
             )
@@ -236,15 +239,37 @@ class BatchScheduler:
                 _Running(request, slot, reuse, decoder, generator, stats, list(ids))
             )
 
+    def _borrow(self, slot: int, ids: list[int], held: int) -> int:
+        """Copy into `slot` the longest start of `ids` that another slot holds beyond the
+        `held` tokens `slot` has (a system prompt that several conversations share is computed
+        once, whoever runs it); the tokens `slot` holds then."""
+        most, donor = held, None
+        for other, cached in enumerate(self.cached):
+            shared = min(_common_prefix(cached, ids), len(ids) - 1)
+            if other != slot and shared > most:
+                most, donor = shared, other
+        if donor is None:
+            return held
+        # Queued after every write the donor's record counts (its steps are launched before it
+        # records their tokens), and before any later step writes either slot.
+        for pool in (self.k_pool, self.v_pool):
+            pool[:, slot, :, held:most] = pool[:, donor, :, held:most]
+        self.cached[slot].extend(ids[held:most])
+        return most
+
     def _slot_for(self, ids: list[int]) -> int:
-        """The free slot for a prompt: the one holding the longest start of it, if what it
-        holds is mostly that start (the client's own conversation, coming back); else the
-        least recently used, so that a chat template's few shared tokens never cost another
-        conversation its cache."""
-        shared = {s: _common_prefix(self.cached[s], ids) for s in self.free}
-        returning = [s for s in self.free if 0 < len(self.cached[s]) <= 2 * shared[s]]
+        """The free slot for a prompt: the one whose last prompt is all a start of this one
+        (the client's own conversation, coming back with its next turn); else the least
+        recently used. A conversation that merely shares a start with another (a system
+        prompt, a chat template's first tokens) never takes over its slot: it borrows that
+        start (_borrow)."""
+        returning = [
+            s
+            for s in self.free
+            if 0 < self.prompt_lengths[s] <= _common_prefix(self.cached[s], ids)
+        ]
         if returning:
-            return max(returning, key=lambda s: shared[s])
+            return max(returning, key=lambda s: self.prompt_lengths[s])
         return min(self.free, key=lambda s: self.used_at[s])
 
     @torch.inference_mode()

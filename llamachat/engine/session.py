@@ -286,10 +286,20 @@ def _whole_buckets(length: int) -> int:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     length = min(len(a), len(b))
-    for index in range(length):
+    start = 0
+    # Whole slices first (compared in C), then the one where they part, token by token: a
+    # batch scheduler compares each new prompt with every slot's contents.
+    while (
+        start + _COMPARED <= length and a[start : start + _COMPARED] == b[start : start + _COMPARED]
+    ):
+        start += _COMPARED
+    for index in range(start, length):
         if a[index] != b[index]:
             return index
     return length
+
+
+_COMPARED = 64
 
 
 def _random_seed() -> int:

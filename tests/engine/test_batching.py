@@ -314,3 +314,40 @@ def test_running_ahead_gives_each_request_what_it_gets_in_turn(model):
     assert chained == plain
     assert (used, unused) == (True, False)
     assert {reason for _, _, reason, _ in plain} == {"stop", "length"}
+
+
+def test_the_common_prefix_is_the_count_of_tokens_two_lists_start_with():
+    import random
+
+    from llamachat.engine.session import _common_prefix
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(300))]
+        b = a[: rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(200))]
+        parted = [i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y]
+        assert _common_prefix(a, b) == (parted[0] if parted else min(len(a), len(b)))
+
+
+SYSTEM = "You are a careful assistant who answers in short sentences. " * 12
+
+
+def test_a_system_prompt_that_conversations_share_is_computed_once(scheduler, model):
+    first = [{"role": "system", "content": SYSTEM}, *ask("the first user")]
+    second = [{"role": "system", "content": SYSTEM}, *ask("another user entirely")]
+    one = submit(scheduler, model, first)
+    assert one.done.wait(timeout=120)
+    two = submit(scheduler, model, second)
+    assert two.done.wait(timeout=120)
+    fitter = PromptFitter(model, CTX)
+    a, b = fitter.fit(first, 16).token_ids, fitter.fit(second, 16).token_ids
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert shared > 100  # the system prompt, templated
+    assert two.stats.reused_tokens == shared  # copied from the first conversation's slot
+    assert two.text == alone(model, second)
+    # The first conversation kept its own slot: its next turn reuses all of its prompt.
+    follow_up = [*first, {"role": "assistant", "content": one.text}, *ask("and more")]
+    again = submit(scheduler, model, follow_up)
+    assert again.done.wait(timeout=120)
+    assert again.stats.reused_tokens >= len(a)
+    assert again.text == alone(model, follow_up)

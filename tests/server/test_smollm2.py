@@ -97,3 +97,26 @@ def test_completion_logprobs_name_the_tokens_of_the_text(server):
         choice.logprobs.tokens, choice.logprobs.top_logprobs, strict=True
     ):
         assert token == max(alternatives, key=alternatives.get)
+
+
+def test_another_users_conversation_reuses_a_shared_system_prompt(server):
+    client = server.client()
+    system = {"role": "system", "content": "You answer as a ship's captain would. " * 8}
+    conversations = [[system, {"role": "user", "content": question}] for question in (
+        "Where are we headed?", "What is for dinner tonight?")]  # fmt: skip
+
+    def ask(messages):
+        return client.chat.completions.create(
+            model="smollm2", messages=messages, temperature=0, max_tokens=8
+        )
+
+    replies = [ask(messages) for messages in conversations]
+    first, second = (reply.usage for reply in replies)
+    # The second prompt differs from the first after the system prompt (the user turn).
+    assert second.prompt_tokens_details.cached_tokens > 60
+    assert second.prompt_tokens_details.cached_tokens < second.prompt_tokens - 5
+    assert first.prompt_tokens_details.cached_tokens < second.prompt_tokens_details.cached_tokens
+    # ...and did not take the first conversation's place: its next turn finds all of it.
+    answer = {"role": "assistant", "content": replies[0].choices[0].message.content}
+    back = ask([*conversations[0], answer, {"role": "user", "content": "Why?"}]).usage
+    assert back.prompt_tokens_details.cached_tokens >= first.prompt_tokens - 1

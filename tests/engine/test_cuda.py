@@ -371,3 +371,40 @@ def test_prompt_attention_runs_no_cudnn_kernel_which_plans_each_new_shape():
     )
     got = masked_attention(q, keys, values, mask).float()
     assert (got - expected).abs().max() < 2e-2
+
+
+def test_a_shared_system_prompt_is_copied_between_slots_on_the_gpu(tiny_model_factory):
+    import threading
+
+    from llamachat.engine.batching import BatchRequest, BatchScheduler
+    from llamachat.engine.prompts import PromptFitter
+
+    folder, _ = tiny_model_factory(max_position_embeddings=1024)
+    model = ChatModel.load(folder, device="cuda", dtype="bfloat16")
+    scheduler = BatchScheduler(model, slots=3, ctx=1024)
+    system = {"role": "system", "content": "Be brief and be kind. " * 20}
+    prompts = [
+        PromptFitter(model, 1024).fit([system, {"role": "user", "content": question}], 8)
+        for question in ("first", "another one")
+    ]
+    stats = []
+    try:
+        for prompt in prompts:
+            done = threading.Event()
+
+            def ended(measured, done=done) -> None:
+                stats.append(measured)
+                done.set()
+
+            scheduler.submit(BatchRequest(prompt, GREEDY, (), lambda _: None, ended))
+            assert done.wait(120)
+        a, b = (prompt.token_ids for prompt in prompts)
+        shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+        assert shared > 50 and stats[1].reused_tokens == shared
+        # The second slot's keys and values of the shared start are the first's, bit for bit.
+        slots = [s for s, held in enumerate(scheduler.cached) if held[:shared] == a[:shared]]
+        assert len(slots) == 2
+        for pool in (scheduler.k_pool, scheduler.v_pool):
+            assert torch.equal(pool[:, slots[0], :, :shared], pool[:, slots[1], :, :shared])
+    finally:
+        scheduler.close()

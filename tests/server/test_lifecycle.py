@@ -132,10 +132,13 @@ def engine_pid(served) -> int:
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 def test_ctrl_c_and_sigterm_stop_the_server(tiny_home, sig, code):
     served = start_server(tiny_home)
-    client = served.client()
-    assert client.models.list().data[0].id == "tiny"
-    engine = engine_pid(served)
-    assert served.stop(sig) == code
+    try:
+        client = served.client()
+        assert client.models.list().data[0].id == "tiny"
+        engine = engine_pid(served)
+        assert served.stop(sig) == code
+    finally:
+        served.stop(signal.SIGKILL)  # a no-op once it has stopped; never left running
     assert "Traceback" not in "".join(served.log)
     with pytest.raises(openai.APIConnectionError):
         client.models.list()
@@ -144,14 +147,17 @@ def test_ctrl_c_and_sigterm_stop_the_server(tiny_home, sig, code):
 
 def test_a_server_whose_engine_process_dies_stops_in_one_line(tiny_home):
     served = start_server(tiny_home)
-    client = served.client()
-    stream = client.chat.completions.create(model="tiny", messages=HI, stream=True, **LONG)
-    chunks = iter(stream)
-    next(chunks), next(chunks)
-    os.kill(engine_pid(served), signal.SIGKILL)
-    with pytest.raises((openai.APIError, httpx.HTTPError)):
-        list(chunks)  # the reply in flight fails, in the stream's own way
-    assert served.process.wait(timeout=60) == 1
+    try:
+        client = served.client()
+        stream = client.chat.completions.create(model="tiny", messages=HI, stream=True, **LONG)
+        chunks = iter(stream)
+        next(chunks), next(chunks)
+        os.kill(engine_pid(served), signal.SIGKILL)
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            list(chunks)  # the reply in flight fails, in the stream's own way
+        assert served.process.wait(timeout=60) == 1
+    finally:
+        served.stop(signal.SIGKILL)
     log = "".join(served.log)
     assert "Traceback" not in log
     assert log.strip().splitlines()[-1] == (

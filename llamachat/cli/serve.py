@@ -167,8 +167,14 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
-    terminated: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda sig, _: terminated.append(sig))
+
+    # uvicorn handles SIGTERM while it runs, and raises it again once it has stopped: then this
+    # handler takes it, and serve returns 0. One that comes before uvicorn's handler is in place
+    # (just after the line above) asks uvicorn to stop as soon as it has started.
+    def terminated(*_) -> None:
+        server.should_exit = True
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         server.run(sockets=[sock])  # uvicorn re-raises the signal it stopped for, after
     finally:

@@ -179,3 +179,14 @@ def test_a_kv_memory_budget_keeps_more_conversations_than_the_batch(tiny_home):
     assert too_small.returncode == 2
     (line,) = too_small.stderr.decode().strip().splitlines()[-1:]
     assert "holds 0 conversations" in line and "4 replies at once" in line
+
+
+def test_sigterm_as_soon_as_the_server_says_it_serves_stops_it(tiny_home):
+    """Before uvicorn's own handler is in place, a SIGTERM was taken and forgotten: the server
+    went on serving."""
+    served = start_server(tiny_home)
+    try:
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=60) == 0
+    finally:
+        served.stop(signal.SIGKILL)

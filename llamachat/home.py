@@ -51,5 +51,9 @@ class Home:
         return self.config / "config.toml"
 
     @property
+    def remotes_file(self) -> Path:
+        return self.config / "remotes.toml"
+
+    @property
     def downloads(self) -> Path:
         return self.cache / "downloads"

@@ -63,3 +63,21 @@ def tighten(path: Path) -> None:
         os.chmod(path, mode & (FOLDER_MODE if stat.S_ISDIR(status.st_mode) else FILE_MODE))
     except OSError:
         pass
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (a crash mid-write leaves the old file), the file
+    0600 in a 0700 folder."""
+    private_dir(path.parent)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        with open(descriptor, "wb") as file:
+            os.fchmod(descriptor, FILE_MODE)
+            file.write(data)
+            file.flush()
+            os.fsync(descriptor)  # the new text is on disk before it replaces the old
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -9,13 +9,12 @@ ctx = 4096
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .private import FILE_MODE, private_dir, tighten
+from .private import tighten, write_private
 
 # The engine's quantize.CHOICES, kept here too so that reading the config and parsing the command
 # line never import torch (tests/test_settings.py checks that the two agree).
@@ -128,19 +127,7 @@ def save(path: Path, settings: Settings) -> None:
         if isinstance(value, str):
             _check_utf8(key, value)
     text = "".join(f"{key} = {_toml_value(value)}\n" for key, value in settings.items())
-    private_dir(path.parent)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        with open(descriptor, "wb") as file:
-            os.fchmod(descriptor, FILE_MODE)
-            file.write(text.encode("utf-8"))
-            file.flush()
-            os.fsync(descriptor)  # the new text is on disk before it replaces the old
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_private(path, text.encode("utf-8"))
 
 
 def _checked(key: str, value: Any, source: str) -> Any:

@@ -75,6 +75,7 @@ TORCH_FREE = [
     "llamachat.home",
     "llamachat.private",
     "llamachat.processes",
+    "llamachat.remotes",
 ]
 
 

@@ -23,8 +23,9 @@ from ..engine.errors import EngineError
 from ..history.db import HistoryError
 from ..home import Home
 from ..models.errors import StoreError
+from ..remotes import RemoteError
 from ..settings import SettingsError
-from . import bench, config_cmd, history_cmd, models, serve
+from . import bench, config_cmd, history_cmd, models, remote_cmd, serve
 from .console import CliError, error_line, one_line_warning, stdin_is_terminal
 from .options import GenerationOptions, generation_options, given_options, with_earlier
 
@@ -69,6 +70,7 @@ app.command("bench")(bench.bench)
 app.command("serve")(serve.serve)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(history_cmd.app, name="history")
+app.add_typer(remote_cmd.app, name="remote")
 
 
 @app.callback(invoke_without_command=True)
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         EngineError,
         SettingsError,
         HistoryError,
+        RemoteError,
     ) as error:
         if debug:
             traceback.print_exc()

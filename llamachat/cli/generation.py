@@ -6,12 +6,14 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from .. import remotes as remote_store
 from ..backends.base import Chat, ChatInfo, ReplyStats
 from ..backends.local import ContextSizeError, LocalBackend
 from ..chat_options import ChatOptions, chosen_model, resolve
 from ..history.store import HistoryStore
 from ..home import Home
 from ..models.store import ModelStore
+from ..remotes import Remote
 from ..settings import load
 from .console import CliError, stderr
 from .options import GenerationOptions
@@ -39,9 +41,33 @@ def start(options: GenerationOptions, history: HistoryStore) -> Setup:
             raise CliError("there is no conversation to continue yet", exit_code=2)
         continued, continued_model = latest.id, latest.model
         system = chosen.system  # the conversation keeps its own unless one is given
-    name = chosen_model(chosen, store, continued_model)
-    chat = open_chat(LocalBackend(store), chosen, name)
+    remote = _remote_model(chosen, home, continued_model)
+    if remote is not None:
+        chat = open_remote(*remote, chosen)
+    else:
+        name = chosen_model(chosen, store, continued_model)
+        chat = open_chat(LocalBackend(store), chosen, name)
     return Setup(chat=chat, system=system, continued=continued)
+
+
+def _remote_model(
+    options: ChatOptions, home: Home, continued: str | None
+) -> tuple[Remote, str] | None:
+    """(the remote, the model's id there) when the model chosen is NAME/MODEL of a remote:
+    -m, else the continued conversation's model, else the config's default_model."""
+    known = remote_store.load(home.remotes_file) if home.remotes_file.exists() else {}
+    for name in (options.model, continued, options.default_model):
+        if name is not None:
+            return remote_store.split_model(name, known)
+    return None
+
+
+def open_remote(remote: Remote, model: str, options: ChatOptions) -> Chat:
+    from ..backends.remote import RemoteBackend
+
+    status = stderr.status(f"reaching {remote.name}…") if stderr.is_terminal else nullcontext()
+    with status:
+        return RemoteBackend(remote).open_chat(options.spec(model))
 
 
 def open_chat(backend: LocalBackend, options: ChatOptions, name: str) -> Chat:

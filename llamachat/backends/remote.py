@@ -1,0 +1,403 @@
+"""Models on an OpenAI-compatible server (`llamachat serve`, vLLM, llama.cpp's server,
+ollama), behind the backend interface: replies are streamed chat completions over HTTP.
+
+Everything the server sends is checked before it is used: an answer that is not what the API
+says is a BackendError naming the server, never a KeyError. The key goes in the Authorization
+header only, never into an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+
+from ..remotes import Remote
+from .base import (
+    BackendError,
+    BackendGoneError,
+    ChatInfo,
+    ChatLoad,
+    ChatMessage,
+    ChatSpec,
+    ContextUse,
+    ModelInfo,
+    ModelUnavailableError,
+    PromptTooLongError,
+    ReplyRequest,
+    ReplyStats,
+    Sampling,
+    TokenLogprob,
+)
+
+CONNECT_TIMEOUT_S = 5.0  # a server that does not answer this soon is down or unreachable
+READ_TIMEOUT_S = 300.0  # the longest wait for the next piece (a long prompt is read first)
+LIST_TIMEOUT_S = 5.0  # `llamachat list` asks every remote; none may hold it up for long
+RETRIES = 3  # a busy server (429, 503) is asked again this many times
+MOST_RETRY_WAIT_S = 10.0
+DEFAULT_MAX_TOKENS = 1024
+FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "stop"}
+
+
+class RemoteBackend:
+    """One remote's models; `open_chat` takes the model's id on the server (spec.model)."""
+
+    def __init__(self, remote: Remote):
+        self.remote = remote
+        key = remote.api_key()
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def models(self) -> list[ModelInfo]:
+        data = self._get("/models", LIST_TIMEOUT_S)
+        cards = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(cards, list):
+            raise BackendError(f"{self.remote.url}/models did not list models")
+        return [
+            ModelInfo(f"{self.remote.name}/{card['id']}", f"on {self.remote.url}")
+            for card in cards
+            if isinstance(card, dict) and isinstance(card.get("id"), str)
+        ]
+
+    def open_chat(self, spec: ChatSpec) -> RemoteChat:
+        window = self._window(spec.model)
+        if spec.ctx is not None and window is not None and spec.ctx > window:
+            raise ModelUnavailableError(
+                f"--ctx {spec.ctx} is larger than the {window} tokens {self.remote.name} serves"
+                f" {spec.model} with"
+            )
+        size = spec.ctx or window or 0
+        info = ChatInfo(
+            model=f"{self.remote.name}/{spec.model}",
+            device=f"remote {self.remote.url}",
+            dtype="-",
+            weight_format=None,
+            threads=None,
+            context_size=size,
+            context_length=window or size,
+            max_tokens=spec.max_tokens or DEFAULT_MAX_TOKENS,
+        )
+        return RemoteChat(self, spec.model, info, spec.sampling)
+
+    def _window(self, model: str) -> int | None:
+        """The context length the server gives the model: llamachat's and vLLM's
+        max_model_len, else a context_length; None where it does not say. A model it does not
+        serve is refused here, naming those it does."""
+        data = self._get("/models", CONNECT_TIMEOUT_S * 2)
+        cards = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(cards, list):
+            raise BackendError(f"{self.remote.url}/models did not list models")
+        ids = [c.get("id") for c in cards if isinstance(c, dict)]
+        if model not in ids:
+            served = ", ".join(sorted(str(i) for i in ids if isinstance(i, str))) or "none"
+            raise ModelUnavailableError(
+                f"{self.remote.name} has no model {model!r} (it serves: {served})"
+            )
+        card = cards[ids.index(model)]
+        for field in ("max_model_len", "context_length"):
+            value = card.get(field)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    def _get(self, path: str, timeout: float) -> Any:
+        url = self.remote.url + path
+        try:
+            response = httpx.get(url, headers=self._headers, timeout=timeout)
+        except httpx.HTTPError as error:
+            raise _unreachable(self.remote, error) from None
+        if response.status_code != 200:
+            raise _refused(self.remote, response.status_code, response.text)
+        try:
+            return response.json()
+        except ValueError:
+            raise BackendError(f"{url} did not answer with JSON") from None
+
+    def stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST a streamed request, asking again while the server says it is busy; the open
+        response, its status 200 checked."""
+        client = httpx.Client(
+            timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            headers=self._headers,
+        )
+        for attempt in range(RETRIES + 1):
+            try:
+                request = client.build_request("POST", self.remote.url + path, json=body)
+                response = client.send(request, stream=True)
+            except httpx.HTTPError as error:
+                client.close()
+                raise _unreachable(self.remote, error) from None
+            if response.status_code == 200:
+                response.extensions["llamachat_client"] = client
+                return response
+            text = response.read().decode("utf-8", errors="replace")
+            response.close()
+            if response.status_code in (429, 503) and attempt < RETRIES:
+                time.sleep(_retry_after(response.headers.get("retry-after"), attempt))
+                continue
+            client.close()
+            raise _refused(self.remote, response.status_code, text)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+
+class RemoteChat:
+    """A model on a remote server; each reply sends the whole conversation (the server may
+    reuse what it computed for the last one: llamachat's and vLLM's do)."""
+
+    def __init__(self, backend: RemoteBackend, model: str, info: ChatInfo, sampling: Sampling):
+        self._backend = backend
+        self._model = model
+        self._info = info
+        self._sampling = sampling
+
+    @property
+    def info(self) -> ChatInfo:
+        return self._info
+
+    def reply(
+        self,
+        messages: Sequence[ChatMessage],
+        cancel: threading.Event | None = None,
+        request: ReplyRequest | None = None,
+    ) -> RemoteReply:
+        body = self._body(request or ReplyRequest())
+        body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return self._start("/chat/completions", body, cancel)
+
+    def complete(
+        self,
+        prompt: str,
+        cancel: threading.Event | None = None,
+        request: ReplyRequest | None = None,
+    ) -> RemoteReply:
+        body = self._body(request or ReplyRequest())
+        body["prompt"] = prompt
+        return self._start("/completions", body, cancel)
+
+    def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
+        # Without the model's tokenizer, about four characters a token (the meter is a guide).
+        used = sum(len(m["content"]) for m in messages) // 4 if messages else 0
+        return ContextUse(used=used, window=self._info.context_size)
+
+    def load(self) -> ChatLoad:
+        return ChatLoad(running=0, waiting=0, last_batch=0, kv_tokens=0, kv_capacity=0)
+
+    def close(self) -> None:
+        pass
+
+    def _body(self, request: ReplyRequest) -> dict[str, Any]:
+        sampling = request.sampling or self._sampling
+        body: dict[str, Any] = {
+            "model": self._model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": request.max_tokens or self._info.max_tokens,
+        }
+        # OpenAI's names; then llamachat's and llama.cpp's own, which vLLM also takes (top_k,
+        # min_p) or names otherwise (repetition_penalty): sent only when the user chose them.
+        for field in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
+            if (value := getattr(sampling, field)) is not None:
+                body[field] = value
+        for field in ("top_k", "min_p", "repeat_penalty"):
+            if (value := getattr(sampling, field)) is not None:
+                body[field] = value
+        if request.stop:
+            body["stop"] = list(request.stop)
+        return body
+
+    def _start(self, path: str, body: dict[str, Any], cancel: threading.Event | None):
+        started = time.perf_counter()
+        response = self._backend.stream(path, body)
+        return RemoteReply(response, self._backend.remote, started, cancel or threading.Event())
+
+
+class RemoteReply:
+    """One streamed reply: server-sent events of chat (or text) completion chunks."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        remote: Remote,
+        started: float,
+        cancel: threading.Event,
+    ):
+        self._response = response
+        self._remote = remote
+        self._started = started
+        self._cancel = cancel
+        self._stats = ReplyStats()
+        self._consumed = False
+        self.logprobs: list[TokenLogprob] = []
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        return ()  # the server reads the whole conversation, or refuses it
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._stats.prompt_tokens
+
+    @property
+    def stats(self) -> ReplyStats:
+        return self._stats
+
+    def watch(self, ready) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._response.close()  # a read waiting for the next piece returns now
+
+    def __iter__(self) -> Iterator[str]:
+        if self._consumed:
+            raise RuntimeError("a reply can be streamed only once")
+        self._consumed = True
+        stats = self._stats
+        first = last = None
+        try:
+            for data in self._events():
+                text, finish, usage = _chunk(data, self._remote)
+                if usage is not None:
+                    _count(stats, usage)
+                if finish is not None:
+                    stats.finish_reason = FINISH.get(finish, "stop")  # type: ignore[assignment]
+                if text:
+                    last = time.perf_counter()
+                    first = first or last
+                    yield text
+            if stats.finish_reason is None:
+                stats.finish_reason = "stop"
+        except (httpx.HTTPError, OSError) as error:
+            if not self._cancel.is_set():
+                raise BackendError(
+                    f"the reply from {self._remote.name} broke off: {_reason(error)}"
+                ) from None
+        finally:
+            if self._cancel.is_set():
+                stats.finish_reason = "cancelled"
+            if first is not None:
+                stats.time_to_first_token_s = first - self._started
+                stats.decode_s = (last or first) - first
+            self._close()
+
+    def _events(self) -> Iterator[dict]:
+        """The JSON of each `data:` event, up to `data: [DONE]`; an error the server sends
+        in the stream is raised."""
+        for line in self._response.iter_lines():
+            if self._cancel.is_set():
+                return
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                return
+            try:
+                data = json.loads(payload)
+            except ValueError:
+                raise BackendError(f"{self._remote.name} sent an event that is not JSON") from None
+            if not isinstance(data, dict):
+                raise BackendError(f"{self._remote.name} sent an event that is not an object")
+            if "error" in data:
+                said = _error_text(data) or "an error without a message"
+                raise BackendError(f"{self._remote.name}: {said}")
+            yield data
+        if not self._cancel.is_set():
+            raise BackendError(f"the reply from {self._remote.name} ended without [DONE]")
+
+    def _close(self) -> None:
+        self._response.close()
+        client = self._response.extensions.get("llamachat_client")
+        if client is not None:
+            client.close()
+
+
+def _chunk(data: dict, remote: Remote) -> tuple[str, str | None, dict | None]:
+    """A chunk's text, finish reason and usage (each possibly absent)."""
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    choices = data.get("choices") or []
+    if not isinstance(choices, list):
+        raise BackendError(f"{remote.name} sent a chunk whose choices are not a list")
+    text, finish = "", None
+    for choice in choices[:1]:
+        if not isinstance(choice, dict):
+            raise BackendError(f"{remote.name} sent a choice that is not an object")
+        delta = choice.get("delta")
+        piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if piece is not None and not isinstance(piece, str):
+            raise BackendError(f"{remote.name} sent text that is not a string")
+        text = piece or ""
+        reason = choice.get("finish_reason")
+        finish = reason if isinstance(reason, str) else None
+    return text, finish, usage
+
+
+def _count(stats: ReplyStats, usage: dict) -> None:
+    def number(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    stats.prompt_tokens = number(usage.get("prompt_tokens"))
+    stats.generated_tokens = number(usage.get("completion_tokens"))
+    details = usage.get("prompt_tokens_details")
+    cached = number(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    stats.reused_tokens = min(cached, stats.prompt_tokens)
+    stats.prefilled_tokens = stats.prompt_tokens - stats.reused_tokens
+
+
+def _retry_after(header: str | None, attempt: int) -> float:
+    """Seconds to wait before asking a busy server again: what it says, within bounds."""
+    try:
+        wait = float(header) if header is not None else 2.0**attempt
+    except ValueError:
+        wait = 2.0**attempt
+    return min(max(wait, 0.1), MOST_RETRY_WAIT_S)
+
+
+def _unreachable(remote: Remote, error: httpx.HTTPError) -> BackendGoneError:
+    if isinstance(error, httpx.TimeoutException):
+        return BackendGoneError(
+            f"{remote.name} ({remote.url}) did not answer within {CONNECT_TIMEOUT_S:g} s"
+        )
+    return BackendGoneError(f"cannot reach {remote.name} at {remote.url}: {_reason(error)}")
+
+
+def _refused(remote: Remote, status: int, text: str) -> BackendError:
+    """The server's error answer as one line."""
+    first_line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {status}"
+    try:
+        said = _error_text(json.loads(text)) or first_line
+    except ValueError:
+        said = first_line
+    if status == 401:
+        how = (
+            f"set {remote.api_key_env} to its key"
+            if remote.api_key_env
+            else f"add it again with --api-key-env VAR: llamachat remote add {remote.name} …"
+        )
+        return BackendError(f"{remote.name} refused the API key ({said}); {how}")
+    if status == 400 and "context" in said.lower():
+        return PromptTooLongError(f"{remote.name}: {said}")
+    if status == 404:
+        return ModelUnavailableError(f"{remote.name}: {said}")
+    if status in (429, 503):
+        return BackendError(f"{remote.name} is busy ({said}); try again later")
+    return BackendError(f"{remote.name} answered {status}: {said}")
+
+
+def _error_text(data: Any) -> str:
+    """The message of OpenAI's error shape, {"error": {"message": …}} (or a bare string)."""
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:300]
+    if isinstance(error, str):
+        return error[:300]
+    return ""
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    if "Connection refused" in text or "Errno 111" in text:
+        return "connection refused"
+    return text.splitlines()[0][:200] if text else type(error).__name__

@@ -1,0 +1,110 @@
+"""The OpenAI-compatible servers the user chats with (`llamachat remote add`), by name, kept in
+remotes.toml beside the config file:
+
+    [remotes.box]
+    url = "http://192.168.1.20:8000/v1"
+    api_key_env = "BOX_API_KEY"
+
+A remote's models are chosen as NAME/MODEL. Its key is never stored: only the name of the
+environment variable that holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .private import tighten, write_private
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class RemoteError(Exception):
+    """A remote that cannot be added, found or read; `exit_code` 2 for what the user typed."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Remote:
+    name: str
+    url: str  # the API's base, ending in /v1 (where /chat/completions and /models are)
+    api_key_env: str | None = None  # the environment variable holding its key
+
+    def api_key(self) -> str | None:
+        """The key from its environment variable; None when it names none or is unset."""
+        if self.api_key_env is None:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+
+def checked(name: str, url: str, api_key_env: str | None) -> Remote:
+    """A remote from what `remote add` was given. A URL without a path gets /v1, where every
+    OpenAI-compatible server has its API (llamachat, vLLM, llama.cpp, ollama)."""
+    if not _NAME.fullmatch(name):
+        raise RemoteError(
+            f"remote name {name!r}: use letters, digits, '.', '_' or '-' (no '/'), up to 64", 2
+        )
+    parts = urlsplit(url)
+    if parts.username or parts.password or parts.query or parts.fragment:
+        # Not repeated back: what it carries may be a password.
+        raise RemoteError(
+            "the remote URL may have no user, password, query or fragment (a key goes in the"
+            " variable --api-key-env names)",
+            2,
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RemoteError(f"remote URL {url!r}: give http://HOST[:PORT][/PATH] or https://…", 2)
+    base = url.rstrip("/")
+    if parts.path in ("", "/"):
+        base += "/v1"
+    if api_key_env is not None and not _ENV_VAR.fullmatch(api_key_env):
+        raise RemoteError(f"--api-key-env {api_key_env!r} is not an environment variable name", 2)
+    return Remote(name, base, api_key_env)
+
+
+def load(path: Path) -> dict[str, Remote]:
+    """The remotes in `path` by name; none when it does not exist."""
+    if not path.exists():
+        return {}
+    tighten(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        table = data.get("remotes", {})
+        remotes = {}
+        for name, fields in table.items():
+            remote = checked(name, fields["url"], fields.get("api_key_env"))
+            remotes[remote.name] = remote
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise RemoteError(f"cannot read {path}: {error}") from None
+    except (KeyError, TypeError, AttributeError, RemoteError) as error:
+        raise RemoteError(f"{path} is damaged ({error}); fix it or remove it") from None
+    return remotes
+
+
+def save(path: Path, remotes: dict[str, Remote]) -> None:
+    lines = []
+    for remote in remotes.values():
+        lines.append(f"[remotes.{json.dumps(remote.name)}]")
+        lines.append(f"url = {json.dumps(remote.url)}")
+        if remote.api_key_env is not None:
+            lines.append(f"api_key_env = {json.dumps(remote.api_key_env)}")
+        lines.append("")
+    write_private(path, "\n".join(lines).encode("utf-8"))
+
+
+def split_model(name: str, remotes: dict[str, Remote]) -> tuple[Remote, str] | None:
+    """NAME/MODEL as (the remote, the model's id there) when NAME is a remote; else None (a
+    local model's name)."""
+    head, slash, model = name.partition("/")
+    if slash and head in remotes and model:
+        return remotes[head], model
+    return None

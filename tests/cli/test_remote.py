@@ -1,0 +1,120 @@
+"""Chatting with a model on a remote server (`llamachat remote`, `-m NAME/MODEL`): a real
+`llamachat serve` subprocess on 127.0.0.1 with an API key, reached from another llamachat home
+that has no model installed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+
+import pytest
+
+from tests.conftest import cli_env, run_cli
+from tests.server.conftest import start_server
+
+KEY = "remote-test-key"
+GREEDY = ("--temperature", "0", "--max-tokens", "12")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_factory, tmp_path_factory):
+    """The tiny model served with a key; and the home it was installed in."""
+    home = cli_env(tmp_path_factory.mktemp("remote-server"))
+    folder = tiny_model_factory()[0]
+    assert run_cli("pull", str(folder), "--as", "tiny", env=home).returncode == 0
+    server = start_server(home, "--max-batch", "2", api_key=KEY)
+    yield server, home
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client_home(served, tmp_path_factory):
+    """A home with the server added as remote `box`, its key in BOX_KEY."""
+    server, _ = served
+    env = cli_env(tmp_path_factory.mktemp("remote-client"), BOX_KEY=KEY)
+    added = run_cli("remote", "add", "box", server.url, "--api-key-env", "BOX_KEY", env=env)
+    assert added.returncode == 0, added.stderr.decode()
+    return env
+
+
+def test_a_remote_is_added_listed_and_kept_private_without_its_key(client_home, served):
+    server, _ = served
+    listed = run_cli("remote", "list", env=client_home)
+    assert listed.returncode == 0
+    assert listed.stdout.decode().split() == ["box", f"{server.url}/v1", "key", "from", "$BOX_KEY"]
+    path = os.path.join(client_home["LLAMACHAT_HOME"], "remotes.toml")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert KEY not in open(path, encoding="utf-8").read()
+
+
+def test_a_piped_question_is_answered_by_the_remote_model_as_it_is_here(client_home, served):
+    _, server_home = served
+    there = run_cli("-m", "box/tiny", *GREEDY, env=client_home, input=b"hello there", timeout=120)
+    assert there.returncode == 0, there.stderr.decode()
+    here = run_cli("-m", "tiny", *GREEDY, env=server_home, input=b"hello there", timeout=120)
+    assert here.returncode == 0
+    assert there.stdout == here.stdout and there.stdout.strip()
+    assert there.stderr == b""  # stdout is for the answer; nothing else was said
+    # The exchange is in the client's own history, under the remote model's name.
+    db = os.path.join(client_home["LLAMACHAT_HOME"], "history.db")
+    with sqlite3.connect(db) as history:
+        models = [row[0] for row in history.execute("SELECT model FROM conversations")]
+    assert models == ["box/tiny"]
+
+
+def test_a_continued_conversation_goes_to_the_remote_and_reuses_its_cache(client_home):
+    first = run_cli("-m", "box/tiny", *GREEDY, env=client_home, input=b"one", timeout=120)
+    assert first.returncode == 0
+    again = run_cli("-c", *GREEDY, "--verbose", env=client_home, input=b"two", timeout=120)
+    assert again.returncode == 0, again.stderr.decode()
+    stats = dict(line.split(":", 1) for line in again.stderr.decode().splitlines() if ":" in line)
+    assert "remote" in stats["device"]
+    assert int(stats["reused from cache"]) > 0  # the server kept the first turn's keys
+
+
+@pytest.mark.parametrize(
+    ("args", "env_extra", "expected"),
+    [
+        (("-m", "box/nope"), {}, "box has no model 'nope' (it serves: tiny)"),
+        (("-m", "box/tiny"), {"BOX_KEY": "not-the-key-123"}, "box refused the API key"),
+    ],
+    ids=["unknown-model", "wrong-key"],
+)
+def test_a_refusal_is_one_line(client_home, args, env_extra, expected):
+    result = run_cli(*args, env={**client_home, **env_extra}, input=b"hi", timeout=60)
+    assert result.returncode == 1
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert expected in line
+    assert KEY not in line and "not-the-key-123" not in line  # no key is ever repeated
+
+
+def test_a_server_that_is_gone_is_said_in_one_line(tmp_path, tiny_model_factory):
+    home = cli_env(tmp_path / "gone-server")
+    assert run_cli("pull", str(tiny_model_factory()[0]), "--as", "tiny", env=home).returncode == 0
+    server = start_server(home)
+    url = server.url
+    assert server.stop(signal.SIGTERM) == 0
+    env = cli_env(tmp_path / "gone-client")
+    assert run_cli("remote", "add", "gone", url, env=env).returncode == 0
+    result = run_cli("-m", "gone/tiny", env=env, input=b"hi", timeout=60)
+    assert result.returncode == 1
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert f"cannot reach gone at {url}/v1: connection refused" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("remote", "add", "a/b", "http://x"), "remote name 'a/b'"),
+        (("remote", "add", "x", "ftp://x"), "remote URL 'ftp://x'"),
+        (("remote", "add", "x", "http://user:secret@x"), "may have no user, password"),
+        (("remote", "rm", "never"), "no remote named 'never'"),
+    ],
+)
+def test_bad_remote_arguments_are_usage_errors(tmp_path, args, expected):
+    result = run_cli(*args, env=cli_env(tmp_path))
+    assert result.returncode == 2
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert expected in line and "secret" not in line

@@ -92,9 +92,11 @@ class RemoteBackend:
             raise BackendError(f"{self.remote.url}/models did not list models")
         ids = [c.get("id") for c in cards if isinstance(c, dict)]
         if model not in ids:
-            served = ", ".join(sorted(str(i) for i in ids if isinstance(i, str))) or "none"
+            names = sorted(i for i in ids if isinstance(i, str))
+            served = ", ".join(_shown(i, 80) for i in names[:20]) or "none"
+            more = f" and {len(names) - 20} more" if len(names) > 20 else ""
             raise ModelUnavailableError(
-                f"{self.remote.name} has no model {model!r} (it serves: {served})"
+                f"{self.remote.name} has no model {model!r} (it serves: {served}{more})"
             )
         card = cards[ids.index(model)]
         for field in ("max_model_len", "context_length"):
@@ -365,7 +367,7 @@ def _unreachable(remote: Remote, error: httpx.HTTPError) -> BackendGoneError:
 
 def _refused(remote: Remote, status: int, text: str) -> BackendError:
     """The server's error answer as one line."""
-    first_line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {status}"
+    first_line = _shown(text.strip().splitlines()[0]) if text.strip() else f"HTTP {status}"
     try:
         said = _error_text(json.loads(text)) or first_line
     except ValueError:
@@ -390,10 +392,17 @@ def _error_text(data: Any) -> str:
     """The message of OpenAI's error shape, {"error": {"message": …}} (or a bare string)."""
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"][:300]
+        return _shown(error["message"])
     if isinstance(error, str):
-        return error[:300]
+        return _shown(error)
     return ""
+
+
+def _shown(text: str, most: int = 300) -> str:
+    """Text a server sent, as one line that is safe to print: control characters (a
+    terminal's escape sequences among them) written out as escapes, at most `most` long."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return safe if len(safe) <= most else safe[:most] + "…"
 
 
 def _reason(error: BaseException) -> str:

@@ -118,3 +118,17 @@ def test_bad_remote_arguments_are_usage_errors(tmp_path, args, expected):
     assert result.returncode == 2
     (line,) = result.stderr.decode().strip().splitlines()
     assert expected in line and "secret" not in line
+
+
+def test_what_a_server_says_in_an_error_is_printed_as_one_safe_line():
+    from llamachat.backends.remote import _refused
+    from llamachat.remotes import Remote
+
+    hostile = (
+        '{"error": {"message": "bad\\u001b[2J\\u001b]0;owned\\u0007\\nsecond line'
+        + "x" * 900
+        + '"}}'
+    )
+    said = str(_refused(Remote("box", "http://box/v1"), 500, hostile))
+    assert "\x1b" not in said and "\x07" not in said and "\n" not in said
+    assert "bad\\x1b[2J" in said and len(said) < 400

@@ -110,7 +110,7 @@ class RemoteBackend:
         try:
             response = httpx.get(url, headers=self._headers, timeout=timeout)
         except httpx.HTTPError as error:
-            raise _unreachable(self.remote, error) from None
+            raise _unreachable(self.remote, error, timeout, timeout) from None
         if response.status_code != 200:
             raise _refused(self.remote, response.status_code, response.text)
         try:
@@ -131,7 +131,7 @@ class RemoteBackend:
                 response = client.send(request, stream=True)
             except httpx.HTTPError as error:
                 client.close()
-                raise _unreachable(self.remote, error) from None
+                raise _unreachable(self.remote, error, CONNECT_TIMEOUT_S, READ_TIMEOUT_S) from None
             if response.status_code == 200:
                 response.extensions["llamachat_client"] = client
                 return response
@@ -357,11 +357,13 @@ def _retry_after(header: str | None, attempt: int) -> float:
     return min(max(wait, 0.1), MOST_RETRY_WAIT_S)
 
 
-def _unreachable(remote: Remote, error: httpx.HTTPError) -> BackendGoneError:
+def _unreachable(
+    remote: Remote, error: httpx.HTTPError, connect: float, read: float
+) -> BackendGoneError:
+    """The request's failure as one line; `connect` and `read`: the limits it had."""
     if isinstance(error, httpx.TimeoutException):
-        return BackendGoneError(
-            f"{remote.name} ({remote.url}) did not answer within {CONNECT_TIMEOUT_S:g} s"
-        )
+        limit = connect if isinstance(error, httpx.ConnectTimeout) else read
+        return BackendGoneError(f"{remote.name} ({remote.url}) did not answer within {limit:g} s")
     return BackendGoneError(f"cannot reach {remote.name} at {remote.url}: {_reason(error)}")
 
 

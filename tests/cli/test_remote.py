@@ -132,3 +132,18 @@ def test_what_a_server_says_in_an_error_is_printed_as_one_safe_line():
     said = str(_refused(Remote("box", "http://box/v1"), 500, hostile))
     assert "\x1b" not in said and "\x07" not in said and "\n" not in said
     assert "bad\\x1b[2J" in said and len(said) < 400
+
+
+def test_a_server_that_never_answers_is_given_up_on_with_the_limit_named(tmp_path):
+    import socket
+
+    with socket.socket() as silent:  # takes connections, answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = cli_env(tmp_path)
+        assert run_cli("remote", "add", "mute", url, env=env).returncode == 0
+        result = run_cli("-m", "mute/any", env=env, input=b"hi", timeout=60)
+    assert result.returncode == 1
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert line.endswith(f"mute ({url}/v1) did not answer within 10 s")

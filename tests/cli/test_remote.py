@@ -95,7 +95,10 @@ def test_a_server_that_is_gone_is_said_in_one_line(tmp_path, tiny_model_factory)
     assert run_cli("pull", str(tiny_model_factory()[0]), "--as", "tiny", env=home).returncode == 0
     server = start_server(home)
     url = server.url
-    assert server.stop(signal.SIGTERM) == 0
+    try:
+        assert server.stop(signal.SIGTERM) == 0
+    finally:
+        server.stop(signal.SIGKILL)  # never left running, whatever failed
     env = cli_env(tmp_path / "gone-client")
     assert run_cli("remote", "add", "gone", url, env=env).returncode == 0
     result = run_cli("-m", "gone/tiny", env=env, input=b"hi", timeout=60)

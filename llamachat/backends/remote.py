@@ -52,15 +52,24 @@ class RemoteBackend:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def models(self) -> list[ModelInfo]:
-        data = self._get("/models", LIST_TIMEOUT_S)
+        return [
+            ModelInfo(f"{self.remote.name}/{model}", f"on {self.remote.url}")
+            for model in self.served()
+        ]
+
+    def served(self, timeout: float = LIST_TIMEOUT_S) -> dict[str, int | None]:
+        """The models the server serves by id, each with the context length it gives it:
+        llamachat's and vLLM's max_model_len, else a context_length; None where it does not
+        say."""
+        data = self._get("/models", timeout)
         cards = data.get("data") if isinstance(data, dict) else None
         if not isinstance(cards, list):
             raise BackendError(f"{self.remote.url}/models did not list models")
-        return [
-            ModelInfo(f"{self.remote.name}/{card['id']}", f"on {self.remote.url}")
-            for card in cards
-            if isinstance(card, dict) and isinstance(card.get("id"), str)
-        ]
+        served: dict[str, int | None] = {}
+        for card in cards:
+            if isinstance(card, dict) and isinstance(card.get("id"), str):
+                served[_shown(card["id"], 200)] = _window_of(card)
+        return served
 
     def open_chat(self, spec: ChatSpec) -> RemoteChat:
         window = self._window(spec.model)
@@ -83,27 +92,17 @@ class RemoteBackend:
         return RemoteChat(self, spec.model, info, spec.sampling)
 
     def _window(self, model: str) -> int | None:
-        """The context length the server gives the model: llamachat's and vLLM's
-        max_model_len, else a context_length; None where it does not say. A model it does not
-        serve is refused here, naming those it does."""
-        data = self._get("/models", CONNECT_TIMEOUT_S * 2)
-        cards = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(cards, list):
-            raise BackendError(f"{self.remote.url}/models did not list models")
-        ids = [c.get("id") for c in cards if isinstance(c, dict)]
-        if model not in ids:
-            names = sorted(i for i in ids if isinstance(i, str))
-            served = ", ".join(_shown(i, 80) for i in names[:20]) or "none"
+        """The context length the server gives the model (None where it does not say); a
+        model it does not serve is refused here, naming those it does."""
+        served = self.served(CONNECT_TIMEOUT_S * 2)
+        if model not in served:
+            names = sorted(served)
+            listed = ", ".join(_shown(i, 80) for i in names[:20]) or "none"
             more = f" and {len(names) - 20} more" if len(names) > 20 else ""
             raise ModelUnavailableError(
-                f"{self.remote.name} has no model {model!r} (it serves: {served}{more})"
+                f"{self.remote.name} has no model {model!r} (it serves: {listed}{more})"
             )
-        card = cards[ids.index(model)]
-        for field in ("max_model_len", "context_length"):
-            value = card.get(field)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-        return None
+        return served[model]
 
     def _get(self, path: str, timeout: float) -> Any:
         url = self.remote.url + path
@@ -314,6 +313,14 @@ class RemoteReply:
         client = self._response.extensions.get("llamachat_client")
         if client is not None:
             client.close()
+
+
+def _window_of(card: dict) -> int | None:
+    for field in ("max_model_len", "context_length"):
+        value = card.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _chunk(data: dict, remote: Remote) -> tuple[str, str | None, dict | None]:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from .. import remotes
 from ..engine.config import ModelConfig
 from ..engine.errors import EngineError
 from ..home import Home
@@ -80,12 +81,13 @@ def pull(
 
 
 def list_models(as_json: JsonOption = False) -> None:
-    """List installed models."""
+    """List installed models, and those of each remote server (`llamachat remote`)."""
     models = ModelStore(Home.current().models).scan()
+    remote = _remote_summaries()
     if as_json:
-        stdout.print_json(json.dumps([_summary(model) for model in models]))
+        stdout.print_json(json.dumps([_summary(model) for model in models] + remote))
         return
-    if not models:
+    if not models and not remote:
         stderr.print(
             "no models installed: `llamachat pull smollm2` gets the default one", markup=False
         )
@@ -112,17 +114,87 @@ def list_models(as_json: JsonOption = False) -> None:
             manifest.source,
             "damaged" if damage else "ok",
         )
+    for entry in remote:
+        context = entry["context_length"]
+        table.add_row(entry["name"], "-", "-", "-", f"{context or '-'}", entry["source"], "remote")
     stdout.print(table)
     for problem in problems:
         warn(problem)
+
+
+def _show_remote(remote: remotes.Remote, model: str, as_json: bool) -> None:
+    from ..backends.base import ModelUnavailableError
+    from ..backends.remote import RemoteBackend
+
+    served = RemoteBackend(remote).served()
+    if model not in served:
+        listed = ", ".join(sorted(served)) or "none"
+        raise ModelUnavailableError(f"{remote.name} has no model {model!r} (it serves: {listed})")
+    details = {
+        "name": f"{remote.name}/{model}",
+        "remote": remote.name,
+        "url": remote.url,
+        "model": model,
+        "context_length": served[model],
+    }
+    if as_json:
+        stdout.print_json(json.dumps(details))
+        return
+    rows = [
+        ("remote", f"{remote.name} ({remote.url})"),
+        ("model", model),
+        ("context length", f"{served[model]}" if served[model] else "not said by the server"),
+    ]
+    for label, value in rows:
+        stdout.print(f"{label + ':':16}{value}", markup=False)
+
+
+def _remote_summaries() -> list[dict[str, Any]]:
+    """`list`'s entries for the remotes' models, each remote asked with a short timeout; one
+    that cannot be asked is said on stderr, and the others are still listed."""
+    from ..backends.base import BackendError
+    from ..backends.remote import RemoteBackend
+
+    home = Home.current()
+    try:
+        known = remotes.load(home.remotes_file)
+    except remotes.RemoteError as error:
+        warn(str(error))
+        return []
+    entries = []
+    for remote in known.values():
+        try:
+            served = RemoteBackend(remote).served()
+        except BackendError as error:
+            warn(str(error))
+            continue
+        for model, context in served.items():
+            entries.append(
+                {
+                    "name": f"{remote.name}/{model}",
+                    **dict.fromkeys(_SUMMARY_FIELDS),
+                    "context_length": context,
+                    "source": remote.url,
+                    "path": None,
+                    "status": "remote",
+                    "problem": None,
+                }
+            )
+    return entries
 
 
 def show(
     name: Annotated[str, typer.Argument(help="An installed model.")],
     as_json: JsonOption = False,
 ) -> None:
-    """Show a model's architecture, context, KV-cache cost, chat format and files."""
-    model = ModelStore(Home.current().models).get(name)
+    """Show a model's architecture, context, KV-cache cost, chat format and files; for a
+    remote's model (NAME/MODEL), what its server says of it."""
+    home = Home.current()
+    known = remotes.load(home.remotes_file) if home.remotes_file.exists() else {}
+    if (remote_model := remotes.split_model(name, known)) is not None:
+        _show_remote(*remote_model, as_json)
+        return
+    model = ModelStore(home.models).get(name)
     damage = model.size_problems()
     try:
         details = _details(model, damage)

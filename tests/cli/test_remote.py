@@ -150,3 +150,38 @@ def test_a_server_that_never_answers_is_given_up_on_with_the_limit_named(tmp_pat
     assert result.returncode == 1
     (line,) = result.stderr.decode().strip().splitlines()
     assert line.endswith(f"mute ({url}/v1) did not answer within 10 s")
+
+
+def test_list_and_show_give_a_remotes_models_as_its_server_reports_them(client_home, served):
+    import json
+
+    import httpx
+
+    server, _ = served
+    cards = httpx.get(
+        f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ).json()["data"]
+    (card,) = cards
+    window = card["max_model_len"]
+    # A second remote that is down is said on stderr; the first one's models are still listed.
+    down = {**client_home}
+    assert run_cli("remote", "add", "down", "http://127.0.0.1:9", env=down).returncode == 0
+    try:
+        listed = run_cli("list", "--json", env=down, timeout=60)
+        assert listed.returncode == 0, listed.stderr.decode()
+        (entry,) = [e for e in json.loads(listed.stdout) if e["status"] == "remote"]
+        assert (entry["name"], entry["context_length"]) == ("box/tiny", window)
+        assert entry["source"] == f"{server.url}/v1"
+        (warning,) = listed.stderr.decode().strip().splitlines()
+        assert "cannot reach down" in warning
+        table = run_cli("list", env=down, timeout=60).stdout.decode()
+        (row,) = [line.split() for line in table.splitlines() if line.startswith("box/tiny")]
+        assert row[4:] == [str(window), f"{server.url}/v1", "remote"]
+    finally:
+        assert run_cli("remote", "rm", "down", env=down).returncode == 0
+    shown = run_cli("show", "box/tiny", "--json", env=client_home, timeout=60)
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["context_length"] == window
+    missing = run_cli("show", "box/nope", env=client_home, timeout=60)
+    assert missing.returncode == 1
+    assert "box has no model 'nope' (it serves: tiny)" in missing.stderr.decode()

@@ -185,3 +185,39 @@ def test_list_and_show_give_a_remotes_models_as_its_server_reports_them(client_h
     missing = run_cli("show", "box/nope", env=client_home, timeout=60)
     assert missing.returncode == 1
     assert "box has no model 'nope' (it serves: tiny)" in missing.stderr.decode()
+
+
+def test_ctrl_c_stops_a_remote_reply_at_once_and_keeps_what_came(client_home, served):
+    import subprocess
+    import sys
+
+    server, _ = served
+    generated = server.metric("llamachat_generated_tokens_total")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamachat", "-m", "box/tiny", "--max-tokens", "900"],
+        env=client_home,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as at a terminal
+    )
+    process.stdin.write(b"go on for long")
+    process.stdin.close()
+    assert process.stdout.read(1)  # the answer has started
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert b"Traceback" not in process.stderr.read()
+    db = os.path.join(client_home["LLAMACHAT_HOME"], "history.db")
+    with sqlite3.connect(db) as history:
+        content, status = history.execute(
+            "SELECT content, status FROM messages WHERE role = 'assistant' ORDER BY id DESC"
+        ).fetchone()
+    assert status == "interrupted" and content
+    # The server let the reply go: it was cancelled there, not written to its end.
+    import time
+
+    deadline = time.monotonic() + 30
+    while server.metric("llamachat_batch_running") != 0:
+        assert time.monotonic() < deadline, "the server still writes the abandoned reply"
+        time.sleep(0.2)
+    assert server.metric("llamachat_generated_tokens_total") == generated  # none finished

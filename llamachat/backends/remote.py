@@ -72,7 +72,7 @@ class RemoteBackend:
         return served
 
     def open_chat(self, spec: ChatSpec) -> RemoteChat:
-        window = self._window(spec.model)
+        window = self.window(spec.model)
         if spec.ctx is not None and window is not None and spec.ctx > window:
             raise ModelUnavailableError(
                 f"--ctx {spec.ctx} is larger than the {window} tokens {self.remote.name} serves"
@@ -91,7 +91,7 @@ class RemoteBackend:
         )
         return RemoteChat(self, spec.model, info, spec.sampling)
 
-    def _window(self, model: str) -> int | None:
+    def window(self, model: str) -> int | None:
         """The context length the server gives the model (None where it does not say); a
         model it does not serve is refused here, naming those it does."""
         served = self.served(CONNECT_TIMEOUT_S * 2)
@@ -197,14 +197,10 @@ class RemoteChat:
             "stream_options": {"include_usage": True},
             "max_tokens": request.max_tokens or self._info.max_tokens,
         }
-        # OpenAI's names; then llamachat's and llama.cpp's own, which vLLM also takes (top_k,
-        # min_p) or names otherwise (repetition_penalty): sent only when the user chose them.
-        for field in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
-            if (value := getattr(sampling, field)) is not None:
-                body[field] = value
-        for field in ("top_k", "min_p", "repeat_penalty"):
-            if (value := getattr(sampling, field)) is not None:
-                body[field] = value
+        # Sent only when chosen: OpenAI's fields, then llamachat's and llama.cpp's own (vLLM
+        # also takes top_k and min_p, and names the last one repetition_penalty).
+        for field, value in sampling.chosen().items():
+            body[field] = value
         if request.stop:
             body["stop"] = list(request.stop)
         return body

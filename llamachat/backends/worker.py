@@ -14,7 +14,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -57,10 +57,12 @@ def main(conn: Connection, models: str, specs: list[ChatSpec]) -> None:
 
 @dataclass
 class _Running:
+    """A reply being sent back: stepped by the sending thread (a watched reply) or by a thread
+    of its own (_iterate), never by both."""
+
     reply: Reply
     pieces: Iterator[str]
     sent: int = 0  # of the reply's logprobs
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Worker:
@@ -154,16 +156,15 @@ class _Worker:
     def _step(self, ident: int) -> tuple:
         """The next step of a reply's iteration, as an event; it leaves `running` at its end."""
         running = self.running[ident]
-        with running.lock:
-            try:
-                text = next(running.pieces)
-            except StopIteration:
-                del self.running[ident]
-                return (ident, END, running.reply.stats, self._logprobs(running))
-            except Exception as error:  # noqa: BLE001
-                del self.running[ident]
-                return (ident, FAILURE, str(error))
-            return (ident, PIECE, text, self._logprobs(running))
+        try:
+            text = next(running.pieces)
+        except StopIteration:
+            del self.running[ident]
+            return (ident, END, running.reply.stats, self._logprobs(running))
+        except Exception as error:  # noqa: BLE001
+            del self.running[ident]
+            return (ident, FAILURE, str(error))
+        return (ident, PIECE, text, self._logprobs(running))
 
     @staticmethod
     def _logprobs(running: _Running) -> list:

@@ -55,7 +55,7 @@ def _remote_model(
 ) -> tuple[Remote, str] | None:
     """(the remote, the model's id there) when the model chosen is NAME/MODEL of a remote:
     -m, else the continued conversation's model, else the config's default_model."""
-    known = remote_store.load(home.remotes_file) if home.remotes_file.exists() else {}
+    known = remote_store.load(home.remotes_file)
     for name in (options.model, continued, options.default_model):
         if name is not None:
             return remote_store.split_model(name, known)

@@ -123,19 +123,15 @@ def list_models(as_json: JsonOption = False) -> None:
 
 
 def _show_remote(remote: remotes.Remote, model: str, as_json: bool) -> None:
-    from ..backends.base import ModelUnavailableError
     from ..backends.remote import RemoteBackend
 
-    served = RemoteBackend(remote).served()
-    if model not in served:
-        listed = ", ".join(sorted(served)) or "none"
-        raise ModelUnavailableError(f"{remote.name} has no model {model!r} (it serves: {listed})")
+    window = RemoteBackend(remote).window(model)  # refuses a model the server lacks
     details = {
         "name": f"{remote.name}/{model}",
         "remote": remote.name,
         "url": remote.url,
         "model": model,
-        "context_length": served[model],
+        "context_length": window,
     }
     if as_json:
         stdout.print_json(json.dumps(details))
@@ -143,7 +139,7 @@ def _show_remote(remote: remotes.Remote, model: str, as_json: bool) -> None:
     rows = [
         ("remote", f"{remote.name} ({remote.url})"),
         ("model", model),
-        ("context length", f"{served[model]}" if served[model] else "not said by the server"),
+        ("context length", f"{window}" if window else "not said by the server"),
     ]
     for label, value in rows:
         stdout.print(f"{label + ':':16}{value}", markup=False)
@@ -190,7 +186,7 @@ def show(
     """Show a model's architecture, context, KV-cache cost, chat format and files; for a
     remote's model (NAME/MODEL), what its server says of it."""
     home = Home.current()
-    known = remotes.load(home.remotes_file) if home.remotes_file.exists() else {}
+    known = remotes.load(home.remotes_file)
     if (remote_model := remotes.split_model(name, known)) is not None:
         _show_remote(*remote_model, as_json)
         return

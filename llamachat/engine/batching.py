@@ -375,12 +375,7 @@ class BatchScheduler:
         )
         read = _read_back(chosen)
         live = [(i, r) for i, r in enumerate(decoding) if not r.done]
-        going = [
-            (i, r)
-            for i, r in live
-            if r.stats.generated_tokens + 1 < r.request.prompt.max_new_tokens
-            and not r.request.cancel.is_set()
-        ]
+        going = [(i, r) for i, r in live if _goes_on(r)]
         if going:
             batch = [r for _, r in going]
             if len(going) == len(decoding):
@@ -428,9 +423,7 @@ class BatchScheduler:
         going = [
             (r, token)
             for r, token in taken
-            if token not in self.model.eos_token_ids
-            and r.stats.generated_tokens + 1 < r.request.prompt.max_new_tokens
-            and not r.request.cancel.is_set()
+            if token not in self.model.eos_token_ids and _goes_on(r)
         ]
         if not going:
             return set()
@@ -561,6 +554,15 @@ class BatchScheduler:
             self.used_at[running.slot] = time.monotonic()
             self.free.add(running.slot)
         running.request.on_end(running.stats)
+
+
+def _goes_on(running: _Running) -> bool:
+    """Whether the sequence needs a step after the token it is about to take, as far as is
+    known before that token is read: not at its token limit, not cancelled."""
+    return (
+        running.stats.generated_tokens + 1 < running.request.prompt.max_new_tokens
+        and not running.request.cancel.is_set()
+    )
 
 
 def _read_back(tensor: torch.Tensor):

@@ -113,6 +113,19 @@ def tiny_model_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_store(tiny_model_factory, tmp_path_factory):
+    """A model store with the GQA tiny model installed as `tiny` (by `pull` from its folder);
+    the tests that share it only open chats on it."""
+    from llamachat.models.pull import pull
+    from llamachat.models.store import ModelStore
+
+    root = tmp_path_factory.mktemp("tiny-store")
+    store = ModelStore(root / "models")
+    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
+    return store
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_factory):
     """A loaded GQA tiny model (8 heads over 2 kv heads), fp32 on the CPU."""
     from llamachat.engine import ChatModel

@@ -10,29 +10,19 @@ import pytest
 from llamachat.backends import BackendError, ChatSpec, PromptTooLongError, ReplyRequest, Sampling
 from llamachat.backends.local import LocalBackend
 from llamachat.engine import ChatModel, SamplingParams
-from llamachat.models.pull import pull
-from llamachat.models.store import ModelStore
 
 GREEDY = ReplyRequest(sampling=Sampling(temperature=0.0, repeat_penalty=1.0), max_tokens=9)
 
 
 @pytest.fixture(scope="module")
-def installed(tiny_model_factory, tmp_path_factory):
-    root = tmp_path_factory.mktemp("local-backend")
-    store = ModelStore(root / "models")
-    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
-    return store
+def chat(tiny_store):
+    return LocalBackend(tiny_store).open_chat(ChatSpec(model="tiny", ctx=128, device="cpu"))
 
 
 @pytest.fixture(scope="module")
-def chat(installed):
-    return LocalBackend(installed).open_chat(ChatSpec(model="tiny", ctx=128, device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def engine(installed):
+def engine(tiny_store):
     """The same model straight from the engine, the reference for what the backend gives."""
-    return ChatModel.load(installed.get("tiny").path, device="cpu")
+    return ChatModel.load(tiny_store.get("tiny").path, device="cpu")
 
 
 def engine_answer(engine, messages, max_new_tokens=9) -> list[int]:
@@ -95,9 +85,9 @@ def test_a_reply_never_read_does_not_keep_the_chat_locked(chat):
 
 
 @pytest.fixture(scope="module")
-def batched(installed):
+def batched(tiny_store):
     spec = ChatSpec(model="tiny", ctx=128, device="cpu", concurrency=3)
-    chat = LocalBackend(installed).open_chat(spec)
+    chat = LocalBackend(tiny_store).open_chat(spec)
     yield chat
     chat.close()
 
@@ -139,21 +129,21 @@ def test_a_batched_prompt_too_long_is_refused(batched):
         batched.complete("word " * 400, request=GREEDY)
 
 
-def test_a_kv_memory_budget_keeps_more_conversations_than_run_at_once(installed):
+def test_a_kv_memory_budget_keeps_more_conversations_than_run_at_once(tiny_store):
     from llamachat.engine.batching import slot_bytes
 
-    probe = LocalBackend(installed).open_chat(ChatSpec(model="tiny", ctx=128, device="cpu"))
+    probe = LocalBackend(tiny_store).open_chat(ChatSpec(model="tiny", ctx=128, device="cpu"))
     each = slot_bytes(probe.model, 128)
     probe.close()
     spec = ChatSpec(model="tiny", ctx=128, device="cpu", concurrency=2, kv_memory=5 * each + 1)
-    chat = LocalBackend(installed).open_chat(spec)
+    chat = LocalBackend(tiny_store).open_chat(spec)
     try:
         assert (chat.scheduler.slots, chat.scheduler.batch) == (5, 2)
     finally:
         chat.close()
     too_small = ChatSpec(model="tiny", ctx=128, device="cpu", concurrency=3, kv_memory=2 * each)
     with pytest.raises(BackendError, match="holds 2 conversations of 128 tokens.*3 replies"):
-        LocalBackend(installed).open_chat(too_small)
+        LocalBackend(tiny_store).open_chat(too_small)
 
 
 def test_the_load_of_a_session_is_its_one_reply_and_its_cache(chat):
@@ -189,11 +179,11 @@ def test_the_texts_of_a_replys_tokens_join_to_its_text(which, request):
 
 @pytest.mark.parametrize("tokenizer", ["installed", "folder"])
 def test_a_shape_opens_random_weights_with_a_models_tokenizer(
-    installed, engine, tiny_model_factory, tokenizer
+    tiny_store, engine, tiny_model_factory, tokenizer
 ):
     source = "tiny" if tokenizer == "installed" else str(tiny_model_factory()[0])
     spec = ChatSpec(model="toy", shape="toy", tokenizer=source, ctx=128, device="cpu")
-    chat = LocalBackend(installed).open_chat(spec)
+    chat = LocalBackend(tiny_store).open_chat(spec)
     messages = [{"role": "user", "content": "hello there"}]
     reply = chat.reply(messages, request=GREEDY)
     assert "".join(reply)

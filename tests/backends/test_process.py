@@ -19,32 +19,22 @@ from llamachat.backends import (
 )
 from llamachat.backends.local import ContextSizeError, LocalBackend
 from llamachat.backends.process import EngineLostError, EngineProcess
-from llamachat.models.pull import pull
-from llamachat.models.store import ModelStore
 
 GREEDY = ReplyRequest(sampling=Sampling(temperature=0.0, repeat_penalty=1.0), max_tokens=9)
 SPEC = ChatSpec(model="tiny", ctx=128, device="cpu", concurrency=3)
 
 
 @pytest.fixture(scope="module")
-def installed(tiny_model_factory, tmp_path_factory):
-    root = tmp_path_factory.mktemp("process-backend")
-    store = ModelStore(root / "models")
-    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
-    return store
-
-
-@pytest.fixture(scope="module")
-def engine(installed):
-    engine = EngineProcess(installed.root, [SPEC])
+def engine(tiny_store):
+    engine = EngineProcess(tiny_store.root, [SPEC])
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
-def here(installed):
+def here(tiny_store):
     """The same chat opened in this process: what the engine process must give."""
-    chat = LocalBackend(installed).open_chat(SPEC)
+    chat = LocalBackend(tiny_store).open_chat(SPEC)
     yield chat
     chat.close()
 
@@ -124,18 +114,18 @@ def test_the_context_use_is_the_chats_there(engine, here):
     assert engine.chats["tiny"].context_use(messages) == here.context_use(messages)
 
 
-def test_a_model_that_cannot_open_is_refused_with_its_error(installed):
+def test_a_model_that_cannot_open_is_refused_with_its_error(tiny_store):
     with pytest.raises(ModelUnavailableError, match="nope"):
-        EngineProcess(installed.root, [ChatSpec(model="nope", device="cpu")])
+        EngineProcess(tiny_store.root, [ChatSpec(model="nope", device="cpu")])
     with pytest.raises(ContextSizeError) as raised:
-        EngineProcess(installed.root, [ChatSpec(model="tiny", ctx=10**6, device="cpu")])
+        EngineProcess(tiny_store.root, [ChatSpec(model="tiny", ctx=10**6, device="cpu")])
     assert raised.value.requested == 10**6  # intact, for the server to say in its words
 
 
-def test_an_engine_process_that_dies_fails_its_replies_and_says_so(installed):
+def test_an_engine_process_that_dies_fails_its_replies_and_says_so(tiny_store):
     why: list[str] = []
     lost = threading.Event()
-    engine = EngineProcess(installed.root, [SPEC])
+    engine = EngineProcess(tiny_store.root, [SPEC])
     engine.when_lost(lambda said: (why.append(said), lost.set()))
     try:
         chat = engine.chats["tiny"]

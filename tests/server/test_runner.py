@@ -12,8 +12,6 @@ import pytest
 
 from llamachat.backends import ChatSpec, ReplyRequest, Sampling
 from llamachat.backends.local import LocalBackend
-from llamachat.models.pull import pull
-from llamachat.models.store import ModelStore
 from llamachat.server.metrics import Metrics
 from llamachat.server.runner import Gate, Run
 
@@ -22,11 +20,8 @@ ASKED = [{"role": "user", "content": "tell me a story"}]
 
 
 @pytest.fixture(scope="module")
-def chats(tiny_model_factory, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runner")
-    store = ModelStore(root / "models")
-    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
-    backend = LocalBackend(store)
+def chats(tiny_store):
+    backend = LocalBackend(tiny_store)
     batched = backend.open_chat(ChatSpec(model="tiny", ctx=256, device="cpu", concurrency=4))
     alone = backend.open_chat(ChatSpec(model="tiny", ctx=256, device="cpu"))
     yield batched, alone
@@ -97,17 +92,14 @@ def test_a_request_cancelled_while_the_backend_takes_it_lets_the_gate_go(chats):
     assert replies and replies[0].stats.finish_reason == "cancelled"
 
 
-def test_a_request_to_an_engine_process_that_is_gone_is_503(tiny_model_factory, tmp_path_factory):
+def test_a_request_to_an_engine_process_that_is_gone_is_503(tiny_store):
     import os
     import signal
 
     from llamachat.backends.process import EngineProcess
     from llamachat.server.errors import ApiError
 
-    root = tmp_path_factory.mktemp("runner-gone")
-    store = ModelStore(root / "models")
-    pull(str(tiny_model_factory()[0]), store, root / "cache", name="tiny")
-    engine = EngineProcess(store.root, [ChatSpec(model="tiny", ctx=256, device="cpu")])
+    engine = EngineProcess(tiny_store.root, [ChatSpec(model="tiny", ctx=256, device="cpu")])
     lost = threading.Event()
     engine.when_lost(lambda _: lost.set())
     chat = engine.chats["tiny"]

@@ -53,7 +53,13 @@ def checked(name: str, url: str, api_key_env: str | None) -> Remote:
         raise RemoteError(
             f"remote name {name!r}: use letters, digits, '.', '_' or '-' (no '/'), up to 64", 2
         )
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - read for its check: a port that is not one raises
+    except ValueError:
+        raise RemoteError(
+            f"remote URL {url!r}: give http://HOST[:PORT][/PATH] or https://…", 2
+        ) from None
     if parts.username or parts.password or parts.query or parts.fragment:
         # Not repeated back: what it carries may be a password.
         raise RemoteError(

@@ -112,6 +112,8 @@ def test_a_server_that_is_gone_is_said_in_one_line(tmp_path, tiny_model_factory)
     [
         (("remote", "add", "a/b", "http://x"), "remote name 'a/b'"),
         (("remote", "add", "x", "ftp://x"), "remote URL 'ftp://x'"),
+        (("remote", "add", "x", "http://[::1"), "remote URL 'http://[::1'"),
+        (("remote", "add", "x", "http://x:99999"), "remote URL 'http://x:99999'"),
         (("remote", "add", "x", "http://user:secret@x"), "may have no user, password"),
         (("remote", "rm", "never"), "no remote named 'never'"),
     ],

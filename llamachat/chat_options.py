@@ -17,9 +17,11 @@ from .history.presets import all_presets, preset_prompt
 from .history.store import HistoryStore
 from .models.errors import StoreError
 from .models.store import ModelStore
+from .remotes import Remote, split_model
 from .settings import Settings
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+PLACEMENT = ("device", "dtype", "quantize", "threads", "chat_format")
 
 
 class OptionsError(Exception):
@@ -49,6 +51,7 @@ class GivenOptions(Protocol):
     threads: int | None
     chat_format: str | None
     continue_: bool
+    local: bool
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class ChatOptions:
     default_system: str | None = None  # the config's, for a new conversation without one
     continue_latest: bool = False
     theme: str | None = None  # the chat app's
+    # The model runs in this process, never on a llamachat server here that has it loaded:
+    # --local, or a flag that places the model (device, dtype, weights, threads, format),
+    # which a server started with its own cannot honour.
+    in_process: bool = False
 
     @property
     def new_system(self) -> str | None:
@@ -120,15 +127,30 @@ def resolve(
         default_system=settings.system,
         continue_latest=given.continue_,
         theme=theme,
+        in_process=given.local or any(getattr(given, flag) is not None for flag in PLACEMENT),
     )
 
 
-def chosen_model(options: ChatOptions, store: ModelStore, continued: str | None = None) -> str:
-    """-m, else the model of the conversation being continued (while it is installed), else
-    the config's default_model, else the latest installed. Raises StoreError."""
+def chosen_model(
+    options: ChatOptions,
+    store: ModelStore,
+    continued: str | None = None,
+    remotes: dict[str, Remote] | None = None,
+) -> str:
+    """-m, else the model of the conversation being continued (while it is installed or on a
+    remote), else the config's default_model, else the latest installed. A remote's model
+    (NAME/MODEL) is taken as it is: its server says whether it has it. Raises StoreError."""
+
+    def remote(name: str | None) -> bool:
+        return name is not None and split_model(name, remotes or {}) is not None
+
     requested = options.model
-    if requested is None and continued and _is_installed(store, continued):
+    if requested is None and continued and (remote(continued) or _is_installed(store, continued)):
         requested = continued
+    if requested is None and remote(options.default_model):
+        requested = options.default_model
+    if remote(requested):
+        return requested  # type: ignore[return-value]  # remote() saw it is a str
     return store.choose(requested, options.default_model).name
 
 

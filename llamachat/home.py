@@ -1,7 +1,9 @@
 """Where llamachat keeps things.
 
 Models and history live in the platformdirs user data dir, the config file in the user config
-dir. LLAMACHAT_HOME replaces both with one folder (every test sets it). Downloads that are only
+dir. LLAMACHAT_HOME replaces both with one folder (every test sets it). What lasts only while a
+process runs (the records of running servers) goes to $XDG_RUNTIME_DIR/llamachat, else beside
+the data, in run/. Downloads that are only
 worth keeping to avoid fetching them again (pip wheels) go to the user cache dir, or
 LLAMACHAT_CACHE_DIR; they are not part of a model's install.
 """
@@ -20,6 +22,7 @@ class Home:
     data: Path
     config: Path
     cache: Path
+    run: Path | None = None  # None: data/run
 
     @classmethod
     def current(cls) -> Home:
@@ -31,7 +34,9 @@ class Home:
         if home:
             root = Path(home).expanduser()
             return cls(data=root, config=root, cache=cache_path)
-        return cls(user_data_path(APP_NAME), user_config_path(APP_NAME), cache_path)
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        run = Path(runtime) / APP_NAME if runtime else None
+        return cls(user_data_path(APP_NAME), user_config_path(APP_NAME), cache_path, run)
 
     @property
     def models(self) -> Path:
@@ -53,6 +58,11 @@ class Home:
     @property
     def remotes_file(self) -> Path:
         return self.config / "remotes.toml"
+
+    @property
+    def runtime(self) -> Path:
+        """Where running `llamachat serve` processes record themselves (serving.py)."""
+        return self.run or self.data / "run"
 
     @property
     def downloads(self) -> Path:

@@ -12,11 +12,13 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
 
 from ..remotes import Remote
+from ..serving import RunningServer
 from .base import (
     BackendError,
     BackendGoneError,
@@ -44,10 +46,13 @@ FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "
 
 
 class RemoteBackend:
-    """One remote's models; `open_chat` takes the model's id on the server (spec.model)."""
+    """One remote's models; `open_chat` takes the model's id on the server (spec.model).
+    `on_this_machine`: the remote is a llamachat server here, serving installed models under
+    their own names, which its chats keep (the history does not tell them apart)."""
 
-    def __init__(self, remote: Remote):
+    def __init__(self, remote: Remote, on_this_machine: RunningServer | None = None):
         self.remote = remote
+        self._here = on_this_machine
         key = remote.api_key()
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -89,6 +94,16 @@ class RemoteBackend:
             context_length=window or size,
             max_tokens=spec.max_tokens or DEFAULT_MAX_TOKENS,
         )
+        here = self._here.models if self._here is not None else ()
+        loaded = next((model for model in here if model.name == spec.model), None)
+        if self._here is not None and loaded is not None:
+            info = replace(
+                info,
+                model=spec.model,
+                device=f"{loaded.device} (llamachat server, pid {self._here.pid})",
+                dtype=loaded.dtype,
+                weight_format=loaded.weight_format,
+            )
         return RemoteChat(self, spec.model, info, spec.sampling)
 
     def window(self, model: str) -> int | None:
@@ -197,10 +212,13 @@ class RemoteChat:
             "stream_options": {"include_usage": True},
             "max_tokens": request.max_tokens or self._info.max_tokens,
         }
-        # Sent only when chosen: OpenAI's fields, then llamachat's and llama.cpp's own (vLLM
-        # also takes top_k and min_p, and names the last one repetition_penalty).
+        # Sent only when chosen: OpenAI's fields, then llamachat's and llama.cpp's own, which
+        # vLLM takes too but for the penalty's name (each server ignores the name it lacks;
+        # ollama's OpenAI routes take neither, nor top_k and min_p: docs/REMOTES.md).
         for field, value in sampling.chosen().items():
             body[field] = value
+        if sampling.repeat_penalty is not None:
+            body["repetition_penalty"] = sampling.repeat_penalty
         if request.stop:
             body["stop"] = list(request.stop)
         return body
@@ -312,8 +330,10 @@ class RemoteReply:
 
 
 def _window_of(card: dict) -> int | None:
-    for field in ("max_model_len", "context_length"):
-        value = card.get(field)
+    """vLLM's and llamachat's max_model_len, else a context_length, else llama.cpp's n_ctx
+    (each slot's, in `meta` in recent builds; not n_ctx_train, what the model was trained to)."""
+    meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
+    for value in (card.get("max_model_len"), card.get("context_length"), meta.get("n_ctx")):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
@@ -398,9 +418,10 @@ def _error_text(data: Any) -> str:
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return _shown(error["message"])
-    if isinstance(error, str):
+    if isinstance(error, str):  # vLLM's 401: {"error": "Unauthorized"}
         return _shown(error)
-    return ""
+    flat = data.get("message") if isinstance(data, dict) and data.get("object") == "error" else None
+    return _shown(flat) if isinstance(flat, str) else ""  # older vLLM: the fields at the top
 
 
 def _shown(text: str, most: int = 300) -> str:

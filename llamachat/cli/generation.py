@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 from .. import remotes as remote_store
 from ..backends.base import Chat, ChatInfo, ReplyStats
-from ..backends.local import ContextSizeError, LocalBackend
+from ..backends.local import ContextSizeError
+from ..backends.routing import Router
 from ..chat_options import ChatOptions, chosen_model, resolve
 from ..history.store import HistoryStore
 from ..home import Home
 from ..models.store import ModelStore
-from ..remotes import Remote
+from ..remotes import split_model
 from ..settings import load
 from .console import CliError, stderr
 from .options import GenerationOptions
@@ -32,7 +33,6 @@ class Setup:
 def start(options: GenerationOptions, history: HistoryStore) -> Setup:
     home = Home.current()
     chosen = resolve(options, load(home.config_file), history)
-    store = ModelStore(home.models)
     continued, continued_model = None, None
     system = chosen.new_system
     if chosen.continue_latest:
@@ -41,40 +41,32 @@ def start(options: GenerationOptions, history: HistoryStore) -> Setup:
             raise CliError("there is no conversation to continue yet", exit_code=2)
         continued, continued_model = latest.id, latest.model
         system = chosen.system  # the conversation keeps its own unless one is given
-    remote = _remote_model(chosen, home, continued_model)
+    router = models_for(home, chosen)
+    name = chosen_model(chosen, router.store, continued_model, router.remotes)
+    return Setup(chat=open_chat(router, chosen, name), system=system, continued=continued)
+
+
+def models_for(home: Home, options: ChatOptions) -> Router:
+    """Every model `options` may open: installed, on a remote, or loaded by a server here."""
+    return Router(
+        ModelStore(home.models),
+        remote_store.load(home.remotes_file),
+        None if options.in_process else home.runtime,
+    )
+
+
+def open_chat(router: Router, options: ChatOptions, name: str) -> Chat:
+    remote = split_model(name, router.remotes)
     if remote is not None:
-        chat = open_remote(*remote, chosen)
+        doing = f"reaching {remote[0].name}…"
+    elif router.server_for(name) is not None:
+        doing = f"reaching the server that has {name} loaded…"
     else:
-        name = chosen_model(chosen, store, continued_model)
-        chat = open_chat(LocalBackend(store), chosen, name)
-    return Setup(chat=chat, system=system, continued=continued)
-
-
-def _remote_model(
-    options: ChatOptions, home: Home, continued: str | None
-) -> tuple[Remote, str] | None:
-    """(the remote, the model's id there) when the model chosen is NAME/MODEL of a remote:
-    -m, else the continued conversation's model, else the config's default_model."""
-    known = remote_store.load(home.remotes_file)
-    for name in (options.model, continued, options.default_model):
-        if name is not None:
-            return remote_store.split_model(name, known)
-    return None
-
-
-def open_remote(remote: Remote, model: str, options: ChatOptions) -> Chat:
-    from ..backends.remote import RemoteBackend
-
-    status = stderr.status(f"reaching {remote.name}…") if stderr.is_terminal else nullcontext()
-    with status:
-        return RemoteBackend(remote).open_chat(options.spec(model))
-
-
-def open_chat(backend: LocalBackend, options: ChatOptions, name: str) -> Chat:
-    status = stderr.status(f"loading {name}…") if stderr.is_terminal else nullcontext()
+        doing = f"loading {name}…"
+    status = stderr.status(doing) if stderr.is_terminal else nullcontext()
     try:
         with status:
-            return backend.open_chat(options.spec(name))
+            return router.open_chat(options.spec(name))
     except ContextSizeError as error:
         raise CliError(
             f"--ctx {error.requested} is larger than the model's context of {error.limit}", 2

@@ -193,6 +193,15 @@ class GenerationOptions:
             rich_help_panel=PANEL,
         ),
     ] = False
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="Load the model in this process even when a llamachat server on this machine"
+            " has it loaded.",
+            rich_help_panel=PANEL,
+        ),
+    ] = False
     verbose: Annotated[
         bool,
         typer.Option(

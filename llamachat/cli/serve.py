@@ -18,7 +18,9 @@ from ..backends.process import EngineProcess
 from ..chat_options import chosen_model, resolve
 from ..home import Home
 from ..models.store import ModelStore
+from ..serving import LoadedModel, forget, loopback_url, record
 from ..settings import load
+from .background import log_path, start_in_background
 from .console import CliError
 from .generation import open_history
 from .options import GenerationOptions, checked_device, checked_dtype, checked_quantize
@@ -105,6 +107,16 @@ def serve(
         typer.Option("--quantize", help="auto, none, int8, int4, f16.", callback=checked_quantize),
     ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    background: Annotated[
+        bool,
+        typer.Option(
+            "--background",
+            help="Start the server as a process of its own and return once it serves; one-shots,"
+            " -c and the chat app on this machine then use its models (`llamachat ps` lists"
+            " them, `llamachat stop` stops it).",
+        ),
+    ] = False,
+    detached: Annotated[bool, typer.Option("--detached", hidden=True)] = False,
 ) -> int:
     """Serve models over OpenAI's API (chat completions, completions, models) on HOST:PORT."""
     if shape is not None and model:
@@ -117,11 +129,13 @@ def serve(
             " LLAMACHAT_API_KEY), or pass --no-api-key-on-network to serve it open",
             exit_code=2,
         )
+    home = Home.current()
+    if background:
+        return start_in_background(home, _flags(locals()), api_key)
     import uvicorn
 
     from ..server import create_app
 
-    home = Home.current()
     given = GenerationOptions(
         ctx=ctx, device=device, dtype=dtype, quantize=quantize, threads=threads
     )
@@ -161,28 +175,56 @@ def serve(
     engine.when_lost(engine_lost)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(
-        f"llamachat: serving {', '.join(chats)} at http://{shown}:{bound}/v1"
-        f"{' (API key required)' if api_key else ''}",
-        file=sys.stderr,
-        flush=True,
-    )
+    loaded = [
+        LoadedModel(name, info.device, info.dtype, info.weight_format, info.context_size)
+        for name, info in ((name, chat.info) for name, chat in chats.items())
+    ]
+    log = log_path(home, os.getpid()) if detached else None
 
     # uvicorn handles SIGTERM while it runs, and raises it again once it has stopped: then this
     # handler takes it, and serve returns 0. One that comes before uvicorn's handler is in place
-    # (just after the line above) asks uvicorn to stop as soon as it has started.
+    # (once the line below is printed, a client may send it) asks uvicorn to stop as soon as it
+    # has started.
     def terminated(*_) -> None:
         server.should_exit = True
 
     previous = signal.signal(signal.SIGTERM, terminated)
+    recorded = None
     try:
+        # Recorded before it is said: a client that read the line finds the server.
+        recorded = record(home.runtime, loopback_url(host, bound), loaded, bool(api_key), log)
+        print(
+            f"llamachat: serving {', '.join(chats)} at http://{shown}:{bound}/v1"
+            f"{' (API key required)' if api_key else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
         server.run(sockets=[sock])  # uvicorn re-raises the signal it stopped for, after
     finally:
+        if recorded is not None:
+            forget(recorded)  # no client may pick a server that no longer answers
         signal.signal(signal.SIGTERM, previous)
         engine.close()
     if lost:
         raise CliError(f"{lost[-1]}; the server stopped with it")
     return 0
+
+
+def _flags(given: dict) -> list[str]:
+    """serve's command line again, from its parameters, for the background process (the key
+    goes in its environment: a command line is visible to every user of the machine)."""
+    flags: list[str] = []
+    for name in given.get("model") or []:
+        flags += ["--model", name]
+    for option in ("shape", "tokenizer", "host", "port", "max_batch", "max_queue", "kv_memory"):
+        if given[option] is not None:
+            flags += [f"--{option.replace('_', '-')}", str(given[option])]
+    for option in ("ctx", "device", "dtype", "quantize", "threads"):
+        if given[option] is not None:
+            flags += [f"--{option}", str(given[option])]
+    if given["no_api_key_on_network"]:
+        flags.append("--no-api-key-on-network")
+    return flags
 
 
 def _open(store: ModelStore, specs: list[ChatSpec]) -> EngineProcess:

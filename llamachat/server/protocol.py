@@ -55,6 +55,7 @@ class _Generation(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's name for it, so vLLM's clients work too
 
     @property
     def include_usage(self) -> bool:
@@ -73,7 +74,11 @@ class _Generation(BaseModel):
                 top_k=self.top_k,
                 top_p=self.top_p,
                 min_p=self.min_p,
-                repeat_penalty=self.repeat_penalty,
+                repeat_penalty=(
+                    self.repeat_penalty
+                    if self.repeat_penalty is not None
+                    else self.repetition_penalty
+                ),
                 frequency_penalty=self.frequency_penalty,
                 presence_penalty=self.presence_penalty,
                 seed=self.seed,

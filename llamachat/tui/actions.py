@@ -51,7 +51,9 @@ ACTIONS: tuple[Action, ...] = (
         key="ctrl+s",
     ),
     Action("search", "Search", "Search all conversations", key="ctrl+f"),
-    Action("pick_model", "Switch model", "Choose another installed model", key="ctrl+l"),
+    Action(
+        "pick_model", "Switch model", "Choose another model, installed or on a remote", key="ctrl+l"
+    ),
     Action("copy_reply", "Copy reply", "Copy the last reply to the clipboard", key="f3"),
     Action(
         "copy_code",

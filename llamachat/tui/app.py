@@ -20,8 +20,9 @@ from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Markdown, OptionList
 
-from ..backends.base import Backend, Chat, PromptTooLongError
-from ..backends.local import LocalBackend
+from .. import remotes
+from ..backends.base import Chat, PromptTooLongError
+from ..backends.routing import Router
 from ..chat_options import ChatOptions, chosen_model
 from ..history.db import HistoryError
 from ..history.export import to_json, to_markdown
@@ -37,6 +38,7 @@ from .actions import ActionCommands, bindings, help_rows
 from .messages import (
     ModelFailed,
     ModelReady,
+    ModelsListed,
     ReplyDone,
     ReplyFailed,
     ReplyPiece,
@@ -68,16 +70,14 @@ class LlamaChatApp(App):
         options: ChatOptions,
         *,
         history: HistoryStore,
-        models: ModelStore,
-        backend: Backend,
+        backend: Router,
         settings: Settings,
     ):
         super().__init__()
         self.home = home
         self.options = options
         self.history = history
-        self.models = models
-        self.backend = backend
+        self.backend = backend  # every model: installed, on a remote, loaded by a server here
         self.settings = settings  # the config at start; an export and a theme change read it anew
         self.chat: Chat | None = None  # the model, once opened
         self.model_name: str | None = None
@@ -112,7 +112,7 @@ class LlamaChatApp(App):
             self.show_status()
         self.query_one(PromptInput).focus()
         try:
-            name = chosen_model(self.options, self.models)
+            name = chosen_model(self.options, self.backend.store, remotes=self.backend.remotes)
         except StoreError as error:
             self.show_status(model="no model", note=str(error))
             self.notify(str(error), severity="error", timeout=15)
@@ -490,7 +490,19 @@ class LlamaChatApp(App):
         self.query_one(ChatView).add(SystemNote(choice.prompt, message_id))
 
     def action_pick_model(self) -> None:
-        choices = [(m.name, f"{m.name} ({m.description})") for m in self.backend.models()]
+        self.list_models()  # a remote may take seconds to answer: not on the event loop
+
+    @work(thread=True, exclusive=True, group="listing")
+    def list_models(self) -> None:
+        found = self.backend.models()
+        self.post_message(ModelsListed(found, dict(self.backend.unreachable)))
+
+    def on_models_listed(self, message: ModelsListed) -> None:
+        if self._closing_down():
+            return
+        for name, why in message.unreachable.items():
+            self.notify(f"{name}'s models are not listed: {why}", severity="warning", timeout=10)
+        choices = [(m.name, f"{m.name} ({m.description})") for m in message.models]
         if not choices:
             self.notify("no models installed: run `llamachat pull smollm2`", severity="error")
             return
@@ -647,12 +659,15 @@ def make_app(
 ) -> LlamaChatApp:
     """The app on `home`'s history, models and config: how the CLI and the tests build it (a
     test's subclass of the app as `app_class`)."""
-    models = ModelStore(home.models)
+    router = Router(
+        ModelStore(home.models),
+        remotes.load(home.remotes_file),
+        None if options.in_process else home.runtime,
+    )
     return app_class(
         home,
         options,
         history=HistoryStore(home.history_db),
-        models=models,
-        backend=LocalBackend(models),
+        backend=router,
         settings=load_settings(home.config_file),
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from textual.message import Message
 
-from ..backends.base import Chat, ReplyStats
+from ..backends.base import Chat, ModelInfo, ReplyStats
 
 
 @dataclass
@@ -33,6 +33,14 @@ class UnshownText:
             self._pieces.clear()
             self._posted = False
             return text
+
+
+@dataclass
+class ModelsListed(Message):
+    """The models to pick from: installed and on the remotes, and why a remote has none."""
+
+    models: list[ModelInfo]
+    unreachable: dict[str, str]
 
 
 @dataclass

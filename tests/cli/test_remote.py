@@ -53,7 +53,9 @@ def test_a_piped_question_is_answered_by_the_remote_model_as_it_is_here(client_h
     _, server_home = served
     there = run_cli("-m", "box/tiny", *GREEDY, env=client_home, input=b"hello there", timeout=120)
     assert there.returncode == 0, there.stderr.decode()
-    here = run_cli("-m", "tiny", *GREEDY, env=server_home, input=b"hello there", timeout=120)
+    here = run_cli(
+        "-m", "tiny", *GREEDY, "--local", env=server_home, input=b"hello there", timeout=120
+    )
     assert here.returncode == 0
     assert there.stdout == here.stdout and there.stdout.strip()
     assert there.stderr == b""  # stdout is for the answer; nothing else was said

@@ -122,6 +122,16 @@ def test_the_same_seed_gives_the_same_sampled_text(client):
     assert sampled(7) != sampled(8)
 
 
+def test_the_repetition_penalty_is_taken_under_vllms_name_too(client):
+    def answer(**penalty) -> str:
+        options = {"temperature": 0, "max_tokens": 24, "extra_body": penalty}
+        return ask(client, "Hello", **options).choices[0].message.content
+
+    penalised = answer(repeat_penalty=2.0)
+    assert answer(repetition_penalty=2.0) == penalised
+    assert answer(repetition_penalty=1.0) == answer(repeat_penalty=1.0) != penalised
+
+
 def test_models_list_the_served_model_with_its_context(client):
     (card,) = client.models.list().data
     assert card.id == "tiny"

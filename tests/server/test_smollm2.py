@@ -37,6 +37,7 @@ def ask_cli(env, question: str) -> str:
         str(MAX_TOKENS),
         "--ctx",
         "1024",
+        "--local",  # the engine in the CLI's process, not the server this module runs
         env=env,
     )
     assert result.returncode == 0, result.stderr.decode()

@@ -54,7 +54,14 @@ class RemoteBackend:
         self.remote = remote
         self._here = on_this_machine
         key = remote.api_key()
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # One client for the backend's requests, its connection kept for the next (a chat's
+        # replies, the listing before them). Its TLS context, which takes longer to build than
+        # a loopback reply takes to start, only where the URL is https.
+        self._client = httpx.Client(
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            verify=_is_https(remote.url),
+        )
 
     def models(self) -> list[ModelInfo]:
         return [
@@ -119,10 +126,13 @@ class RemoteBackend:
             )
         return served[model]
 
+    def close(self) -> None:
+        self._client.close()
+
     def _get(self, path: str, timeout: float) -> Any:
         url = self.remote.url + path
         try:
-            response = httpx.get(url, headers=self._headers, timeout=timeout)
+            response = self._client.get(url, timeout=timeout)
         except httpx.HTTPError as error:
             raise _unreachable(self.remote, error, timeout, timeout) from None
         if response.status_code != 200:
@@ -135,26 +145,20 @@ class RemoteBackend:
     def stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
         """POST a streamed request, asking again while the server says it is busy; the open
         response, its status 200 checked."""
-        client = httpx.Client(
-            timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-            headers=self._headers,
-        )
+        client = self._client
         for attempt in range(RETRIES + 1):
             try:
                 request = client.build_request("POST", self.remote.url + path, json=body)
                 response = client.send(request, stream=True)
             except httpx.HTTPError as error:
-                client.close()
                 raise _unreachable(self.remote, error, CONNECT_TIMEOUT_S, READ_TIMEOUT_S) from None
             if response.status_code == 200:
-                response.extensions["llamachat_client"] = client
                 return response
             text = response.read().decode("utf-8", errors="replace")
             response.close()
             if response.status_code in (429, 503) and attempt < RETRIES:
                 time.sleep(_retry_after(response.headers.get("retry-after"), attempt))
                 continue
-            client.close()
             raise _refused(self.remote, response.status_code, text)
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -202,7 +206,7 @@ class RemoteChat:
         return ChatLoad(running=0, waiting=0, last_batch=0, kv_tokens=0, kv_capacity=0)
 
     def close(self) -> None:
-        pass
+        self._backend.close()
 
     def _body(self, request: ReplyRequest) -> dict[str, Any]:
         sampling = request.sampling or self._sampling
@@ -296,7 +300,7 @@ class RemoteReply:
             if first is not None:
                 stats.time_to_first_token_s = first - self._started
                 stats.decode_s = (last or first) - first
-            self._close()
+            self._response.close()
 
     def _events(self) -> Iterator[dict]:
         """The JSON of each `data:` event, up to `data: [DONE]`; an error the server sends
@@ -322,11 +326,9 @@ class RemoteReply:
         if not self._cancel.is_set():
             raise BackendError(f"the reply from {self._remote.name} ended without [DONE]")
 
-    def _close(self) -> None:
-        self._response.close()
-        client = self._response.extensions.get("llamachat_client")
-        if client is not None:
-            client.close()
+
+def _is_https(url: str) -> bool:
+    return url.lower().startswith("https:")
 
 
 def _window_of(card: dict) -> int | None:

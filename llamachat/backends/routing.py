@@ -60,10 +60,11 @@ class Router:
             return RemoteBackend(server).open_chat(replace(spec, model=model))
         loaded = self.server_for(spec.model)
         if loaded is not None:
+            backend = RemoteBackend(_as_remote(loaded), on_this_machine=loaded)
             try:
-                return RemoteBackend(_as_remote(loaded), on_this_machine=loaded).open_chat(spec)
+                return backend.open_chat(spec)
             except BackendError:
-                pass  # stopping, or its key is not ours: the model loads here instead
+                backend.close()  # stopping, or its key is not ours: the model loads here
         from .local import LocalBackend
 
         return LocalBackend(self.store).open_chat(spec)
@@ -90,7 +91,10 @@ def _as_remote(server: RunningServer) -> Remote:
 def _listed(remote: Remote) -> tuple[list[ModelInfo], str | None]:
     from .remote import RemoteBackend
 
+    backend = RemoteBackend(remote)
     try:
-        return RemoteBackend(remote).models(), None
+        return backend.models(), None
     except BackendError as error:
         return [], str(error)
+    finally:
+        backend.close()

@@ -19,7 +19,6 @@ from ..models.inspect import inspect_folder
 from ..models.integrity import FileProblem
 from ..models.integrity import verify as verify_files
 from ..models.manifest import FileRecord
-from ..models.pull import pull as pull_model
 from ..models.store import BrokenModel, InstalledModel, ModelStore
 from .console import CliError, stderr, stdin_is_terminal, stdout, warn
 from .options import checked_quantize
@@ -62,6 +61,8 @@ def pull(
             "hf:ORG/REPO or a path",
             2,
         )
+    from ..models.pull import pull as pull_model  # numpy and the readers: only here
+
     home = Home.current()
     with RichProgress() as progress:
         result = pull_model(

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import httpx
 
+from ..engine.prompts import Templated
 from ..remotes import Remote
 from ..serving import RunningServer
 from .base import (
@@ -35,6 +36,7 @@ from .base import (
     Sampling,
     TokenLogprob,
 )
+from .fitting import RemoteFitter
 
 CONNECT_TIMEOUT_S = 5.0  # a server that does not answer this soon is down or unreachable
 READ_TIMEOUT_S = 300.0  # the longest wait for the next piece (a long prompt is read first)
@@ -83,7 +85,9 @@ class RemoteBackend:
                 served[_shown(card["id"], 200)] = _window_of(card)
         return served
 
-    def open_chat(self, spec: ChatSpec) -> RemoteChat:
+    def open_chat(self, spec: ChatSpec, twin: Callable[[], Templated] | None = None) -> RemoteChat:
+        """`twin`: opens the model's tokenizer and template here (it is installed here too),
+        to fit conversations to the server's window exactly rather than by estimate."""
         window = self.window(spec.model)
         if spec.ctx is not None and window is not None and spec.ctx > window:
             raise ModelUnavailableError(
@@ -111,7 +115,20 @@ class RemoteBackend:
                 dtype=loaded.dtype,
                 weight_format=loaded.weight_format,
             )
-        return RemoteChat(self, spec.model, info, spec.sampling)
+        fitter = RemoteFitter(size, twin, lambda messages: self.count(spec.model, messages))
+        return RemoteChat(self, spec.model, info, spec.sampling, fitter)
+
+    def count(self, model: str, messages: Sequence[ChatMessage]) -> int | None:
+        """The server's count of the conversation's tokens, templated (vLLM's /tokenize, at the
+        server's root); None where it has no such route or says nothing usable."""
+        root = self.remote.url.removesuffix("/v1")
+        body = {"model": model, "messages": [dict(m) for m in messages]}
+        try:
+            response = self._client.post(f"{root}/tokenize", json=body, timeout=LIST_TIMEOUT_S)
+            count = response.json().get("count") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
 
     def window(self, model: str) -> int | None:
         """The context length the server gives the model (None where it does not say); a
@@ -167,11 +184,19 @@ class RemoteChat:
     """A model on a remote server; each reply sends the whole conversation (the server may
     reuse what it computed for the last one: llamachat's and vLLM's do)."""
 
-    def __init__(self, backend: RemoteBackend, model: str, info: ChatInfo, sampling: Sampling):
+    def __init__(
+        self,
+        backend: RemoteBackend,
+        model: str,
+        info: ChatInfo,
+        sampling: Sampling,
+        fitter: RemoteFitter,
+    ):
         self._backend = backend
         self._model = model
         self._info = info
         self._sampling = sampling
+        self._fitter = fitter
 
     @property
     def info(self) -> ChatInfo:
@@ -183,9 +208,15 @@ class RemoteChat:
         cancel: threading.Event | None = None,
         request: ReplyRequest | None = None,
     ) -> RemoteReply:
-        body = self._body(request or ReplyRequest())
-        body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return self._start("/chat/completions", body, cancel)
+        request = request or ReplyRequest()
+        prompt = self._fitter.fit(messages, request.max_tokens or self._info.max_tokens)
+        sent = [m for index, m in enumerate(messages) if index not in prompt.dropped]
+        body = self._body(request)
+        body["messages"] = [{"role": m["role"], "content": m["content"]} for m in sent]
+        body["max_tokens"] = prompt.max_new_tokens
+        reply = self._start("/chat/completions", body, cancel)
+        reply.fitted(prompt.dropped, len(prompt.token_ids), lambda n: self._fitter.counted(sent, n))
+        return reply
 
     def complete(
         self,
@@ -198,9 +229,7 @@ class RemoteChat:
         return self._start("/completions", body, cancel)
 
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
-        # Without the model's tokenizer, about four characters a token (the meter is a guide).
-        used = sum(len(m["content"]) for m in messages) // 4 if messages else 0
-        return ContextUse(used=used, window=self._info.context_size)
+        return self._fitter.use(messages)
 
     def load(self) -> ChatLoad:
         return ChatLoad(running=0, waiting=0, last_batch=0, kv_tokens=0, kv_capacity=0)
@@ -250,14 +279,22 @@ class RemoteReply:
         self._stats = ReplyStats()
         self._consumed = False
         self.logprobs: list[TokenLogprob] = []
+        self._dropped: tuple[int, ...] = ()
+        self._expected = 0  # the prompt's tokens as fitting counted them, till the server's
+        self._counted: Callable[[int], None] | None = None
+
+    def fitted(self, dropped: tuple[int, ...], tokens: int, counted: Callable[[int], None]):
+        """The messages fitting left out, the tokens it counted, and what to tell of the
+        server's own count once it comes."""
+        self._dropped, self._expected, self._counted = dropped, tokens, counted
 
     @property
     def dropped(self) -> tuple[int, ...]:
-        return ()  # the server reads the whole conversation, or refuses it
+        return self._dropped
 
     @property
     def prompt_tokens(self) -> int:
-        return self._stats.prompt_tokens
+        return self._stats.prompt_tokens or self._expected
 
     @property
     def stats(self) -> ReplyStats:
@@ -289,6 +326,8 @@ class RemoteReply:
                     yield text
             if stats.finish_reason is None:
                 stats.finish_reason = "stop"
+            if self._counted is not None and stats.prompt_tokens:
+                self._counted(stats.prompt_tokens)
         except (httpx.HTTPError, OSError) as error:
             if not self._cancel.is_set():
                 raise BackendError(

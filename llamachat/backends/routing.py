@@ -8,14 +8,19 @@ Nothing here imports torch or httpx until a chat opens.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..models.store import ModelStore
 from ..remotes import Remote, split_model
 from ..serving import RunningServer, running
 from .base import BackendError, Chat, ChatSpec, ModelInfo
+
+if TYPE_CHECKING:
+    from ..engine.templated import Templating
 
 SERVER_KEY_ENV = "LLAMACHAT_API_KEY"  # what `llamachat serve` takes its key from
 
@@ -57,17 +62,32 @@ class Router:
         remote = split_model(spec.model, self.remotes)
         if remote is not None:
             server, model = remote
-            return RemoteBackend(server).open_chat(replace(spec, model=model))
+            return RemoteBackend(server).open_chat(replace(spec, model=model), self._twin(model))
         loaded = self.server_for(spec.model)
         if loaded is not None:
             backend = RemoteBackend(_as_remote(loaded), on_this_machine=loaded)
             try:
-                return backend.open_chat(spec)
+                return backend.open_chat(spec, self._twin(spec.model))
             except BackendError:
                 backend.close()  # stopping, or its key is not ours: the model loads here
         from .local import LocalBackend
 
         return LocalBackend(self.store).open_chat(spec)
+
+    def _twin(self, model: str) -> Callable[[], Templating] | None:
+        """What opens the tokenizer and template of the installed model that a server's
+        `model` is: the one of that name, else the one pulled from the Hugging Face repo of
+        that name (vLLM names a model by its repo); None when there is none."""
+        installed = {m.name: m for m in self.store.installed()}
+        twin = installed.get(model) or next(
+            (m for m in installed.values() if m.manifest.source.split("@")[0] == f"hf:{model}"),
+            None,
+        )
+        if twin is None:
+            return None
+        from ..engine.templated import Templating
+
+        return lambda: Templating(twin.path)
 
     def server_for(self, model: str) -> RunningServer | None:
         """A server on this machine that has installed model `model` loaded, and that this

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .chat_format import ChatMessage
 from .errors import ContextOverflowError
 
-if TYPE_CHECKING:
-    from .chat_model import ChatModel
+
+class Templated(Protocol):
+    """What fitting needs of a model: its tokens for text, and for a templated conversation (a
+    ChatModel; templated.Templating without the weights; a server's estimate, as a range)."""
+
+    def encode(self, text: str) -> Sequence[int]: ...
+
+    def prompt_ids(self, messages: Sequence[ChatMessage]) -> Sequence[int]: ...
+
 
 # Room kept for the reply when fitting a conversation: max_new_tokens, else this many, and never
 # more than a quarter of the window, so that a generous limit does not push out the history.
@@ -20,13 +27,13 @@ DEFAULT_RESERVE = 512
 
 @dataclass(frozen=True)
 class Prompt:
-    token_ids: list[int]
+    token_ids: Sequence[int]
     dropped: tuple[int, ...]  # indices of the caller's messages left out to fit the context
     max_new_tokens: int  # what the context leaves for the reply
 
 
 class PromptFitter:
-    def __init__(self, model: ChatModel, ctx: int):
+    def __init__(self, model: Templated, ctx: int):
         self.model = model
         self.ctx = ctx
 

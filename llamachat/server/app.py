@@ -17,13 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..backends.base import Chat, Logprob, ReplyStats, TokenLogprob
+from ..backends.base import BackendError, Chat, Logprob, ReplyStats, TokenLogprob
+from ..engine.errors import EngineError
 from .errors import ApiError, error_response
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest, conversation
 from .runner import Gate, Run
 
 _TYPE_NAME = re.compile(r"str|int|float|bool|none|(list|dict|literal|function-\w+)\[.*|[A-Z]\w*")
@@ -114,6 +116,17 @@ def create_app(
     async def model(model: str) -> dict[str, Any]:
         served.chat(model)
         return served.model_card(model)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        # vLLM's route, for a conversation: the count and the window, not the token ids.
+        body = await _parsed(request, TokenizeRequest)
+        chat, _ = served.chat(body.model)
+        try:
+            use = await run_in_threadpool(chat.context_use, conversation(body.messages))
+        except (BackendError, EngineError) as error:  # a template that rejects it
+            raise ApiError(400, str(error), "messages") from None
+        return {"count": use.used, "max_model_len": use.window}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

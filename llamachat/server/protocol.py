@@ -123,25 +123,7 @@ class ChatCompletionRequest(_Generation):
 
     def conversation(self) -> list[dict[str, str]]:
         """The messages as the backend takes them: roles and plain text."""
-        turns = []
-        for i, message in enumerate(self.messages):
-            if message.role in ("tool", "function"):
-                raise unsupported(f"messages[{i}].role", f"the {message.role!r} role")
-            if message.content is None:
-                raise ApiError(400, "a message needs content", f"messages[{i}].content")
-            if isinstance(message.content, str):
-                text = message.content
-            else:
-                pieces = []
-                for j, part in enumerate(message.content):
-                    if part.type != "text" or part.text is None:
-                        where = f"messages[{i}].content[{j}].type"
-                        raise unsupported(where, f"a content part of type {part.type!r}")
-                    pieces.append(part.text)
-                text = "".join(pieces)
-            role = "system" if message.role == "developer" else message.role
-            turns.append({"role": role, "content": text})
-        return turns
+        return conversation(self.messages)
 
     def to_reply_request(self) -> ReplyRequest:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -174,3 +156,36 @@ class CompletionRequest(_Generation):
 
     def to_reply_request(self) -> ReplyRequest:
         return self.reply_request(self.max_tokens, self.logprobs)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize for a conversation: how many tokens it takes, templated (what a client
+    fits a conversation to the window by)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[RequestMessage] = Field(min_length=1)
+
+
+def conversation(messages: list[RequestMessage]) -> list[dict[str, str]]:
+    """Request messages as the backend takes them: roles and plain text."""
+    turns = []
+    for i, message in enumerate(messages):
+        if message.role in ("tool", "function"):
+            raise unsupported(f"messages[{i}].role", f"the {message.role!r} role")
+        if message.content is None:
+            raise ApiError(400, "a message needs content", f"messages[{i}].content")
+        if isinstance(message.content, str):
+            text = message.content
+        else:
+            pieces = []
+            for j, part in enumerate(message.content):
+                if part.type != "text" or part.text is None:
+                    where = f"messages[{i}].content[{j}].type"
+                    raise unsupported(where, f"a content part of type {part.type!r}")
+                pieces.append(part.text)
+            text = "".join(pieces)
+        role = "system" if message.role == "developer" else message.role
+        turns.append({"role": role, "content": text})
+    return turns

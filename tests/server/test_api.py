@@ -132,6 +132,32 @@ def test_the_repetition_penalty_is_taken_under_vllms_name_too(client):
     assert answer(repetition_penalty=1.0) == answer(repeat_penalty=1.0) != penalised
 
 
+def test_tokenize_counts_a_conversation_as_the_reply_to_it_does(server, client):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How many tokens is this?"},
+    ]
+    reply = client.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    counted = httpx.post(
+        f"{server.url}/tokenize",
+        json={"model": "tiny", "messages": messages},
+        headers=headers,
+        timeout=REQUEST_S,
+    )
+    assert counted.status_code == 200
+    assert counted.json() == {"count": reply.usage.prompt_tokens, "max_model_len": 256}
+    unknown = httpx.post(
+        f"{server.url}/tokenize",
+        json={"model": "nope", "messages": messages},
+        headers=headers,
+        timeout=REQUEST_S,
+    )
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    anonymous = httpx.post(f"{server.url}/tokenize", json={"model": "tiny"}, timeout=REQUEST_S)
+    assert anonymous.status_code == 401
+
+
 def test_models_list_the_served_model_with_its_context(client):
     (card,) = client.models.list().data
     assert card.id == "tiny"

@@ -121,7 +121,9 @@ async def test_escape_closes_a_remote_stream_and_keeps_what_came(remote_home, se
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.parametrize("model", ["box/tiny", "box/far"], ids=["tokenizer-here", "counted-by-server"])
+@pytest.mark.parametrize(
+    "model", ["box/tiny", "box/far"], ids=["tokenizer-here", "counted-by-server"]
+)
 async def test_turns_a_remote_model_no_longer_sees_are_marked(remote_home, model):
     history = HistoryStore(remote_home.history_db)
     conversation = history.create(model=model)

@@ -30,9 +30,7 @@ def long_home(tiny_model_factory, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_slot(long_home):
-    served = start_server(
-        long_home, "--ctx", str(LONG_CTX), "--max-batch", "1", "--max-queue", "0"
-    )
+    served = start_server(long_home, "--ctx", str(LONG_CTX), "--max-batch", "1", "--max-queue", "0")
     yield served
     served.stop()
 

@@ -179,6 +179,13 @@ class LlamaChatApp(App):
         weights = f" {info.weight_format}" if info.weight_format else ""
         self.show_status(model=message.name, device=f"{info.device} {info.dtype}{weights}", note="")
         self.update_context_meter()
+        if not info.context_size:  # a remote whose server does not say (ollama's /v1)
+            self.notify(
+                f"the server of {message.name} does not say its context length: conversations"
+                " go to it whole, and it may cut or refuse a long one",
+                severity="warning",
+                timeout=10,
+            )
 
     def on_model_failed(self, message: ModelFailed) -> None:
         if self._closing_down():

@@ -141,6 +141,22 @@ def test_what_a_server_says_in_an_error_is_printed_as_one_safe_line():
     assert "bad\\x1b[2J" in said and len(said) < 400
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (401, '{"error": "Unauthorized"}', "box refused the API key (Unauthorized)"),  # vLLM
+        (404, '{"object": "error", "message": "no such model"}', "box: no such model"),  # old vLLM
+        (503, '{"error": {"message": "Loading model", "code": 503}}', "box is busy (Loading"),
+    ],
+    ids=["bare-string", "flat", "llama.cpp-loading"],
+)
+def test_the_error_shapes_servers_use_are_all_read(status, body, expected):
+    from llamachat.backends.remote import _refused
+    from llamachat.remotes import Remote
+
+    assert expected in str(_refused(Remote("box", "http://box/v1"), status, body))
+
+
 def test_a_server_that_never_answers_is_given_up_on_with_the_limit_named(tmp_path):
     import socket
 

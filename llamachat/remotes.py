@@ -6,7 +6,7 @@ remotes.toml beside the config file:
     api_key_env = "BOX_API_KEY"
 
 A remote's models are chosen as NAME/MODEL. Its key is never stored: only the name of the
-environment variable that holds it.
+environment variable that holds it, or of a file only the user can read (`api_key_file`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +39,38 @@ class Remote:
     name: str
     url: str  # the API's base, ending in /v1 (where /chat/completions and /models are)
     api_key_env: str | None = None  # the environment variable holding its key
+    api_key_file: str | None = None  # or the file holding it (absolute; the user's alone)
 
     def api_key(self) -> str | None:
-        """The key from its environment variable; None when it names none or is unset."""
-        if self.api_key_env is None:
+        """The key from its environment variable, else its file; None when it names neither
+        or the variable is unset. Raises RemoteError for a file others may read."""
+        if self.api_key_env is not None:
+            return os.environ.get(self.api_key_env) or None
+        if self.api_key_file is None:
             return None
-        return os.environ.get(self.api_key_env) or None
+        return read_key_file(Path(self.api_key_file))
 
 
-def checked(name: str, url: str, api_key_env: str | None) -> Remote:
+def read_key_file(path: Path) -> str:
+    """The key in `path` (its first line), which must be a file of this user's that no one
+    else can read, as ssh asks of a private key."""
+    try:
+        status = path.stat()
+        if stat.S_IMODE(status.st_mode) & 0o077 or status.st_uid != os.geteuid():
+            raise RemoteError(f"the key file {path} may be read by others: chmod 600 {path}")
+        key = path.read_text(encoding="utf-8").strip().splitlines()
+    except OSError as error:
+        raise RemoteError(f"cannot read the key file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise RemoteError(f"the key file {path} is not text") from None
+    if not key or not key[0].strip():
+        raise RemoteError(f"the key file {path} is empty")
+    return key[0].strip()
+
+
+def checked(
+    name: str, url: str, api_key_env: str | None, api_key_file: str | None = None
+) -> Remote:
     """A remote from what `remote add` was given. A URL without a path gets /v1, where every
     OpenAI-compatible server has its API (llamachat, vLLM, llama.cpp, ollama)."""
     if not _NAME.fullmatch(name):
@@ -74,7 +98,11 @@ def checked(name: str, url: str, api_key_env: str | None) -> Remote:
         base += "/v1"
     if api_key_env is not None and not _ENV_VAR.fullmatch(api_key_env):
         raise RemoteError(f"--api-key-env {api_key_env!r} is not an environment variable name", 2)
-    return Remote(name, base, api_key_env)
+    if api_key_env is not None and api_key_file is not None:
+        raise RemoteError("give the key's --api-key-env or its --api-key-file, not both", 2)
+    if api_key_file is not None:
+        api_key_file = str(Path(api_key_file).expanduser().absolute())
+    return Remote(name, base, api_key_env, api_key_file)
 
 
 def load(path: Path) -> dict[str, Remote]:
@@ -87,7 +115,9 @@ def load(path: Path) -> dict[str, Remote]:
         table = data.get("remotes", {})
         remotes = {}
         for name, fields in table.items():
-            remote = checked(name, fields["url"], fields.get("api_key_env"))
+            remote = checked(
+                name, fields["url"], fields.get("api_key_env"), fields.get("api_key_file")
+            )
             remotes[remote.name] = remote
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise RemoteError(f"cannot read {path}: {error}") from None
@@ -103,6 +133,8 @@ def save(path: Path, remotes: dict[str, Remote]) -> None:
         lines.append(f"url = {json.dumps(remote.url)}")
         if remote.api_key_env is not None:
             lines.append(f"api_key_env = {json.dumps(remote.api_key_env)}")
+        if remote.api_key_file is not None:
+            lines.append(f"api_key_file = {json.dumps(remote.api_key_file)}")
         lines.append("")
     write_private(path, "\n".join(lines).encode("utf-8"))
 

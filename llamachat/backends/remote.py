@@ -439,11 +439,12 @@ def _refused(remote: Remote, status: int, text: str) -> BackendError:
     except ValueError:
         said = first_line
     if status == 401:
-        how = (
-            f"set {remote.api_key_env} to its key"
-            if remote.api_key_env
-            else f"add it again with --api-key-env VAR: llamachat remote add {remote.name} …"
-        )
+        if remote.api_key_env:
+            how = f"set {remote.api_key_env} to its key"
+        elif remote.api_key_file:
+            how = f"put its key in {remote.api_key_file}"
+        else:
+            how = f"add it again with --api-key-env VAR: llamachat remote add {remote.name} …"
         return BackendError(f"{remote.name} refused the API key ({said}); {how}")
     if status == 400 and "context" in said.lower():
         return PromptTooLongError(f"{remote.name}: {said}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -26,11 +27,23 @@ def add(
             help="The environment variable that holds its key (the key itself is never stored).",
         ),
     ] = None,
+    api_key_file: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key-file",
+            help="Or a file that holds its key, readable by you alone (chmod 600).",
+        ),
+    ] = None,
 ) -> None:
     """Add a remote server (or change one)."""
     path = Home.current().remotes_file
     known = _load(path)
-    remote = _checked(name, url, api_key_env)
+    remote = _checked(name, url, api_key_env, api_key_file)
+    if remote.api_key_file is not None:
+        try:
+            remotes.read_key_file(Path(remote.api_key_file))  # a bad file is said now, not later
+        except remotes.RemoteError as error:
+            raise CliError(str(error), 2) from None
     known[remote.name] = remote
     remotes.save(path, known)
     stderr.print(f"{remote.name}: {remote.url}", markup=False)
@@ -41,6 +54,7 @@ def list_remotes() -> None:
     """The remotes, a line each: name, URL, and the variable holding the key."""
     for remote in _load(Home.current().remotes_file).values():
         key = f"  key from ${remote.api_key_env}" if remote.api_key_env else ""
+        key = f"  key from {remote.api_key_file}" if remote.api_key_file else key
         stdout.print(f"{remote.name}  {remote.url}{key}", markup=False)
 
 
@@ -63,8 +77,10 @@ def _load(path) -> dict[str, remotes.Remote]:
         raise CliError(str(error), error.exit_code) from None
 
 
-def _checked(name: str, url: str, api_key_env: str | None) -> remotes.Remote:
+def _checked(
+    name: str, url: str, api_key_env: str | None, api_key_file: str | None
+) -> remotes.Remote:
     try:
-        return remotes.checked(name, url, api_key_env)
+        return remotes.checked(name, url, api_key_env, api_key_file)
     except remotes.RemoteError as error:
         raise CliError(str(error), error.exit_code) from None

@@ -76,6 +76,36 @@ def test_a_continued_conversation_goes_to_the_remote_and_reuses_its_cache(client
     assert int(stats["reused from cache"]) > 0  # the server kept the first turn's keys
 
 
+def test_a_key_kept_in_a_private_file_is_used_and_one_others_can_read_is_refused(
+    served, tmp_path
+):
+    server, _ = served
+    env = cli_env(tmp_path / "file-client")
+    key_file = tmp_path / "box.key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o644)
+    refused = run_cli("remote", "add", "box", server.url, "--api-key-file", str(key_file), env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.decode().strip() == (
+        f"llamachat: error: the key file {key_file} may be read by others: chmod 600 {key_file}"
+    )
+    key_file.chmod(0o600)
+    added = run_cli("remote", "add", "box", server.url, "--api-key-file", str(key_file), env=env)
+    assert added.returncode == 0, added.stderr.decode()
+    listed = run_cli("remote", "list", env=env).stdout.decode()
+    assert listed.split() == ["box", f"{server.url}/v1", "key", "from", str(key_file)]
+    remotes_toml = os.path.join(env["LLAMACHAT_HOME"], "remotes.toml")
+    assert KEY not in open(remotes_toml, encoding="utf-8").read()
+    answered = run_cli("-m", "box/tiny", *GREEDY, env=env, input=b"hi", timeout=120)
+    assert answered.returncode == 0, answered.stderr.decode()
+    assert answered.stdout.strip()
+    key_file.chmod(0o640)  # loosened since: the key is not sent
+    loose = run_cli("-m", "box/tiny", *GREEDY, env=env, input=b"hi", timeout=60)
+    assert loose.returncode == 1
+    (line,) = loose.stderr.decode().strip().splitlines()
+    assert line.endswith(f"may be read by others: chmod 600 {key_file}")
+
+
 @pytest.mark.parametrize(
     ("args", "env_extra", "expected"),
     [

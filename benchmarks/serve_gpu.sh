@@ -6,19 +6,20 @@
 # bench streamed and then non-streamed. Output to OUT: summary.md, bench.jsonl, server.log.
 #
 #   benchmarks/serve_gpu.sh OUT TOKENIZER [--shape 8b] [--clients "1 8 32 64"] [--requests 3]
-#       [--deadline SECONDS]
+#       [--deadline SECONDS] [--modes "stream no-stream"]
 set -uo pipefail
 
 [ $# -ge 2 ] || { echo "usage: $0 OUT TOKENIZER [--shape S] [--clients LIST]" \
   "[--requests N] [--deadline S]" >&2; exit 2; }
 out=$(realpath -m "$1") tokenizer=$(realpath "$2"); shift 2
-shape=8b clients="1 8 32 64" requests=3 deadline=300
+shape=8b clients="1 8 32 64" requests=3 deadline=300 modes="stream no-stream"
 while [ $# -gt 0 ]; do
   case $1 in
     --shape) shape=$2; shift ;;
     --clients) clients=$2; shift ;;
     --requests) requests=$2; shift ;;
     --deadline) deadline=$2; shift ;;
+    --modes) modes=$2; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -45,7 +46,7 @@ for _ in $(seq 240); do  # the model is made and its graphs captured before the 
 done
 say "server up"
 
-for mode in stream no-stream; do
+for mode in $modes; do
   left=$((deadline - $(elapsed) - 20))
   if [ $left -le 0 ]; then say "$mode: skipped, no time left"; continue; fi
   flags=(--wait 180)

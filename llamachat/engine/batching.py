@@ -35,6 +35,7 @@ from .kv_cache import KVCache
 from .prompts import Prompt
 from .sampling import SampledLogprob, SamplingParams, greedy_rows, sample, sampled_logprob
 from .session import PREFILL_CHUNK, GenerationStats, _common_prefix, _random_seed, _whole_buckets
+from .step_trace import StepTrace
 from .transfer import to_device
 
 MIXED_PREFILL_TOKENS = 2048
@@ -87,6 +88,17 @@ class _Running:
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.request.prompt.token_ids)
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose tokens are not taken yet: the decoding rows' logits
+    (B, V) and, for a mixed step, its prompt chunks with each one's last position's (C, V)."""
+
+    decoding: list[_Running]
+    logits: torch.Tensor
+    chunks: list[tuple[_Running, list[int]]] = field(default_factory=list)
+    chunk_logits: torch.Tensor | None = None
 
 
 def slot_bytes(model: ChatModel, ctx: int) -> int:
@@ -151,7 +163,8 @@ class BatchScheduler:
         # thread (the CPU) that would only hold the pieces back a step, so by default only on
         # a GPU.
         self.run_ahead = self.device_step is not None if run_ahead is None else run_ahead
-        self._ahead: tuple[list[_Running], torch.Tensor] | None = None  # launched, not taken
+        self._ahead: _Launched | None = None  # a step launched, its tokens not yet taken
+        self._trace = StepTrace.from_env(model.device)  # for benchmarks: LLAMACHAT_STEP_TRACE
         self.cached: list[list[int]] = [[] for _ in range(slots)]  # what each slot's cache holds
         self.used_at = [0.0] * slots
         self.prompt_lengths = [0] * slots  # of the latest sequence in each slot
@@ -195,6 +208,8 @@ class BatchScheduler:
                 running.request.cancel.set()
             self._wake.notify()
         self._thread.join(timeout=30)
+        if self._trace is not None:
+            self._trace.write()
 
     def _loop(self) -> None:
         while True:
@@ -277,21 +292,14 @@ class BatchScheduler:
         for running in [r for r in self.running if r.request.cancel.is_set()]:
             self._finish(running, "cancelled")
         if self._ahead is not None:  # a step launched ahead: its tokens first
-            batch, logits = self._ahead
-            self._ahead = None
-            self._take_rows(batch, logits)
+            launched, self._ahead = self._ahead, None
+            self._take_launched(launched)
             return
-        # One chunk of prompt per step, shared out in arrival order.
-        chunks: list[tuple[_Running, list[int]]] = []
-        budget = self.prefill_tokens
-        for running in [r for r in self.running if r.prefilling]:
-            if budget <= 0:
-                break
-            ids = running.request.prompt.token_ids
-            chunks.append((running, ids[running.fed : running.fed + budget]))
-            budget -= len(chunks[-1][1])
-        if chunks and self.device_step is not None and self.device_step.fused:
-            self._mixed_step(chunks)
+        chunks = self._next_chunks()
+        if chunks and self._mixes:
+            launched = self._launch_mixed(self._decoding(), chunks)
+            if launched is not None:
+                self._take_launched(launched)
             return
         for running, chunk in chunks:
             try:
@@ -304,45 +312,86 @@ class BatchScheduler:
                 self._fail([running], error)
         decoding = self._decoding()
         if decoding:
-            self._take_rows(decoding, self._decode(decoding))
+            self._take_launched(_Launched(decoding, self._decode(decoding)))
+
+    @property
+    def _mixes(self) -> bool:
+        """Whether prompt chunks ride along with the decoding rows (the fused GPU step)."""
+        return self.device_step is not None and self.device_step.fused
 
     def _decoding(self) -> list[_Running]:
         """The sequences whose next token is drawn and waits to be fed through the model."""
         return [r for r in self.running if not r.prefilling and r.next_token is not None]
 
-    def _mixed_step(self, chunks: list[tuple[_Running, list[int]]]) -> None:
-        """The decoding sequences' tokens and the prompt chunks in one pass (the fused GPU
-        step): the weights are read once for both."""
-        decoding = self._decoding()
+    def _next_chunks(self) -> list[tuple[_Running, list[int]]]:
+        """One step's share of prompt, handed out in arrival order."""
+        chunks: list[tuple[_Running, list[int]]] = []
+        budget = self.prefill_tokens
+        for running in [r for r in self.running if r.prefilling]:
+            if budget <= 0:
+                break
+            ids = running.request.prompt.token_ids
+            chunks.append((running, ids[running.fed : running.fed + budget]))
+            budget -= len(chunks[-1][1])
+        return chunks
+
+    def _launch_mixed(
+        self,
+        decoding: list[_Running],
+        chunks: list[tuple[_Running, list[int]]],
+        chosen: torch.Tensor | None = None,
+    ) -> _Launched | None:
+        """Queue the decoding sequences' tokens and the prompt chunks in one pass (the fused
+        GPU step): the weights are read once for both. The tokens are the sequences'
+        next_token, or `chosen` on the device (their bookkeeping waits for the read-back).
+        None when the step failed: its sequences have ended."""
         assert self.device_step is not None
+        tokens = chosen if chosen is not None else [r.next_token for r in decoding]
+        if self._trace is not None:
+            self._trace.begin("mixed", len(decoding), sum(len(chunk) for _, chunk in chunks))
         try:
             token_logits, chunk_logits = self.device_step.mixed(
-                [r.next_token for r in decoding],  # type: ignore[misc]
+                tokens,  # type: ignore[arg-type]
                 [r.slot for r in decoding],
                 [r.fed for r in decoding],
                 [PromptChunk(r.slot, r.fed, chunk) for r, chunk in chunks],
             )
+            if self._trace is not None:
+                self._trace.end()
         except Exception as error:  # noqa: BLE001 - the step's sequences all end
             self._fail(decoding + [r for r, _ in chunks], error)
-            return
+            return None
         self.last_batch = len(decoding)
-        self._fed(decoding)
-        for index, (running, chunk) in enumerate(chunks):
+        if chosen is None:
+            self._fed(decoding)
+        for running, chunk in chunks:
             self.cached[running.slot].extend(chunk)
             running.fed += len(chunk)
-            if not running.prefilling:
-                row = chunk_logits[index]
-                token = self._draw(running, row)
-                self._take(running, token, self._logprob(running, row, token))
-        if decoding:
-            self._take_rows(decoding, token_logits)
+        return _Launched(decoding, token_logits, chunks, chunk_logits)
+
+    def _take_launched(self, step: _Launched) -> None:
+        """The tokens of a step: the decoding rows' next ones, and the first of each prompt
+        whose last chunk the step read. Where the next step can take them straight from the
+        device, it is launched before they are read back (_take_chained)."""
+        finishers = [
+            (index, running)
+            for index, (running, _) in enumerate(step.chunks)
+            if not running.prefilling and not running.done
+        ]
+        live = [(index, running) for index, running in enumerate(step.decoding) if not running.done]
+        if self._chainable(live, finishers):
+            self._take_chained(step, live, finishers)
+            return
+        for index, running in finishers:
+            row = step.chunk_logits[index]  # type: ignore[index]
+            token = self._draw(running, row)
+            self._take(running, token, self._logprob(running, row, token))
+        if step.decoding:
+            self._take_rows(step.decoding, step.logits)
 
     def _take_rows(self, decoding: list[_Running], logits: torch.Tensor) -> None:
         """Each sequence's next token from its row of `logits` (B, V); rows that left the
         batch since the step was launched (a step launched ahead) are passed over."""
-        if self._chainable(decoding):
-            self._take_chained(decoding, logits)
-            return
         tokens = self._tokens(decoding, logits)
         live = [(i, r) for i, r in enumerate(decoding) if not r.done]
         # The logits are the graph's own buffer, which the next step overwrites: what is read
@@ -352,42 +401,69 @@ class BatchScheduler:
         for (index, running), logprob in zip(live, logprobs, strict=True):
             self._take(running, tokens[index], logprob, fed=id(running) in ahead)
 
-    def _chainable(self, decoding: list[_Running]) -> bool:
-        """Whether the next step can take this one's tokens straight from the device: it
-        would decode every running sequence and nothing else, all greedy, none asking for
-        logprobs (read from the logits the next step overwrites)."""
-        live = [r for r in decoding if not r.done]
-        return (
-            self.run_ahead
-            and len(live) == len(self.running)
-            and all(r.request.sampling.greedy and (r.request.top_logprobs is None) for r in live)
-        )
+    def _chainable(
+        self, live: list[tuple[int, _Running]], finishers: list[tuple[int, _Running]]
+    ) -> bool:
+        """Whether the next step can take this one's tokens straight from the device: they
+        are all greedy, none asking for logprobs (read from the logits the next step
+        overwrites), and every other running sequence is still reading its prompt (none has a
+        token drawn that would wait). Without mixed steps, none may be reading its prompt: a
+        chain of decode steps would keep it waiting."""
+        rows = [r for _, r in live] + [r for _, r in finishers]
+        if not self.run_ahead or not rows:
+            return False
+        if not all(r.request.sampling.greedy and r.request.top_logprobs is None for r in rows):
+            return False
+        taken = {id(r) for r in rows}
+        others = [r for r in self.running if id(r) not in taken]
+        return all(r.prefilling for r in others) and (self._mixes or not others)
 
-    def _take_chained(self, decoding: list[_Running], logits: torch.Tensor) -> None:
+    def _take_chained(
+        self,
+        step: _Launched,
+        live: list[tuple[int, _Running]],
+        finishers: list[tuple[int, _Running]],
+    ) -> None:
         """Greedy tokens chosen on the device feed the next step before they are read back:
-        the device goes on to that step while they come over and are handed out. A sequence
-        whose token turns out to end it had a row in that step it does not need."""
+        the device goes on to that step (with the next prompt chunks, on a GPU) while they
+        come over and are handed out. A sequence whose token turns out to end it had a row in
+        that step it does not need."""
+        # The rows: the decoding ones', then each finished prompt's last position's.
+        rows = list(step.decoding) + [r for _, r in finishers]
+        logits = step.logits
+        if finishers:
+            ends = to_device([i for i, _ in finishers], logits.device, torch.long)
+            last = step.chunk_logits.index_select(0, ends)  # type: ignore[union-attr]
+            logits = torch.cat((logits, last)) if step.decoding else last
         chosen = greedy_rows(
             logits,
-            [r.request.sampling for r in decoding],
-            [r.context for r in decoding],
-            [len(r.request.prompt.token_ids) for r in decoding],
+            [r.request.sampling for r in rows],
+            [r.context for r in rows],
+            [len(r.request.prompt.token_ids) for r in rows],
         )
         read = _read_back(chosen)
-        live = [(i, r) for i, r in enumerate(decoding) if not r.done]
-        going = [(i, r) for i, r in live if _goes_on(r)]
-        if going:
-            batch = [r for _, r in going]
-            if len(going) == len(decoding):
-                tokens = chosen
-            else:
-                tokens = chosen.index_select(0, to_device([i for i, _ in going], chosen.device))
-            self._ahead = (batch, self._decode(batch, tokens))
+        row_of = {id(r): k for k, r in enumerate(rows)}
+        # In the batch's own order, as a step launched in turn would have them.
+        going = [r for r in self.running if id(r) in row_of and not r.done and _goes_on(r)]
+        picks = [row_of[id(r)] for r in going]
+        tokens = None
+        if picks == list(range(len(rows))):  # every row goes on, in order: no pick needed
+            tokens = chosen
+        elif picks:
+            tokens = chosen.index_select(0, to_device(picks, chosen.device, torch.long))
+        chunks = self._next_chunks() if self._mixes else []
+        if chunks:
+            self._ahead = self._launch_mixed(going, chunks, tokens)
+            going = [r for r in going if not r.done]  # a step that failed ended its rows
+        elif going:
+            self._ahead = _Launched(going, self._decode(going, tokens))
         values = read()
-        self._fed_tokens([r for _, r in going], [values[i] for i, _ in going])
-        fed = {id(r) for _, r in going}
-        for index, running in live:
-            self._take(running, values[index], None, fed=id(running) in fed)
+        self._fed_tokens(going, [values[row_of[id(r)]] for r in going])
+        fed = {id(r) for r in going}
+        # First tokens first, as a step in turn takes them.
+        for running in [r for _, r in finishers] + [r for _, r in live]:
+            if not running.done:
+                self._take(running, values[row_of[id(running)]], None, fed=id(running) in fed)
 
     def _tokens(self, decoding: list[_Running], logits: torch.Tensor) -> list[int]:
         """The next token of each row (0 for rows out of the batch)."""
@@ -430,7 +506,7 @@ class BatchScheduler:
         for running, token in going:
             running.next_token = token
         batch = [running for running, _ in going]
-        self._ahead = (batch, self._decode(batch))
+        self._ahead = _Launched(batch, self._decode(batch))
         return {id(running) for running in batch}
 
     def _prefill(self, running: _Running, chunk: list[int]) -> torch.Tensor:
@@ -455,7 +531,11 @@ class BatchScheduler:
         tokens = chosen if chosen is not None else [r.next_token for r in batch]
         self.last_batch = len(batch)
         if self.device_step is not None:
+            if self._trace is not None:
+                self._trace.begin("decode", len(batch), 0)
             logits = self.device_step(tokens, slots, positions)  # type: ignore[arg-type]
+            if self._trace is not None:
+                self._trace.end()
         else:
             listed = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
             logits = self.cpu_step(listed, [self.caches[s] for s in slots], positions)

@@ -408,3 +408,87 @@ def test_a_shared_system_prompt_is_copied_between_slots_on_the_gpu(tiny_model_fa
             assert torch.equal(pool[:, slots[0], :, :shared], pool[:, slots[1], :, :shared])
     finally:
         scheduler.close()
+
+
+def test_mixed_steps_launched_ahead_give_the_tokens_they_give_in_turn(tiny_model_factory):
+    """bf16, the fused step: prompts read a chunk at a time beside the decoding rows, each
+    step launched before the last one's greedy tokens are read back (chained on the device),
+    against every step in turn. All requests are admitted at once and every reply runs to its
+    own limit, so both take the same steps: the tokens must be the same, bit for bit."""
+    import threading
+
+    from llamachat.engine.batching import BatchRequest, BatchScheduler
+    from llamachat.engine.prompts import Prompt
+
+    folder, _ = tiny_model_factory(max_position_embeddings=1024)
+    model = ChatModel.load(folder, device="cuda", dtype="bfloat16")
+    model.eos_token_ids = frozenset()  # no reply ends before its limit
+    generator = torch.Generator().manual_seed(5)
+    lengths = (5, 90, 300, 17, 150, 40, 260, 8)
+    prompts = [
+        Prompt(torch.randint(0, 384, (n,), generator=generator).tolist(), (), 6 + 3 * i)
+        for i, n in enumerate(lengths)
+    ]
+
+    def served(run_ahead: bool) -> tuple[list[tuple[list[int], str]], int]:
+        scheduler = BatchScheduler(model, slots=8, ctx=1024, prefill_tokens=64, run_ahead=run_ahead)
+        chained = []
+        launch = scheduler._launch_mixed  # watched, still run
+
+        def watched(decoding, chunks, chosen=None):
+            chained.append(chosen is not None)
+            return launch(decoding, chunks, chosen)
+
+        scheduler._launch_mixed = watched
+        texts: list[list[str]] = [[] for _ in prompts]
+        ended = [threading.Event() for _ in prompts]
+        try:
+            with scheduler._wake:  # all admitted by the scheduler's first step
+                for prompt, pieces, done in zip(prompts, texts, ended, strict=True):
+                    request = BatchRequest(
+                        prompt, GREEDY, (), pieces.append, lambda _, d=done: d.set()
+                    )
+                    scheduler.submit(request)
+            assert all(done.wait(120) for done in ended)
+            # What each slot holds past its prompt: every reply token but the last.
+            replies = []
+            for prompt, pieces in zip(prompts, texts, strict=True):
+                ids = prompt.token_ids
+                (held,) = [c for c in scheduler.cached if c[: len(ids)] == ids]
+                replies.append((held[len(ids) :], "".join(pieces)))
+        finally:
+            scheduler.close()
+        return replies, sum(chained)
+
+    (ahead, chained), (in_turn, unchained) = served(True), served(False)
+    assert chained > 0 and unchained == 0
+    assert ahead == in_turn
+    assert [len(held) for held, _ in in_turn] == [p.max_new_tokens - 1 for p in prompts]
+
+
+@pytest.mark.parametrize(("start", "length"), [(0, 300), (200, 77), (511, 1)])
+def test_a_prompt_chunks_attention_sees_its_slots_keys_up_to_each_position(start, length):
+    """The mixed step's chunk attention (causal, aligned to the chunk's last key, grouped
+    heads) against a float64 reference with a dense mask; on the flash kernel."""
+    from llamachat.engine.decode.batch import _prompt_attention
+
+    heads, kv_heads, head_dim, capacity = 32, 8, 128, 1024
+    q = torch.randn(length, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(kv_heads, capacity, head_dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    out = _prompt_attention(q, keys, values, start)
+    end = start + length
+    groups = heads // kv_heads
+    k = keys[:, :end].double().repeat_interleave(groups, 0)  # (H, S, hd)
+    v = values[:, :end].double().repeat_interleave(groups, 0)
+    scores = torch.einsum("thd,hsd->hts", q.double(), k) * head_dim**-0.5
+    visible = (
+        torch.arange(end, device="cuda")[None, :]
+        <= torch.arange(start, end, device="cuda")[:, None]
+    )
+    scores = scores.masked_fill(~visible, float("-inf"))
+    expected = torch.einsum("hts,hsd->thd", torch.softmax(scores, -1), v).reshape(length, -1)
+    error = (out.double() - expected).norm() / expected.norm()
+    assert error < 1e-2
+    names = kernels_run(lambda: _prompt_attention(q, keys, values, start))
+    assert any("flash" in name.lower() for name in names), names

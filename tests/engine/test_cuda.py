@@ -466,29 +466,35 @@ def test_mixed_steps_launched_ahead_give_the_tokens_they_give_in_turn(tiny_model
     assert [len(held) for held, _ in in_turn] == [p.max_new_tokens - 1 for p in prompts]
 
 
-@pytest.mark.parametrize(("start", "length"), [(0, 300), (200, 77), (511, 1)])
-def test_a_prompt_chunks_attention_sees_its_slots_keys_up_to_each_position(start, length):
-    """The mixed step's chunk attention (causal, aligned to the chunk's last key, grouped
-    heads) against a float64 reference with a dense mask; on the flash kernel."""
-    from llamachat.engine.decode.batch import _prompt_attention
+def test_prompt_chunks_attention_sees_each_slots_keys_up_to_each_position():
+    """The mixed step's attention for several chunks at once (causal, aligned to each chunk's
+    last key, grouped heads) against a float64 reference with a dense mask, chunk by chunk; on
+    the flash kernel, not cuDNN's (which plans each new shape on the host)."""
+    from llamachat.engine.decode.batch import ChunkLayout, PromptChunk, chunks_attention
 
-    heads, kv_heads, head_dim, capacity = 32, 8, 128, 1024
-    q = torch.randn(length, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    keys = torch.randn(kv_heads, capacity, head_dim, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn_like(keys)
-    out = _prompt_attention(q, keys, values, start)
-    end = start + length
-    groups = heads // kv_heads
-    k = keys[:, :end].double().repeat_interleave(groups, 0)  # (H, S, hd)
-    v = values[:, :end].double().repeat_interleave(groups, 0)
-    scores = torch.einsum("thd,hsd->hts", q.double(), k) * head_dim**-0.5
-    visible = (
-        torch.arange(end, device="cuda")[None, :]
-        <= torch.arange(start, end, device="cuda")[:, None]
-    )
-    scores = scores.masked_fill(~visible, float("-inf"))
-    expected = torch.einsum("hts,hsd->thd", torch.softmax(scores, -1), v).reshape(length, -1)
-    error = (out.double() - expected).norm() / expected.norm()
-    assert error < 1e-2
-    names = kernels_run(lambda: _prompt_attention(q, keys, values, start))
-    assert any("flash" in name.lower() for name in names), names
+    heads, kv_heads, head_dim, capacity, groups = 32, 8, 128, 1024, 4
+    k_pool = torch.randn(5, kv_heads, capacity, head_dim, device="cuda", dtype=torch.bfloat16)
+    v_pool = torch.randn_like(k_pool)
+    chunks = [PromptChunk(3, 0, [1] * 300), PromptChunk(0, 200, [1] * 77), PromptChunk(4, 511, [1])]
+    layout = ChunkLayout.of(chunks, torch.device("cuda"))
+    total = sum(len(c.tokens) for c in chunks)
+    q = torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    out = chunks_attention(q, k_pool, v_pool, layout)
+    offset = 0
+    for chunk in chunks:
+        length, start = len(chunk.tokens), chunk.start
+        end = start + length
+        k = k_pool[chunk.slot, :, :end].double().repeat_interleave(groups, 0)  # (H, S, hd)
+        v = v_pool[chunk.slot, :, :end].double().repeat_interleave(groups, 0)
+        queries = q[offset : offset + length].double()
+        scores = torch.einsum("thd,hsd->hts", queries, k) * head_dim**-0.5
+        at = torch.arange(start, end, device="cuda")
+        scores = scores.masked_fill(
+            torch.arange(end, device="cuda")[None, :] > at[:, None], -torch.inf
+        )
+        expected = torch.einsum("hts,hsd->thd", torch.softmax(scores, -1), v).reshape(length, -1)
+        got = out[offset : offset + length].double()
+        assert (got - expected).norm() / expected.norm() < 1e-2
+        offset += length
+    names = [n.lower() for n in kernels_run(lambda: chunks_attention(q, k_pool, v_pool, layout))]
+    assert any("flash" in n for n in names) and not any("cudnn" in n for n in names), names

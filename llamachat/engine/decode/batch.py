@@ -10,13 +10,13 @@ engine/batching.py): the projections once for the whole batch, as a matrix produ
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from ..transfer import to_device
 from .cpu import _rotation
@@ -225,6 +225,8 @@ class BatchedGpuStep:
         # From the bucket, not the exact count: each value is a kernel Triton compiles once.
         splits = _attention_chunks(_bucket(max(decoding, 1)), transformer.config.n_kv_heads)
 
+        layout = ChunkLayout.of(prompts, self._device) if prompts else None
+
         def attend(index: int, q: torch.Tensor, quantize: bool):
             k_pool, v_pool = self._layers[index]
             if not prompts:
@@ -235,13 +237,8 @@ class BatchedGpuStep:
                     q[:decoding], k_pool, v_pool, at[:decoding], splits, False, slots[:decoding]
                 )
                 parts.append(part)
-            offset = decoding
-            for chunk in prompts:
-                length = len(chunk.tokens)
-                parts.append(_prompt_attention(q[offset : offset + length], k_pool[chunk.slot],
-                                               v_pool[chunk.slot], chunk.start))  # fmt: skip
-                offset += length
-            return torch.cat(parts), None
+            parts.append(chunks_attention(q[decoding:], k_pool, v_pool, layout))  # type: ignore[arg-type]
+            return (torch.cat(parts) if len(parts) > 1 else parts[0]), None
 
         return fused_forward(
             transformer, tokens, at, self._layers, attend, slots, logit_rows=logit_rows
@@ -299,22 +296,58 @@ def _attention_chunks(rows: int, kv_heads: int) -> int:
     return max(1, min(64, 1024 // (rows * kv_heads)))
 
 
-def _prompt_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where a step's prompt chunks lie, for the flash kernel's packed (variable-length) form:
+    each chunk's first query row and first key in the packed rows, its slot and its keys."""
+
+    chunks: Sequence[PromptChunk]
+    query_starts: torch.Tensor  # (C + 1,) int32 on the device
+    key_starts: torch.Tensor
+    longest_chunk: int
+    most_keys: int
+
+    @classmethod
+    def of(cls, chunks: Sequence[PromptChunk], device: torch.device) -> ChunkLayout:
+        lengths = [len(chunk.tokens) for chunk in chunks]
+        ends = [chunk.start + length for chunk, length in zip(chunks, lengths, strict=True)]
+        return cls(
+            chunks,
+            to_device(list(itertools.accumulate(lengths, initial=0)), device, torch.int32),
+            to_device(list(itertools.accumulate(ends, initial=0)), device, torch.int32),
+            max(lengths),
+            max(ends),
+        )
+
+
+def chunks_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, layout: ChunkLayout
 ) -> torch.Tensor:
-    """Attention of a prompt chunk's queries (T, H, hd), at positions from `start`, over its
-    slot's keys and values (KV, capacity, hd), each query seeing the keys up to its own
-    position: (T, H·hd). The causal mask aligned to the last key (lower right) is no tensor,
-    so the flash kernel skips what it hides; a dense mask made the memory-efficient kernel
-    compute all of it, 30% of a 2,048-token chunk's step on an H200
+    """Attention of the prompt chunks' queries (T, H, hd), packed one chunk after another,
+    each query seeing its slot's keys up to its own position, over one layer's pools (slots,
+    KV, capacity, hd): (T, H·hd). One call of the flash kernel for every chunk, its causal
+    mask aligned to each chunk's last key; the keys are copied out of the pool packed, as the
+    kernel takes them (a few MB a layer). A dense mask had the memory-efficient kernel compute
+    all it hid (30% of a 2,048-token chunk's step on an H200), and SDPA's own causal path for
+    a chunk runs cuDNN on this card, which plans each new shape on the host
     (benchmarks/mixed_step_probe.py)."""
     length, heads, head_dim = q.shape
-    end = start + length
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],
-        keys[None, :, :end],
-        values[None, :, :end],
-        attn_mask=causal_lower_right(length, end),
-        enable_gqa=True,
-    )
-    return out[0].transpose(0, 1).reshape(length, heads * head_dim)
+
+    def packed(pool: torch.Tensor) -> torch.Tensor:
+        spans = [pool[c.slot, :, : c.start + len(c.tokens)].transpose(0, 1) for c in layout.chunks]
+        return torch.cat(spans)  # (keys, KV, hd)
+
+    out = torch.ops.aten._flash_attention_forward(
+        q.contiguous(),
+        packed(k_pool),
+        packed(v_pool),
+        layout.query_starts,
+        layout.key_starts,
+        layout.longest_chunk,
+        layout.most_keys,
+        0.0,
+        True,  # causal: for queries fewer than keys, aligned to the last key
+        False,
+        scale=head_dim**-0.5,
+    )[0]
+    return out.reshape(length, heads * head_dim)

@@ -26,11 +26,15 @@ from llamachat.engine.decode.batch import BatchedGpuStep, PromptChunk  # noqa: E
 
 
 def cases(slots: int, prompt: int, context: int):
-    for rows in (0, 64):
+    for rows, room in ((0, 0), (64, 0), (64, 64)):  # room: prompt tokens left for the rows
         for count in (1, 2, 4):
-            size = prompt // count
+            size = (prompt - room) // count
             chunks = [PromptChunk(rows + i, 0, [7] * size) for i in range(count)]
-            yield rows, count, ([3] * rows, list(range(rows)), [context] * rows, chunks)
+            yield (
+                f"{rows}{' (in the 2,048)' if room else ''}",
+                count,
+                ([3] * rows, list(range(rows)), [context] * rows, chunks),
+            )
 
 
 def main() -> None:
@@ -71,7 +75,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         for rows, count, call in cases(slots, args.prompt, args.context):
-            if (rows, count) not in ((0, 4), (64, 4)):
+            if (rows, count) not in (("0", 4), ("64 (in the 2,048)", 4)):
                 continue
             with profile(activities=[ProfilerActivity.CUDA]) as profiled:
                 step.mixed(*call)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..models.reply_defaults import ReplyDefaults
 from .base import (
+    BackendError,
     ChatInfo,
     ChatMessage,
     ContextUse,
@@ -76,7 +77,12 @@ class EngineChat:
         return Logprob(text, value, tuple(text.encode("utf-8")))
 
     def context_use(self, messages: Sequence[ChatMessage]) -> ContextUse:
-        used = len(self.model.prompt_ids(messages)) if messages else 0
+        from ..engine import EngineError
+
+        try:
+            used = len(self.model.prompt_ids(messages)) if messages else 0
+        except EngineError as error:  # the chat template rejects the conversation
+            raise BackendError(str(error)) from None
         return ContextUse(used=used, window=self.ctx)
 
 

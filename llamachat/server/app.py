@@ -22,7 +22,6 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends.base import BackendError, Chat, Logprob, ReplyStats, TokenLogprob
-from ..engine.errors import EngineError
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest, conversation
@@ -124,7 +123,7 @@ def create_app(
         chat, _ = served.chat(body.model)
         try:
             use = await run_in_threadpool(chat.context_use, conversation(body.messages))
-        except (BackendError, EngineError) as error:  # a template that rejects it
+        except BackendError as error:  # a template that rejects the conversation
             raise ApiError(400, str(error), "messages") from None
         return {"count": use.used, "max_model_len": use.window}
 

@@ -76,9 +76,7 @@ def test_a_continued_conversation_goes_to_the_remote_and_reuses_its_cache(client
     assert int(stats["reused from cache"]) > 0  # the server kept the first turn's keys
 
 
-def test_a_key_kept_in_a_private_file_is_used_and_one_others_can_read_is_refused(
-    served, tmp_path
-):
+def test_a_key_kept_in_a_private_file_is_used_and_one_others_can_read_is_refused(served, tmp_path):
     server, _ = served
     env = cli_env(tmp_path / "file-client")
     key_file = tmp_path / "box.key"

@@ -2,7 +2,7 @@
 installed ones, through a `llamachat serve` on this machine that has the model loaded (it
 answers at once) or else in this process.
 
-Nothing here imports torch or httpx until a chat opens.
+Nothing here imports torch until a local chat opens, nor httpx until a remote is reached.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -92,6 +93,25 @@ def run_cli(
         capture_output=True,
         timeout=timeout,
     )
+
+
+def start_cli(*args: str, env: dict[str, str], input: bytes = b"") -> subprocess.Popen[bytes]:
+    """The `llamachat` command started with `input` on its stdin (then closed), its stdout and
+    stderr piped, Ctrl+C as at a terminal (a shell that starts the test run in the background
+    passes SIGINT down ignored, and Python then keeps ignoring it)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamachat", *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert process.stdin is not None
+    process.stdin.write(input)
+    process.stdin.close()
+    process.stdin = None  # so that communicate() does not flush it again
+    return process
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, start_cli
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +103,7 @@ def test_text_that_is_not_utf8_on_the_command_line_is_one_line(tiny_env, option)
 
 
 def test_verbose_stats_are_printed_after_ctrl_c(tiny_env):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llamachat", "ask", "Hello", "--verbose", "--max-tokens", "900"],
-        env=tiny_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    process = start_cli("ask", "Hello", "--verbose", "--max-tokens", "900", env=tiny_env)
     assert process.stdout.read(1)  # the answer has started
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 130

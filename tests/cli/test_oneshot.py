@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import CLI_GREEDY, cli_env, run_cli
+from tests.conftest import CLI_GREEDY, cli_env, run_cli, start_cli
 
 pytestmark = pytest.mark.smollm2
 
@@ -127,18 +125,14 @@ def test_bad_usage_exits_2_in_one_line(smollm2_env):
 
 
 def test_ctrl_c_stops_with_exit_130_and_no_traceback(smollm2_env):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llamachat", "--temperature", "0", "--max-tokens", "2000"],
+    process = start_cli(
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "2000",
         env=smollm2_env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        # As at a terminal: a shell that starts the test run in the background passes SIGINT
-        # down ignored, and Python then keeps ignoring it.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        input=b"Write a long essay about the history of Rome, in many chapters.",
     )
-    process.stdin.write(b"Write a long essay about the history of Rome, in many chapters.")
-    process.stdin.close()
     assert process.stdout.read(1)  # the answer has started
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 130

@@ -11,7 +11,7 @@ import stat
 
 import pytest
 
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, start_cli
 from tests.server.conftest import start_server
 
 KEY = "remote-test-key"
@@ -236,21 +236,11 @@ def test_list_and_show_give_a_remotes_models_as_its_server_reports_them(client_h
 
 
 def test_ctrl_c_stops_a_remote_reply_at_once_and_keeps_what_came(client_home, served):
-    import subprocess
-    import sys
-
     server, _ = served
     generated = server.metric("llamachat_generated_tokens_total")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llamachat", "-m", "box/tiny", "--max-tokens", "900"],
-        env=client_home,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as at a terminal
+    process = start_cli(
+        "-m", "box/tiny", "--max-tokens", "900", env=client_home, input=b"go on for long"
     )
-    process.stdin.write(b"go on for long")
-    process.stdin.close()
     assert process.stdout.read(1)  # the answer has started
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 130

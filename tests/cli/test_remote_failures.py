@@ -7,13 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, start_cli
 from tests.server.conftest import REQUEST_S, start_server
 
 LONG_CTX = 16384
@@ -87,15 +85,7 @@ def test_a_full_server_is_asked_again_as_it_says_then_given_up_on(one_slot, tmp_
 def test_a_server_that_frees_up_while_asked_again_answers(one_slot, tmp_path):
     env = client_of(one_slot, tmp_path)
     stream = hold_the_slot(one_slot)
-    question = tmp_path / "question.txt"
-    question.write_text("hello")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llamachat", "-m", "box/long", "--max-tokens", "5"],
-        env=env,
-        stdin=question.open("rb"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    process = start_cli("-m", "box/long", "--max-tokens", "5", env=env, input=b"hello")
     try:
         time.sleep(1.5)  # refused once at least, and waiting to ask again
     finally:
@@ -110,14 +100,8 @@ def test_a_server_killed_mid_reply_leaves_the_partial_reply_kept_and_marked(long
     server = start_server(long_home, "--ctx", str(LONG_CTX))
     try:
         env = client_of(server, tmp_path)
-        question = tmp_path / "question.txt"
-        question.write_text("go on for long")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llamachat", "-m", "box/long", "--max-tokens", "15000"],
-            env=env,
-            stdin=question.open("rb"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        process = start_cli(
+            "-m", "box/long", "--max-tokens", "15000", env=env, input=b"go on for long"
         )
         first = process.stdout.read(1)  # the answer has started
         assert first

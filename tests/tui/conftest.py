@@ -16,6 +16,7 @@ from llamachat.home import Home
 from llamachat.models.pull import pull
 from llamachat.models.store import ModelStore
 from llamachat.tui import LlamaChatApp, make_app
+from llamachat.tui.widgets.prompt_input import PromptInput
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +62,15 @@ async def settle(pilot, app: LlamaChatApp, timeout: float = 60) -> None:
             await pilot.pause(0.05)
             return
     raise AssertionError("the app did not settle")
+
+
+async def send(pilot, app: LlamaChatApp, text: str) -> None:
+    """Type `text` into the editor, send it, and wait for the reply to end."""
+    prompt = app.query_one(PromptInput)
+    prompt.focus()
+    prompt.text = text
+    await pilot.press("enter")
+    await settle(pilot, app)
 
 
 def _running(app: LlamaChatApp) -> bool:

@@ -22,15 +22,7 @@ from llamachat.tui.widgets.conversation_list import ConversationList
 from llamachat.tui.widgets.prompt_input import PromptInput
 from llamachat.tui.widgets.status_bar import StatusBar
 from tests.conftest import rerecord
-from tests.tui.conftest import app_for, copy_model, palette_search, settle
-
-
-async def send(pilot, app, text: str) -> None:
-    prompt = app.query_one(PromptInput)
-    prompt.focus()
-    prompt.text = text
-    await pilot.press("enter")
-    await settle(pilot, app)
+from tests.tui.conftest import app_for, copy_model, palette_search, send, settle
 
 
 def stored(app, conversation_id=None):

@@ -15,7 +15,7 @@ from llamachat.tui.widgets.chat_view import ChatView
 from llamachat.tui.widgets.prompt_input import PromptInput
 from tests.conftest import cli_env, run_cli
 from tests.server.conftest import start_server
-from tests.tui.conftest import app_for, settle
+from tests.tui.conftest import app_for, send, settle
 
 KEY = "tui-remote-key"
 
@@ -37,14 +37,6 @@ def remote_home(home, server, monkeypatch):
     save(home.remotes_file, {"box": checked("box", server.url, "BOX_KEY")})
     monkeypatch.setenv("BOX_KEY", KEY)
     return home
-
-
-async def send(pilot, app, text: str) -> None:
-    prompt = app.query_one(PromptInput)
-    prompt.focus()
-    prompt.text = text
-    await pilot.press("enter")
-    await settle(pilot, app)
 
 
 def stored(app):

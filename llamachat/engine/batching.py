@@ -35,7 +35,7 @@ from .kv_cache import KVCache
 from .prompts import Prompt
 from .sampling import SampledLogprob, SamplingParams, greedy_rows, sample, sampled_logprob
 from .session import PREFILL_CHUNK, GenerationStats, _common_prefix, _random_seed, _whole_buckets
-from .step_trace import StepTrace
+from .step_trace import StepTrace, traced
 from .transfer import to_device
 
 MIXED_PREFILL_TOKENS = 2048
@@ -351,17 +351,15 @@ class BatchScheduler:
         None when the step failed: its sequences have ended."""
         assert self.device_step is not None
         tokens = chosen if chosen is not None else [r.next_token for r in decoding]
-        if self._trace is not None:
-            self._trace.begin("mixed", len(decoding), sum(len(chunk) for _, chunk in chunks))
+        prompt = sum(len(chunk) for _, chunk in chunks)
         try:
-            token_logits, chunk_logits = self.device_step.mixed(
-                tokens,  # type: ignore[arg-type]
-                [r.slot for r in decoding],
-                [r.fed for r in decoding],
-                [PromptChunk(r.slot, r.fed, chunk) for r, chunk in chunks],
-            )
-            if self._trace is not None:
-                self._trace.end()
+            with traced(self._trace, "mixed", len(decoding), prompt):
+                token_logits, chunk_logits = self.device_step.mixed(
+                    tokens,  # type: ignore[arg-type]
+                    [r.slot for r in decoding],
+                    [r.fed for r in decoding],
+                    [PromptChunk(r.slot, r.fed, chunk) for r, chunk in chunks],
+                )
         except Exception as error:  # noqa: BLE001 - the step's sequences all end
             self._fail(decoding + [r for r, _ in chunks], error)
             return None
@@ -535,11 +533,8 @@ class BatchScheduler:
         tokens = chosen if chosen is not None else [r.next_token for r in batch]
         self.last_batch = len(batch)
         if self.device_step is not None:
-            if self._trace is not None:
-                self._trace.begin("decode", len(batch), 0)
-            logits = self.device_step(tokens, slots, positions)  # type: ignore[arg-type]
-            if self._trace is not None:
-                self._trace.end()
+            with traced(self._trace, "decode", len(batch), 0):
+                logits = self.device_step(tokens, slots, positions)  # type: ignore[arg-type]
         else:
             listed = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
             logits = self.cpu_step(listed, [self.caches[s] for s in slots], positions)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,26 +31,22 @@ class StepTrace:
     def __init__(self, path: str):
         self.path = path
         self.steps: list[_Step] = []
-        self._open: tuple[str, int, int, float, torch.cuda.Event] | None = None
 
     @classmethod
     def from_env(cls, device: torch.device) -> StepTrace | None:
         path = os.environ.get(TRACE_ENV)
         return cls(f"{path}.{os.getpid()}") if path and device.type == "cuda" else None
 
-    def begin(self, kind: str, rows: int, prompt: int) -> None:
+    @contextmanager
+    def step(self, kind: str, rows: int, prompt: int) -> Iterator[None]:
+        """Around one step's launch; a launch that raises is not recorded."""
         began = torch.cuda.Event(enable_timing=True)
         began.record()
-        self._open = (kind, rows, prompt, time.perf_counter(), began)
-
-    def end(self) -> None:
-        if self._open is None:
-            return
-        kind, rows, prompt, started, began = self._open
+        started = time.perf_counter()
+        yield
         ended = torch.cuda.Event(enable_timing=True)
         ended.record()
         self.steps.append(_Step(kind, rows, prompt, time.perf_counter() - started, began, ended))
-        self._open = None
 
     def write(self) -> None:
         if not self.steps:
@@ -75,3 +73,10 @@ class StepTrace:
             span = origin.elapsed_time(self.steps[-1].ended)
             summary = {"span_ms": span, "busy_ms": busy, "steps": counts}
             out.write(json.dumps({"summary": summary}) + "\n")
+
+
+def traced(
+    trace: StepTrace | None, kind: str, rows: int, prompt: int
+) -> AbstractContextManager[None]:
+    """`trace.step(...)`, or nothing when there is no trace."""
+    return trace.step(kind, rows, prompt) if trace is not None else nullcontext()

@@ -81,7 +81,7 @@ class RemoteFitter:
             if count is not None:
                 return count
             self._server_count = None
-        return len(_Estimate(self._bytes_per_token).prompt_ids(messages))
+        return self._estimate(messages)
 
     def _estimate(self, messages: Sequence[ChatMessage]) -> int:
         return len(_Estimate(self._bytes_per_token).prompt_ids(messages))

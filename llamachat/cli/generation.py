@@ -56,14 +56,7 @@ def models_for(home: Home, options: ChatOptions) -> Router:
 
 
 def open_chat(router: Router, options: ChatOptions, name: str) -> Chat:
-    remote = split_model(name, router.remotes)
-    if remote is not None:
-        doing = f"reaching {remote[0].name}…"
-    elif router.server_for(name) is not None:
-        doing = f"reaching the server that has {name} loaded…"
-    else:
-        doing = f"loading {name}…"
-    status = stderr.status(doing) if stderr.is_terminal else nullcontext()
+    status = stderr.status(_opening(router, name)) if stderr.is_terminal else nullcontext()
     try:
         with status:
             return router.open_chat(options.spec(name))
@@ -71,6 +64,17 @@ def open_chat(router: Router, options: ChatOptions, name: str) -> Chat:
         raise CliError(
             f"--ctx {error.requested} is larger than the model's context of {error.limit}", 2
         ) from None
+
+
+def _opening(router: Router, name: str) -> str:
+    """What opening `name` does, for the terminal's spinner (piped, nothing is shown, and the
+    running servers are not looked up twice)."""
+    remote = split_model(name, router.remotes)
+    if remote is not None:
+        return f"reaching {remote[0].name}…"
+    if router.server_for(name) is not None:
+        return f"reaching the server that has {name} loaded…"
+    return f"loading {name}…"
 
 
 def open_history() -> HistoryStore:

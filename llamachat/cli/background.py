@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from ..home import Home
 from ..private import private_dir
 from ..processes import pid_alive
 from ..serving import RunningServer, running
-from .console import CliError, stderr
+from .console import CliError, stderr, stdout
 
 START_TIMEOUT_S = 600  # loading a large model from a slow disk takes minutes
 STOP_TIMEOUT_S = 20  # serve gives in-flight replies 10 s, then its engine stops
@@ -83,22 +85,20 @@ def ps(
     if not servers:
         stderr.print("no llamachat server is running (start one: llamachat serve --background)")
         return
-    rows = [
-        (
-            model.name,
-            server.url + (" (key)" if server.key else ""),
-            str(server.pid),
-            " ".join(filter(None, (model.device, model.dtype, model.weight_format))),
-            f"{model.context_size}",
-        )
-        for server in servers
-        for model in server.models
-    ]
-    header = ("NAME", "SERVER", "PID", "DEVICE", "CONTEXT")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        print("  ".join(cells).rstrip())
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "SERVER", "PID", "DEVICE", "CONTEXT"):
+        table.add_column(column, no_wrap=True)
+    for server in servers:
+        for model in server.models:
+            cells = (
+                model.name,
+                server.url + (" (key)" if server.key else ""),
+                str(server.pid),
+                " ".join(filter(None, (model.device, model.dtype, model.weight_format))),
+                f"{model.context_size}",
+            )
+            table.add_row(*(Text(cell) for cell in cells))  # as written, never as markup
+    stdout.print(table)
 
 
 def stop(

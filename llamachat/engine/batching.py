@@ -83,6 +83,7 @@ class _Running:
     context: list[int]  # prompt and reply so far, for the repetition penalty
     next_token: int | None = None  # sampled, not yet fed through the model
     first_token_at: float | None = None
+    admitted_at: float = field(default_factory=time.perf_counter)
     done: bool = False  # finished, cancelled or failed: out of the batch
 
     @property
@@ -606,6 +607,14 @@ class BatchScheduler:
         if running.first_token_at is None:
             running.first_token_at = now
             stats.time_to_first_token_s = now - request.submitted
+            if self._trace is not None:
+                self._trace.request(
+                    stats.prompt_tokens,
+                    stats.reused_tokens,
+                    request.submitted,
+                    running.admitted_at,
+                    now,
+                )
         stats.decode_s = now - running.first_token_at
         stats.generated_tokens += 1
         if token in self.model.eos_token_ids:

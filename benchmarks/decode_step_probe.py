@@ -4,17 +4,17 @@ bandwidth.
 
     python benchmarks/decode_step_probe.py --shape 8b --rows 64 --context 700
 
-Prints, each a median of 20 on CUDA events: the whole step (its CUDA graph) at 1 to --rows rows;
-each matrix product alone at --rows rows (ms, GB/s of its weights); the attention kernel alone
-over one layer's pool with the step's split and with other block sizes, warps, stages and
-splits (ms, GB/s of the keys and values read); and the step's kernels by device time.
+Prints, each the mean of 20 calls back to back on CUDA events: the whole step (its CUDA
+graph) at 1 to --rows rows; each matrix product alone at --rows rows (ms, GB/s of its
+weights); the attention kernel alone over one layer's pool with the step's split and with
+other block sizes, warps, stages and splits (ms, GB/s of the keys and values read); and the
+step's kernels by device time.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,18 +28,17 @@ from llamachat.engine.decode.batch import BatchedGpuStep, _attention_chunks  # n
 
 
 def timed(call, runs: int = 20) -> float:
-    """Median device ms of `call` over `runs`, after two warm-up calls."""
+    """Device ms of one `call`: `runs` of them back to back between two CUDA events, after two
+    warm-up calls (one call timed alone would count the host's launch of a short kernel)."""
     for _ in range(2):
         call()
-    times = []
+    began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    began.record()
     for _ in range(runs):
-        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        began.record()
         call()
-        ended.record()
-        torch.cuda.synchronize()
-        times.append(began.elapsed_time(ended))
-    return statistics.median(times)
+    ended.record()
+    torch.cuda.synchronize()
+    return began.elapsed_time(ended) / runs
 
 
 def copy_bandwidth() -> float:

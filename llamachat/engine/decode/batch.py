@@ -299,11 +299,13 @@ def _attention_chunks(rows: int, kv_heads: int) -> int:
 @dataclass(frozen=True)
 class ChunkLayout:
     """Where a step's prompt chunks lie, for the flash kernel's packed (variable-length) form:
-    each chunk's first query row and first key in the packed rows, its slot and its keys."""
+    each chunk's first query row and first key in the packed rows, and the slot and position
+    of every packed key in the pool (each chunk's keys from its slot's first position)."""
 
-    chunks: Sequence[PromptChunk]
     query_starts: torch.Tensor  # (C + 1,) int32 on the device
     key_starts: torch.Tensor
+    key_slots: torch.Tensor  # (keys,) on the device
+    key_positions: torch.Tensor
     longest_chunk: int
     most_keys: int
 
@@ -311,10 +313,13 @@ class ChunkLayout:
     def of(cls, chunks: Sequence[PromptChunk], device: torch.device) -> ChunkLayout:
         lengths = [len(chunk.tokens) for chunk in chunks]
         ends = [chunk.start + length for chunk, length in zip(chunks, lengths, strict=True)]
+        slots = [chunk.slot for chunk, end in zip(chunks, ends, strict=True) for _ in range(end)]
+        positions = [position for end in ends for position in range(end)]
         return cls(
-            chunks,
             to_device(list(itertools.accumulate(lengths, initial=0)), device, torch.int32),
             to_device(list(itertools.accumulate(ends, initial=0)), device, torch.int32),
+            to_device(slots, device, torch.long),
+            to_device(positions, device, torch.long),
             max(lengths),
             max(ends),
         )
@@ -327,20 +332,17 @@ def chunks_attention(
     each query seeing its slot's keys up to its own position, over one layer's pools (slots,
     KV, capacity, hd): (T, H·hd). One call of the flash kernel for every chunk, its causal
     mask aligned to each chunk's last key; the keys are copied out of the pool packed, as the
-    kernel takes them (a few MB a layer). A dense mask had the memory-efficient kernel compute
-    all it hid (30% of a 2,048-token chunk's step on an H200), and SDPA's own causal path for
-    a chunk runs cuDNN on this card, which plans each new shape on the host
-    (benchmarks/mixed_step_probe.py)."""
+    kernel takes them (a few MB a layer), by one gather each: a step's host time goes into
+    operations launched one by one, each of which takes Python's lock again. A dense mask had
+    the memory-efficient kernel compute all it hid (30% of a 2,048-token chunk's step on an
+    H200), and SDPA's own causal path for a chunk runs cuDNN on this card, which plans each
+    new shape on the host (benchmarks/mixed_step_probe.py)."""
     length, heads, head_dim = q.shape
-
-    def packed(pool: torch.Tensor) -> torch.Tensor:
-        spans = [pool[c.slot, :, : c.start + len(c.tokens)].transpose(0, 1) for c in layout.chunks]
-        return torch.cat(spans)  # (keys, KV, hd)
-
+    at = (layout.key_slots, slice(None), layout.key_positions)
     out = torch.ops.aten._flash_attention_forward(
         q.contiguous(),
-        packed(k_pool),
-        packed(v_pool),
+        k_pool[at],  # (keys, KV, hd)
+        v_pool[at],
         layout.query_starts,
         layout.key_starts,
         layout.longest_chunk,

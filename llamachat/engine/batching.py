@@ -38,7 +38,7 @@ from .session import PREFILL_CHUNK, GenerationStats, _common_prefix, _random_see
 from .step_trace import StepTrace, traced
 from .transfer import to_device
 
-MIXED_PREFILL_TOKENS = 2048
+MIXED_PREFILL_TOKENS = 1792
 
 
 @dataclass
@@ -155,8 +155,8 @@ class BatchScheduler:
         # Prompt tokens fed per step, shared out among the prompts being prefilled: more feeds
         # new requests sooner and reads the weights for fewer steps, fewer keeps the running
         # streams' steps short. Where prompts ride along with the decoding rows (the fused GPU
-        # step), 2,048 gave the most tokens/s and the shortest waits for a first token
-        # (docs/BENCHMARKS.md); elsewhere each chunk is a pass of its own.
+        # step), 1,792 rows a step gave the tokens/s of 2,048 with shorter waits for a first
+        # token on an H200 (docs/BENCHMARKS.md); elsewhere each chunk is a pass of its own.
         fused = self.device_step is not None and self.device_step.fused
         self.prefill_tokens = prefill_tokens or (MIXED_PREFILL_TOKENS if fused else PREFILL_CHUNK)
         # Launch each decode step before handing the last one's tokens out (detokenizing, the
@@ -328,7 +328,7 @@ class BatchScheduler:
     def _next_chunks(self, decoding: int = 0) -> list[tuple[_Running, list[int]]]:
         """One step's share of prompt, handed out in arrival order. Beside `decoding` rows (a
         mixed step) the share leaves room for them: a full step then has prefill_tokens rows
-        in all, a shape whose matrix products cuBLAS runs fast (on an H200, 2,048 rows of
+        in all, whose matrix products cuBLAS runs at its best (on an H200, 2,048 rows of
         prompt took 43.6 ms and 64 decoding rows more 55.8 ms: benchmarks/mixed_step_probe.py)."""
         chunks: list[tuple[_Running, list[int]]] = []
         budget = max(self.prefill_tokens - decoding, 1)

@@ -189,6 +189,17 @@ class HistoryStore:
                 f"cannot save to the history at {self.path}: {reason}", reason
             ) from None
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Reads that must agree (a conversation's active leaf and its messages) in one read
+        transaction: another process's write cannot fall between them."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
     # Conversations
 
     def create(
@@ -223,22 +234,24 @@ class HistoryStore:
 
     def get(self, conversation_id: int) -> Conversation:
         _check_id(conversation_id)
-        row = self._db.execute(
-            """
-            SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)
-                AS message_count
-            FROM conversations c WHERE c.id = ?
-            """,
-            (conversation_id,),
-        ).fetchone()
-        if row is None:
-            raise KeyError(conversation_id)
-        tree = tuple(
-            _message(m)
-            for m in self._db.execute(
-                "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+        with self._snapshot() as db:
+            row = db.execute(
+                """
+                SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)
+                    AS message_count
+                FROM conversations c WHERE c.id = ?
+                """,
+                (conversation_id,),
+            ).fetchone()
+            if row is None:
+                raise KeyError(conversation_id)
+            tree = tuple(
+                _message(m)
+                for m in db.execute(
+                    "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
+                    (conversation_id,),
+                )
             )
-        )
         by_id = {m.id: m for m in tree}
         path: list[StoredMessage] = []
         step = by_id.get(row["active_leaf"])

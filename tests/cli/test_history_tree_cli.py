@@ -118,6 +118,19 @@ def test_continue_goes_on_from_the_active_leaf(env, branched, tiny_store):
     assert len(conversation.tree) == 11  # the other branches are all still there
 
 
+def test_a_continued_question_too_long_for_the_context_is_taken_back_alone(
+    env, branched, tiny_store
+):
+    (Path(env["LLAMACHAT_HOME"]) / "models").symlink_to(tiny_store.root)
+    branched.activate(7)  # the bird's branch, and conversation 1 the latest
+    before = branched.get(1)
+    flags = ["-m", "tiny", "--device", "cpu", "--ctx", "64"]
+    refused = run_cli("-c", *flags, env=env, input=b"the quick brown fox " * 40)
+    assert refused.returncode == 1 and b"context of 64" in refused.stderr
+    after = branched.get(1)
+    assert after.tree == before.tree and after.active_leaf == before.active_leaf == 8
+
+
 @pytest.mark.parametrize(
     ("args", "line"),
     [

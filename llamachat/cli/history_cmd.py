@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..history.export import to_json, to_markdown
+from ..history.export import to_json, to_markdown, to_outline
 from ..history.store import Conversation, HistoryStore
 from ..home import Home
 from .console import CliError, stderr, stdin_is_terminal, stdout
@@ -50,10 +50,42 @@ def list_conversations(as_json: JsonOption = False) -> None:
 
 
 @app.command("show")
-def show(conversation_id: IdArgument, as_json: JsonOption = False) -> None:
-    """Print a conversation (Markdown, or JSON)."""
-    conversation = _get(_store(), conversation_id)
-    text = to_json(conversation) if as_json else to_markdown(conversation)
+def show(
+    conversation_id: IdArgument,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON: every branch, and the active path.")
+    ] = False,
+    tree: Annotated[
+        bool,
+        typer.Option(
+            "--tree", help="Print every branch, a message a line; * marks the active path."
+        ),
+    ] = False,
+    at: Annotated[
+        int | None,
+        typer.Option(
+            "--at",
+            metavar="MESSAGE_ID",
+            help="First make the branch of this message (a search hit's) the active path, "
+            "where that branch was left: what the model sees next, -c too.",
+        ),
+    ] = None,
+) -> None:
+    """Print a conversation: the path the model sees, as Markdown (or JSON, or --tree)."""
+    store = _store()
+    conversation = _get(store, conversation_id)
+    if at is not None:
+        if at not in {message.id for message in conversation.tree}:
+            raise CliError(
+                f"conversation {conversation_id} has no message {at} "
+                f"(`llamachat history show {conversation_id} --tree` shows them)"
+            )
+        store.activate(at)
+        conversation = _get(store, conversation_id)
+    if as_json:
+        text = to_json(conversation)
+    else:
+        text = to_outline(conversation) if tree else to_markdown(conversation)
     stdout.print(text, markup=False, highlight=False, end="")
 
 
@@ -63,9 +95,12 @@ def export(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
     ] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="md or json.")] = "md",
+    format: Annotated[
+        str,
+        typer.Option("--format", "-f", help="md (the active path) or json (every branch)."),
+    ] = "md",
 ) -> None:
-    """Export a conversation as Markdown or JSON."""
+    """Export a conversation as Markdown (the path the model sees) or JSON (every branch)."""
     if format not in ("md", "json"):
         raise CliError(f"unknown format {format!r}: use md or json", exit_code=2)
     conversation = _get(_store(), conversation_id)
@@ -99,10 +134,10 @@ def remove(
 
 @app.command("search")
 def search(
-    text: Annotated[str, typer.Argument(help="Text to find in any message.")],
+    text: Annotated[str, typer.Argument(help="Text to find in any message, on any branch.")],
     as_json: JsonOption = False,
 ) -> None:
-    """Find messages containing TEXT."""
+    """Find messages containing TEXT, on any branch of any conversation."""
     hits = _store().search(text)
     if as_json:
         stdout.print_json(json.dumps([asdict(hit) for hit in hits], ensure_ascii=False))
@@ -111,11 +146,19 @@ def search(
         stderr.print(f"nothing matches {text!r}", markup=False)
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("ID", "ROLE", "TITLE", "MATCH"):
-        table.add_column(column, no_wrap=column in ("ID", "ROLE"))
+    for column in ("ID", "MESSAGE", "BRANCH", "ROLE", "TITLE", "MATCH"):
+        table.add_column(column, no_wrap=column not in ("TITLE", "MATCH"))
     for hit in hits:
-        table.add_row(str(hit.conversation_id), hit.role, hit.title, hit.snippet)
+        branch = "active" if hit.active else "other"
+        table.add_row(
+            str(hit.conversation_id), str(hit.message_id), branch, hit.role, hit.title, hit.snippet
+        )
     stdout.print(table)
+    if not all(hit.active for hit in hits):
+        stderr.print(
+            "a hit on another branch: `llamachat history show ID --at MESSAGE` makes it active",
+            markup=False,
+        )
 
 
 def _when(timestamp: str) -> str:

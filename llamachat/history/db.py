@@ -82,6 +82,27 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages_v2 RENAME TO messages;
     CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
     """,
+    # 3: conversations as trees, so that a regenerated reply or an edited question is kept
+    # beside the one it replaces. A message's parent is the message it follows (NULL: one that
+    # begins its conversation); a conversation's active_leaf is where the path that the model
+    # sees ends. last_active says which message was that end most recently (the highest, per
+    # conversation), so that a branch opened again resumes where it was left. Until now each
+    # conversation was one chain, by id: so it is migrated, its last message the active leaf.
+    """
+    ALTER TABLE messages ADD COLUMN parent_id INTEGER REFERENCES messages(id);
+    ALTER TABLE messages ADD COLUMN last_active INTEGER;
+    ALTER TABLE conversations ADD COLUMN active_leaf INTEGER REFERENCES messages(id);
+    UPDATE messages SET parent_id = (
+        SELECT MAX(earlier.id) FROM messages earlier
+        WHERE earlier.conversation_id = messages.conversation_id AND earlier.id < messages.id
+    );
+    UPDATE conversations SET active_leaf = (
+        SELECT MAX(m.id) FROM messages m WHERE m.conversation_id = conversations.id
+    );
+    UPDATE messages SET last_active = 1 WHERE id IN (SELECT active_leaf FROM conversations);
+    CREATE INDEX messages_by_parent ON messages (parent_id);
+    CREATE INDEX conversations_by_active_leaf ON conversations (active_leaf);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,7 +1,14 @@
 """Conversations on disk: every write is one transaction, every thread has its own connection.
 
-A system prompt is a message of role "system" in the conversation, so a change shows where it
-happened and applies from the next turn; the model sees the latest one. A reply is written
+A conversation is a tree of messages: each follows its parent, and a regenerated reply or an
+edited question is a sibling of the one it replaces, so nothing is lost. One path, from a first
+message to the conversation's active leaf, is what the model sees (`Conversation.messages`);
+a message added goes after the active leaf and becomes it. Opening another branch
+(`activate`) resumes it where it was left: at the message of that branch that was most recently
+the active leaf, else at its newest.
+
+A system prompt is a message of role "system" on the path, so a change shows where it happened
+and applies from the next turn; the model sees the latest one on its path. A reply is written
 while it streams (status "streaming", with the writer's pid and start time); one whose writer
 died is marked "interrupted" the next time the history is opened. A finished reply is
 "complete", "length" (cut by the token limit or the full context: `finish_reason` says which),
@@ -18,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 from ..processes import own_start, process_running
@@ -26,6 +34,12 @@ from .db import HistoryError, connect, describe
 TITLE_LENGTH = 60
 SAVE_INTERVAL_S = 0.5  # a streaming reply reaches the disk at least this often
 _ID_RANGE = (-(2**63), 2**63 - 1)  # SQLite's integers
+# The ids of a message (the ?) and of every message after it on its branches.
+_SUBTREE = """
+    WITH RECURSIVE subtree(id) AS (
+        VALUES (?) UNION ALL SELECT m.id FROM messages m JOIN subtree s ON m.parent_id = s.id
+    )
+"""
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class StoredMessage:
     """One message of a conversation as the history keeps it; a reply has its figures too."""
 
     id: int
+    parent_id: int | None  # the message it follows; None for one that begins the conversation
     role: str
     content: str
     model: str | None
@@ -57,13 +72,52 @@ class ConversationSummary:
 
 
 @dataclass(frozen=True)
+class Siblings:
+    """A message among those that follow the same message (itself included), oldest first:
+    `ids[index]` is the message, so a ‹2/3› marker reads index + 1 of count."""
+
+    ids: tuple[int, ...]
+    index: int
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
 class Conversation:
+    """`messages` is the active path, first message to `active_leaf`: what the model sees.
+    `tree` is every message on every branch, oldest first, each with its parent_id."""
+
     summary: ConversationSummary
     messages: tuple[StoredMessage, ...]
+    tree: tuple[StoredMessage, ...]
+    active_leaf: int | None
 
     @property
     def id(self) -> int:
         return self.summary.id
+
+    def children(self, message_id: int | None) -> tuple[StoredMessage, ...]:
+        """The messages that follow `message_id` (None: those that begin it), oldest first."""
+        return self._children.get(message_id, ())
+
+    def siblings(self, message_id: int) -> Siblings:
+        """Where `message_id` (any message of the tree) stands among its parent's children."""
+        parent = self._by_id[message_id].parent_id
+        ids = tuple(m.id for m in self.children(parent))
+        return Siblings(ids, ids.index(message_id))
+
+    @cached_property
+    def _by_id(self) -> dict[int, StoredMessage]:
+        return {m.id: m for m in self.tree}
+
+    @cached_property
+    def _children(self) -> dict[int | None, tuple[StoredMessage, ...]]:
+        children: dict[int | None, list[StoredMessage]] = {}
+        for message in self.tree:
+            children.setdefault(message.parent_id, []).append(message)
+        return {parent: tuple(found) for parent, found in children.items()}
 
     @property
     def system_prompt(self) -> str | None:
@@ -88,6 +142,7 @@ class SearchHit:
     message_id: int
     role: str
     snippet: str
+    active: bool  # on the active path; else on another branch, which activate(message_id) opens
 
 
 @dataclass(frozen=True)
@@ -134,6 +189,17 @@ class HistoryStore:
                 f"cannot save to the history at {self.path}: {reason}", reason
             ) from None
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Reads that must agree (a conversation's active leaf and its messages) in one read
+        transaction: another process's write cannot fall between them."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
     # Conversations
 
     def create(
@@ -148,7 +214,7 @@ class HistoryStore:
             )
             conversation_id = cursor.lastrowid
             if system_prompt:
-                _insert_message(db, conversation_id, "system", system_prompt, None, "complete")
+                _append(db, conversation_id, "system", system_prompt, None, "complete")
         return conversation_id
 
     def conversations(self) -> list[ConversationSummary]:
@@ -167,22 +233,32 @@ class HistoryStore:
         return conversations[0] if conversations else None
 
     def get(self, conversation_id: int) -> Conversation:
-        if not _ID_RANGE[0] <= conversation_id <= _ID_RANGE[1]:
-            raise KeyError(conversation_id)  # SQLite could not even look for it
-        row = self._db.execute(
-            """
-            SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)
-                AS message_count
-            FROM conversations c WHERE c.id = ?
-            """,
-            (conversation_id,),
-        ).fetchone()
-        if row is None:
-            raise KeyError(conversation_id)
-        messages = self._db.execute(
-            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
-        ).fetchall()
-        return Conversation(_summary(row), tuple(_message(m) for m in messages))
+        _check_id(conversation_id)
+        with self._snapshot() as db:
+            row = db.execute(
+                """
+                SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)
+                    AS message_count
+                FROM conversations c WHERE c.id = ?
+                """,
+                (conversation_id,),
+            ).fetchone()
+            if row is None:
+                raise KeyError(conversation_id)
+            tree = tuple(
+                _message(m)
+                for m in db.execute(
+                    "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
+                    (conversation_id,),
+                )
+            )
+        by_id = {m.id: m for m in tree}
+        path: list[StoredMessage] = []
+        step = by_id.get(row["active_leaf"])
+        while step is not None and len(path) < len(tree):  # a parent's id is always smaller
+            path.append(step)
+            step = by_id.get(step.parent_id)
+        return Conversation(_summary(row), tuple(reversed(path)), tree, row["active_leaf"])
 
     def rename(self, conversation_id: int, title: str) -> None:
         with self._transaction() as db:
@@ -203,8 +279,9 @@ class HistoryStore:
     def add_message(
         self, conversation_id: int, role: str, content: str, model: str | None = None
     ) -> int:
+        """Add a message after the active leaf; it becomes the active leaf."""
         with self._transaction() as db:
-            message_id = _insert_message(db, conversation_id, role, content, model, "complete")
+            message_id = _append(db, conversation_id, role, content, model, "complete")
             if role == "user":
                 db.execute(
                     "UPDATE conversations SET title = ? WHERE id = ? AND title = ''",
@@ -218,7 +295,7 @@ class HistoryStore:
 
     def start_reply(self, conversation_id: int, model: str | None) -> int:
         with self._transaction() as db:
-            return _insert_message(db, conversation_id, "assistant", "", model, "streaming")
+            return _append(db, conversation_id, "assistant", "", model, "streaming")
 
     def save_reply(self, message_id: int, content: str) -> None:
         with self._transaction() as db:
@@ -252,18 +329,66 @@ class HistoryStore:
             )
 
     def delete_from(self, conversation_id: int, message_id: int) -> None:
-        """Delete a message and everything after it (to regenerate or edit a turn)."""
+        """Take a message back: delete it and everything after it on its branches; the path the
+        model sees ends before it again (a question that was not answered)."""
         with self._transaction() as db:
-            db.execute(
-                "DELETE FROM messages WHERE conversation_id = ? AND id >= ?",
-                (conversation_id, message_id),
+            parent = _parent(db, message_id, conversation_id)
+            _delete_subtree(db, conversation_id, message_id, parent)
+
+    # Branches
+
+    def branch_from(self, message_id: int) -> None:
+        """From now the path the model sees ends before `message_id`, which is kept: the next
+        message added follows its parent, as its sibling (a regenerated reply, an edited
+        question)."""
+        with self._transaction() as db:
+            conversation_id, parent = _place(db, message_id)
+            _set_active_leaf(db, conversation_id, parent)
+
+    def activate(self, message_id: int) -> int:
+        """Make the branch through `message_id` the active path, resumed where it was left (the
+        message of its subtree most recently the active leaf, else the newest); returns the
+        new active leaf. On the active path already, nothing changes."""
+        with self._transaction() as db:
+            conversation_id, _ = _place(db, message_id)
+            leaf = _resume_point(db, message_id)
+            if leaf != _active_leaf(db, conversation_id):
+                _set_active_leaf(db, conversation_id, leaf)
+            return leaf
+
+    def siblings(self, message_id: int) -> Siblings:
+        """Where `message_id` stands among the messages that follow its parent."""
+        conversation_id, parent = _place(self._db, message_id)
+        ids = tuple(
+            row[0]
+            for row in self._db.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS ? ORDER BY id",
+                (conversation_id, parent),
             )
-            db.execute(
-                "UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), conversation_id)
-            )
+        )
+        return Siblings(ids, ids.index(message_id))
+
+    def delete_branch(self, message_id: int) -> None:
+        """Delete a message and everything after it on its branches. If the active path went
+        through it, the nearest sibling's branch (the one before, else after) becomes the
+        active path, resumed where it was left, else the path ends at the parent."""
+        with self._transaction() as db:
+            conversation_id, parent = _place(db, message_id)
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS ? "
+                    "ORDER BY id",
+                    (conversation_id, parent),
+                )
+            ]
+            index = ids.index(message_id)
+            others = ids[:index][-1:] + ids[index + 1 : index + 2]  # before, then after
+            leaf = _resume_point(db, others[0]) if others else parent
+            _delete_subtree(db, conversation_id, message_id, leaf)
 
     def search(self, text: str, limit: int = 50) -> list[SearchHit]:
-        """Messages containing `text` (case-insensitive for ASCII), newest first."""
+        """Messages containing `text` (case-insensitive for ASCII) on any branch, newest first."""
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = self._db.execute(
             """
@@ -274,6 +399,7 @@ class HistoryStore:
             """,
             (pattern, limit),
         ).fetchall()
+        paths = {c: _path_ids(self._db, c) for c in {row["conversation_id"] for row in rows}}
         return [
             SearchHit(
                 row["conversation_id"],
@@ -281,6 +407,7 @@ class HistoryStore:
                 row["id"],
                 row["role"],
                 _snippet(row["content"], text),
+                row["id"] in paths[row["conversation_id"]],
             )
             for row in rows
         ]
@@ -369,7 +496,7 @@ class ReplyRecorder:
             self.save_error = None
 
 
-def _insert_message(
+def _append(
     db: sqlite3.Connection,
     conversation_id: int,
     role: str,
@@ -377,24 +504,111 @@ def _insert_message(
     model: str | None,
     status: str,
 ) -> int:
-    now = _now()
+    """Insert a message after the active leaf and make it the active leaf."""
     writing = status == "streaming"
     cursor = db.execute(
-        "INSERT INTO messages (conversation_id, role, content, model, status, writer_pid, "
-        "writer_started, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO messages (conversation_id, parent_id, role, content, model, status, "
+        "writer_pid, writer_started, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             conversation_id,
+            _active_leaf(db, conversation_id),
             role,
             content,
             model,
             status,
             os.getpid() if writing else None,
             own_start() if writing else None,
-            now,
+            _now(),
         ),
     )
-    db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+    _set_active_leaf(db, conversation_id, cursor.lastrowid)
     return cursor.lastrowid
+
+
+def _active_leaf(db: sqlite3.Connection, conversation_id: int) -> int | None:
+    row = db.execute(
+        "SELECT active_leaf FROM conversations WHERE id = ?", (conversation_id,)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def _set_active_leaf(db: sqlite3.Connection, conversation_id: int, leaf: int | None) -> None:
+    """End the active path at `leaf` (None: before the first message), noted as its latest
+    visit for activate() to resume the branch there."""
+    if leaf is not None:
+        db.execute(
+            "UPDATE messages SET last_active = (SELECT COALESCE(MAX(last_active), 0) + 1 "
+            "FROM messages WHERE conversation_id = ?) WHERE id = ?",
+            (conversation_id, leaf),
+        )
+    db.execute(
+        "UPDATE conversations SET active_leaf = ?, updated_at = ? WHERE id = ?",
+        (leaf, _now(), conversation_id),
+    )
+
+
+def _place(db: sqlite3.Connection, message_id: int) -> tuple[int, int | None]:
+    """A message's conversation and parent; KeyError if there is no such message."""
+    _check_id(message_id)
+    row = db.execute(
+        "SELECT conversation_id, parent_id FROM messages WHERE id = ?", (message_id,)
+    ).fetchone()
+    if row is None:
+        raise KeyError(message_id)
+    return row[0], row[1]
+
+
+def _parent(db: sqlite3.Connection, message_id: int, conversation_id: int) -> int | None:
+    """The parent of a message that must be of `conversation_id`, else KeyError."""
+    found, parent = _place(db, message_id)
+    if found != conversation_id:
+        raise KeyError(message_id)
+    return parent
+
+
+def _resume_point(db: sqlite3.Connection, message_id: int) -> int:
+    """Where the branch through `message_id` was left: the message of its subtree that was most
+    recently the active leaf; where none was since the tree began, the newest (a leaf)."""
+    return db.execute(
+        _SUBTREE + "SELECT m.id FROM messages m JOIN subtree USING (id) "
+        "ORDER BY COALESCE(m.last_active, 0) DESC, m.id DESC LIMIT 1",
+        (message_id,),
+    ).fetchone()[0]
+
+
+def _delete_subtree(
+    db: sqlite3.Connection, conversation_id: int, message_id: int, leaf: int | None
+) -> None:
+    """Delete `message_id` and everything after it; the active path ends at `leaf` if it ran
+    through them (set first: the active leaf must always be a message that exists)."""
+    doomed = {row[0] for row in db.execute(_SUBTREE + "SELECT id FROM subtree", (message_id,))}
+    if _active_leaf(db, conversation_id) in doomed:
+        _set_active_leaf(db, conversation_id, leaf)
+    else:
+        db.execute(
+            "UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), conversation_id)
+        )
+    db.execute(_SUBTREE + "DELETE FROM messages WHERE id IN subtree", (message_id,))
+
+
+def _path_ids(db: sqlite3.Connection, conversation_id: int) -> set[int]:
+    """The ids of the messages on a conversation's active path."""
+    rows = db.execute(
+        """
+        WITH RECURSIVE path(id) AS (
+            SELECT active_leaf FROM conversations WHERE id = ?
+            UNION ALL SELECT m.parent_id FROM messages m JOIN path p ON m.id = p.id
+        )
+        SELECT id FROM path WHERE id IS NOT NULL
+        """,
+        (conversation_id,),
+    )
+    return {row[0] for row in rows}
+
+
+def _check_id(value: int) -> None:
+    if not _ID_RANGE[0] <= value <= _ID_RANGE[1]:
+        raise KeyError(value)  # SQLite could not even look for it
 
 
 def _summary(row: sqlite3.Row) -> ConversationSummary:
@@ -411,6 +625,7 @@ def _summary(row: sqlite3.Row) -> ConversationSummary:
 def _message(row: sqlite3.Row) -> StoredMessage:
     return StoredMessage(
         id=row["id"],
+        parent_id=row["parent_id"],
         role=row["role"],
         content=row["content"],
         model=row["model"],

@@ -255,11 +255,11 @@ class LlamaChatApp(App):
         self.generate(question)
 
     def _record_question(self, text: str) -> int:
-        """Save the message being sent (in place of the one being edited, if any), starting
-        the conversation if none is open; returns its id."""
+        """Save the message being sent (as a sibling of the one being edited, if any, which the
+        history keeps), starting the conversation if none is open; returns its id."""
         view = self.query_one(ChatView)
         if self.editing is not None and self.conversation_id is not None:
-            self.history.delete_from(self.conversation_id, self.editing)
+            self.history.branch_from(self.editing)
             view.remove_from(self.editing)
             self._edit(None)
         if self.conversation_id is None:
@@ -383,8 +383,9 @@ class LlamaChatApp(App):
             prompt.text = question.text
             prompt.move_cursor(prompt.document.end)
         conversation = self.history.get(conversation_id)
-        if all(m.role == "system" for m in conversation.messages):
-            # It was the first message: no conversation begins (nor keeps its title).
+        if all(m.role == "system" for m in conversation.tree):
+            # It was the first message: no conversation begins (nor keeps its title). On any
+            # branch: an edited first message that was refused leaves the original.
             self.history.delete(conversation_id)
             self.conversation_id = None
             self.new_system = conversation.system_prompt
@@ -436,8 +437,8 @@ class LlamaChatApp(App):
         if self.generating or self.chat is None or last is None or turns[-1] is not last:
             self.notify("nothing to regenerate", severity="warning")
             return
-        if last.message_id is not None and self.conversation_id is not None:
-            self.history.delete_from(self.conversation_id, last.message_id)
+        if last.message_id is not None:
+            self.history.branch_from(last.message_id)  # kept, as the new reply's sibling
         last.remove()
         self.generate()
 
@@ -535,6 +536,8 @@ class LlamaChatApp(App):
 
     def _open_found(self, found: Found | None) -> None:
         if found is not None:
+            if not self.generating:  # a hit on another branch: that branch is opened
+                self.history.activate(found.message_id)
             self.open_conversation(found.conversation_id)
             if self.conversation_id == found.conversation_id:
                 self.query_one(ChatView).reveal(found.message_id)

@@ -165,7 +165,8 @@ def _rows(db, table: str) -> list[dict]:
 
 def test_a_version_1_database_keeps_every_row_through_the_migration_to_version_2(tmp_path):
     """Version 2 rebuilds the messages table (SQLite cannot change a CHECK constraint) to allow
-    the status 'length', and adds finish_reason and writer_started."""
+    the status 'length', and adds finish_reason and writer_started. (Version 3's columns, for
+    conversation trees, are checked in test_tree_migration.py.)"""
     path = tmp_path / "history.db"
     old = sqlite3.connect(path)
     old.executescript(MIGRATIONS[0])  # as the release with schema version 1 creates it
@@ -192,21 +193,19 @@ def test_a_version_1_database_keeps_every_row_through_the_migration_to_version_2
     old.close()
 
     db = connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     after = {table: _rows(db, table) for table in ("conversations", "messages", "presets")}
-    assert after["conversations"] == before["conversations"]
-    assert after["presets"] == before["presets"]
-    assert [
-        {k: v for k, v in row.items() if k not in ("finish_reason", "writer_started")}
-        for row in after["messages"]
-    ] == before["messages"]
-    assert {(row["finish_reason"], row["writer_started"]) for row in after["messages"]} == {
-        (None, None)
-    }
+    later = ("finish_reason", "writer_started", "parent_id", "last_active", "active_leaf")
+    for table in ("conversations", "messages"):
+        after[table] = [{k: v for k, v in row.items() if k not in later} for row in after[table]]
+    assert after == before
+    assert {
+        tuple(row) for row in db.execute("SELECT finish_reason, writer_started FROM messages")
+    } == {(None, None)}
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-    indexes = [row["name"] for row in db.execute("PRAGMA index_list(messages)")]
-    assert indexes == ["messages_by_conversation"]
+    indexes = {row["name"] for row in db.execute("PRAGMA index_list(messages)")}
+    assert indexes == {"messages_by_conversation", "messages_by_parent"}
     db.execute(
         "INSERT INTO messages (conversation_id, role, content, status, finish_reason, created_at)"
         " VALUES (9, 'assistant', 'cut', 'length', 'context', 't')"

@@ -85,16 +85,25 @@ async def test_ctrl_c_copies_a_selection_in_the_editor_and_quits_otherwise(home)
         assert not app.is_running
 
 
-async def test_regenerate_replaces_the_last_reply_reusing_the_cache(home):
+async def test_regenerate_replaces_the_last_reply_reusing_the_cache_and_keeps_the_first(home):
     app = app_for(home)
     async with app.run_test() as pilot:
         await settle(pilot, app)
         await send(pilot, app, "Hello")
-        first = turns(app)[-1].text
+        first = turns(app)[-1].message_id
         await pilot.press("ctrl+r")
         await settle(pilot, app)
-        assert [m.role for m in stored(app).messages] == ["user", "assistant"]
-        assert turns(app)[-1].text == first  # greedy: the same reply again
+        conversation = stored(app)
+        question, reply = conversation.messages
+        assert (question.role, reply.role) == ("user", "assistant")
+        assert [t.message_id for t in turns(app)] == [question.id, reply.id]
+        assert reply.id != first and turns(app)[-1].text == reply.content
+        # The first reply is kept beside the new one, which the model's path now ends with.
+        assert conversation.siblings(reply.id).ids == (first, reply.id)
+        assert [m.id for m in conversation.children(question.id)] == [first, reply.id]
+        assert conversation.active_leaf == reply.id
+        kept = next(m for m in conversation.tree if m.id == first)
+        assert kept.content == reply.content  # greedy: the same reply again
         assert app.status.reused_tokens > 0
 
 
@@ -117,13 +126,19 @@ async def test_edit_last_message_and_resend(home):
         await pilot.press("enter")
         await settle(pilot, app)
         assert not prompt.border_title and not [t for t in turns(app) if t.has_class("editing")]
-        contents = [(m.role, m.content) for m in stored(app).messages]
+        conversation = stored(app)
+        contents = [(m.role, m.content) for m in conversation.messages]
         assert [c for r, c in contents if r == "user"] == ["Hello", "What is a dog?"]
         assert [r for r, _ in contents] == ["user", "assistant", "user", "assistant"]
         assert [t.text for t in turns(app) if isinstance(t, UserTurn)] == [
             "Hello",
             "What is a dog?",
         ]
+        # The message edited is kept, with its reply, as the sibling of the one sent instead.
+        dog = conversation.messages[2]
+        (fox,) = [m for m in conversation.tree if m.content == "What is a fox?"]
+        assert conversation.siblings(dog.id).ids == (fox.id, dog.id)
+        assert len(conversation.children(fox.id)) == 1 and len(conversation.tree) == 6
 
 
 async def test_escape_cancels_editing_and_says_so_no_more(home):
@@ -417,6 +432,19 @@ async def test_a_message_too_long_for_the_context_stays_in_the_editor_to_shorten
         await send(pilot, app, "Short")
         assert stored(app).messages[-1].status == "length"  # answered, up to max_tokens
         assert stored(app).summary.title == "Short"
+
+
+async def test_an_edited_first_message_too_long_for_the_context_leaves_the_original(home):
+    app = app_for(home, ctx=64)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hi")
+        original = stored(app)
+        await pilot.press("up")
+        await send(pilot, app, "the quick brown fox " * 40)
+        assert any("context of 64" in str(n.message) for n in app._notifications)
+        kept = stored(app, original.id)  # the conversation, its first message and reply
+        assert kept.tree == original.tree and kept.messages == ()
 
 
 async def test_turns_the_model_no_longer_sees_are_marked(home):

@@ -50,6 +50,25 @@ async def test_opening_a_hit_shows_that_message_highlighted(home):
         assert any("Question 3 about zebras" in row for row in on_screen(app))
 
 
+async def test_a_hit_on_another_branch_opens_that_branch(home):
+    history = HistoryStore(home.history_db)
+    conversation = history.create(model="tiny")
+    history.add_message(conversation, "user", "Name an animal")
+    reply = history.add_message(conversation, "assistant", "A zebra.")
+    history.branch_from(reply)  # regenerated: the zebra is on a branch the path left
+    history.add_message(conversation, "assistant", "A lion.")
+    app = app_for(home)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot, app)
+        await search(pilot, app, "zebra")
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert app.conversation_id == conversation
+        (found,) = [t for t in app.query_one(ChatView).turns() if t.has_class("found")]
+        assert found.message_id == reply
+        assert history.get(conversation).active_leaf == reply  # what the model sees next
+
+
 async def test_one_down_from_the_query_picks_the_first_result(home):
     conversation, needle = long_conversation(home, needle_at=20)
     app = app_for(home)

@@ -100,6 +100,9 @@ class ChatSpec:
     # With concurrency > 1: bytes of KV cache to hold conversations in, running or finished
     # (kept for the clients that come back); None: just enough for `concurrency` of them.
     kv_memory: int | None = None
+    # With concurrency > 1: rows a step takes at most (decoding rows and prompt tokens); None:
+    # the engine's default for the device.
+    step_tokens: int | None = None
     # Random weights of this engine shape ("8b") instead of an installed model, for benchmarks
     # (the chat goes by `model`), with the tokenizer and chat format of `tokenizer`: an
     # installed model's name or a model folder.

@@ -192,7 +192,9 @@ def _scheduler(model: ChatModel, spec: ChatSpec):
                 f"{window} tokens ({each / 2**30:.2f} GiB each); {spec.concurrency} replies at "
                 f"once need {spec.concurrency * each / 2**30:.1f} GiB"
             )
-    return BatchScheduler(model, slots, window, batch=spec.concurrency)
+    return BatchScheduler(
+        model, slots, window, prefill_tokens=spec.step_tokens, batch=spec.concurrency
+    )
 
 
 class LocalChat(EngineChat):

@@ -39,6 +39,7 @@ from .step_trace import StepTrace, traced
 from .transfer import to_device
 
 MIXED_PREFILL_TOKENS = 1792
+GRAPHED_MIXED_ROWS = 512
 
 
 @dataclass
@@ -150,15 +151,24 @@ class BatchScheduler:
             if model.device.type == "cuda"
             else None
         )
-        if self.device_step is not None:
-            self.device_step.capture(batch)  # now, not during the first requests
         # Prompt tokens fed per step, shared out among the prompts being prefilled: more feeds
         # new requests sooner and reads the weights for fewer steps, fewer keeps the running
         # streams' steps short. Where prompts ride along with the decoding rows (the fused GPU
         # step), 1,792 rows a step gave the tokens/s of 2,048 with shorter waits for a first
         # token on an H200 (docs/BENCHMARKS.md); elsewhere each chunk is a pass of its own.
-        fused = self.device_step is not None and self.device_step.fused
+        step = self.device_step
+        fused = step is not None and step.fused
         self.prefill_tokens = prefill_tokens or (MIXED_PREFILL_TOKENS if fused else PREFILL_CHUNK)
+        # Mixed steps of up to GRAPHED_MIXED_ROWS rows run as their bucket's CUDA graph
+        # (BatchedGpuStep.as_rows): prompts are read beside the replies in small steps instead
+        # of in bursts, a first token comes in half the time, but the steps cost more a row
+        # (the prompt rows attend one by one, the LM head reads every row): 7% fewer tokens/s
+        # at 64 clients of the 8b shape on an H200. Chosen with `llamachat serve --step-tokens`.
+        self.graphed_mixed = (
+            step is not None and step.graphs and self.prefill_tokens <= GRAPHED_MIXED_ROWS
+        )
+        if step is not None:  # now, not during the first requests
+            step.capture(max(batch, self.prefill_tokens) if self.graphed_mixed else batch)
         # Launch each decode step before handing the last one's tokens out (detokenizing, the
         # callbacks), so that a GPU computes while Python does that; where steps run on this
         # thread (the CPU) that would only hold the pieces back a step, so by default only on
@@ -354,8 +364,10 @@ class BatchScheduler:
         tokens = chosen if chosen is not None else [r.next_token for r in decoding]
         prompt = sum(len(chunk) for _, chunk in chunks)
         try:
+            step = self.device_step
+            run = step.as_rows if self.graphed_mixed else step.mixed
             with traced(self._trace, "mixed", len(decoding), prompt):
-                token_logits, chunk_logits = self.device_step.mixed(
+                token_logits, chunk_logits = run(
                     tokens,  # type: ignore[arg-type]
                     [r.slot for r in decoding],
                     [r.fed for r in decoding],

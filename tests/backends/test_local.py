@@ -146,6 +146,24 @@ def test_a_kv_memory_budget_keeps_more_conversations_than_run_at_once(tiny_store
         LocalBackend(tiny_store).open_chat(too_small)
 
 
+def test_step_tokens_bound_what_a_batched_step_reads(tiny_store):
+    from llamachat.engine.session import PREFILL_CHUNK
+
+    chats = [
+        LocalBackend(tiny_store).open_chat(
+            ChatSpec(model="tiny", ctx=256, device="cpu", concurrency=2, step_tokens=step)
+        )
+        for step in (None, 48)
+    ]
+    try:
+        assert [c.scheduler.prefill_tokens for c in chats] == [PREFILL_CHUNK, 48]
+        reply = chats[1].complete("word " * 50, request=GREEDY)  # read in 48-token passes
+        assert "".join(reply) and reply.stats.prompt_tokens > 48
+    finally:
+        for chat in chats:
+            chat.close()
+
+
 def test_the_load_of_a_session_is_its_one_reply_and_its_cache(chat):
     reply = chat.reply([{"role": "user", "content": "how loaded?"}], request=GREEDY)
     assert chat.load().running == 1  # the reply holds the session until its stream ends

@@ -265,7 +265,13 @@ def _fused_step(model: ChatModel, slots: int, capacity: int):
     return BatchedGpuStep(model.transformer, k_pool, v_pool, scratch=slots)
 
 
-def test_the_fused_batched_step_matches_each_sequence_alone_in_bf16(tiny_model_factory):
+# A mixed step launched op by op (flash attention for the chunks), or as a graph's rows (every
+# row attending as a decoding row), and the graphs that captures: the decode steps' buckets,
+# and for the graph's rows the mixed steps' too (242 rows: 256; 102: 128).
+@pytest.mark.parametrize(("mixed", "graphs"), [("mixed", [1, 2]), ("as_rows", [1, 2, 128, 256])])
+def test_the_fused_batched_step_matches_each_sequence_alone_in_bf16(
+    tiny_model_factory, mixed, graphs
+):
     from llamachat.engine.decode.batch import PromptChunk
 
     folder, _ = tiny_model_factory(max_position_embeddings=1024)
@@ -290,9 +296,9 @@ def test_the_fused_batched_step_matches_each_sequence_alone_in_bf16(tiny_model_f
         # along with the others' first decode tokens), then decode steps of 1 and 3 rows.
         chunks = [PromptChunk(0, 0, prompts[0]), PromptChunk(1, 0, prompts[1][:200])]
         chunks.append(PromptChunk(2, 0, prompts[2]))
-        _, first = step.mixed([], [], [], chunks)
+        _, first = getattr(step, mixed)([], [], [], chunks)
         tokens = [references[0][1], references[2][1]]
-        decoded, rest = step.mixed(
+        decoded, rest = getattr(step, mixed)(
             tokens,
             [0, 2],
             [len(prompts[0]), len(prompts[2])],
@@ -310,7 +316,7 @@ def test_the_fused_batched_step_matches_each_sequence_alone_in_bf16(tiny_model_f
     assert close(lone[0], references[1][2])
     # The same tokens at the same positions again: the same keys, the same logits.
     assert close(again[0], references[0][2]) and close(again[1], references[2][2])
-    assert step.captured == [1, 2]  # graphs for the decode steps' buckets only
+    assert step.captured == graphs
 
 
 def test_a_replayed_graph_gives_the_eager_steps_bits(tiny_model_factory):

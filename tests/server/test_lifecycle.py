@@ -181,6 +181,12 @@ def test_a_kv_memory_budget_keeps_more_conversations_than_the_batch(tiny_home):
     assert "holds 0 conversations" in line and "4 replies at once" in line
 
 
+def test_too_few_step_tokens_are_refused_in_one_line(tiny_home):
+    refused = run_cli("serve", "--port", "0", "--step-tokens", "8", env=tiny_home, timeout=60)
+    assert refused.returncode == 2
+    assert "--step-tokens" in refused.stderr.decode() and b"Traceback" not in refused.stderr
+
+
 def test_sigterm_as_soon_as_the_server_says_it_serves_stops_it(tiny_home):
     """Before uvicorn's own handler is in place, a SIGTERM was taken and forgotten: the server
     went on serving."""

@@ -9,10 +9,11 @@ what is left after that is the backend's default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from .backends.base import ChatSpec, Sampling
+from .history.conversation_settings import ConversationSettings
 from .history.presets import all_presets, preset_prompt
 from .history.store import HistoryStore
 from .models.errors import StoreError
@@ -22,6 +23,7 @@ from .settings import Settings
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
 PLACEMENT = ("device", "dtype", "quantize", "threads", "chat_format")
+OWN_LIMITS = ("max_tokens", "ctx")  # besides sampling, what a conversation may set for itself
 
 
 class OptionsError(Exception):
@@ -77,6 +79,25 @@ class ChatOptions:
     # --local, or a flag that places the model (device, dtype, weights, threads, format),
     # which a server started with its own cannot honour.
     in_process: bool = False
+    # The fields that flags set (sampling's by name, max_tokens, ctx): a conversation's own
+    # settings go over the config's, never over these.
+    flagged: frozenset[str] = frozenset()
+
+    def for_conversation(self, own: ConversationSettings) -> ChatOptions:
+        """These options with a conversation's own settings over the config's and the model's;
+        the flags still win. Raises OptionsError for a value out of range."""
+        chosen = {k: v for k, v in own.chosen().items() if k not in self.flagged}
+        sampled = {k: v for k, v in chosen.items() if k in SAMPLING_FIELDS}
+        try:
+            sampling = replace(self.sampling, **sampled)
+        except ValueError as error:
+            raise OptionsError(f"the conversation's settings: {error}") from None
+        return replace(
+            self,
+            sampling=sampling,
+            max_tokens=chosen.get("max_tokens", self.max_tokens),
+            ctx=chosen.get("ctx", self.ctx),
+        )
 
     @property
     def new_system(self) -> str | None:
@@ -128,6 +149,9 @@ def resolve(
         continue_latest=given.continue_,
         theme=theme,
         in_process=given.local or any(getattr(given, flag) is not None for flag in PLACEMENT),
+        flagged=frozenset(
+            key for key in (*SAMPLING_FIELDS, *OWN_LIMITS) if getattr(given, key) is not None
+        ),
     )
 
 

@@ -41,6 +41,7 @@ def start(options: GenerationOptions, history: HistoryStore) -> Setup:
             raise CliError("there is no conversation to continue yet", exit_code=2)
         continued, continued_model = latest.id, latest.model
         system = chosen.system  # the conversation keeps its own unless one is given
+        chosen = chosen.for_conversation(history.get(latest.id).settings)
     router = models_for(home, chosen)
     name = chosen_model(chosen, router.store, continued_model, router.remotes)
     return Setup(chat=open_chat(router, chosen, name), system=system, continued=continued)

@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..backends.base import Sampling
+from ..history.conversation_settings import ConversationSettings
 from ..history.export import to_json, to_markdown, to_outline
 from ..history.store import Conversation, HistoryStore
 from ..home import Home
@@ -110,6 +112,54 @@ def export(
         return
     output.write_text(text, encoding="utf-8")
     stderr.print(f"wrote {output}", markup=False)
+
+
+@app.command("set")
+def set_settings(
+    conversation_id: IdArgument,
+    temperature: Annotated[float | None, typer.Option(help="0 is greedy.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
+    min_p: Annotated[float | None, typer.Option("--min-p")] = None,
+    repeat_penalty: Annotated[float | None, typer.Option("--repeat-penalty")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1)] = None,
+    ctx: Annotated[int | None, typer.Option(min=16, help="Context window in tokens.")] = None,
+    unset: Annotated[
+        list[str] | None,
+        typer.Option("--unset", metavar="NAME", help="Forget one (temperature, top_p…)."),
+    ] = None,
+) -> None:
+    """Give a conversation settings of its own, used when it is continued (-c, the app);
+    flags still win. With no option, print them."""
+    store = _store()
+    current = _get(store, conversation_id).settings
+    given = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "repeat_penalty": repeat_penalty,
+        "max_tokens": max_tokens,
+        "ctx": ctx,
+    }
+    for name in unset or []:
+        if name.replace("-", "_") not in given:
+            raise CliError(f"no setting {name!r}: use {', '.join(given)}", exit_code=2)
+    if not unset and all(v is None for v in given.values()):
+        stdout.print(current.described() or "none of its own", markup=False, highlight=False)
+        return
+    values = current.chosen() | {k: v for k, v in given.items() if v is not None}
+    for name in unset or []:
+        values.pop(name.replace("-", "_"), None)
+    sampled = {k: v for k, v in values.items() if k not in ("max_tokens", "ctx")}
+    try:
+        Sampling(**sampled)  # the ranges every front end checks
+    except ValueError as error:
+        raise CliError(str(error), exit_code=2) from None
+    chosen = ConversationSettings(**values)
+    store.set_settings(conversation_id, chosen)
+    described = chosen.described() or "none of its own"
+    stderr.print(f"conversation {conversation_id}: {described}", markup=False)
 
 
 @app.command("rm")

@@ -103,6 +103,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_by_parent ON messages (parent_id);
     CREATE INDEX conversations_by_active_leaf ON conversations (active_leaf);
     """,
+    # 4: a conversation's own settings (history/conversation_settings.py), as a JSON object of
+    # the fields chosen for it; '{}' for every conversation until now.
+    """
+    ALTER TABLE conversations ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

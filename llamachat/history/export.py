@@ -19,6 +19,8 @@ def to_markdown(conversation: Conversation) -> str:
     lines.append(
         f"*{summary.created_at[:16].replace('T', ' ')} UTC · {summary.model or 'no model'}*"
     )
+    if own := conversation.settings.described():
+        lines.append(f"*Its own settings: {own}*")
     for message in conversation.messages:
         heading = _HEADINGS[message.role]
         if message.role == "assistant" and message.model:
@@ -33,6 +35,7 @@ def to_json(conversation: Conversation) -> str:
     """Every message of every branch, oldest first, each with its parent_id; `active_path`
     lists the ids of those the model sees, first to `active_leaf`."""
     data = asdict(conversation.summary)
+    data["settings"] = conversation.settings.chosen()
     data["active_leaf"] = conversation.active_leaf
     data["active_path"] = [message.id for message in conversation.messages]
     data["messages"] = [asdict(message) for message in conversation.tree]

@@ -29,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..processes import own_start, process_running
+from .conversation_settings import ConversationSettings
 from .db import HistoryError, connect, describe
 
 TITLE_LENGTH = 60
@@ -93,6 +94,7 @@ class Conversation:
     messages: tuple[StoredMessage, ...]
     tree: tuple[StoredMessage, ...]
     active_leaf: int | None
+    settings: ConversationSettings = ConversationSettings()  # its own, chosen for it
 
     @property
     def id(self) -> int:
@@ -258,13 +260,27 @@ class HistoryStore:
         while step is not None and len(path) < len(tree):  # a parent's id is always smaller
             path.append(step)
             step = by_id.get(step.parent_id)
-        return Conversation(_summary(row), tuple(reversed(path)), tree, row["active_leaf"])
+        settings = ConversationSettings.from_json(row["settings"])
+        return Conversation(
+            _summary(row), tuple(reversed(path)), tree, row["active_leaf"], settings
+        )
 
     def rename(self, conversation_id: int, title: str) -> None:
         with self._transaction() as db:
             db.execute(
                 "UPDATE conversations SET title = ? WHERE id = ?", (title.strip(), conversation_id)
             )
+
+    def set_settings(self, conversation_id: int, settings: ConversationSettings) -> None:
+        """Replace a conversation's own settings (every field: None ones are unset)."""
+        _check_id(conversation_id)
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE conversations SET settings = ?, updated_at = ? WHERE id = ?",
+                (settings.to_json(), _now(), conversation_id),
+            )
+            if cursor.rowcount == 0:
+                raise KeyError(conversation_id)
 
     def set_model(self, conversation_id: int, model: str) -> None:
         with self._transaction() as db:

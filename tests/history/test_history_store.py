@@ -142,6 +142,8 @@ def _database_at(path, version: int) -> None:
             "INSERT INTO messages (conversation_id, role, content, created_at) "
             "VALUES (7, 'user', 'kept', 't')"
         )
+    if version >= 3:  # a tree: the conversation's path ends at its message
+        db.execute("UPDATE conversations SET active_leaf = (SELECT MAX(id) FROM messages)")
     db.commit()
     db.close()
 
@@ -196,6 +198,7 @@ def test_a_version_1_database_keeps_every_row_through_the_migration_to_version_2
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     after = {table: _rows(db, table) for table in ("conversations", "messages", "presets")}
     later = ("finish_reason", "writer_started", "parent_id", "last_active", "active_leaf")
+    later += ("settings",)
     for table in ("conversations", "messages"):
         after[table] = [{k: v for k, v in row.items() if k not in later} for row in after[table]]
     assert after == before

@@ -120,8 +120,9 @@ def test_a_migration_that_fails_midway_leaves_the_version_2_history_as_it_was(
     old_history, monkeypatch
 ):
     before = _rows(old_history, "SELECT * FROM messages ORDER BY id")
-    broken = history_db.MIGRATIONS[-1] + "SELECT * FROM no_such_table;\n"
-    monkeypatch.setattr(history_db, "MIGRATIONS", (*history_db.MIGRATIONS[:-1], broken))
+    migrations = history_db.MIGRATIONS
+    broken = migrations[2] + "SELECT * FROM no_such_table;\n"  # the tree's, version 2 to 3
+    monkeypatch.setattr(history_db, "MIGRATIONS", (*migrations[:2], broken, *migrations[3:]))
     with pytest.raises(HistoryError, match="no_such_table"):
         HistoryStore(old_history)
     assert _version(old_history) == 2

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,25 @@ def test_a_budget_of_zero_saves_nothing_and_a_bad_budget_is_refused(env):
     refused = run_cli("config", "set", "kv_disk_budget", "lots", env=env)
     assert refused.returncode == 2
     assert refused.stderr.decode().count("\n") == 1 and "not a size" in refused.stderr.decode()
+
+
+def test_the_line_chat_saves_the_conversation_when_it_ends(env):
+    """`chat --plain` on a terminal (a pseudo-terminal here), /bye: the cache is saved."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamachat", "chat", "--plain", "--temperature", "0",
+         "--max-tokens", "8"],
+        env=env,
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(terminal)
+    os.write(controller, f"Summarise this: {LONG}\n/bye\n".encode())
+    try:
+        out, err = process.communicate(timeout=300)
+    finally:
+        os.close(controller)
+    assert process.returncode == 0, err.decode()
+    (saved,) = kv_files(env)
+    assert saved.name.startswith("1-")

@@ -316,8 +316,8 @@ class LocalChat(EngineChat):
         reply prefills only what follows; the tokens it holds, 0 when none was there or usable
         (then the reply prefills as ever). A file is used only for the token ids it holds, and
         only where the conversation's prompt begins with them (the session's common prefix);
-        a damaged one is removed."""
-        from ..engine.saved_cache import SavedCacheError, load
+        a damaged one is removed, one longer than this chat's context kept."""
+        from ..engine.saved_cache import SavedCacheError, SavedCacheTooLongError, load
 
         contexts = self._contexts
         if contexts is None or not hasattr(self, "session"):  # closed
@@ -335,7 +335,9 @@ class LocalChat(EngineChat):
                 return len(held)
             try:
                 count = load(session, path, self._identity)
-            except SavedCacheError:  # another model's, damaged, too long: prefilled instead
+            except SavedCacheTooLongError:  # for a larger --ctx: kept, prefilled here
+                return 0
+            except SavedCacheError:  # damaged or truncated: removed, prefilled instead
                 self._on_disk.pop(key, None)
                 path.unlink(missing_ok=True)
                 return 0

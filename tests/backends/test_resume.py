@@ -140,6 +140,17 @@ def test_a_damaged_file_is_ignored_and_removed_and_the_answer_is_the_same(
     assert files.files() == []
 
 
+def test_a_file_longer_than_a_smaller_context_is_kept_for_a_larger_one(
+    backend, saver, always, tmp_path
+):
+    narrow = backend.open_chat(ChatSpec(model="tiny", ctx=16, device="cpu"))
+    files = kept(saver, narrow, folder=tmp_path / "kv")
+    first_exchange(saver)
+    assert saver.save_context("6") > 16
+    assert narrow.restore_context("6") == 0
+    assert [f.key for f in files.files()] == ["6"]
+
+
 def test_another_models_file_is_not_loaded(saver, resumer, always, tmp_path):
     kept(saver, folder=tmp_path / "kv")
     resumer.keep_contexts(ContextFiles(tmp_path / "kv"), {"model": "tiny", "source": "again"})

@@ -5,7 +5,9 @@ dir. LLAMACHAT_HOME replaces both with one folder (every test sets it). What las
 process runs (the records of running servers) goes to $XDG_RUNTIME_DIR/llamachat, else beside
 the data, in run/. Downloads that are only
 worth keeping to avoid fetching them again (pip wheels) go to the user cache dir, or
-LLAMACHAT_CACHE_DIR; they are not part of a model's install.
+LLAMACHAT_CACHE_DIR; they are not part of a model's install. Conversations' saved KV caches
+(instant resume) go to the cache dir's kv/, but with LLAMACHAT_HOME to that folder's kv/: they
+are named by conversation ids of the history beside them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Home:
     config: Path
     cache: Path
     run: Path | None = None  # None: data/run
+    kv_caches: Path | None = None  # None: cache/kv
 
     @classmethod
     def current(cls) -> Home:
@@ -33,7 +36,7 @@ class Home:
         home = os.environ.get("LLAMACHAT_HOME")
         if home:
             root = Path(home).expanduser()
-            return cls(data=root, config=root, cache=cache_path)
+            return cls(data=root, config=root, cache=cache_path, kv_caches=root / "kv")
         runtime = os.environ.get("XDG_RUNTIME_DIR")
         run = Path(runtime) / APP_NAME if runtime else None
         return cls(user_data_path(APP_NAME), user_config_path(APP_NAME), cache_path, run)
@@ -63,6 +66,11 @@ class Home:
     def runtime(self) -> Path:
         """Where running `llamachat serve` processes record themselves (serving.py)."""
         return self.run or self.data / "run"
+
+    @property
+    def kv(self) -> Path:
+        """Where conversations' KV caches are saved when they are left (kv_files.py)."""
+        return self.kv_caches or self.cache / "kv"
 
     @property
     def downloads(self) -> Path:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .kv_files import DEFAULT_BUDGET, format_size, parse_size
 from .private import tighten, write_private
 
 # The engine's quantize.CHOICES, kept here too so that reading the config and parsing the command
@@ -36,6 +38,8 @@ class Setting:
     kind: type
     help: str
     choices: tuple[str, ...] = ()  # the only values allowed, when not empty
+    # Text that must parse (raising ValueError with the reason) as well: a size.
+    parse: Callable[[str], Any] | None = None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -55,6 +59,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads", int, "CPU threads (default: the cores other processes leave idle)"),
     Setting("theme", str, "chat app theme"),
     Setting("export_dir", str, "folder the chat app exports to (default: the current one)"),
+    Setting(
+        "kv_disk_budget",
+        str,
+        "disk for saved KV caches, to resume conversations without reading them again: 4GB,"
+        f" 500MB; 0 saves none (default {format_size(DEFAULT_BUDGET).replace(' ', '')})",
+        parse=parse_size,
+    ),
 )
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
 
@@ -77,6 +88,14 @@ class Settings:
     threads: int | None = None
     theme: str | None = None
     export_dir: str | None = None
+    kv_disk_budget: str | None = None
+
+    @property
+    def kv_disk_budget_bytes(self) -> int:
+        """The budget for saved KV caches in bytes (checked when the value was read)."""
+        if self.kv_disk_budget is None:
+            return DEFAULT_BUDGET
+        return parse_size(self.kv_disk_budget)
 
     def items(self) -> list[tuple[str, Any]]:
         """The keys that are set, in the documented order."""
@@ -134,6 +153,8 @@ def _checked(key: str, value: Any, source: str) -> Any:
     setting = _setting(key, source)
     if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if setting.parse is not None and type(value) is int:  # kv_disk_budget = 0, in bytes
+        value = str(value)
     if not isinstance(value, setting.kind) or isinstance(value, bool):
         raise SettingsError(f"{source}: {key} takes {_kind_name(setting.kind)}, not {value!r}")
     return _allowed(setting, value, source)
@@ -145,6 +166,11 @@ def _allowed(setting: Setting, value: Any, source: str, exit_code: int = 1) -> A
         raise SettingsError(
             f"{source}: {setting.key} takes one of {choices}, not {value!r}", exit_code
         )
+    if setting.parse is not None:
+        try:
+            setting.parse(value)
+        except ValueError as error:
+            raise SettingsError(f"{source}: {setting.key}: {error}", exit_code) from None
     return value
 
 

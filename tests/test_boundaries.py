@@ -73,6 +73,7 @@ TORCH_FREE = [
     "llamachat.chat_options",
     "llamachat.settings",
     "llamachat.home",
+    "llamachat.kv_files",
     "llamachat.private",
     "llamachat.processes",
     "llamachat.remotes",

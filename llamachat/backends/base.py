@@ -262,6 +262,22 @@ class Chat(Protocol):
         """What it is doing now; cheap, from any thread."""
         ...
 
+    def save_context(self, key: str) -> int | None:
+        """The conversation `key` (a conversation's id: letters, digits, _) is being left:
+        keep what the chat computed for it, on disk, for restore_context in this process or
+        a later one, where that will be faster than computing it again. The tokens kept; None
+        when nothing is (saving is off or would not pay, a chat that keeps nothing: remote).
+        Waits for a reply being written to end."""
+        ...
+
+    def restore_context(self, key: str) -> int:
+        """The conversation `key` is being opened: take back what save_context kept for it,
+        so that its next reply computes only what follows (and counts it as reused). The
+        tokens taken back; 0 when none (then the reply computes everything, as ever). What was
+        kept is used only as far as the conversation's prompt still begins with it: never a
+        different answer."""
+        ...
+
     def close(self) -> None:
         """Let go of the model (its memory); the chat cannot be used after."""
         ...

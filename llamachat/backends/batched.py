@@ -106,6 +106,12 @@ class BatchedChat(EngineChat):
             kv_capacity=usage.kv_capacity,
         )
 
+    def save_context(self, key: str) -> int | None:
+        return None  # a server's chat: its slots keep finished conversations for reuse
+
+    def restore_context(self, key: str) -> int:
+        return 0
+
     def close(self) -> None:
         self.scheduler.close()
         del self.scheduler, self.model

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..chat_options import weight_format_for
+from ..kv_files import ContextFiles
 from ..models.errors import StoreError
 from ..models.reply_defaults import ReplyDefaults, reply_defaults
 from ..models.store import ModelStore
@@ -55,8 +56,12 @@ class KvMemoryError(BackendError):
 
 
 class LocalBackend:
-    def __init__(self, store: ModelStore):
+    """`contexts`: where a chat keeps conversations' KV caches when they are left (instant
+    resume, LocalChat.save_context); None keeps none."""
+
+    def __init__(self, store: ModelStore, contexts: ContextFiles | None = None):
         self.store = store
+        self.contexts = contexts
 
     def models(self) -> list[ModelInfo]:
         return [
@@ -67,7 +72,8 @@ class LocalBackend:
     def open_chat(self, spec: ChatSpec) -> LocalChat:
         from ..engine import ChatModel, EngineError, SamplingParams
 
-        if spec.shape is not None:
+        identity: dict[str, str] | None = None  # what a saved cache must have been made with
+        if spec.shape is not None:  # random weights: nothing worth resuming
             name, defaults = spec.model, ReplyDefaults()
             folder = self._tokenizer_folder(spec)
 
@@ -81,6 +87,13 @@ class LocalBackend:
                 raise ModelUnavailableError(str(error)) from None
             name, defaults = installed.name, reply_defaults(installed.path)
             recorded = installed.manifest.quantization
+            manifest = installed.manifest
+            identity = {  # a model pulled again under its name has another installed_at
+                "model": name,
+                "source": manifest.source,
+                "revision": manifest.revision or "",
+                "installed_at": manifest.installed_at,
+            }
 
             def load() -> ChatModel:
                 return ChatModel.load(
@@ -112,7 +125,10 @@ class LocalBackend:
             from .batched import BatchedChat
 
             return BatchedChat(name, model, scheduler, sampling, defaults, max_tokens)
-        return LocalChat(name, model, session, sampling, defaults, max_tokens)
+        chat = LocalChat(name, model, session, sampling, defaults, max_tokens)
+        if identity is not None and self.contexts is not None:
+            chat.keep_contexts(self.contexts, identity)
+        return chat
 
     def _tokenizer_folder(self, spec: ChatSpec) -> Path:
         """The folder whose tokenizer a shape's random model takes: spec.tokenizer names an
@@ -197,6 +213,33 @@ def _scheduler(model: ChatModel, spec: ChatSpec):
     )
 
 
+# When a conversation's KV cache is worth saving (LocalChat.save_context). Reopening the
+# conversation then costs reading its file instead of prefilling its tokens. The read rate is
+# what benchmarks/resume_bench.py measured, file read, checksum and copy into the cache counted
+# (docs/BENCHMARKS.md: 181 MiB in 161 ms on 2 CPU cores, 500 MiB in 540 ms on an H200's host):
+# 1 GB/s. The prefill rate is the session's own, measured on its latest prefill of 64 tokens or
+# more, else a typical one for the device (SmolLM2 on 2 CPU cores prefills ~400 tokens/s; the
+# 8b shape on an H200 ~17,700). Saved only when the prefill it spares beats the read by
+# MIN_GAIN_S, and for MIN_TOKENS or more: a short conversation prefills in a blink, and a
+# GPU that prefills faster than the disk reads (the 8b shape on an H200: 4,064 tokens in 230 ms
+# against 540 ms to load them) writes nothing, so leaving it is not made slower for nothing.
+READ_RATE = 10**9  # bytes/s
+MIN_GAIN_S = 0.2
+MIN_TOKENS = 128
+_TYPICAL_PREFILL_RATE = {"cpu": 500.0, "cuda": 20_000.0}  # tokens/s, before one is measured
+LOCK_WAIT_S = 5.0  # how long saving or restoring waits for a reply to end (it was cancelled)
+
+
+def worth_saving(tokens: int, size: int, prefill_rate: float | None) -> bool:
+    """Whether a cache of `tokens` tokens and `size` bytes loads sooner than a session
+    prefilling `prefill_rate` tokens/s computes them, by MIN_GAIN_S or more."""
+    if tokens < MIN_TOKENS:
+        return False
+    if not prefill_rate:
+        return True  # a device of unknown speed: a CPU-like one, the case that gains
+    return tokens / prefill_rate - size / READ_RATE >= MIN_GAIN_S
+
+
 class LocalChat(EngineChat):
     """One engine session: a KV cache reused across the turns of the conversation; callers on
     several threads are served one at a time."""
@@ -215,6 +258,96 @@ class LocalChat(EngineChat):
         self._lock = threading.Lock()
         self._waiting = 0  # callers waiting for the lock, counted under _counting
         self._counting = threading.Lock()
+        self._contexts: ContextFiles | None = None  # where save_context writes; None: nowhere
+        self._identity: dict[str, str] = {}
+        # The token ids each file this chat wrote or read holds, by key.
+        self._on_disk: dict[str, list[int]] = {}
+
+    def keep_contexts(self, contexts: ContextFiles, identity: dict[str, str]) -> None:
+        """Let save_context and restore_context use the files of `contexts`, for this model as
+        `identity` describes it (its name and install); the weight format, dtype and device
+        are added here."""
+        model = self.model
+        self._contexts = contexts
+        self._on_disk = {}
+        self._identity = {
+            **identity,
+            "weight_format": model.quantization or "none",
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": model.device.type,  # another device's kernels give other last bits
+        }
+
+    def save_context(self, key: str) -> int | None:
+        """Write the KV cache of conversation `key` (what the session holds now) to its file,
+        when loading it later will be faster than prefilling (see worth_saving); the tokens
+        the file holds, None when nothing is saved. Evicts the least recently used files over
+        the budget."""
+        from ..engine.saved_cache import save
+
+        contexts = self._contexts
+        if contexts is None or not contexts.enabled or not hasattr(self, "session"):
+            return None
+        if not self._lock.acquire(timeout=LOCK_WAIT_S):  # a reply that does not stop
+            return None
+        try:
+            session = self.session
+            ids = session.cached_ids
+            path = contexts.path_for(key, self._identity)
+            held = self._on_disk.get(key)
+            if held is not None and not path.exists():  # removed meanwhile (`cache clear`)
+                del self._on_disk[key]
+                held = None
+            covered = len(held) if held is not None and ids[: len(held)] == held else 0
+            if covered and len(ids) - covered < MIN_TOKENS:
+                contexts.touch(path)  # it still holds all but a few of the tokens
+                return covered
+            size = len(ids) * session.cache.bytes_per_token
+            rate = session.prefill_rate or _TYPICAL_PREFILL_RATE.get(self.model.device.type)
+            if not contexts.fits(size) or not worth_saving(len(ids), size, rate):
+                return None
+            count = save(session, path, self._identity)
+            self._on_disk[key] = list(ids)
+        finally:
+            self._lock.release()
+        for removed in contexts.evict(keep=path):
+            self._on_disk.pop(removed.key, None)
+        return count
+
+    def restore_context(self, key: str) -> int:
+        """Put the KV cache saved for conversation `key` into the session, so that its next
+        reply prefills only what follows; the tokens it holds, 0 when none was there or usable
+        (then the reply prefills as ever). A file is used only for the token ids it holds, and
+        only where the conversation's prompt begins with them (the session's common prefix);
+        a damaged one is removed, one longer than this chat's context kept."""
+        from ..engine.saved_cache import SavedCacheError, SavedCacheTooLongError, load
+
+        contexts = self._contexts
+        if contexts is None or not hasattr(self, "session"):  # closed
+            return 0
+        path = contexts.path_for(key, self._identity)
+        if not path.exists():
+            return 0
+        if not self._lock.acquire(timeout=LOCK_WAIT_S):
+            return 0
+        try:
+            session = self.session
+            held = self._on_disk.get(key)
+            if held is not None and session.cached_ids[: len(held)] == held:
+                contexts.touch(path)  # the session still holds it, and perhaps more
+                return len(held)
+            try:
+                count = load(session, path, self._identity)
+            except SavedCacheTooLongError:  # for a larger --ctx: kept, prefilled here
+                return 0
+            except SavedCacheError:  # damaged or truncated: removed, prefilled instead
+                self._on_disk.pop(key, None)
+                path.unlink(missing_ok=True)
+                return 0
+            self._on_disk[key] = list(session.cached_ids)
+            contexts.touch(path)
+            return count
+        finally:
+            self._lock.release()
 
     def reply(
         self,

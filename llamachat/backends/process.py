@@ -225,6 +225,12 @@ class ProcessChat:
     def load(self) -> ChatLoad:
         return self._engine.call(self._info.model, "load")
 
+    def save_context(self, key: str) -> int | None:
+        return None  # the server keeps what it computed as long as it can
+
+    def restore_context(self, key: str) -> int:
+        return 0
+
     def close(self) -> None:
         self._engine.close()  # the process's chats go together
 

@@ -234,6 +234,12 @@ class RemoteChat:
     def load(self) -> ChatLoad:
         return ChatLoad(running=0, waiting=0, last_batch=0, kv_tokens=0, kv_capacity=0)
 
+    def save_context(self, key: str) -> int | None:
+        return None  # the server keeps what it computed as long as it can
+
+    def restore_context(self, key: str) -> int:
+        return 0
+
     def close(self) -> None:
         self._backend.close()
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..kv_files import ContextFiles
 from ..models.store import ModelStore
 from ..remotes import Remote, split_model
 from ..serving import RunningServer, running
@@ -28,11 +29,14 @@ SERVER_KEY_ENV = "LLAMACHAT_API_KEY"  # what `llamachat serve` takes its key fro
 @dataclass
 class Router:
     """`runtime`: the folder where running servers record themselves; None never uses one (a
-    chat that must run in this process: --local, or a placement flag a server cannot honour)."""
+    chat that must run in this process: --local, or a placement flag a server cannot honour).
+    `contexts`: where a chat in this process keeps conversations' KV caches (instant resume);
+    None keeps none."""
 
     store: ModelStore
     remotes: dict[str, Remote]
     runtime: Path | None = None
+    contexts: ContextFiles | None = None
 
     def __post_init__(self) -> None:
         # What the last models() could not list, by remote name: why.
@@ -72,7 +76,7 @@ class Router:
                 backend.close()  # stopping, or its key is not ours: the model loads here
         from .local import LocalBackend
 
-        return LocalBackend(self.store).open_chat(spec)
+        return LocalBackend(self.store, self.contexts).open_chat(spec)
 
     def _twin(self, model: str) -> Callable[[], Templating] | None:
         """What opens the tokenizer and template of the installed model that a server's

@@ -9,7 +9,7 @@ from ..backends.base import PromptTooLongError
 from ..history.recording import recorded
 from ..history.store import ReplyRecorder
 from .console import CliError, stdin_is_terminal, warn
-from .generation import cut_notice, open_history, print_stats, start
+from .generation import cut_notice, keep_context, open_history, print_stats, start
 from .options import GenerationOptions
 
 
@@ -73,3 +73,4 @@ def answer(prompt: str | None, options: GenerationOptions) -> None:
         warn(notice)
     if options.verbose:
         print_stats(reply.stats, chat.info)
+    keep_context(chat, conversation)  # for the next `-c`, after the answer was given

@@ -25,7 +25,7 @@ from ..home import Home
 from ..models.errors import StoreError
 from ..remotes import RemoteError
 from ..settings import SettingsError
-from . import background, bench, config_cmd, history_cmd, models, remote_cmd, serve
+from . import background, bench, cache_cmd, config_cmd, history_cmd, models, remote_cmd, serve
 from .console import CliError, error_line, one_line_warning, stdin_is_terminal
 from .options import GenerationOptions, generation_options, given_options, with_earlier
 
@@ -72,6 +72,7 @@ app.command("ps")(background.ps)
 app.command("stop")(background.stop)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(history_cmd.app, name="history")
+app.add_typer(cache_cmd.app, name="cache")
 app.add_typer(remote_cmd.app, name="remote")
 
 

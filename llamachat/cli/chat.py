@@ -7,9 +7,9 @@ import sys
 
 from ..backends.base import PromptTooLongError
 from ..history.recording import recorded
-from ..history.store import ReplyRecorder
+from ..history.store import HistoryStore, ReplyRecorder
 from .console import CliError, stderr, warn
-from .generation import cut_notice, open_history, print_stats, start
+from .generation import Setup, cut_notice, keep_context, open_history, print_stats, start
 from .options import GenerationOptions
 
 HELP = """commands:
@@ -28,7 +28,6 @@ def chat(options: GenerationOptions) -> None:
     name = info.model
     conversation = setup.continued
     pending_system = setup.system  # for the conversation the first message creates
-    show_stats = options.verbose
     weights = f", {info.weight_format} weights" if info.weight_format else ""
     stderr.print(
         f"{name} on {info.device} ({info.dtype}{weights}), "
@@ -36,12 +35,27 @@ def chat(options: GenerationOptions) -> None:
         markup=False,
     )
 
+    conversation = _converse(setup, history, conversation, pending_system, options)
+    keep_context(chat, conversation)  # /bye or Ctrl+D: saved for the next -c, when it pays
+
+
+def _converse(
+    setup: Setup,
+    history: HistoryStore,
+    conversation: int | None,
+    pending_system: str | None,
+    options: GenerationOptions,
+) -> int | None:
+    """Read and answer lines until /bye or the end of input; the conversation open then."""
+    chat = setup.chat
+    name = chat.info.model
+    show_stats = options.verbose
     while True:
         try:
             line = input(">>> ")
         except EOFError:
             print(file=sys.stderr)
-            return
+            return conversation
         except KeyboardInterrupt:
             print("\n(use /bye or Ctrl+D to quit)", file=sys.stderr)
             continue
@@ -51,8 +65,9 @@ def chat(options: GenerationOptions) -> None:
         if text.startswith("/"):
             command, _, argument = text.partition(" ")
             if command == "/bye":
-                return
+                return conversation
             if command == "/new":
+                keep_context(chat, conversation)
                 conversation = None
             elif command == "/system":
                 pending_system = argument.strip() or None

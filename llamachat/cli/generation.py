@@ -13,9 +13,10 @@ from ..backends.routing import Router
 from ..chat_options import ChatOptions, chosen_model, resolve
 from ..history.store import HistoryStore
 from ..home import Home
+from ..kv_files import ContextFiles
 from ..models.store import ModelStore
 from ..remotes import split_model
-from ..settings import load
+from ..settings import Settings, load
 from .console import CliError, stderr
 from .options import GenerationOptions
 
@@ -32,7 +33,8 @@ class Setup:
 
 def start(options: GenerationOptions, history: HistoryStore) -> Setup:
     home = Home.current()
-    chosen = resolve(options, load(home.config_file), history)
+    settings = load(home.config_file)
+    chosen = resolve(options, settings, history)
     continued, continued_model = None, None
     system = chosen.new_system
     if chosen.continue_latest:
@@ -42,18 +44,33 @@ def start(options: GenerationOptions, history: HistoryStore) -> Setup:
         continued, continued_model = latest.id, latest.model
         system = chosen.system  # the conversation keeps its own unless one is given
         chosen = chosen.for_conversation(history.get(latest.id).settings)
-    router = models_for(home, chosen)
+    router = models_for(home, chosen, settings)
     name = chosen_model(chosen, router.store, continued_model, router.remotes)
-    return Setup(chat=open_chat(router, chosen, name), system=system, continued=continued)
+    chat = open_chat(router, chosen, name)
+    if continued is not None:
+        chat.restore_context(str(continued))  # its saved KV cache: only the new turn prefills
+    return Setup(chat=chat, system=system, continued=continued)
 
 
-def models_for(home: Home, options: ChatOptions) -> Router:
+def models_for(home: Home, options: ChatOptions, settings: Settings) -> Router:
     """Every model `options` may open: installed, on a remote, or loaded by a server here."""
     return Router(
         ModelStore(home.models),
         remote_store.load(home.remotes_file),
         None if options.in_process else home.runtime,
+        ContextFiles(home.kv, settings.kv_disk_budget_bytes),
     )
+
+
+def keep_context(chat: Chat, conversation: int | None) -> None:
+    """The conversation is left (the process ends, or /new): its KV cache is saved when that
+    pays (Chat.save_context). A disk that refuses it costs only the saving, with a warning."""
+    if conversation is None:
+        return
+    try:
+        chat.save_context(str(conversation))
+    except OSError as error:
+        stderr.print(f"llamachat: the KV cache was not saved: {error}", markup=False)
 
 
 def open_chat(router: Router, options: ChatOptions, name: str) -> Chat:

@@ -15,6 +15,7 @@ from ..history.conversation_settings import ConversationSettings
 from ..history.export import to_json, to_markdown, to_outline
 from ..history.store import Conversation, HistoryStore
 from ..home import Home
+from ..kv_files import ContextFiles, format_size
 from .console import CliError, stderr, stdin_is_terminal, stdout
 
 app = typer.Typer(help="List, show, search, export and remove saved conversations.")
@@ -38,16 +39,26 @@ def _get(store: HistoryStore, conversation_id: int) -> Conversation:
 
 @app.command("list")
 def list_conversations(as_json: JsonOption = False) -> None:
-    """Conversations, newest first."""
+    """Conversations, newest first; KV CACHE: the size of its saved cache (`llamachat cache`)."""
     conversations = _store().conversations()
+    cached = ContextFiles(Home.current().kv).sizes_by_key()
     if as_json:
-        stdout.print_json(json.dumps([asdict(c) for c in conversations], ensure_ascii=False))
+        listed = [{**asdict(c), "kv_cache_bytes": cached.get(str(c.id), 0)} for c in conversations]
+        stdout.print_json(json.dumps(listed, ensure_ascii=False))
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("ID", "UPDATED", "MESSAGES", "MODEL", "TITLE"):
+    for column in ("ID", "UPDATED", "MESSAGES", "MODEL", "KV CACHE", "TITLE"):
         table.add_column(column, no_wrap=column != "TITLE")
     for c in conversations:
-        table.add_row(str(c.id), _when(c.updated_at), str(c.message_count), c.model or "-", c.title)
+        size = cached.get(str(c.id))
+        table.add_row(
+            str(c.id),
+            _when(c.updated_at),
+            str(c.message_count),
+            c.model or "-",
+            format_size(size) if size else "-",
+            c.title,
+        )
     stdout.print(table)
 
 
@@ -179,6 +190,7 @@ def remove(
         if not typer.confirm(f"Delete conversation {conversation_id} ({title})?", err=True):
             raise typer.Exit(1)
     store.delete(conversation_id)
+    ContextFiles(Home.current().kv).remove_key(str(conversation_id))
     stderr.print(f"deleted conversation {conversation_id}", markup=False)
 
 

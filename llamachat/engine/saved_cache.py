@@ -29,6 +29,11 @@ class SavedCacheError(EngineError):
     """A saved cache that cannot be used; the conversation is prefilled instead."""
 
 
+class SavedCacheTooLongError(SavedCacheError):
+    """A sound saved cache that holds more tokens than this session's context: of use to a
+    session with a larger one, so not damaged."""
+
+
 def save(session: ChatSession, path: Path, identity: dict[str, str]) -> int:
     """Write the keys and values of the tokens `session` holds to `path` (atomically, 0600);
     the number of tokens written. Nothing is written for an empty session."""
@@ -76,7 +81,7 @@ def load(session: ChatSession, path: Path, identity: dict[str, str]) -> int:
     if tuple(k.shape) != (layers, kv_heads, count, head_dim) or k.dtype != cache.k.dtype:
         raise SavedCacheError(f"the saved cache {path.name} does not fit this model's cache")
     if not 0 < count <= min(cache.max_len, session.ctx):
-        raise SavedCacheError(f"the saved cache {path.name} holds more than the context")
+        raise SavedCacheTooLongError(f"the saved cache {path.name} holds more than the context")
     if metadata.get("sha256") != _digest(tokens, k, v):
         raise SavedCacheError(f"the saved cache {path.name} is damaged (its checksum differs)")
     cache.k[:, :, :count].copy_(k)

@@ -34,6 +34,9 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory 
 # Attention reads the cache in steps of this many positions, not all of it; a multiple of the
 # slice the decode attention splits its sum into.
 ATTEND_BUCKET = SPLIT
+# A prefill of at least this many tokens measures the session's prefill rate (a shorter one is
+# mostly the fixed cost of a forward pass and the first sample).
+RATE_MIN_TOKENS = 64
 
 
 @dataclass
@@ -63,6 +66,9 @@ class ChatSession:
             model.transformer.setup_rope(capacity)
         self.cache = KVCache(model.config, capacity, model.device, model.dtype)
         self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
+        # Prompt tokens per second of the latest prefill of RATE_MIN_TOKENS or more, to the
+        # first sampled token; None until one ran. Whether saving the cache pays goes by it.
+        self.prefill_rate: float | None = None
         if cuda_graphs is None:
             cuda_graphs = model.device.type == "cuda"
         self.decoder = GraphedDecoder(model.transformer, self.cache) if cuda_graphs else None
@@ -150,6 +156,7 @@ class ChatSession:
         stats.prompt_tokens = len(prompt_ids)
         stats.reused_tokens = reuse
         stats.prefilled_tokens = len(prompt_ids) - reuse
+        prefill_started = time.perf_counter()
         logits = None
         for start in range(reuse, len(prompt_ids), PREFILL_CHUNK):
             if cancel.is_set():
@@ -168,6 +175,9 @@ class ChatSession:
             if sampling.occurrence_penalised:
                 produced = torch.tensor(context[len(prompt_ids) :], device=self.model.device)
             token = int(sample(logits[0, -1], sampling, generator, recent, produced))
+            if count == 1 and stats.prefilled_tokens >= RATE_MIN_TOKENS:  # int() waited for it
+                elapsed = time.perf_counter() - prefill_started
+                self.prefill_rate = stats.prefilled_tokens / max(elapsed, 1e-6)
             if logprobs is not None and token not in self.model.eos_token_ids:
                 kept, top = logprobs
                 kept.append(sampled_logprob(logits[0, -1], token, top))

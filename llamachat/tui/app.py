@@ -29,6 +29,7 @@ from ..history.export import to_json, to_markdown
 from ..history.recording import STATUS_BY_FINISH, recorded
 from ..history.store import HistoryStore, ReplyRecorder
 from ..home import Home
+from ..kv_files import ContextFiles
 from ..models.errors import StoreError
 from ..models.store import ModelStore
 from ..settings import Settings, SettingsError
@@ -179,6 +180,8 @@ class LlamaChatApp(App):
         weights = f" {info.weight_format}" if info.weight_format else ""
         self.show_status(model=message.name, device=f"{info.device} {info.dtype}{weights}", note="")
         self.update_context_meter()
+        if self.conversation_id is not None:  # opened (-c) while the model loaded
+            self.switch_context(None, self.conversation_id)
         if not info.context_size:  # a remote whose server does not say (ollama's /v1)
             self.notify(
                 f"the server of {message.name} does not say its context length: conversations"
@@ -210,6 +213,7 @@ class LlamaChatApp(App):
         if self.generating:
             self.notify("a reply is being written: Esc stops it", severity="warning")
             return
+        self._leave_for(conversation_id)
         self.conversation_id = conversation_id
         self._edit(None)
         conversation = self.history.get(conversation_id)
@@ -226,6 +230,7 @@ class LlamaChatApp(App):
         if self.generating:
             self.notify("a reply is being written: Esc stops it", severity="warning")
             return
+        self._leave_for(None)
         self.conversation_id = None
         self._edit(None)
         self.new_system = self.options.new_system
@@ -423,6 +428,42 @@ class LlamaChatApp(App):
 
     def on_unmount(self) -> None:
         self.cancel.set()  # however the app ends, the reply worker must not write on
+        self._keep_context()
+
+    # Instant resume: the KV cache of a conversation left is saved, and loaded when it is
+    # opened again (Chat.save_context / restore_context; saving only where it pays).
+
+    def _leave_for(self, opening: int | None) -> None:
+        """The open conversation is left for `opening` (None: a new chat)."""
+        leaving = self.conversation_id
+        if self.chat is not None and (leaving, opening) != (None, None) and leaving != opening:
+            self.switch_context(leaving, opening)
+
+    @work(thread=True, group="context")
+    def switch_context(self, leaving: int | None, opening: int | None) -> None:
+        """Save the left conversation's cache, then load the opened one's: on a thread (a file
+        of hundreds of MB); a reply sent meanwhile waits for it (the chat serves one at a
+        time)."""
+        chat = self.chat
+        if chat is None:
+            return
+        try:
+            if leaving is not None:
+                chat.save_context(str(leaving))
+            if opening is not None:
+                chat.restore_context(str(opening))
+        except OSError as error:  # a full disk: the conversation is only prefilled next time
+            self.call_from_thread(
+                self.notify, f"the KV cache was not saved: {error}", severity="warning"
+            )
+
+    def _keep_context(self) -> None:
+        """Quitting: save the open conversation's cache, here, as the app closes."""
+        if self.chat is not None and self.conversation_id is not None:
+            try:
+                self.chat.save_context(str(self.conversation_id))
+            except OSError:
+                pass  # the app is gone; the next start prefills
 
     def action_stop(self) -> None:
         if self.generating:
@@ -669,15 +710,17 @@ def make_app(
 ) -> LlamaChatApp:
     """The app on `home`'s history, models and config: how the CLI and the tests build it (a
     test's subclass of the app as `app_class`)."""
+    settings = load_settings(home.config_file)
     router = Router(
         ModelStore(home.models),
         remotes.load(home.remotes_file),
         None if options.in_process else home.runtime,
+        ContextFiles(home.kv, settings.kv_disk_budget_bytes),
     )
     return app_class(
         home,
         options,
         history=HistoryStore(home.history_db),
         backend=router,
-        settings=load_settings(home.config_file),
+        settings=settings,
     )

@@ -1,0 +1,76 @@
+"""Instant resume in the chat app: leaving a conversation (a new chat, another conversation,
+quitting) saves its KV cache, and opening it again loads it, so that its next reply prefills
+only the new turn (the status bar's reused tokens say so)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamachat.backends import local
+from llamachat.history.store import HistoryStore
+from llamachat.kv_files import ContextFiles
+from tests.tui.conftest import app_for, send, settle
+
+
+@pytest.fixture(autouse=True)
+def always(monkeypatch):
+    """Saving pays whatever the length: the tiny model prefills far faster than a disk reads."""
+    monkeypatch.setattr(local, "MIN_TOKENS", 1)
+    monkeypatch.setattr(local, "MIN_GAIN_S", float("-inf"))
+
+
+def saved(home) -> dict[str, int]:
+    return ContextFiles(home.kv).sizes_by_key()
+
+
+def first_prompt(app, conversation_id: int) -> int:
+    """The tokens of the prompt the conversation's first reply answered."""
+    messages = HistoryStore(app.home.history_db).get(conversation_id).chat_messages()
+    return app.chat.context_use(messages[:1]).used
+
+
+async def test_a_conversation_left_and_opened_again_resumes_from_its_saved_cache(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        first = app.conversation_id
+        app.action_new_chat()
+        await settle(pilot, app)
+        assert set(saved(home)) == {str(first)}
+        await send(pilot, app, "Something else entirely")
+        second = app.conversation_id
+        app.open_conversation(first)  # leaves the second: saved; the first is loaded
+        await settle(pilot, app)
+        assert set(saved(home)) == {str(first), str(second)}
+        await send(pilot, app, "And then?")
+        # The first exchange's prompt at least, from the file (the session held the second
+        # conversation, which shares only the template's first tokens with it); the reply's
+        # own tokens only as far as their text tokenizes back into them.
+        assert app.status.reused_tokens >= first_prompt(app, first) - 1
+    # Quitting saved the first conversation again, with its new turn.
+    assert saved(home)[str(first)] > 0
+
+
+async def test_continuing_in_a_new_app_loads_the_cache_saved_when_the_last_one_quit(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+    assert list(saved(home)) == [str(app.conversation_id)]
+    again = app_for(home, continue_latest=True)
+    async with again.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, again)
+        await send(pilot, again, "And then?")
+        assert again.status.reused_tokens >= first_prompt(again, again.conversation_id) - 1
+
+
+async def test_nothing_is_saved_with_a_budget_of_zero(home):
+    (home.config / "config.toml").write_text('kv_disk_budget = "0"\n')
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there")
+        app.action_new_chat()
+        await settle(pilot, app)
+    assert saved(home) == {}

@@ -50,7 +50,7 @@ from .screens.help import HelpScreen
 from .screens.search import Found, SearchScreen
 from .screens.system_prompt import PromptChoice, SystemPromptScreen
 from .themes import DEFAULT_THEME, css_problem, load_themes, shipped_theme_folders
-from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn, marker
+from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, Turn, UserTurn, marker
 from .widgets.conversation_list import ConversationList
 from .widgets.prompt_input import PromptInput
 from .widgets.status_bar import Status, StatusBar
@@ -249,7 +249,9 @@ class LlamaChatApp(App):
         except HistoryError as error:  # a full disk, say: the text stays in the editor
             self.notify(str(error), severity="error", timeout=15)
             return
-        self.query_one(ChatView).add(UserTurn(event.text, question))
+        turn = UserTurn(event.text, question)
+        turn.set_branch(self.history.siblings(question))  # an edited message: ‹2/2›
+        self.query_one(ChatView).add(turn)
         self.query_one(PromptInput).clear()
         self.refresh_conversations()
         self.generate(question)
@@ -328,6 +330,8 @@ class LlamaChatApp(App):
             return
         if self.reply_turn is not None:
             self.reply_turn.message_id = message.message_id
+            if message.message_id is not None:  # None: the history could not give it a row
+                self.reply_turn.set_branch(self.history.siblings(message.message_id))
         self.query_one(ChatView).mark_unseen(message.unseen)
         self.show_status(dropped=len(message.unseen), context_used=message.prompt_tokens)
 
@@ -430,17 +434,114 @@ class LlamaChatApp(App):
         elif self.editing is not None:
             self._edit(None)
             self.query_one(PromptInput).clear()
+        elif self.query_one(ChatView).has_focus:
+            self.query_one(PromptInput).focus()  # out of the chat, back to the editor
 
     def action_regenerate(self) -> None:
-        last = self.query_one(ChatView).last(ReplyTurn)
-        turns = self.query_one(ChatView).turns()
-        if self.generating or self.chat is None or last is None or turns[-1] is not last:
+        """Write the selected reply again (else the last), from the path before it; the one it
+        replaces is kept as its sibling."""
+        view = self.query_one(ChatView)
+        turns = view.turns()
+        target = self._selected(ReplyTurn)
+        if target is None and turns and isinstance(turns[-1], ReplyTurn):
+            target = turns[-1]
+        if self.generating or self.chat is None or target is None:
             self.notify("nothing to regenerate", severity="warning")
             return
-        if last.message_id is not None:
-            self.history.branch_from(last.message_id)  # kept, as the new reply's sibling
-        last.remove()
+        if target.message_id is not None:
+            self.history.branch_from(target.message_id)  # kept, as the new reply's sibling
+            view.remove_from(target.message_id)
+        else:
+            target.remove()
+        view.select(None)
         self.generate()
+
+    # The selected message: ↑/↓ in the chat, or a click
+
+    def _selected(self, kind: type[Turn] = Turn) -> Turn | None:
+        """The message selected in the chat, if it is a `kind`."""
+        turn = self.query_one(ChatView).selected
+        return turn if isinstance(turn, kind) and turn.message_id is not None else None
+
+    def _busy(self) -> bool:
+        """True (and said) while a reply is written: the path it continues must not change."""
+        if self.generating:
+            self.notify("a reply is being written: Esc stops it", severity="warning")
+        return self.generating
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        # The cursor belongs to the chat: the editor or the list taking the focus ends it. A
+        # dialog or the palette (another screen) does not: their action acts on it.
+        view = self.query_one(ChatView)
+        if event.widget is not view and event.widget.screen is view.screen:
+            view.select(None)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # F6 is a priority key (before the editor's): in a dialog, the dialog's widgets keep it.
+        if action == "select_message" and self.screen is not self.screen_stack[0]:
+            return False
+        return True
+
+    def action_select_message(self) -> None:
+        self.query_one(ChatView).focus()  # the view selects the last message when it has none
+
+    def action_edit_message(self) -> None:
+        """Put the selected message (a user's; else the last) in the editor: sending it makes
+        a sibling of it, and the reply follows that."""
+        target = self._selected(UserTurn)
+        if target is None and self._selected() is not None:
+            self.notify("only your own messages can be edited", severity="warning")
+            return
+        if target is None:
+            self.action_edit_last()
+        else:
+            self._start_editing(target)
+
+    def action_branch(self, step: int) -> None:
+        """Show the selected message's sibling `step` away (else the last reply's), that
+        branch resumed where it was left: the path the model sees next."""
+        view = self.query_one(ChatView)
+        target = self._selected() or view.last(ReplyTurn)
+        if self._busy() or target is None or target.message_id is None:
+            return
+        siblings = self.history.siblings(target.message_id)
+        index = siblings.index + step
+        if siblings.count < 2:
+            self.notify("this message has no other branch", severity="warning")
+            return
+        if not 0 <= index < siblings.count:
+            self.notify(f"this is the {'first' if step < 0 else 'last'} branch")
+            return
+        chosen = siblings.ids[index]
+        self.history.activate(chosen)
+        self._show_again(select=chosen if view.selected is not None else None)
+
+    def action_delete_branch(self) -> None:
+        view = self.query_one(ChatView)
+        target = self._selected() or (view.turns() or [None])[-1]
+        if self._busy() or target is None or target.message_id is None:
+            self.notify("no message to delete", severity="warning")
+            return
+        message_id = target.message_id
+        self.push_screen(
+            ConfirmScreen("Delete this message and everything after it, on every branch?"),
+            lambda yes: self._delete_branch(message_id, yes),
+        )
+
+    def _delete_branch(self, message_id: int, confirmed: bool | None) -> None:
+        if not confirmed or self._busy():
+            return
+        self.history.delete_branch(message_id)
+        self._show_again()
+
+    def _show_again(self, select: int | None = None) -> None:
+        """Show the open conversation's active path again, as the history holds it now."""
+        if self.conversation_id is None:
+            return
+        self._edit(None)
+        self.query_one(ChatView).show(self.history.get(self.conversation_id), select=select)
+        self.refresh_conversations()
+        self.update_context_meter()
 
     def on_key(self, event) -> None:
         """PageUp/PageDown in the editor scroll the chat; typing in the chat pane goes to the
@@ -464,11 +565,15 @@ class LlamaChatApp(App):
     @on(PromptInput.EditLast)
     def action_edit_last(self) -> None:
         last = self.query_one(ChatView).last(UserTurn)
-        if last is None or last.message_id is None or self.generating:
+        if isinstance(last, UserTurn):
+            self._start_editing(last)
+
+    def _start_editing(self, turn: UserTurn) -> None:
+        if turn.message_id is None or self.generating:
             return
-        self._edit(last.message_id)
+        self._edit(turn.message_id)
         prompt = self.query_one(PromptInput)
-        prompt.edit_message(last.text)
+        prompt.edit_message(turn.text)
         prompt.focus()
 
     def _edit(self, message_id: int | None) -> None:
@@ -601,18 +706,23 @@ class LlamaChatApp(App):
         self.notify(f"exported to {path}")
 
     def action_copy_reply(self) -> None:
-        last = self.query_one(ChatView).last(ReplyTurn)
-        if last is None or not last.text:
+        """Copy the selected message (else the last reply), through the terminal (OSC 52)."""
+        selected = self._selected()
+        target = selected or self.query_one(ChatView).last(ReplyTurn)
+        text = getattr(target, "text", "")
+        if not text:
             self.notify("no reply to copy", severity="warning")
             return
-        self.copy_to_clipboard(last.text)
-        self.notify("reply copied")
+        self.copy_to_clipboard(text)
+        self.notify("message copied" if selected is not None else "reply copied")
 
     def action_copy_code(self) -> None:
-        last = self.query_one(ChatView).last(ReplyTurn)
-        blocks = _CODE_BLOCK.findall(last.text) if last is not None else []
+        selected = self._selected(ReplyTurn)
+        target = selected or self.query_one(ChatView).last(ReplyTurn)
+        blocks = _CODE_BLOCK.findall(target.text) if isinstance(target, ReplyTurn) else []
         if not blocks:
-            self.notify("the last reply has no code block", severity="warning")
+            which = "the selected reply" if selected is not None else "the last reply"
+            self.notify(f"{which} has no code block", severity="warning")
             return
         self.copy_to_clipboard(blocks[-1])
         self.notify("code block copied")

@@ -53,6 +53,13 @@ ACTIONS: tuple[Action, ...] = (
     # The editor's own ↑ (when it is empty) does it too: OTHER_KEYS lists it.
     Action("edit_last", "Edit last message", "Edit your last message and send it again"),
     Action(
+        "continue_reply",
+        "Continue reply",
+        "Go on with the last reply where it stopped or was cut, in the same message",
+        key="ctrl+g",
+        show=False,
+    ),
+    Action(
         "select_message",
         "Select a message",
         "Move into the conversation: ↑/↓ choose a message, Esc goes back to the editor",

@@ -21,7 +21,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Markdown, OptionList
 
 from .. import remotes
-from ..backends.base import Chat, PromptTooLongError
+from ..backends.base import Chat, PromptTooLongError, ReplyRequest
 from ..backends.routing import Router
 from ..chat_options import ChatOptions, chosen_model
 from ..history.db import HistoryError
@@ -272,8 +272,9 @@ class LlamaChatApp(App):
                 view.show(self.history.get(self.conversation_id))
         return self.history.add_message(self.conversation_id, "user", text)
 
-    def generate(self, question_id: int | None = None) -> None:
-        """Start the reply to the conversation as the history holds it now."""
+    def generate(self, question_id: int | None = None, continuing: ReplyTurn | None = None) -> None:
+        """Start the reply to the conversation as the history holds it now; `continuing`: the
+        last reply, stopped or cut, to go on with (its message grows)."""
         assert self.conversation_id is not None
         conversation = self.history.get(self.conversation_id)
         turns = [m for m in conversation.messages if m.role != "system"]
@@ -281,8 +282,12 @@ class LlamaChatApp(App):
         # chat_messages puts the latest system prompt first; index i of `messages` is turn i - 1.
         offset = len(messages) - len(turns)
         ids = [None] * offset + [m.id for m in turns]
-        self.reply_turn = ReplyTurn(status="streaming")
-        self.query_one(ChatView).add(self.reply_turn)
+        if continuing is None:
+            self.reply_turn = ReplyTurn(status="streaming")
+            self.query_one(ChatView).add(self.reply_turn)
+        else:
+            self.reply_turn = continuing
+            continuing.set_status("streaming")
         self.stream = Markdown.get_stream(self.reply_turn)
         self.cancel = threading.Event()
         self.generating = True
@@ -293,7 +298,8 @@ class LlamaChatApp(App):
             tokens_per_s=None,
             reused_tokens=None,
         )
-        self.run_reply(self.conversation_id, messages, ids, question_id, self.cancel)
+        continued = continuing.message_id if continuing is not None else None
+        self.run_reply(self.conversation_id, messages, ids, question_id, self.cancel, continued)
 
     @work(thread=True, group="reply")
     def run_reply(
@@ -303,14 +309,16 @@ class LlamaChatApp(App):
         ids: list[int | None],
         question_id: int | None,
         cancel: threading.Event,
+        continuing: int | None = None,
     ) -> None:
         assert self.chat is not None
+        request = ReplyRequest(continue_reply=continuing is not None)
         try:
-            reply = self.chat.reply(messages, cancel=cancel)
+            reply = self.chat.reply(messages, cancel=cancel, request=request)
         except PromptTooLongError as error:
             self.post_message(ReplyFailed(str(error), question_id))
             return
-        recorder = ReplyRecorder(self.history, conversation_id, self.model_name)
+        recorder = ReplyRecorder(self.history, conversation_id, self.model_name, continuing)
         unseen = {ids[i] for i in reply.dropped if ids[i] is not None}
         self.post_message(ReplyStarted(recorder.message_id, unseen, reply.prompt_tokens))
         unshown = UnshownText()
@@ -455,6 +463,30 @@ class LlamaChatApp(App):
             target.remove()
         view.select(None)
         self.generate()
+
+    def action_continue_reply(self) -> None:
+        """Go on with the last reply where it stopped (Esc, the token limit, the context): the
+        continuation is appended to the same message."""
+        view = self.query_one(ChatView)
+        turns = view.turns()
+        target = self._selected(ReplyTurn) or view.last(ReplyTurn)
+        if self._busy() or self.chat is None:
+            return
+        if not isinstance(target, ReplyTurn) or target.message_id is None:
+            self.notify("no reply to continue", severity="warning")
+        elif target is not turns[-1]:
+            self.notify("only the conversation's last reply continues", severity="warning")
+        elif target.status not in ("interrupted", "length"):
+            self.notify("only a stopped or cut reply continues", severity="warning")
+        elif not self.chat.info.continues_replies:
+            self.notify(
+                f"{self.model_name} cannot continue a reply here yet (a model on a remote"
+                " server, or one served here with --max-batch 2 or more, can)",
+                severity="warning",
+            )
+        else:
+            view.select(None)
+            self.generate(continuing=target)
 
     # The selected message: ↑/↓ in the chat, or a click
 

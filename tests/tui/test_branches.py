@@ -281,3 +281,19 @@ async def test_nothing_that_changes_the_path_runs_while_a_reply_is_written(home)
         assert after.messages[-1].status == "interrupted"
         assert {m.id for m in before.tree} <= {m.id for m in after.tree}  # nothing deleted
         assert isinstance(turns(app)[-1], ReplyTurn) and isinstance(turns(app)[-2], UserTurn)
+
+
+async def test_continue_says_why_where_it_cannot(home):
+    history = HistoryStore(home.history_db)
+    conversation = history.create(model="tiny")
+    history.add_message(conversation, "user", "Hello")
+    stopped = history.start_reply(conversation, "tiny")
+    history.finish_reply(stopped, "Half an answ", "interrupted")
+    app = app_for(home, continue_latest=True)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await pilot.press("ctrl+g")  # the local single-session chat does not continue yet
+        await settle(pilot, app)
+        assert any("cannot continue" in str(n.message) for n in app._notifications)
+        reply = stored(app).messages[-1]
+        assert (reply.content, reply.status) == ("Half an answ", "interrupted")

@@ -94,6 +94,7 @@ class ReplyTurn(Markdown, Turn):
     def set_status(self, status: str, finish_reason: str | None = None) -> None:
         """Mark how the reply ended: `status` is the history's (complete, interrupted, length,
         error...), `finish_reason` the engine's (stop, length, context, cancelled) when known."""
+        self.status = status
         self.set_class(status == "interrupted", "interrupted")
         self.set_class(status == "error", "error")
         self.set_class(status == "length", "cut")

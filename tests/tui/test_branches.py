@@ -297,3 +297,23 @@ async def test_continue_says_why_where_it_cannot(home):
         assert any("cannot continue" in str(n.message) for n in app._notifications)
         reply = stored(app).messages[-1]
         assert (reply.content, reply.status) == ("Half an answ", "interrupted")
+
+
+async def test_shift_tab_from_the_editor_selects_the_last_message_and_escape_goes_back(home):
+    history = HistoryStore(home.history_db)
+    conversation = history.create(model="tiny")
+    history.add_message(conversation, "user", "Hello")
+    history.add_message(conversation, "assistant", "Hi there")
+    app = app_for(home, continue_latest=True)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await pilot.press("shift+tab")
+        view = app.query_one(ChatView)
+        assert view.has_focus and view.selected is turns(app)[-1]
+        await pilot.press("up", "up", "down", "home")
+        assert view.selected is turns(app)[0]
+        await pilot.press("end")
+        assert view.selected is turns(app)[-1]
+        await pilot.press("escape")
+        assert app.query_one(PromptInput).has_focus and view.selected is None
+        assert not [t for t in turns(app) if t.has_class("selected")]

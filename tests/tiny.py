@@ -24,9 +24,13 @@ _CORPUS = [
 
 
 def make_tokenizer(
-    folder: Path, vocab_size: int = 384, chat_template: str | None = CHATML_TEMPLATE
+    folder: Path,
+    vocab_size: int = 384,
+    chat_template: str | None = CHATML_TEMPLATE,
+    extra_special_tokens: tuple[str, ...] = (),
 ):
-    """A byte-level BPE tokenizer (the kind Llama-3 and SmolLM use), trained on a few lines."""
+    """A byte-level BPE tokenizer (the kind Llama-3 and SmolLM use), trained on a few lines;
+    `extra_special_tokens` (Llama-3's headers, say) besides ChatML's."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -34,7 +38,7 @@ def make_tokenizer(
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -121,6 +121,10 @@ class ReplyRequest:
     # Log probabilities of the reply's tokens with this many alternatives each (0 to 20);
     # None: none.
     logprobs: int | None = None
+    # The last message is an assistant's reply to go on with: the prompt ends with its text,
+    # left open, and the reply is what follows it (vLLM's continue_final_message). Read by
+    # the batched chat and the remote one; the single-session local chat does not read it yet.
+    continue_reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ class ChatInfo:
     context_size: int  # this chat's window in tokens
     context_length: int  # the most the model takes
     max_tokens: int  # the reply's token limit
+    continues_replies: bool = False  # reads ReplyRequest.continue_reply
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 
 class BatchedChat(EngineChat):
+    continues_replies = True  # reads ReplyRequest.continue_reply
+
     def __init__(
         self,
         name: str,
@@ -43,7 +45,9 @@ class BatchedChat(EngineChat):
     ) -> BatchedReply:
         request = request or ReplyRequest()
         _, limit = self.settings_for(request)
-        prompt = self._fitted(lambda fitter: fitter.fit(messages, limit))
+        prompt = self._fitted(
+            lambda fitter: fitter.fit(messages, limit, continue_reply=request.continue_reply)
+        )
         return self._submit(prompt, request, request.stop + self.model.chat_format.stop, cancel)
 
     def complete(

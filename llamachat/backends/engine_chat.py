@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 
 class EngineChat:
+    continues_replies = False  # reads ReplyRequest.continue_reply (ChatInfo says it)
+
     def __init__(
         self,
         name: str,
@@ -54,6 +56,7 @@ class EngineChat:
             context_size=self.ctx,
             context_length=model.context_length,
             max_tokens=self.max_tokens,
+            continues_replies=self.continues_replies,
         )
 
     def settings_for(self, request: ReplyRequest) -> tuple[SamplingParams, int]:

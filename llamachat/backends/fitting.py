@@ -96,7 +96,10 @@ class _Counted:
     def encode(self, text: str) -> Sequence[int]:
         return _Estimate(self._fitter._bytes_per_token).encode(text)
 
-    def prompt_ids(self, messages: Sequence[ChatMessage]) -> Sequence[int]:
+    def prompt_ids(
+        self, messages: Sequence[ChatMessage], continue_reply: bool = False
+    ) -> Sequence[int]:
+        # A reply left open lacks its end of turn and the next turn's opening: a few tokens.
         return range(self._fitter._count(messages))
 
 
@@ -110,7 +113,9 @@ class _Estimate:
     def encode(self, text: str) -> Sequence[int]:
         return range(math.ceil(len(text.encode("utf-8")) / self.bytes_per_token))
 
-    def prompt_ids(self, messages: Sequence[ChatMessage]) -> Sequence[int]:
+    def prompt_ids(
+        self, messages: Sequence[ChatMessage], continue_reply: bool = False
+    ) -> Sequence[int]:
         return range(math.ceil(_bytes(messages) / self.bytes_per_token))
 
 

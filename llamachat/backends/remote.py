@@ -104,6 +104,8 @@ class RemoteBackend:
             context_size=size,
             context_length=window or size,
             max_tokens=spec.max_tokens or DEFAULT_MAX_TOKENS,
+            # Asked of the server (vLLM's extension); one without it starts a new reply.
+            continues_replies=True,
         )
         here = self._here.models if self._here is not None else ()
         loaded = next((model for model in here if model.name == spec.model), None)
@@ -214,6 +216,10 @@ class RemoteChat:
         body = self._body(request)
         body["messages"] = [{"role": m["role"], "content": m["content"]} for m in sent]
         body["max_tokens"] = prompt.max_new_tokens
+        if request.continue_reply:
+            # vLLM's extension (and llamachat serve's): a server without it starts a new reply.
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         reply = self._start("/chat/completions", body, cancel)
         reply.fitted(prompt.dropped, len(prompt.token_ids), lambda n: self._fitter.counted(sent, n))
         return reply

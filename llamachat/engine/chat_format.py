@@ -127,11 +127,37 @@ def builtin_for_vocabulary(vocabulary: Container[str]) -> ChatFormat:
     return BUILTIN_FORMATS["llama-2"]
 
 
-def render(tokenizer: Tokenizer, chat_format: ChatFormat, messages: Sequence[ChatMessage]) -> str:
-    """The prompt text for `messages`, ending where the assistant's reply begins."""
+def render(
+    tokenizer: Tokenizer,
+    chat_format: ChatFormat,
+    messages: Sequence[ChatMessage],
+    continue_reply: bool = False,
+) -> str:
+    """The prompt text for `messages`, ending where the assistant's reply begins. With
+    `continue_reply` the last message is an assistant's reply to go on with: the text ends with
+    it, left open (no end of turn), as transformers' `continue_final_message` renders it."""
+    if continue_reply and (not messages or messages[-1]["role"] != "assistant"):
+        raise EngineError("only an assistant's reply, the conversation's last message, continues")
+    reply = messages[-1]["content"] if continue_reply else ""
+    if continue_reply and not reply.strip():
+        messages = messages[:-1]  # nothing to go on from: a new reply is the same prompt
+    open_reply = continue_reply and bool(reply.strip())
     try:
-        return tokenizer.render(chat_format.template, messages)
+        text = tokenizer.render(chat_format.template, messages, not open_reply)
     except Exception as error:  # the template's own checks raise (e.g. roles out of order)
         raise EngineError(
             f"the {chat_format.name} chat template rejected the conversation: {error}"
         ) from None
+    return _left_open(text, reply, chat_format.name) if open_reply else text
+
+
+def _left_open(text: str, reply: str, name: str) -> str:
+    """`text` (the whole conversation) cut right after the last message's own text, before
+    what closes its turn; as transformers does, where the template trims the reply's edges the
+    cut is after the trimmed text."""
+    trimmed = reply.strip()
+    at = text.rfind(trimmed)
+    if at < 0:
+        raise EngineError(f"the {name} chat template does not show the reply to continue")
+    kept = reply.lstrip()
+    return text[: at + (len(kept) if text[at : at + len(kept)] == kept else len(trimmed))]

@@ -119,8 +119,11 @@ class ChatModel:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
 
-    def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self.encode(render(self.tokenizer, self.chat_format, messages))
+    def prompt_ids(
+        self, messages: Sequence[ChatMessage], continue_reply: bool = False
+    ) -> list[int]:
+        """The prompt's ids; `continue_reply`: the last message, an assistant's, left open."""
+        return self.encode(render(self.tokenizer, self.chat_format, messages, continue_reply))
 
     def session(self, ctx: int | None = None, cuda_graphs: bool | None = None) -> ChatSession:
         """A chat session with its own KV cache of `ctx` tokens. On a GPU its decode steps

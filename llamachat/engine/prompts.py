@@ -17,7 +17,9 @@ class Templated(Protocol):
 
     def encode(self, text: str) -> Sequence[int]: ...
 
-    def prompt_ids(self, messages: Sequence[ChatMessage]) -> Sequence[int]: ...
+    def prompt_ids(
+        self, messages: Sequence[ChatMessage], continue_reply: bool = False
+    ) -> Sequence[int]: ...
 
 
 # Room kept for the reply when fitting a conversation: max_new_tokens, else this many, and never
@@ -37,15 +39,21 @@ class PromptFitter:
         self.model = model
         self.ctx = ctx
 
-    def fit(self, messages: Sequence[ChatMessage], max_new_tokens: int | None = None) -> Prompt:
+    def fit(
+        self,
+        messages: Sequence[ChatMessage],
+        max_new_tokens: int | None = None,
+        continue_reply: bool = False,
+    ) -> Prompt:
         """Template the conversation, dropping the oldest exchanges (never the system prompt)
-        until it and the room for the reply fit the context."""
+        until it and the room for the reply fit the context; `continue_reply`: the last
+        message, an assistant's, left open to be continued."""
         wanted = max_new_tokens if max_new_tokens is not None else DEFAULT_RESERVE
         reserve = min(wanted, self.ctx // 4)
         head = 1 if messages and messages[0]["role"] == "system" else 0
         start = head
         while True:
-            ids = self.model.prompt_ids([*messages[:head], *messages[start:]])
+            ids = self.model.prompt_ids([*messages[:head], *messages[start:]], continue_reply)
             later_turn = next(
                 (i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"), None
             )

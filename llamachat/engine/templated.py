@@ -19,5 +19,8 @@ class Templating:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self.encode(render(self.tokenizer, self.chat_format, messages))
+    def prompt_ids(
+        self, messages: Sequence[ChatMessage], continue_reply: bool = False
+    ) -> list[int]:
+        """The prompt's ids; `continue_reply`: the last message, an assistant's, left open."""
+        return self.encode(render(self.tokenizer, self.chat_format, messages, continue_reply))

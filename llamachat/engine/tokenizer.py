@@ -34,7 +34,12 @@ class Tokenizer(Protocol):
     def vocabulary(self) -> Container[str]: ...
     def special_tokens(self) -> frozenset[str]: ...
     def token_id(self, token: str) -> int | None: ...
-    def render(self, template: str, messages: Sequence[Mapping[str, str]]) -> str: ...
+    def render(
+        self,
+        template: str,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+    ) -> str: ...
     def __len__(self) -> int: ...
 
 
@@ -90,10 +95,15 @@ class FastTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 
-    def render(self, template: str, messages: Sequence[Mapping[str, str]]) -> str:
+    def render(
+        self,
+        template: str,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+    ) -> str:
         return _compiled(template).render(
             messages=[dict(m) for m in messages],
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
             tools=None,
             documents=None,
             **self.named,
@@ -138,12 +148,17 @@ class TransformersTokenizer:
         unknown = found == self._tokenizer.unk_token_id and token != self._tokenizer.unk_token
         return None if unknown else found
 
-    def render(self, template: str, messages: Sequence[Mapping[str, str]]) -> str:
+    def render(
+        self,
+        template: str,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+    ) -> str:
         return self._tokenizer.apply_chat_template(
             [dict(m) for m in messages],
             chat_template=template,
             tokenize=False,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
         )
 
     def __len__(self) -> int:

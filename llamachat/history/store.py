@@ -313,6 +313,33 @@ class HistoryStore:
         with self._transaction() as db:
             return _append(db, conversation_id, "assistant", "", model, "streaming")
 
+    def reopen_reply(self, message_id: int) -> str:
+        """Open a finished reply to be continued: written to again, by this process (status
+        "streaming" as when it began, its figures cleared till it ends again), and the active
+        leaf, as a continuation goes on from it; returns the text it had. KeyError if it is not
+        a reply; HistoryError if it is streaming still (another writer's)."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT conversation_id, role, status, content FROM messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            if row is None or row["role"] != "assistant":
+                raise KeyError(message_id)
+            if row["status"] == "streaming":
+                raise HistoryError("the reply is being written", "it is being written")
+            db.execute(
+                """
+                UPDATE messages SET status = 'streaming', writer_pid = ?, writer_started = ?,
+                    prompt_tokens = NULL, reused_tokens = NULL, generated_tokens = NULL,
+                    time_to_first_token_ms = NULL, tokens_per_s = NULL, finish_reason = NULL
+                WHERE id = ?
+                """,
+                (os.getpid(), own_start(), message_id),
+            )
+            if _active_leaf(db, row["conversation_id"]) != message_id:
+                _set_active_leaf(db, row["conversation_id"], message_id)
+            return row["content"]
+
     def save_reply(self, message_id: int, content: str) -> None:
         with self._transaction() as db:
             db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
@@ -475,16 +502,25 @@ class ReplyRecorder:
     until the end, tries once more then, and `save_error` says why the history does not hold
     the whole reply (None when it does). Front ends show it once, after the reply. What was
     saved before stays "streaming" and is marked "interrupted" once this process has gone.
+
+    With `continuing`, the reply goes on in that message (a stopped or cut one): reopened, its
+    text kept, and the new pieces appended to it.
     """
 
-    def __init__(self, store: HistoryStore, conversation_id: int, model: str | None):
+    def __init__(
+        self,
+        store: HistoryStore,
+        conversation_id: int,
+        model: str | None,
+        continuing: int | None = None,
+    ):
         self.store = store
         self.conversation_id = conversation_id
         self.model = model
-        self.text = ""
+        self.text = store.reopen_reply(continuing) if continuing is not None else ""
         self.save_error: str | None = None
         self._saved_at = 0.0
-        self.message_id: int | None = None  # None while the reply has no row (a full disk)
+        self.message_id: int | None = continuing  # None while it has no row (a full disk)
         self._write()  # the reply's row, at once
 
     def append(self, piece: str) -> None:

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends.base import BackendError, Chat, Logprob, ReplyStats, TokenLogprob
-from .errors import ApiError, error_response
+from .errors import ApiError, error_response, unsupported
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest, conversation
 from .runner import Gate, Run
@@ -133,6 +133,9 @@ def create_app(
         body.check_supported()
         chat, gate = served.chat(body.model)
         messages, reply_request = body.conversation(), body.to_reply_request()
+        if reply_request.continue_reply and not chat.info.continues_replies:
+            # The single-session chat (--max-batch 1) would start a new reply instead.
+            raise unsupported("continue_final_message", "continuing a reply with --max-batch 1")
         asked = reply_request.logprobs is not None
         run = await _started(
             gate, chat, lambda cancel: chat.reply(messages, cancel=cancel, request=reply_request)

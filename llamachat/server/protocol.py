@@ -4,6 +4,7 @@ that would change the answer in a way the engine cannot honour yet is refused by
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -102,9 +103,28 @@ class ChatCompletionRequest(_Generation):
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
+    # vLLM's extension: go on with the final message, an assistant's, left open (the reply is
+    # what follows it), instead of opening a new assistant turn after it.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ApiError(
+                    400,
+                    "continue_final_message needs add_generation_prompt: false",
+                    "add_generation_prompt",
+                )
+            if self.messages[-1].role != "assistant":
+                raise ApiError(
+                    400,
+                    "continue_final_message needs the last message to be the assistant's",
+                    "messages",
+                )
+        elif not self.add_generation_prompt:
+            raise unsupported("add_generation_prompt", "a prompt without the reply's turn opened")
         if self.logprobs not in (None, False, True):
             raise ApiError(400, "logprobs must be true or false", "logprobs")
         if self.top_logprobs is not None:
@@ -127,7 +147,8 @@ class ChatCompletionRequest(_Generation):
 
     def to_reply_request(self) -> ReplyRequest:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.reply_request(self.max_completion_tokens or self.max_tokens, logprobs)
+        request = self.reply_request(self.max_completion_tokens or self.max_tokens, logprobs)
+        return replace(request, continue_reply=self.continue_final_message)
 
 
 class CompletionRequest(_Generation):

@@ -25,6 +25,9 @@ class Action:
     show: bool = True  # in the footer
     priority: bool = False  # before the focused widget's own use of the key
     textual: bool = False  # Textual's own palette command of this title runs it: none of ours
+    # The key is the chat view's, for the message selected there (its arrows and Enter are the
+    # editor's while the editor has focus); the palette's entry runs the app's action all the same.
+    in_chat: bool = False
 
     @property
     def key_label(self) -> str:
@@ -32,18 +35,70 @@ class Action:
 
     def binding(self) -> Binding:
         assert self.key is not None
-        return Binding(
-            self.key, self.action, self.key_label, show=self.show, priority=self.priority
-        )
+        # The chat view's binding names the app's action: a widget's binding runs its own.
+        action = f"app.{self.action}" if self.in_chat else self.action
+        return Binding(self.key, action, self.key_label, show=self.show, priority=self.priority)
 
 
 # In the order of the footer and the help screen.
 ACTIONS: tuple[Action, ...] = (
     Action("new_chat", "New chat", "Start a new conversation", key="ctrl+n"),
     Action("stop", "Stop", "Stop the reply being written", key="escape", label="Stop reply"),
-    Action("regenerate", "Regenerate", "Write the last reply again", key="ctrl+r"),
+    Action(
+        "regenerate",
+        "Regenerate",
+        "Write the selected reply (else the last) again, as a new branch",
+        key="ctrl+r",
+    ),
     # The editor's own ↑ (when it is empty) does it too: OTHER_KEYS lists it.
     Action("edit_last", "Edit last message", "Edit your last message and send it again"),
+    Action(
+        "continue_reply",
+        "Continue reply",
+        "Go on with the last reply where it stopped or was cut, in the same message",
+        key="ctrl+g",
+        show=False,
+    ),
+    Action(
+        "select_message",
+        "Select a message",
+        "Move into the conversation: ↑/↓ choose a message, Esc goes back to the editor",
+        key="f6",
+        show=False,
+        priority=True,  # before the editor's own F6 (select the line); not in dialogs (app.py)
+    ),
+    Action(
+        "edit_message",
+        "Edit message",
+        "Edit the selected message (else your last) and send it as a new branch",
+        key="enter",
+        show=False,
+        in_chat=True,
+    ),
+    Action(
+        "branch(-1)",
+        "Previous branch",
+        "Show the selected message's previous sibling (else the last reply's)",
+        key="left",
+        show=False,
+        in_chat=True,
+    ),
+    Action(
+        "branch(1)",
+        "Next branch",
+        "Show the selected message's next sibling (else the last reply's)",
+        key="right",
+        show=False,
+        in_chat=True,
+    ),
+    Action(
+        "delete_branch",
+        "Delete branch",
+        "Delete the selected message (else the last) and everything after it",
+        key="delete",
+        show=False,
+        in_chat=True,
+    ),
     Action(
         "system_prompt",
         "System prompt",
@@ -54,11 +109,16 @@ ACTIONS: tuple[Action, ...] = (
     Action(
         "pick_model", "Switch model", "Choose another model, installed or on a remote", key="ctrl+l"
     ),
-    Action("copy_reply", "Copy reply", "Copy the last reply to the clipboard", key="f3"),
+    Action(
+        "copy_reply",
+        "Copy reply",
+        "Copy the selected message (else the last reply) to the clipboard",
+        key="f3",
+    ),
     Action(
         "copy_code",
         "Copy code block",
-        "Copy the last reply's last code block",
+        "Copy the last code block of the selected reply (else the last reply)",
         key="f4",
         label="Copy last code block",
         show=False,
@@ -114,6 +174,10 @@ OTHER_KEYS: tuple[tuple[str, str], ...] = (
     ("shift+enter / ctrl+j", "new line in the message"),
     ("up (editor empty)", "edit your last message and send it again"),
     ("tab / shift+tab", "move between the conversation list, the chat and the editor"),
+    ("up / down (in the chat)", "select the message before / after"),
+    ("home / end (in the chat)", "select the first / last message"),
+    ("click (in the chat)", "select a message"),
+    ("escape (in the chat)", "back to the editor"),
     ("delete (in the list)", "delete the highlighted conversation"),
     ("ctrl+p", "command palette: every action, themes, export"),
 )
@@ -121,13 +185,24 @@ OTHER_KEYS: tuple[tuple[str, str], ...] = (
 
 def bindings() -> list[Binding]:
     """The app's BINDINGS."""
-    return [entry.binding() for entry in ACTIONS if entry.key is not None]
+    return [entry.binding() for entry in ACTIONS if entry.key is not None and not entry.in_chat]
+
+
+def chat_bindings() -> list[Binding]:
+    """The chat view's BINDINGS for the message selected there."""
+    return [entry.binding() for entry in ACTIONS if entry.key is not None and entry.in_chat]
 
 
 def help_rows() -> list[tuple[str, str]]:
     """The help screen's (key, what it does) rows: the app's keys, then the others."""
-    own = [(entry.key, entry.key_label) for entry in ACTIONS if entry.key is not None]
+    own = [(help_key(entry), entry.key_label) for entry in ACTIONS if entry.key is not None]
     return own + list(OTHER_KEYS)
+
+
+def help_key(entry: Action) -> str:
+    """The key as the help screen names it: where it applies when that is not everywhere."""
+    assert entry.key is not None
+    return f"{entry.key} (in the chat)" if entry.in_chat else entry.key
 
 
 class ActionCommands(Provider):

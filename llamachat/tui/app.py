@@ -21,7 +21,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Markdown, OptionList
 
 from .. import remotes
-from ..backends.base import Chat, PromptTooLongError
+from ..backends.base import Chat, PromptTooLongError, ReplyRequest
 from ..backends.routing import Router
 from ..chat_options import ChatOptions, chosen_model
 from ..history.db import HistoryError
@@ -51,7 +51,7 @@ from .screens.help import HelpScreen
 from .screens.search import Found, SearchScreen
 from .screens.system_prompt import PromptChoice, SystemPromptScreen
 from .themes import DEFAULT_THEME, css_problem, load_themes, shipped_theme_folders
-from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, UserTurn, marker
+from .widgets.chat_view import ChatView, ReplyTurn, SystemNote, Turn, UserTurn, marker
 from .widgets.conversation_list import ConversationList
 from .widgets.prompt_input import PromptInput
 from .widgets.status_bar import Status, StatusBar
@@ -254,7 +254,9 @@ class LlamaChatApp(App):
         except HistoryError as error:  # a full disk, say: the text stays in the editor
             self.notify(str(error), severity="error", timeout=15)
             return
-        self.query_one(ChatView).add(UserTurn(event.text, question))
+        turn = UserTurn(event.text, question)
+        turn.set_branch(self.history.siblings(question))  # an edited message: ‹2/2›
+        self.query_one(ChatView).add(turn)
         self.query_one(PromptInput).clear()
         self.refresh_conversations()
         self.generate(question)
@@ -275,8 +277,9 @@ class LlamaChatApp(App):
                 view.show(self.history.get(self.conversation_id))
         return self.history.add_message(self.conversation_id, "user", text)
 
-    def generate(self, question_id: int | None = None) -> None:
-        """Start the reply to the conversation as the history holds it now."""
+    def generate(self, question_id: int | None = None, continuing: ReplyTurn | None = None) -> None:
+        """Start the reply to the conversation as the history holds it now; `continuing`: the
+        last reply, stopped or cut, to go on with (its message grows)."""
         assert self.conversation_id is not None
         conversation = self.history.get(self.conversation_id)
         turns = [m for m in conversation.messages if m.role != "system"]
@@ -284,8 +287,12 @@ class LlamaChatApp(App):
         # chat_messages puts the latest system prompt first; index i of `messages` is turn i - 1.
         offset = len(messages) - len(turns)
         ids = [None] * offset + [m.id for m in turns]
-        self.reply_turn = ReplyTurn(status="streaming")
-        self.query_one(ChatView).add(self.reply_turn)
+        if continuing is None:
+            self.reply_turn = ReplyTurn(status="streaming")
+            self.query_one(ChatView).add(self.reply_turn)
+        else:
+            self.reply_turn = continuing
+            continuing.set_status("streaming")
         self.stream = Markdown.get_stream(self.reply_turn)
         self.cancel = threading.Event()
         self.generating = True
@@ -296,7 +303,8 @@ class LlamaChatApp(App):
             tokens_per_s=None,
             reused_tokens=None,
         )
-        self.run_reply(self.conversation_id, messages, ids, question_id, self.cancel)
+        continued = continuing.message_id if continuing is not None else None
+        self.run_reply(self.conversation_id, messages, ids, question_id, self.cancel, continued)
 
     @work(thread=True, group="reply")
     def run_reply(
@@ -306,14 +314,16 @@ class LlamaChatApp(App):
         ids: list[int | None],
         question_id: int | None,
         cancel: threading.Event,
+        continuing: int | None = None,
     ) -> None:
         assert self.chat is not None
+        request = ReplyRequest(continue_reply=continuing is not None)
         try:
-            reply = self.chat.reply(messages, cancel=cancel)
+            reply = self.chat.reply(messages, cancel=cancel, request=request)
         except PromptTooLongError as error:
             self.post_message(ReplyFailed(str(error), question_id))
             return
-        recorder = ReplyRecorder(self.history, conversation_id, self.model_name)
+        recorder = ReplyRecorder(self.history, conversation_id, self.model_name, continuing)
         unseen = {ids[i] for i in reply.dropped if ids[i] is not None}
         self.post_message(ReplyStarted(recorder.message_id, unseen, reply.prompt_tokens))
         unshown = UnshownText()
@@ -333,6 +343,8 @@ class LlamaChatApp(App):
             return
         if self.reply_turn is not None:
             self.reply_turn.message_id = message.message_id
+            if message.message_id is not None:  # None: the history could not give it a row
+                self.reply_turn.set_branch(self.history.siblings(message.message_id))
         self.query_one(ChatView).mark_unseen(message.unseen)
         self.show_status(dropped=len(message.unseen), context_used=message.prompt_tokens)
 
@@ -471,17 +483,138 @@ class LlamaChatApp(App):
         elif self.editing is not None:
             self._edit(None)
             self.query_one(PromptInput).clear()
+        elif self.query_one(ChatView).has_focus:
+            self.query_one(PromptInput).focus()  # out of the chat, back to the editor
 
     def action_regenerate(self) -> None:
-        last = self.query_one(ChatView).last(ReplyTurn)
-        turns = self.query_one(ChatView).turns()
-        if self.generating or self.chat is None or last is None or turns[-1] is not last:
+        """Write the selected reply again (else the last), from the path before it; the one it
+        replaces is kept as its sibling."""
+        view = self.query_one(ChatView)
+        turns = view.turns()
+        target = self._selected(ReplyTurn)
+        if target is None and turns and isinstance(turns[-1], ReplyTurn):
+            target = turns[-1]
+        if self.generating or self.chat is None or target is None:
             self.notify("nothing to regenerate", severity="warning")
             return
-        if last.message_id is not None:
-            self.history.branch_from(last.message_id)  # kept, as the new reply's sibling
-        last.remove()
+        if target.message_id is not None:
+            self.history.branch_from(target.message_id)  # kept, as the new reply's sibling
+            view.remove_from(target.message_id)
+        else:
+            target.remove()
+        view.select(None)
         self.generate()
+
+    def action_continue_reply(self) -> None:
+        """Go on with the last reply where it stopped (Esc, the token limit, the context): the
+        continuation is appended to the same message."""
+        view = self.query_one(ChatView)
+        turns = view.turns()
+        target = self._selected(ReplyTurn) or view.last(ReplyTurn)
+        if self._busy() or self.chat is None:
+            return
+        if not isinstance(target, ReplyTurn) or target.message_id is None:
+            self.notify("no reply to continue", severity="warning")
+        elif target is not turns[-1]:
+            self.notify("only the conversation's last reply continues", severity="warning")
+        elif target.status not in ("interrupted", "length"):
+            self.notify("only a stopped or cut reply continues", severity="warning")
+        elif not self.chat.info.continues_replies:
+            self.notify(
+                f"{self.model_name} cannot continue a reply here yet (a model on a remote"
+                " server, or one served here with --max-batch 2 or more, can)",
+                severity="warning",
+            )
+        else:
+            view.select(None)
+            self.generate(continuing=target)
+
+    # The selected message: ↑/↓ in the chat, or a click
+
+    def _selected(self, kind: type[Turn] = Turn) -> Turn | None:
+        """The message selected in the chat, if it is a `kind`."""
+        turn = self.query_one(ChatView).selected
+        return turn if isinstance(turn, kind) and turn.message_id is not None else None
+
+    def _busy(self) -> bool:
+        """True (and said) while a reply is written: the path it continues must not change."""
+        if self.generating:
+            self.notify("a reply is being written: Esc stops it", severity="warning")
+        return self.generating
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        # The cursor belongs to the chat: the editor or the list taking the focus ends it. A
+        # dialog or the palette (another screen) does not: their action acts on it.
+        view = self.query_one(ChatView)
+        if event.widget is not view and event.widget.screen is view.screen:
+            view.select(None)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # F6 is a priority key (before the editor's): in a dialog, the dialog's widgets keep it.
+        if action == "select_message" and self.screen is not self.screen_stack[0]:
+            return False
+        return True
+
+    def action_select_message(self) -> None:
+        self.query_one(ChatView).focus()  # the view selects the last message when it has none
+
+    def action_edit_message(self) -> None:
+        """Put the selected message (a user's; else the last) in the editor: sending it makes
+        a sibling of it, and the reply follows that."""
+        target = self._selected(UserTurn)
+        if target is None and self._selected() is not None:
+            self.notify("only your own messages can be edited", severity="warning")
+            return
+        if target is None:
+            self.action_edit_last()
+        else:
+            self._start_editing(target)
+
+    def action_branch(self, step: int) -> None:
+        """Show the selected message's sibling `step` away (else the last reply's), that
+        branch resumed where it was left: the path the model sees next."""
+        view = self.query_one(ChatView)
+        target = self._selected() or view.last(ReplyTurn)
+        if self._busy() or target is None or target.message_id is None:
+            return
+        siblings = self.history.siblings(target.message_id)
+        index = siblings.index + step
+        if siblings.count < 2:
+            self.notify("this message has no other branch", severity="warning")
+            return
+        if not 0 <= index < siblings.count:
+            self.notify(f"this is the {'first' if step < 0 else 'last'} branch")
+            return
+        chosen = siblings.ids[index]
+        self.history.activate(chosen)
+        self._show_again(select=chosen if view.selected is not None else None)
+
+    def action_delete_branch(self) -> None:
+        view = self.query_one(ChatView)
+        target = self._selected() or (view.turns() or [None])[-1]
+        if self._busy() or target is None or target.message_id is None:
+            self.notify("no message to delete", severity="warning")
+            return
+        message_id = target.message_id
+        self.push_screen(
+            ConfirmScreen("Delete this message and everything after it, on every branch?"),
+            lambda yes: self._delete_branch(message_id, yes),
+        )
+
+    def _delete_branch(self, message_id: int, confirmed: bool | None) -> None:
+        if not confirmed or self._busy():
+            return
+        self.history.delete_branch(message_id)
+        self._show_again()
+
+    def _show_again(self, select: int | None = None) -> None:
+        """Show the open conversation's active path again, as the history holds it now."""
+        if self.conversation_id is None:
+            return
+        self._edit(None)
+        self.query_one(ChatView).show(self.history.get(self.conversation_id), select=select)
+        self.refresh_conversations()
+        self.update_context_meter()
 
     def on_key(self, event) -> None:
         """PageUp/PageDown in the editor scroll the chat; typing in the chat pane goes to the
@@ -505,11 +638,15 @@ class LlamaChatApp(App):
     @on(PromptInput.EditLast)
     def action_edit_last(self) -> None:
         last = self.query_one(ChatView).last(UserTurn)
-        if last is None or last.message_id is None or self.generating:
+        if isinstance(last, UserTurn):
+            self._start_editing(last)
+
+    def _start_editing(self, turn: UserTurn) -> None:
+        if turn.message_id is None or self.generating:
             return
-        self._edit(last.message_id)
+        self._edit(turn.message_id)
         prompt = self.query_one(PromptInput)
-        prompt.edit_message(last.text)
+        prompt.edit_message(turn.text)
         prompt.focus()
 
     def _edit(self, message_id: int | None) -> None:
@@ -642,18 +779,23 @@ class LlamaChatApp(App):
         self.notify(f"exported to {path}")
 
     def action_copy_reply(self) -> None:
-        last = self.query_one(ChatView).last(ReplyTurn)
-        if last is None or not last.text:
+        """Copy the selected message (else the last reply), through the terminal (OSC 52)."""
+        selected = self._selected()
+        target = selected or self.query_one(ChatView).last(ReplyTurn)
+        text = getattr(target, "text", "")
+        if not text:
             self.notify("no reply to copy", severity="warning")
             return
-        self.copy_to_clipboard(last.text)
-        self.notify("reply copied")
+        self.copy_to_clipboard(text)
+        self.notify("message copied" if selected is not None else "reply copied")
 
     def action_copy_code(self) -> None:
-        last = self.query_one(ChatView).last(ReplyTurn)
-        blocks = _CODE_BLOCK.findall(last.text) if last is not None else []
+        selected = self._selected(ReplyTurn)
+        target = selected or self.query_one(ChatView).last(ReplyTurn)
+        blocks = _CODE_BLOCK.findall(target.text) if isinstance(target, ReplyTurn) else []
         if not blocks:
-            self.notify("the last reply has no code block", severity="warning")
+            which = "the selected reply" if selected is not None else "the last reply"
+            self.notify(f"{which} has no code block", severity="warning")
             return
         self.copy_to_clipboard(blocks[-1])
         self.notify("code block copied")

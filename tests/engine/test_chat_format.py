@@ -91,3 +91,60 @@ def test_stop_strings_that_are_special_tokens_end_replies_as_ids(tiny_model_fact
     folder, _ = tiny_model_factory()
     model = ChatModel.load(folder, device="cpu", chat_format="chatml")
     assert model.tokenizer.token_id("<|im_end|>") in model.eos_token_ids
+
+
+LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+STOPPED = [*CONVERSATION[:3], {"role": "user", "content": "Tell me more"}]
+# A reply cut short (Esc, the token limit): what a Continue goes on from.
+HALF_REPLY = {"role": "assistant", "content": "The fox jumps over"}
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama3")
+    make_tokenizer(folder, chat_template=None, extra_special_tokens=LLAMA3_TOKENS)
+    return load_tokenizer(folder)
+
+
+@pytest.mark.parametrize(
+    ("name", "closing"), [("chatml", "<|im_end|>\n"), ("llama-3", "<|eot_id|>")]
+)
+def test_a_continued_reply_is_the_whole_conversation_less_the_end_of_its_turn(
+    name, closing, bare_tokenizer, llama3_tokenizer
+):
+    tokenizer = llama3_tokenizer if name == "llama-3" else bare_tokenizer
+    chat_format = BUILTIN_FORMATS[name]
+    messages = [*STOPPED, HALF_REPLY]
+    whole = tokenizer.render(chat_format.template, messages, add_generation_prompt=False)
+    continued = render(tokenizer, chat_format, messages, continue_reply=True)
+    assert continued.endswith("The fox jumps over") and continued + closing == whole
+    whole_ids, continued_ids = tokenizer.encode(whole), tokenizer.encode(continued)
+    assert whole_ids[: len(continued_ids)] == continued_ids
+    # What is left is the end of the turn alone, its special token first.
+    left = whole_ids[len(continued_ids) :]
+    assert left == tokenizer.encode(closing)
+    assert left[0] == tokenizer.token_id(closing.strip())
+
+
+def test_a_continued_reply_matches_transformers_continue_final_message(tiny_model):
+    from transformers import AutoTokenizer
+
+    messages = [*STOPPED, {"role": "assistant", "content": "The fox jumps over "}]
+    expected = AutoTokenizer.from_pretrained(tiny_model.folder).apply_chat_template(
+        messages, tokenize=False, continue_final_message=True
+    )
+    assert render(tiny_model.tokenizer, tiny_model.chat_format, messages, True) == expected
+    assert tiny_model.prompt_ids(messages, continue_reply=True) == tiny_model.encode(expected)
+
+
+def test_continuing_an_empty_reply_is_a_new_reply(bare_tokenizer):
+    chatml = BUILTIN_FORMATS["chatml"]
+    empty = [*STOPPED, {"role": "assistant", "content": ""}]
+    assert render(bare_tokenizer, chatml, empty, continue_reply=True) == render(
+        bare_tokenizer, chatml, STOPPED
+    )
+
+
+def test_only_an_assistants_last_message_continues(bare_tokenizer):
+    with pytest.raises(EngineError, match="assistant"):
+        render(bare_tokenizer, BUILTIN_FORMATS["chatml"], STOPPED, continue_reply=True)

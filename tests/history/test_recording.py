@@ -80,3 +80,47 @@ def test_a_reply_whose_reader_went_away_is_interrupted(store, tiny_model):
     pieces.close()  # as when the output pipe closes
     message = store.get(conversation).messages[-1]
     assert (message.status, message.finish_reason, message.content) == ("interrupted", None, text)
+
+
+def test_a_continued_reply_goes_on_in_the_same_message(store):
+    conversation = store.create(model="tiny")
+    store.add_message(conversation, "user", "Hello")
+    stopped = store.start_reply(conversation, "tiny")
+    store.finish_reply(stopped, "Half an answ", "interrupted")
+    store.add_message(conversation, "user", "Later question")  # the path went on past it
+    store.branch_from(stopped)
+    store.activate(stopped)  # a flip back: the path ends at the stopped reply again
+    recorder = ReplyRecorder(store, conversation, "tiny", continuing=stopped)
+    assert (recorder.message_id, recorder.text) == (stopped, "Half an answ")
+    reopened = store.get(conversation).messages[-1]
+    assert (reopened.id, reopened.status, reopened.finish_reason) == (stopped, "streaming", None)
+    recorder.append("er.")
+    recorder.finish("complete")
+    conversation_now = store.get(conversation)
+    assert conversation_now.active_leaf == stopped
+    (reply,) = [m for m in conversation_now.tree if m.role == "assistant"]
+    assert (reply.id, reply.content, reply.status) == (stopped, "Half an answer.", "complete")
+    assert store.recover() == 0
+
+
+def test_a_reopened_reply_whose_writer_died_is_interrupted_again(store, monkeypatch):
+    conversation = store.create(model="tiny")
+    store.add_message(conversation, "user", "Hello")
+    cut = store.start_reply(conversation, "tiny")
+    store.finish_reply(cut, "Cut by the lim", "length")
+    monkeypatch.setattr("llamachat.history.store.own_start", lambda: -1.0)  # another start
+    store.reopen_reply(cut)
+    assert store.recover() == 1
+    assert store.get(conversation).messages[-1].status == "interrupted"
+
+
+def test_only_a_finished_reply_reopens(store):
+    from llamachat.history.db import HistoryError
+
+    conversation = store.create(model="tiny")
+    question = store.add_message(conversation, "user", "Hello")
+    with pytest.raises(KeyError):
+        store.reopen_reply(question)
+    writing = store.start_reply(conversation, "tiny")
+    with pytest.raises(HistoryError):
+        store.reopen_reply(writing)

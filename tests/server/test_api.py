@@ -354,3 +354,45 @@ def test_metrics_show_the_kv_cache_held_and_the_batch(server, client):
     assert server.metric('llamachat_kv_cache_capacity_tokens{model="tiny"}') == 8 * 256
     assert server.metric('llamachat_batch_running{model="tiny"}') == 0
     assert server.metric('llamachat_batch_size{model="tiny"}') == 0
+
+
+HALF_REPLY = "The fox jumps over"
+LEFT_OPEN = f"<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n{HALF_REPLY}"
+
+
+def test_continue_final_message_goes_on_from_the_reply_left_open(client):
+    """As vLLM's extension: the reply is what follows the assistant's text, the prompt the
+    conversation with that turn not closed (the tiny model's ChatML), token for token."""
+    messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": HALF_REPLY},
+    ]
+    extension = {"continue_final_message": True, "add_generation_prompt": False}
+    continued = client.chat.completions.create(
+        model="tiny", messages=messages, extra_body=extension, **GREEDY
+    )
+    raw = client.completions.create(model="tiny", prompt=LEFT_OPEN, **GREEDY)
+    assert continued.choices[0].message.content == raw.choices[0].text
+    assert continued.usage.prompt_tokens == raw.usage.prompt_tokens
+    new_turn = client.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    assert new_turn.usage.prompt_tokens > continued.usage.prompt_tokens  # a turn opened after
+
+
+@pytest.mark.parametrize(
+    ("fields", "last", "param"),
+    [
+        ({"continue_final_message": True}, "assistant", "add_generation_prompt"),  # as vLLM
+        ({"continue_final_message": True, "add_generation_prompt": False}, "user", "messages"),
+        ({"add_generation_prompt": False}, "assistant", "add_generation_prompt"),
+    ],
+)
+def test_continue_final_message_needs_a_reply_to_continue_and_no_new_turn(
+    client, fields, last, param
+):
+    messages = [{"role": "user", "content": "Hello"}, {"role": last, "content": "Hi"}]
+    status, error = error_of(
+        lambda: client.chat.completions.create(
+            model="tiny", messages=messages, extra_body=fields, **GREEDY
+        )
+    )
+    assert status == 400 and error["param"] == param

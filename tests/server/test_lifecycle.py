@@ -196,3 +196,21 @@ def test_sigterm_as_soon_as_the_server_says_it_serves_stops_it(tiny_home):
         assert served.process.wait(timeout=60) == 0
     finally:
         served.stop(signal.SIGKILL)
+
+
+def test_a_single_slot_server_refuses_to_continue_a_reply_it_would_start_anew(one_slot):
+    # The single-session chat does not read continue_reply yet: a 400, not a new reply.
+    messages = [*HI, {"role": "assistant", "content": "Hello th"}]
+    response = httpx.post(
+        f"{one_slot.url}/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": messages,
+            "max_tokens": 2,
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        },
+        timeout=REQUEST_S,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "continue_final_message"

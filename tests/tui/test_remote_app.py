@@ -134,3 +134,40 @@ async def test_turns_a_remote_model_no_longer_sees_are_marked(remote_home, model
         reply = stored(app).messages[-1]
         assert reply.status == "length"  # answered: what was sent fitted the server's window
         assert reply.prompt_tokens + reply.generated_tokens <= 128
+
+
+async def test_continue_goes_on_with_a_cut_reply_in_the_same_message(remote_home, server):
+    app = app_for(remote_home, model="box/tiny")
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello")
+        cut = stored(app).messages[-1]
+        assert (cut.status, cut.finish_reason) == ("length", "length")  # max_tokens 12
+        await pilot.press("ctrl+g")
+        await settle(pilot, app)
+        conversation = stored(app)
+        reply = conversation.messages[-1]
+        assert reply.id == cut.id and len(conversation.tree) == 2  # the same message, grown
+        # What the server writes after the reply left open (the tiny model's ChatML), greedy.
+        left_open = f"<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n{cut.content}"
+        more = server.client().completions.create(
+            model="tiny", prompt=left_open, temperature=0, max_tokens=12
+        )
+        assert more.choices[0].text and reply.content == cut.content + more.choices[0].text
+        assert reply.status == "length" and reply.generated_tokens == 12
+        shown = app.query_one(ChatView).turns()
+        assert len(shown) == 2 and shown[-1].text == reply.content
+
+
+async def test_continue_refuses_a_reply_that_ended_by_itself(remote_home):
+    history = HistoryStore(remote_home.history_db)
+    conversation = history.create(model="box/tiny")
+    history.add_message(conversation, "user", "Hello")
+    history.add_message(conversation, "assistant", "Hello!")  # complete
+    app = app_for(remote_home, model="box/tiny", continue_latest=True)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await pilot.press("ctrl+g")
+        await settle(pilot, app)
+        assert any("stopped or cut" in str(n.message) for n in app._notifications)
+        assert stored(app).messages[-1].content == "Hello!"

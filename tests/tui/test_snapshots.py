@@ -111,3 +111,39 @@ def test_high_contrast_theme(snap_compare, conversation_home):
     """With a context filling up, so that the meter shows its warning colour."""
     app = pinned_app(conversation_home, theme="high-contrast", ctx=512)
     assert snap_compare(app, terminal_size=SIZES["120x40"], run_before=_ready)
+
+
+@pytest.fixture
+def branched_home(home, monkeypatch):
+    """A conversation whose first reply was regenerated twice (‹3/3›) and whose second question
+    was edited once (‹2/2›)."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    history = HistoryStore(home.history_db)
+    conversation = history.create(model="tiny", title="Branches")
+    history.add_message(conversation, "user", "Name a colour.")
+    for colour in ("Red.", "Green.", "Blue."):
+        reply = history.add_message(conversation, "assistant", colour)
+        if colour != "Blue.":
+            history.branch_from(reply)
+    question = history.add_message(conversation, "user", "Another one?")
+    history.add_message(conversation, "assistant", "Yellow.")
+    history.branch_from(question)
+    history.add_message(conversation, "user", "And one more?")
+    history.add_message(conversation, "assistant", "Purple.")
+    stamp = "2024-03-07T08:30:00.000000+00:00"
+    with sqlite3.connect(home.history_db) as db:
+        db.execute("UPDATE conversations SET created_at = ?, updated_at = ?", (stamp, stamp))
+    yield home
+    monkeypatch.delenv("TZ")
+    time.tzset()
+
+
+def test_branch_markers_and_a_selected_message(snap_compare, branched_home):
+    async def select_the_first_reply(pilot):
+        await _ready(pilot)
+        await pilot.press("f6", "up", "up", "up")
+        await pilot.pause()
+
+    app = pinned_app(branched_home)
+    assert snap_compare(app, terminal_size=SIZES["80x24"], run_before=select_the_first_reply)

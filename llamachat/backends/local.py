@@ -6,6 +6,7 @@ that fails before that (a bad flag, no model) answers at once.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -244,6 +245,8 @@ class LocalChat(EngineChat):
     """One engine session: a KV cache reused across the turns of the conversation; callers on
     several threads are served one at a time."""
 
+    continues_replies = True  # reads ReplyRequest.continue_reply
+
     def __init__(
         self,
         name: str,
@@ -355,7 +358,9 @@ class LocalChat(EngineChat):
         cancel: threading.Event | None = None,
         request: ReplyRequest | None = None,
     ) -> LocalReply:
-        return self._start(self.session.reply, messages, cancel, request)
+        continuing = request is not None and request.continue_reply
+        reply = functools.partial(self.session.reply, continue_reply=continuing)
+        return self._start(reply, messages, cancel, request)
 
     def complete(
         self,

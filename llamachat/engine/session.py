@@ -84,16 +84,21 @@ class ChatSession:
         stop: Sequence[str] = (),
         cancel: threading.Event | None = None,
         top_logprobs: int | None = None,
+        continue_reply: bool = False,
     ) -> Reply:
         """Prepare the assistant's next reply to `messages`; iterate the Reply to stream it.
+        With `continue_reply` the last message, an assistant's, is left open and the reply
+        goes on from its text.
 
         Raises ContextOverflowError when the system prompt and the last message alone do not
         fit the context; older turns are dropped silently otherwise (see Reply.dropped).
         """
         stops = tuple(stop) + self.model.chat_format.stop
-        return self._prepared(
-            lambda: self.fit(messages, max_new_tokens), sampling, stops, cancel, top_logprobs
-        )
+
+        def fitted() -> Prompt:
+            return self.fit(messages, max_new_tokens, continue_reply)
+
+        return self._prepared(fitted, sampling, stops, cancel, top_logprobs)
 
     def complete(
         self,
@@ -128,10 +133,15 @@ class ChatSession:
             self, prompt, sampling, stop, cancel or threading.Event(), started, top_logprobs
         )
 
-    def fit(self, messages: Sequence[ChatMessage], max_new_tokens: int | None = None) -> Prompt:
+    def fit(
+        self,
+        messages: Sequence[ChatMessage],
+        max_new_tokens: int | None = None,
+        continue_reply: bool = False,
+    ) -> Prompt:
         """Template the conversation, dropping the oldest exchanges (never the system prompt)
         until it and the room for the reply fit the context."""
-        return PromptFitter(self.model, self.ctx).fit(messages, max_new_tokens)
+        return PromptFitter(self.model, self.ctx).fit(messages, max_new_tokens, continue_reply)
 
     @torch.inference_mode()
     def generate(

@@ -198,19 +198,26 @@ def test_sigterm_as_soon_as_the_server_says_it_serves_stops_it(tiny_home):
         served.stop(signal.SIGKILL)
 
 
-def test_a_single_slot_server_refuses_to_continue_a_reply_it_would_start_anew(one_slot):
-    # The single-session chat does not read continue_reply yet: a 400, not a new reply.
+def test_a_single_slot_server_continues_a_reply_left_open(one_slot):
+    """The single-session chat reads continue_final_message too: what follows the assistant's
+    text, as the raw completion of the conversation with that turn not closed (ChatML)."""
     messages = [*HI, {"role": "assistant", "content": "Hello th"}]
-    response = httpx.post(
+    greedy = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    continued = httpx.post(
         f"{one_slot.url}/v1/chat/completions",
         json={
-            "model": "tiny",
+            **greedy,
             "messages": messages,
-            "max_tokens": 2,
             "continue_final_message": True,
             "add_generation_prompt": False,
         },
         timeout=REQUEST_S,
     )
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "continue_final_message"
+    assert continued.status_code == 200, continued.text
+    left_open = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello th"
+    raw = httpx.post(
+        f"{one_slot.url}/v1/completions", json={**greedy, "prompt": left_open}, timeout=REQUEST_S
+    )
+    assert raw.status_code == 200, raw.text
+    text = continued.json()["choices"][0]["message"]["content"]
+    assert text and text == raw.json()["choices"][0]["text"]

@@ -123,7 +123,7 @@ class ReplyRequest:
     logprobs: int | None = None
     # The last message is an assistant's reply to go on with: the prompt ends with its text,
     # left open, and the reply is what follows it (vLLM's continue_final_message). Read by
-    # the batched chat and the remote one; the single-session local chat does not read it yet.
+    # every chat of the engine and the remote one (ChatInfo.continues_replies says which can).
     continue_reply: bool = False
 
 

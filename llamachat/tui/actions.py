@@ -105,6 +105,13 @@ ACTIONS: tuple[Action, ...] = (
         "Edit the system prompt or apply a preset",
         key="ctrl+s",
     ),
+    Action(
+        "conversation_settings",
+        "Conversation settings",
+        "This conversation's own temperature, top-p/k, min-p, repeat penalty, max tokens",
+        key="ctrl+o",
+        show=False,
+    ),
     Action("search", "Search", "Search all conversations", key="ctrl+f"),
     Action(
         "pick_model", "Switch model", "Choose another model, installed or on a remote", key="ctrl+l"

@@ -23,7 +23,8 @@ from textual.widgets import Footer, Markdown, OptionList
 from .. import remotes
 from ..backends.base import Chat, PromptTooLongError, ReplyRequest
 from ..backends.routing import Router
-from ..chat_options import ChatOptions, chosen_model
+from ..chat_options import ChatOptions, OptionsError, chosen_model
+from ..history.conversation_settings import ConversationSettings
 from ..history.db import HistoryError
 from ..history.export import to_json, to_markdown
 from ..history.recording import STATUS_BY_FINISH, recorded
@@ -46,6 +47,7 @@ from .messages import (
     ReplyStarted,
     UnshownText,
 )
+from .screens.conversation_settings import ConversationSettingsScreen
 from .screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
 from .screens.help import HelpScreen
 from .screens.search import Found, SearchScreen
@@ -84,6 +86,7 @@ class LlamaChatApp(App):
         self.model_name: str | None = None
         self.conversation_id: int | None = None
         self.new_system = options.new_system  # the system prompt a new conversation starts with
+        self.new_settings = ConversationSettings()  # and its own settings (Ctrl+O before it)
         self.editing: int | None = None  # the user message being edited and resent
         self.cancel = threading.Event()
         self.generating = False
@@ -234,6 +237,7 @@ class LlamaChatApp(App):
         self.conversation_id = None
         self._edit(None)
         self.new_system = self.options.new_system
+        self.new_settings = ConversationSettings()
         self.query_one(ChatView).show(None)
         self.query_one(ConversationList).highlighted = None
         self.update_context_meter()
@@ -273,6 +277,8 @@ class LlamaChatApp(App):
             self.conversation_id = self.history.create(
                 model=self.model_name, system_prompt=self.new_system
             )
+            if self.new_settings.chosen():
+                self.history.set_settings(self.conversation_id, self.new_settings)
             if self.new_system:
                 view.show(self.history.get(self.conversation_id))
         return self.history.add_message(self.conversation_id, "user", text)
@@ -304,7 +310,23 @@ class LlamaChatApp(App):
             reused_tokens=None,
         )
         continued = continuing.message_id if continuing is not None else None
-        self.run_reply(self.conversation_id, messages, ids, question_id, self.cancel, continued)
+        request = self._request(conversation.settings, continuing is not None)
+        self.run_reply(
+            self.conversation_id, messages, ids, question_id, self.cancel, request, continued
+        )
+
+    def _request(self, own: ConversationSettings, continuing: bool) -> ReplyRequest:
+        """A reply's settings: the conversation's own over the config's, under the flags."""
+        if not own.chosen():
+            return ReplyRequest(continue_reply=continuing)
+        try:
+            chosen = self.options.for_conversation(own)
+        except OptionsError as error:  # a value the history holds that is out of range
+            self.notify(f"{error}; the defaults are used", severity="warning")
+            return ReplyRequest(continue_reply=continuing)
+        return ReplyRequest(
+            sampling=chosen.sampling, max_tokens=chosen.max_tokens, continue_reply=continuing
+        )
 
     @work(thread=True, group="reply")
     def run_reply(
@@ -314,10 +336,10 @@ class LlamaChatApp(App):
         ids: list[int | None],
         question_id: int | None,
         cancel: threading.Event,
+        request: ReplyRequest,
         continuing: int | None = None,
     ) -> None:
         assert self.chat is not None
-        request = ReplyRequest(continue_reply=continuing is not None)
         try:
             reply = self.chat.reply(messages, cancel=cancel, request=request)
         except PromptTooLongError as error:
@@ -674,6 +696,21 @@ class LlamaChatApp(App):
             return
         message_id = self.history.set_system_prompt(self.conversation_id, choice.prompt)
         self.query_one(ChatView).add(SystemNote(choice.prompt, message_id))
+
+    def action_conversation_settings(self) -> None:
+        current = self.new_settings
+        if self.conversation_id is not None:
+            current = self.history.get(self.conversation_id).settings
+        self.push_screen(ConversationSettingsScreen(current), self._apply_settings)
+
+    def _apply_settings(self, settings: ConversationSettings | None) -> None:
+        if settings is None:
+            return
+        if self.conversation_id is None:
+            self.new_settings = settings  # given to the conversation the next message starts
+        else:
+            self.history.set_settings(self.conversation_id, settings)
+        self.notify(f"this conversation: {settings.described() or 'the defaults'}")
 
     def action_pick_model(self) -> None:
         self.list_models()  # a remote may take seconds to answer: not on the event loop

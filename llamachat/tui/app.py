@@ -699,9 +699,12 @@ class LlamaChatApp(App):
 
     def action_conversation_settings(self) -> None:
         current = self.new_settings
+        context = "its context: llamachat history set ID --ctx N"
         if self.conversation_id is not None:
             current = self.history.get(self.conversation_id).settings
-        self.push_screen(ConversationSettingsScreen(current), self._apply_settings)
+            context = f"its context: llamachat history set {self.conversation_id} --ctx N"
+        elsewhere = f"Its model: Ctrl+L ({self.model_name}) · its system prompt: Ctrl+S · {context}"
+        self.push_screen(ConversationSettingsScreen(current, elsewhere), self._apply_settings)
 
     def _apply_settings(self, settings: ConversationSettings | None) -> None:
         if settings is None:

@@ -37,6 +37,12 @@ async def test_settings_set_before_the_first_message_go_with_the_conversation(ho
         conversation = stored(app)
         assert conversation.settings == ConversationSettings(top_k=5, max_tokens=3)
         assert conversation.messages[-1].generated_tokens == 3
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        hint = str(app.screen.query_one("#elsewhere", Label).render())
+        assert "Ctrl+L (tiny)" in hint and f"history set {conversation.id} --ctx" in hint
+        await pilot.press("escape")
+        await pilot.pause()
         await fill(pilot, app, max_tokens="")  # blank: the default again
         await send(pilot, app, "More")
         assert stored(app).settings.chosen() == {"top_k": 5}

@@ -28,9 +28,10 @@ FIELDS = (
 class ConversationSettingsScreen(ModalScreen[ConversationSettings | None]):
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, current: ConversationSettings):
+    def __init__(self, current: ConversationSettings, elsewhere: str = ""):
         super().__init__(classes="dialog")
         self.current = current
+        self.elsewhere = elsewhere  # a line on what is set elsewhere (model, system prompt)
 
     def compose(self) -> ComposeResult:
         chosen = self.current.chosen()
@@ -42,6 +43,8 @@ class ConversationSettingsScreen(ModalScreen[ConversationSettings | None]):
                     yield Label(label)
                     value = chosen.get(name)
                     yield Input("" if value is None else f"{value:g}", id=name)
+            if self.elsewhere:
+                yield Label(self.elsewhere, id="elsewhere")
             yield Label("", id="problem")
             with Horizontal(classes="buttons"):
                 yield Button("Apply", variant="primary", id="apply")

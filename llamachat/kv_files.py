@@ -17,10 +17,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .history.db import NEARLY_FULL_BYTES
 from .private import private_dir
 
 DEFAULT_BUDGET = 2 * 10**9  # bytes: what `kv_disk_budget` is when the config does not set it
@@ -154,3 +156,12 @@ class ContextFiles:
 def identity_hash(identity: dict[str, str]) -> str:
     text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def nearly_full(folder: Path) -> bool:
+    """Whether the disk that holds `folder` has (all but) no room left, as the history judges
+    a full disk."""
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False

@@ -13,11 +13,11 @@ from ..backends.routing import Router
 from ..chat_options import ChatOptions, chosen_model, resolve
 from ..history.store import HistoryStore
 from ..home import Home
-from ..kv_files import ContextFiles
+from ..kv_files import ContextFiles, nearly_full
 from ..models.store import ModelStore
 from ..remotes import split_model
 from ..settings import Settings, load
-from .console import CliError, stderr
+from .console import CliError, stderr, warn
 from .options import GenerationOptions
 
 
@@ -64,13 +64,17 @@ def models_for(home: Home, options: ChatOptions, settings: Settings) -> Router:
 
 def keep_context(chat: Chat, conversation: int | None) -> None:
     """The conversation is left (the process ends, or /new): its KV cache is saved when that
-    pays (Chat.save_context). A disk that refuses it costs only the saving, with a warning."""
+    pays (Chat.save_context). A disk that refuses it costs only the saving, with a warning;
+    none for a full disk, which the history's own warning has said (it writes first), since a
+    cache not saved loses nothing but the time to prefill it again."""
     if conversation is None:
         return
     try:
         chat.save_context(str(conversation))
     except OSError as error:
-        stderr.print(f"llamachat: the KV cache was not saved: {error}", markup=False)
+        folder = Home.current().kv
+        if not nearly_full(folder if folder.exists() else folder.parent):
+            warn(f"the KV cache was not saved: {error}")
 
 
 def open_chat(router: Router, options: ChatOptions, name: str) -> Chat:

@@ -36,7 +36,8 @@ class SavedCacheTooLongError(SavedCacheError):
 
 def save(session: ChatSession, path: Path, identity: dict[str, str]) -> int:
     """Write the keys and values of the tokens `session` holds to `path` (atomically, 0600);
-    the number of tokens written. Nothing is written for an empty session."""
+    the number of tokens written. Nothing is written for an empty session. Raises OSError when
+    the file cannot be written (a full disk), leaving nothing behind."""
     count = len(session.cached_ids)
     if count == 0:
         return 0
@@ -50,7 +51,10 @@ def save(session: ChatSession, path: Path, identity: dict[str, str]) -> int:
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({"tokens": tokens, "k": k, "v": v}, str(temporary), metadata=metadata)
+        try:
+            save_file({"tokens": tokens, "k": k, "v": v}, str(temporary), metadata=metadata)
+        except SafetensorError as error:  # the disk refused the write (full, say): an OSError
+            raise OSError(f"cannot write {path.name}: {error}") from None
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)
     except BaseException:

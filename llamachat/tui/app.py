@@ -484,12 +484,12 @@ class LlamaChatApp(App):
         try:
             if leaving is not None:
                 chat.save_context(str(leaving))
-            if opening is not None:
-                chat.restore_context(str(opening))
         except OSError as error:  # a full disk: the conversation is only prefilled next time
             self.call_from_thread(
                 self.notify, f"the KV cache was not saved: {error}", severity="warning"
             )
+        if opening is not None:
+            chat.restore_context(str(opening))
 
     def _keep_context(self) -> None:
         """Quitting: save the open conversation's cache, here, as the app closes."""

@@ -153,16 +153,7 @@ class BatchedGpuStep:
         float32 logits (B, V) for the tokens and (C, V) for each chunk's last position. The
         tokens may be on the device already (the last step's choice, not yet read back)."""
         assert self.fused, "prompt chunks ride along on the fused step only"
-        prompt_tokens = [t for chunk in chunks for t in chunk.tokens]
-        rows_tokens: list[int] | torch.Tensor
-        if isinstance(tokens, torch.Tensor):
-            rows_tokens = torch.cat((tokens, to_device(prompt_tokens, self._device, torch.long)))
-        else:
-            rows_tokens = tokens + prompt_tokens
-        rows_slots = slots + [chunk.slot for chunk in chunks for _ in chunk.tokens]
-        rows_positions = positions + [
-            p for chunk in chunks for p in range(chunk.start, chunk.start + len(chunk.tokens))
-        ]
+        rows_tokens, rows_slots, rows_positions = self._rows(tokens, slots, positions, chunks)
         inputs = self._inputs(rows_tokens, rows_slots, rows_positions, len(rows_tokens))
         decoding = len(slots)
         ends, offset = [], decoding
@@ -185,6 +176,21 @@ class BatchedGpuStep:
         them), so that the step's shapes depend on its row count alone and it replays the
         graph of its bucket: a launch of a fraction of a millisecond instead of a thousand
         operations from Python. The chunk logits are copied out of the graph's buffer."""
+        rows_tokens, rows_slots, rows_positions = self._rows(tokens, slots, positions, chunks)
+        logits = self(rows_tokens, rows_slots, rows_positions)
+        decoding = len(slots)
+        ends = list(itertools.accumulate((len(c.tokens) for c in chunks), initial=decoding - 1))
+        last = logits.index_select(0, to_device(ends[1:], self._device, torch.long))
+        return logits[:decoding], last
+
+    def _rows(
+        self,
+        tokens: list[int] | torch.Tensor,
+        slots: list[int],
+        positions: list[int],
+        chunks: list[PromptChunk],
+    ) -> tuple[list[int] | torch.Tensor, list[int], list[int]]:
+        """A mixed step's rows: the decoding ones', then each chunk's tokens, slot, positions."""
         prompt_tokens = [t for chunk in chunks for t in chunk.tokens]
         rows_tokens: list[int] | torch.Tensor
         if isinstance(tokens, torch.Tensor):
@@ -195,11 +201,7 @@ class BatchedGpuStep:
         rows_positions = positions + [
             p for chunk in chunks for p in range(chunk.start, chunk.start + len(chunk.tokens))
         ]
-        logits = self(rows_tokens, rows_slots, rows_positions)
-        decoding = len(slots)
-        ends = list(itertools.accumulate((len(c.tokens) for c in chunks), initial=decoding - 1))
-        last = logits.index_select(0, to_device(ends[1:], self._device, torch.long))
-        return logits[:decoding], last
+        return rows_tokens, rows_slots, rows_positions
 
     def _inputs(
         self, tokens: list[int] | torch.Tensor, slots: list[int], positions: list[int], rows: int

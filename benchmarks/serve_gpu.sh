@@ -6,13 +6,13 @@
 # bench streamed and then non-streamed. Output to OUT: summary.md, bench.jsonl, server.log.
 #
 #   benchmarks/serve_gpu.sh OUT TOKENIZER [--shape 8b] [--clients "1 8 32 64"] [--requests 3]
-#       [--deadline SECONDS] [--modes "stream no-stream"]
+#       [--deadline SECONDS] [--modes "stream no-stream"] [--serve-flags "--step-tokens 512"]
 set -uo pipefail
 
 [ $# -ge 2 ] || { echo "usage: $0 OUT TOKENIZER [--shape S] [--clients LIST]" \
   "[--requests N] [--deadline S]" >&2; exit 2; }
 out=$(realpath -m "$1") tokenizer=$(realpath "$2"); shift 2
-shape=8b clients="1 8 32 64" requests=3 deadline=300 modes="stream no-stream"
+shape=8b clients="1 8 32 64" requests=3 deadline=300 modes="stream no-stream" serve_flags=""
 while [ $# -gt 0 ]; do
   case $1 in
     --shape) shape=$2; shift ;;
@@ -20,6 +20,7 @@ while [ $# -gt 0 ]; do
     --requests) requests=$2; shift ;;
     --deadline) deadline=$2; shift ;;
     --modes) modes=$2; shift ;;
+    --serve-flags) serve_flags=$2; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -32,11 +33,12 @@ start=$(date +%s)
 elapsed() { echo $(($(date +%s) - start)); }
 say() { echo "serve_gpu: [$(elapsed) s] $*" | tee -a "$out/summary.md" >&2; }
 : >"$out/summary.md"
-say "llamachat serve --shape $shape, clients $clients, $requests requests each"
+say "llamachat serve --shape $shape $serve_flags, clients $clients, $requests requests each"
 
 home=$(mktemp -d)
+# shellcheck disable=SC2086  # the extra flags are words
 LLAMACHAT_HOME=$home "$python" -m llamachat serve --shape "$shape" --tokenizer "$tokenizer" \
-  --port "$port" --max-batch 64 --max-queue 256 --ctx 1024 >"$out/server.log" 2>&1 &
+  --port "$port" --max-batch 64 --max-queue 256 --ctx 1024 $serve_flags >"$out/server.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
 for _ in $(seq 240); do  # the model is made and its graphs captured before the port opens

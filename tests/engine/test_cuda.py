@@ -504,3 +504,43 @@ def test_prompt_chunks_attention_sees_each_slots_keys_up_to_each_position():
         offset += length
     names = [n.lower() for n in kernels_run(lambda: chunks_attention(q, k_pool, v_pool, layout))]
     assert any("flash" in n for n in names) and not any("cudnn" in n for n in names), names
+
+
+def test_packed_attention_reads_a_packs_keys_once_for_each_rows_own_position():
+    """The graphed step's attention with prompt rows packed several to a program: decoding
+    rows alone, a prompt's rows at consecutive positions in packs (the last one short), and
+    padding packs, against a float64 reference; every row sees its slot's keys up to its own
+    position, also when the keys are cut into shares."""
+    from llamachat.engine.kernels.cuda.fused import packed_attention, rows_per_pack
+
+    heads, kv_heads, head_dim, capacity = 32, 8, 128, 1024
+    groups = heads // kv_heads
+    per_pack = rows_per_pack(groups)
+    assert per_pack == 4
+    k_pool = torch.randn(5, kv_heads, capacity, head_dim, device="cuda", dtype=torch.bfloat16)
+    v_pool = torch.randn_like(k_pool)
+    # Two decoding rows (slots 1 and 3), then 11 prompt rows of slot 0 from position 61 and 2
+    # of slot 4 from position 0.
+    slots = [1, 3] + [0] * 11 + [4] * 2
+    positions = [700, 5] + list(range(61, 72)) + [0, 1]
+    packs = [(0, 1), (1, 1), (2, 4), (6, 4), (10, 3), (13, 2)]
+    rows = len(slots)
+    pack_rows = [first for first, _ in packs] + [0] * (rows - len(packs))
+    pack_sizes = [size for _, size in packs] + [0] * (rows - len(packs))
+    q = torch.randn(rows, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    def on_device(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device="cuda")
+
+    for shares in (1, 3):
+        out = packed_attention(
+            q, k_pool, v_pool, on_device(positions), on_device(slots), on_device(pack_rows),
+            on_device(pack_sizes), shares,
+        )  # fmt: skip
+        for row, (slot, position) in enumerate(zip(slots, positions, strict=True)):
+            k = k_pool[slot, :, : position + 1].double().repeat_interleave(groups, 0)
+            v = v_pool[slot, :, : position + 1].double().repeat_interleave(groups, 0)
+            scores = torch.einsum("hd,hsd->hs", q[row].double(), k) * head_dim**-0.5
+            expected = torch.einsum("hs,hsd->hd", torch.softmax(scores, -1), v).flatten()
+            got = out[row].double()
+            assert (got - expected).norm() / expected.norm() < 1e-2, (shares, row)

@@ -100,6 +100,11 @@ class BatchedGpuStep:
         self.scratch = scratch
         self.fused = fused_kernels_fit(transformer)
         self.graphs = graphs and self.fused
+        self.rows_per_pack = 1
+        if self.fused:
+            from ..kernels.cuda.fused import rows_per_pack
+
+            self.rows_per_pack = rows_per_pack(transformer.config.n_groups)
         self._layers = list(zip(k_pool.unbind(0), v_pool.unbind(0), strict=True))
         self._device = k_pool.device
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, tuple, torch.Tensor]] = {}
@@ -130,17 +135,8 @@ class BatchedGpuStep:
         size = len(tokens)
         if not self.fused:
             return self._gathered(*self._inputs(tokens, slots, positions, size))
-        bucket = _bucket(size)
-        if not self.graphs:  # the graph's arithmetic, padding included, launched one by one
-            return self._fused(*self._inputs(tokens, slots, positions, bucket))[:size]
-        if bucket not in self._captured:
-            self._captured[bucket] = self._capture(bucket)
-        graph, static, logits = self._captured[bucket]
-        given = self._inputs(tokens, slots, positions, bucket)
-        for target, values in zip(static, given, strict=True):
-            target.copy_(values)
-        graph.replay()
-        return logits[:size]
+        packs = [(row, 1) for row in range(size)]
+        return self._graphed(tokens, slots, positions, packs, list(range(size)))
 
     def mixed(
         self,
@@ -156,11 +152,7 @@ class BatchedGpuStep:
         rows_tokens, rows_slots, rows_positions = self._rows(tokens, slots, positions, chunks)
         inputs = self._inputs(rows_tokens, rows_slots, rows_positions, len(rows_tokens))
         decoding = len(slots)
-        ends, offset = [], decoding
-        for chunk in chunks:
-            offset += len(chunk.tokens)
-            ends.append(offset - 1)
-        logit_rows = to_device(list(range(decoding)) + ends, self._device)
+        logit_rows = to_device(list(range(decoding)) + _chunk_ends(chunks, decoding), self._device)
         logits = self._fused(*inputs, prompts=chunks, logit_rows=logit_rows)
         return logits[:decoding], logits[decoding:]
 
@@ -171,17 +163,95 @@ class BatchedGpuStep:
         positions: list[int],
         chunks: list[PromptChunk],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What `mixed` gives, with every prompt row attending as a decoding row does (to its
-        slot's keys up to its own position, written by this step's rows before any reads
-        them), so that the step's shapes depend on its row count alone and it replays the
-        graph of its bucket: a launch of a fraction of a millisecond instead of a thousand
-        operations from Python. The chunk logits are copied out of the graph's buffer."""
+        """What `mixed` gives, with the prompt rows attending as decoding rows do (to their
+        slot's keys up to their own position, written by this step's rows before any reads
+        them), a few consecutive ones to an attention program, so that the step's shapes depend
+        on its row count alone and it replays the graph of its bucket: a launch of a fraction
+        of a millisecond instead of a thousand operations from Python."""
+        assert self.fused, "prompt chunks ride along on the fused step only"
         rows_tokens, rows_slots, rows_positions = self._rows(tokens, slots, positions, chunks)
-        logits = self(rows_tokens, rows_slots, rows_positions)
         decoding = len(slots)
-        ends = list(itertools.accumulate((len(c.tokens) for c in chunks), initial=decoding - 1))
-        last = logits.index_select(0, to_device(ends[1:], self._device, torch.long))
-        return logits[:decoding], last
+        packs = [(row, 1) for row in range(decoding)]
+        first = decoding
+        for chunk in chunks:
+            length = len(chunk.tokens)
+            packs += [
+                (first + at, min(self.rows_per_pack, length - at))
+                for at in range(0, length, self.rows_per_pack)
+            ]
+            first += length
+        logit_rows = list(range(decoding)) + _chunk_ends(chunks, decoding)
+        logits = self._graphed(rows_tokens, rows_slots, rows_positions, packs, logit_rows)
+        return logits[:decoding], logits[decoding:]
+
+    def _graphed(
+        self,
+        tokens: list[int] | torch.Tensor,
+        slots: list[int],
+        positions: list[int],
+        packs: list[tuple[int, int]],
+        logit_rows: list[int],
+    ) -> torch.Tensor:
+        """Float32 logits (len(logit_rows), V) of a step whose rows attend in `packs` (first
+        row, rows), through the graph of its bucket (or, without graphs, the same arithmetic,
+        padding included, launched one by one)."""
+        bucket = _bucket(len(tokens))
+        index = self._index(slots, positions, packs, logit_rows, bucket)
+        padding = bucket - len(tokens)
+        if isinstance(tokens, torch.Tensor):
+            token_rows = F.pad(tokens, (0, padding))
+        else:
+            token_rows = to_device(tokens + [0] * padding, self._device)
+        if self.graphs:
+            if bucket not in self._captured:
+                self._captured[bucket] = self._capture(bucket)
+            graph, (static_tokens, static_index), logits = self._captured[bucket]
+            static_tokens.copy_(token_rows)
+            static_index.copy_(index)
+            graph.replay()
+        else:
+            logits = self._fused(token_rows, *self._static_inputs(index))
+        wanted = len(logit_rows)
+        if logits.shape[0] == bucket and logit_rows[-1] != wanted - 1:  # not the first rows
+            return logits.index_select(0, index[4, :wanted])
+        return logits[:wanted]
+
+    def _index(
+        self,
+        slots: list[int],
+        positions: list[int],
+        packs: list[tuple[int, int]],
+        logit_rows: list[int],
+        rows: int,
+    ) -> torch.Tensor:
+        """A graphed step's inputs besides its tokens, (5, rows) on the device in one copy:
+        each row's slot and position, the packs' first rows and sizes, and the rows whose
+        logits are wanted. Padding rows write the scratch slot, each a pack of its own."""
+        real = len(slots)
+        padding = list(range(real, rows))
+        pack_rows = [first for first, _ in packs] + padding
+        pack_sizes = [size for _, size in packs] + [1] * len(padding)
+        idle = rows - len(pack_rows)  # rows in packs of several leave pack entries unused
+        return to_device(
+            [
+                slots + [self.scratch] * len(padding),
+                positions + [0] * len(padding),
+                pack_rows + [0] * idle,
+                pack_sizes + [0] * idle,
+                logit_rows + [0] * (rows - len(logit_rows)),
+            ],
+            self._device,
+            torch.long,
+        )
+
+    def _static_inputs(self, index: torch.Tensor) -> tuple:
+        """_fused's arguments after the tokens from a step's index (_index): the logits of
+        at most as many rows as there are slots (each row that needs them samples for a slot
+        of its own), so that a mixed step's LM head reads only those rows."""
+        rows = index.shape[1]
+        wanted = min(rows, self.k_pool.shape[1] - 1)
+        logit_rows = None if wanted == rows else index[4, :wanted]
+        return index[0], index[1], (), logit_rows, (index[2], index[3])
 
     def _rows(
         self,
@@ -220,8 +290,7 @@ class BatchedGpuStep:
     def _capture(self, rows: int):
         static = (
             torch.zeros(rows, dtype=torch.long, device=self._device),
-            torch.full((rows,), self.scratch, dtype=torch.long, device=self._device),
-            torch.zeros(rows, dtype=torch.long, device=self._device),
+            self._index([], [], [], [], rows),  # every row a padding row of its own
         )
         # Warm up on a side stream (cuBLAS picks its kernels, Triton compiles); every row
         # writes the scratch slot only, so no sequence's cache is touched.
@@ -229,11 +298,11 @@ class BatchedGpuStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._fused(*static)
+                self._fused(static[0], *self._static_inputs(static[1]))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._fused(*static)
+            logits = self._fused(static[0], *self._static_inputs(static[1]))
         return graph, static, logits
 
     def _fused(
@@ -243,10 +312,12 @@ class BatchedGpuStep:
         at: torch.Tensor,
         prompts: Sequence[PromptChunk] = (),
         logit_rows: torch.Tensor | None = None,
+        packs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The step through the fused kernels: tokens, slots, positions (R,); rows past the
-        decoding ones belong to the `prompts` chunks, in order."""
-        from ..kernels.cuda.fused import decode_attention
+        """The step through the fused kernels: tokens, slots, positions (R,). Rows past the
+        decoding ones belong to the `prompts` chunks, in order, attended by the flash kernel;
+        or every row attends as a decoding row does, in `packs` (first rows, sizes)."""
+        from ..kernels.cuda.fused import decode_attention, packed_attention
         from .cuda import fused_forward
 
         transformer = self.transformer
@@ -259,15 +330,16 @@ class BatchedGpuStep:
 
         def attend(index: int, q: torch.Tensor, quantize: bool):
             k_pool, v_pool = self._layers[index]
-            if not prompts:
-                return decode_attention(q, k_pool, v_pool, at, splits, False, slots)
+            if packs is not None:
+                return packed_attention(q, k_pool, v_pool, at, slots, *packs, splits), None
             parts = []
             if decoding:
                 part, _ = decode_attention(
                     q[:decoding], k_pool, v_pool, at[:decoding], splits, False, slots[:decoding]
                 )
                 parts.append(part)
-            parts.append(chunks_attention(q[decoding:], k_pool, v_pool, layout))  # type: ignore[arg-type]
+            if layout is not None:
+                parts.append(chunks_attention(q[decoding:], k_pool, v_pool, layout))
             return (torch.cat(parts) if len(parts) > 1 else parts[0]), None
 
         return fused_forward(
@@ -313,6 +385,12 @@ class BatchedGpuStep:
             gate_up = layer.feed_forward.w13(h)
             x = x + layer.feed_forward.w2(F.silu(gate_up[:, :width]) * gate_up[:, width:])
         return transformer.output(transformer.norm(x)).float()
+
+
+def _chunk_ends(chunks: Sequence[PromptChunk], first: int) -> list[int]:
+    """The rows of each chunk's last token, the chunks' rows following one another from row
+    `first`."""
+    return list(itertools.accumulate((len(c.tokens) for c in chunks), initial=first - 1))[1:]
 
 
 def _bucket(size: int) -> int:

@@ -11,7 +11,8 @@ many (one token of each sequence in a batch, whose caches are slots of one pool)
 - `rope_and_cache`: rotates queries and keys, writes keys and values into the cache slot;
 - `decode_attention`: flash-decoding: the keys are cut into chunks, each chunk's softmax
   partials are computed in parallel (only up to the real position: cost follows the context
-  in use, not the graph's span), then combined;
+  in use, not the graph's span), then combined; `packed_attention` the same for a batch
+  whose prompt rows come several to a program, reading their keys once;
 - `silu_mul`: SwiGLU's gate.
 
 `add_rms_norm`, `silu_mul` and `decode_attention` can also write their output rounded to int8
@@ -243,6 +244,96 @@ def _attention_chunk_kernel(
 
 
 @triton.jit
+def _packed_attention_chunk_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    position_ptr,
+    slot_ptr,
+    pack_row_ptr,
+    pack_size_ptr,
+    acc_ptr,
+    max_ptr,
+    sum_ptr,
+    max_len,
+    scale,
+    CHUNKS,
+    KV_HEADS: tl.constexpr,
+    GROUPS: tl.constexpr,
+    TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    # Program (kv head, chunk, pack): what _attention_chunk_kernel does for one row, for the
+    # pack's rows at once: pack_size rows from pack_row on, of one slot at consecutive
+    # positions (a prompt's tokens), their GROUPS query heads each filling one tile of TILE
+    # query rows, so the pack's keys are read once instead of once a row. Each tile row sees
+    # the keys up to its own position. A pack of size 0 is padding and does nothing.
+    await_previous_kernel(PDL)
+    kv_head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    pack = tl.program_id(2)
+    size = tl.load(pack_size_ptr + pack)
+    if size > 0:
+        first_row = tl.load(pack_row_ptr + pack)
+        first_position = tl.load(position_ptr + first_row)
+        last_position = first_position + size - 1
+        slot = tl.load(slot_ptr + first_row).to(tl.int64)
+        k_ptr += slot * KV_HEADS * max_len * HEAD_DIM
+        v_ptr += slot * KV_HEADS * max_len * HEAD_DIM
+        tile = tl.arange(0, TILE)
+        offset = tile // GROUPS  # the tile row's row within the pack, and its query head
+        head = tile % GROUPS
+        tile_ok = offset < size
+        row = (first_row + offset).to(tl.int64)
+        sees = first_position + offset  # the last key the tile row attends to
+        dims = tl.arange(0, HEAD_DIM)
+        query = (row * KV_HEADS + kv_head) * GROUPS + head
+        q = tl.load(
+            q_ptr + query[:, None] * HEAD_DIM + dims[None, :],
+            mask=tile_ok[:, None],
+            other=0.0,
+        )
+        running_max = tl.full((TILE,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((TILE,), dtype=tl.float32)
+        acc = tl.zeros((TILE, HEAD_DIM), dtype=tl.float32)
+        share = ((last_position + CHUNKS) // CHUNKS + BLOCK - 1) // BLOCK * BLOCK
+        first = chunk * share
+        last = tl.minimum(first + share, last_position + 1)
+        base = kv_head.to(tl.int64) * max_len * HEAD_DIM
+        for start in range(first, last, BLOCK):
+            keys_at = start + tl.arange(0, BLOCK)
+            key_ok = keys_at < last
+            k = tl.load(
+                k_ptr + base + keys_at[:, None] * HEAD_DIM + dims[None, :],
+                mask=key_ok[:, None],
+                other=0.0,
+            )
+            scores = tl.dot(q, tl.trans(k)) * scale  # (TILE, BLOCK)
+            seen = key_ok[None, :] & (keys_at[None, :] <= sees[:, None])
+            scores = tl.where(seen, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            # A tile row may see no key of this block (an earlier position): keep its sums 0
+            # rather than exp(-inf - -inf).
+            finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            correction = tl.exp(running_max - finite_max)
+            weights = tl.exp(scores - finite_max[:, None])
+            running_sum = running_sum * correction + tl.sum(weights, axis=1)
+            v = tl.load(
+                v_ptr + base + keys_at[:, None] * HEAD_DIM + dims[None, :],
+                mask=key_ok[:, None],
+                other=0.0,
+            )
+            acc = acc * correction[:, None] + tl.dot(weights.to(v.dtype), v)
+            running_max = new_max
+        out = ((row * KV_HEADS + kv_head) * CHUNKS + chunk) * GROUPS + head
+        tl.store(acc_ptr + out[:, None] * HEAD_DIM + dims[None, :], acc, mask=tile_ok[:, None])
+        tl.store(max_ptr + out, running_max, mask=tile_ok)
+        tl.store(sum_ptr + out, running_sum, mask=tile_ok)
+
+
+@triton.jit
 def _attention_combine_kernel(
     acc_ptr,
     max_ptr,
@@ -331,6 +422,57 @@ def decode_attention(
         QUANTIZE=quantize, num_warps=2, **launch_options(),
     )  # fmt: skip
     return out, rounded
+
+
+def pack_tile(groups: int) -> int:
+    """Query rows of one packed attention program: the decode kernel's (at least 16, for the
+    tensor cores)."""
+    return max(16, triton.next_power_of_2(groups))
+
+
+def rows_per_pack(groups: int) -> int:
+    """Rows of one slot's prompt at consecutive positions that one packed attention program
+    takes (packed_attention): as many as the tile holds with their query heads."""
+    return pack_tile(groups) // groups
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    position: torch.Tensor,
+    slots: torch.Tensor,
+    pack_rows: torch.Tensor,
+    pack_sizes: torch.Tensor,
+    chunks: int,
+) -> torch.Tensor:
+    """decode_attention over a pool (R, heads·hd), with the rows in packs: pack p is the
+    pack_sizes[p] rows from pack_rows[p] on (0 rows: padding), which share a slot and sit at
+    consecutive positions, each row attending to its slot's keys up to its own position, and
+    the pack reads those keys once. A decoding row is a pack of its own; a prompt's rows come
+    rows_per_pack to a pack."""
+    rows, heads, head_dim = q.shape
+    kv_heads, max_len, _ = k_pool.shape[-3:]
+    groups = heads // kv_heads
+    partial_acc = torch.empty(
+        (rows, kv_heads, chunks, groups, head_dim), dtype=torch.float32, device=q.device
+    )
+    partial_max = torch.empty(
+        (rows, kv_heads, chunks, groups), dtype=torch.float32, device=q.device
+    )
+    partial_sum = torch.empty_like(partial_max)
+    _packed_attention_chunk_kernel[(kv_heads, chunks, pack_rows.shape[0])](
+        q, k_pool, v_pool, position, slots, pack_rows, pack_sizes, partial_acc, partial_max,
+        partial_sum, max_len, head_dim**-0.5, chunks, kv_heads, groups, pack_tile(groups),
+        head_dim, 64, num_warps=4, **launch_options(),
+    )  # fmt: skip
+    out = torch.empty((rows, heads * head_dim), dtype=q.dtype, device=q.device)
+    _attention_combine_kernel[(kv_heads, groups, rows)](
+        partial_acc, partial_max, partial_sum, out, out, out, out, heads * head_dim, kv_heads,
+        groups, head_dim, chunks, triton.next_power_of_2(chunks), QUANTIZE=False, num_warps=2,
+        **launch_options(),
+    )  # fmt: skip
+    return out
 
 
 @triton.jit

@@ -93,9 +93,9 @@ def serve(
             "--step-tokens",
             min=16,
             help="Rows a step takes at most: the replies' next tokens and prompt tokens"
-            " together. On a GPU, 512 or fewer run each step as a CUDA graph: prompts are read"
-            " beside the replies, a first token comes sooner, fewer tokens/s in all. On a CPU,"
-            " the prompt tokens read in one pass. [default: 1792 on a GPU, 512 on a CPU]",
+            " together. On a GPU, 512 or fewer run each step as a CUDA graph, prompts read"
+            " beside the replies; more run the steps that carry prompts op by op. On a CPU,"
+            " the prompt tokens read in one pass. [default: 384 on a GPU, 512 on a CPU]",
         ),
     ] = None,
     ctx: Annotated[int | None, typer.Option(min=16, help="Context window in tokens.")] = None,

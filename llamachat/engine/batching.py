@@ -40,6 +40,7 @@ from .transfer import to_device
 
 MIXED_PREFILL_TOKENS = 1792
 GRAPHED_MIXED_ROWS = 512
+GRAPHED_STEP_ROWS = 384
 
 
 @dataclass
@@ -151,22 +152,26 @@ class BatchScheduler:
             if model.device.type == "cuda"
             else None
         )
-        # Prompt tokens fed per step, shared out among the prompts being prefilled: more feeds
-        # new requests sooner and reads the weights for fewer steps, fewer keeps the running
-        # streams' steps short. Where prompts ride along with the decoding rows (the fused GPU
-        # step), 1,792 rows a step gave the tokens/s of 2,048 with shorter waits for a first
-        # token on an H200 (docs/BENCHMARKS.md); elsewhere each chunk is a pass of its own.
+        # Rows a step feeds (decoding rows and prompt tokens shared out among the prompts being
+        # prefilled): more feeds new requests sooner and reads the weights for fewer steps,
+        # fewer keeps the running streams' steps short. With CUDA graphs, a mixed step of up
+        # to GRAPHED_MIXED_ROWS rows replays its bucket's graph (BatchedGpuStep.as_rows): the
+        # prompts are read beside the replies a few hundred rows a step, with no launch cost,
+        # instead of in bursts. 384 rows beat eager steps of 1,792 (the flash kernel, launched
+        # op by op) on both counts at 64 clients of the 8b shape on an H200: 4,794 against
+        # 4,240 tokens/s and a first token in 76 against 527 ms (docs/BENCHMARKS.md); a batch
+        # too large to leave room for prompts in 384 rows keeps the eager steps. Elsewhere
+        # each chunk is a pass of its own. `llamachat serve --step-tokens` chooses.
         step = self.device_step
         fused = step is not None and step.fused
-        self.prefill_tokens = prefill_tokens or (MIXED_PREFILL_TOKENS if fused else PREFILL_CHUNK)
-        # Mixed steps of up to GRAPHED_MIXED_ROWS rows run as their bucket's CUDA graph
-        # (BatchedGpuStep.as_rows): prompts are read beside the replies in small steps instead
-        # of in bursts, a first token comes in half the time, but the steps cost more a row
-        # (the prompt rows attend one by one, the LM head reads every row): 7% fewer tokens/s
-        # at 64 clients of the 8b shape on an H200. Chosen with `llamachat serve --step-tokens`.
-        self.graphed_mixed = (
-            step is not None and step.graphs and self.prefill_tokens <= GRAPHED_MIXED_ROWS
-        )
+        graphs = step is not None and step.graphs
+        if prefill_tokens is None:
+            if graphs and batch <= GRAPHED_STEP_ROWS // 2:
+                prefill_tokens = GRAPHED_STEP_ROWS
+            else:
+                prefill_tokens = MIXED_PREFILL_TOKENS if fused else PREFILL_CHUNK
+        self.prefill_tokens = prefill_tokens
+        self.graphed_mixed = graphs and self.prefill_tokens <= GRAPHED_MIXED_ROWS
         if step is not None:  # now, not during the first requests
             step.capture(max(batch, self.prefill_tokens) if self.graphed_mixed else batch)
         # Launch each decode step before handing the last one's tokens out (detokenizing, the

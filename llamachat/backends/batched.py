@@ -46,7 +46,9 @@ class BatchedChat(EngineChat):
         request = request or ReplyRequest()
         _, limit = self.settings_for(request)
         prompt = self._fitted(
-            lambda fitter: fitter.fit(messages, limit, continue_reply=request.continue_reply)
+            lambda fitter: fitter.fit(
+                self.with_system(messages), limit, continue_reply=request.continue_reply
+            )
         )
         return self._submit(prompt, request, request.stop + self.model.chat_format.stop, cancel)
 

@@ -68,6 +68,14 @@ class EngineChat:
             sampling = SamplingParams(**self.defaults.sampling_with(request.sampling.chosen()))
         return sampling, request.max_tokens or self.max_tokens
 
+    def with_system(self, messages: Sequence[ChatMessage]) -> Sequence[ChatMessage]:
+        """The conversation as the model sees it: led by the model's own system prompt (a
+        created model's SYSTEM) when it has none of its own, as ollama's Modelfile does."""
+        system = self.defaults.system
+        if system is None or (messages and messages[0].get("role") == "system"):
+            return messages
+        return [{"role": "system", "content": system}, *messages]
+
     def token_logprob(self, sampled: SampledLogprob) -> TokenLogprob:
         """The engine's token ids as text."""
         return TokenLogprob(
@@ -83,7 +91,7 @@ class EngineChat:
         from ..engine import EngineError
 
         try:
-            used = len(self.model.prompt_ids(messages)) if messages else 0
+            used = len(self.model.prompt_ids(self.with_system(messages))) if messages else 0
         except EngineError as error:  # the chat template rejects the conversation
             raise BackendError(str(error)) from None
         return ContextUse(used=used, window=self.ctx)

@@ -101,7 +101,7 @@ class LocalBackend:
                     installed.path,
                     device=spec.device,
                     dtype=spec.dtype,
-                    chat_format=spec.chat_format,
+                    chat_format=spec.chat_format or defaults.chat_format,
                     quantization=weight_format_for(spec.weight_format, recorded),
                     threads=spec.threads,
                 )
@@ -360,7 +360,7 @@ class LocalChat(EngineChat):
     ) -> LocalReply:
         continuing = request is not None and request.continue_reply
         reply = functools.partial(self.session.reply, continue_reply=continuing)
-        return self._start(reply, messages, cancel, request)
+        return self._start(reply, self.with_system(messages), cancel, request)
 
     def complete(
         self,

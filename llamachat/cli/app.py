@@ -25,7 +25,17 @@ from ..home import Home
 from ..models.errors import StoreError
 from ..remotes import RemoteError
 from ..settings import SettingsError
-from . import background, bench, cache_cmd, config_cmd, history_cmd, models, remote_cmd, serve
+from . import (
+    background,
+    bench,
+    cache_cmd,
+    config_cmd,
+    create_cmd,
+    history_cmd,
+    models,
+    remote_cmd,
+    serve,
+)
 from .console import CliError, error_line, one_line_warning, stdin_is_terminal
 from .options import GenerationOptions, generation_options, given_options, with_earlier
 
@@ -66,6 +76,7 @@ app.command("list")(models.list_models)
 app.command("show")(models.show)
 app.command("verify")(models.verify)
 app.command("rm")(models.rm)
+app.command("create")(create_cmd.create)
 app.command("bench")(bench.bench)
 app.command("serve")(serve.serve)
 app.command("ps")(background.ps)

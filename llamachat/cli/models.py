@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from ..models.inspect import inspect_folder
 from ..models.integrity import FileProblem
 from ..models.integrity import verify as verify_files
 from ..models.manifest import FileRecord
+from ..models.reply_defaults import created_defaults
 from ..models.store import BrokenModel, InstalledModel, ModelStore
 from .console import CliError, stderr, stdin_is_terminal, stdout, warn
 from .options import checked_quantize
@@ -231,6 +233,10 @@ def show(
         ("chat format", details["chat_format"]),
         ("files", _integrity(model, damage)),
     ]
+    if details["lineage"] is not None:
+        rows.insert(1, ("made from", _lineage(details["lineage"])))
+    for key, value in (details["defaults"] or {}).items():
+        rows.append((f"default {key.replace('_', ' ')}", f"{value}"))
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
@@ -317,6 +323,18 @@ def rm(
     stderr.print(f"removed {name}", markup=False)
 
 
+def _lineage(lineage: dict[str, Any]) -> str:
+    parts = [f"{lineage['base']} ({lineage['base_source']})"]
+    for adapter in lineage["adapters"]:
+        parts.append(
+            f"LoRA {adapter['path']} (rank {adapter['rank']}, alpha {adapter['alpha']:g}, "
+            f"scaling {adapter['scaling']:g}{', rsLoRA' if adapter['rslora'] else ''}, "
+            f"sha256 {adapter['sha256'][:12]}…)"
+        )
+    merged = "merged into the weights" if lineage["merged"] else "applied on loading"
+    return " + ".join(parts) + (f", {merged}" if lineage["adapters"] else "")
+
+
 def _integrity(model: InstalledModel, damage: list[FileProblem]) -> str:
     if damage:
         return f"damaged: {'; '.join(str(p) for p in damage)} (`llamachat verify {model.name}`)"
@@ -357,6 +375,8 @@ def _details(model: InstalledModel, damage: list[FileProblem]) -> dict[str, Any]
         "kv_bytes_full_context": kv_per_token * config.max_position_embeddings,
         "chat_format": facts.chat_format,
         "chat_template": facts.chat_template,
+        "lineage": None if manifest.lineage is None else dataclasses.asdict(manifest.lineage),
+        "defaults": created_defaults(model.path),
         "size": manifest.size,
         "status": "damaged" if damage else "ok",
         "problem": str(model.damaged(damage)) if damage else None,
@@ -395,6 +415,7 @@ _SUMMARY_FIELDS = (
     "source",
     "revision",
     "installed_at",
+    "base",
 )
 
 
@@ -422,6 +443,7 @@ def _summary(model: InstalledModel | BrokenModel) -> dict[str, Any]:
         "source": manifest.source,
         "revision": manifest.revision,
         "installed_at": manifest.installed_at,
+        "base": manifest.lineage.base if manifest.lineage else None,  # a created model's
         "path": str(model.path),
         "status": "damaged" if damage else "ok",
         "problem": str(model.damaged(damage)) if damage else None,

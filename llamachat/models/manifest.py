@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import ManifestError
 from .fs import is_safe_relative_path
+from .lineage import Lineage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -44,6 +45,7 @@ class Manifest:
     # chosen with `pull --quantize`; None: auto. The files on disk stay as they were downloaded.
     quantization: str | None = None
     installed_at: str = field(default_factory=lambda: _now())
+    lineage: Lineage | None = None  # a created model's base and adapters (`llamachat create`)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -69,6 +71,8 @@ class Manifest:
                 continue
             values[spec.name] = _checked(spec.name, data[spec.name], _FIELD_TYPES[spec.name])
         values["files"] = tuple(_file_record(record) for record in values["files"])
+        if values.get("lineage") is not None:
+            values["lineage"] = Lineage.from_json(values["lineage"])
         return cls(**values)
 
     def write(self, folder: Path) -> None:
@@ -123,6 +127,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "quantization": (str, type(None)),
     "installed_at": (str,),
     "format_version": (int,),
+    "lineage": (dict, type(None)),
 }
 
 

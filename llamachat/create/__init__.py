@@ -1,0 +1,1 @@
+"""`llamachat create`: models made from an installed base, LoRA adapters and defaults."""

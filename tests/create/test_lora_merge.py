@@ -1,0 +1,197 @@
+"""LoRA adapters made with peft (the reference), merged by `llamachat create` into a new
+installed model, against peft's own merge_and_unload()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamachat.create.adapter import AdapterError
+from llamachat.create.build import create_model
+from llamachat.create.chatfile import Recipe
+from llamachat.engine import ChatModel, KVCache
+from llamachat.models.pull import pull
+from llamachat.models.store import ModelStore
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {"mha": dict(num_key_value_heads=8), "gqa": dict(num_key_value_heads=2)}
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_factory, tmp_path_factory) -> ModelStore:
+    """A store with the MHA and GQA tiny models installed as `mha` and `gqa`."""
+    root = tmp_path_factory.mktemp("create-store")
+    store = ModelStore(root / "models")
+    for name, overrides in SHAPES.items():
+        pull(str(tiny_model_factory(**overrides)[0]), store, root / "cache", name=name)
+    return store
+
+
+def _reference(folder: Path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def make_adapter(base_folder: Path, out: Path, seed: int, **lora) -> object:
+    """A random (not zero-initialised) peft LoRA of the base, saved to `out`; returns the peft
+    model, for merge_and_unload()."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    options = dict(r=4, lora_alpha=8, target_modules=ALL_LINEAR, init_lora_weights=False)
+    model = get_peft_model(_reference(base_folder), LoraConfig(**{**options, **lora}))
+    model.save_pretrained(out)
+    return model
+
+
+def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def _tokens(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+
+
+def _engine_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = ChatModel.load(folder, device="cpu")
+    model.transformer.setup_rope(64)
+    cache = KVCache(model.config, 64, model.device, model.dtype)
+    with torch.inference_mode():
+        positions = torch.arange(tokens.shape[1])
+        return model.transformer(tokens, positions, cache, 64, last_only=False)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_merged_adapter_gives_peft_merge_and_unload_logits(
+    store, tiny_model_factory, tmp_path, shape
+):
+    base = store.get(shape)
+    peft_model = make_adapter(base.path, tmp_path / "lora", seed=1)
+    expected = _logits(peft_model.merge_and_unload(), _tokens(384))
+    created = create_model(
+        store, f"{shape}-tuned", Recipe(base=shape, adapters=(tmp_path / "lora",))
+    )
+    merged = _logits(_reference(created.path), _tokens(384))
+    assert (merged - expected).abs().max() <= 1e-5
+    # The merge changed the model (a LoRA of zeros would pass the line above too).
+    assert (expected - _logits(_reference(base.path), _tokens(384))).abs().max() > 1e-2
+    # Our engine on the merged model: as close to peft's as to transformers' (test_equivalence).
+    ours = _engine_logits(created.path, _tokens(384))
+    assert (ours - expected).abs().max() <= 1e-4
+    lineage = created.manifest.lineage
+    assert lineage is not None and lineage.base == shape and lineage.merged
+    (record,) = lineage.adapters
+    assert (record.rank, record.alpha, record.scaling, record.rslora) == (4, 8.0, 2.0, False)
+
+
+def test_rslora_and_two_stacked_adapters_merge_as_peft_applies_them(store, tmp_path):
+    from peft import PeftModel
+
+    base = store.get("gqa")
+    make_adapter(base.path, tmp_path / "first", seed=2, use_rslora=True, r=8, lora_alpha=4)
+    make_adapter(
+        base.path, tmp_path / "second", seed=3, target_modules=["q_proj", "down_proj"], r=2
+    )
+    reference = PeftModel.from_pretrained(_reference(base.path), tmp_path / "first")
+    reference = reference.merge_and_unload()
+    reference = PeftModel.from_pretrained(reference, tmp_path / "second").merge_and_unload()
+    recipe = Recipe(base="gqa", adapters=(tmp_path / "first", tmp_path / "second"))
+    created = create_model(store, "stacked", recipe)
+    expected = _logits(reference, _tokens(384))
+    assert (_logits(_reference(created.path), _tokens(384)) - expected).abs().max() <= 1e-5
+    first, second = created.manifest.lineage.adapters
+    assert first.rslora and first.scaling == pytest.approx(4 / 8**0.5)
+    assert (second.rank, second.scaling) == (2, 4.0)
+
+
+def test_rank_and_alpha_patterns_give_modules_their_own_scaling(store, tmp_path):
+    base = store.get("gqa")
+    peft_model = make_adapter(
+        base.path,
+        tmp_path / "lora",
+        seed=4,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 32},
+    )
+    expected = _logits(peft_model.merge_and_unload(), _tokens(384))
+    created = create_model(store, "patterned", Recipe(base="gqa", adapters=(tmp_path / "lora",)))
+    assert (_logits(_reference(created.path), _tokens(384)) - expected).abs().max() <= 1e-5
+
+
+def test_an_adapter_for_another_hidden_size_is_refused_and_nothing_is_installed(
+    store, tiny_model_factory, tmp_path
+):
+    wider, _ = tiny_model_factory(hidden_size=64, num_key_value_heads=2)
+    make_adapter(wider, tmp_path / "lora", seed=5)
+    with pytest.raises(AdapterError, match="different shape") as refused:
+        create_model(store, "misfit", Recipe(base="gqa", adapters=(tmp_path / "lora",)))
+    assert "\n" not in str(refused.value)
+    assert "misfit" not in [model.name for model in store.installed()]
+    assert not [p for p in (store.root / ".staging").glob("misfit.*") if p.is_dir()]
+
+
+def test_an_adapter_with_a_rank_other_than_its_config_says_is_refused(store, tmp_path):
+    make_adapter(store.get("gqa").path, tmp_path / "lora", seed=6)
+    config_path = tmp_path / "lora" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["r"] = 16
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="rank 4, its config says 16"):
+        create_model(store, "wrong-rank", Recipe(base="gqa", adapters=(tmp_path / "lora",)))
+
+
+def test_an_adapter_that_extends_the_vocabulary_brings_its_tokenizer_and_embeddings(
+    store, tmp_path
+):
+    """As Chinese-LLaMA-Alpaca's merge does: the adapter's tokenizer has more tokens, its
+    embed_tokens and lm_head (modules_to_save) are resized, and the new tokens embed as
+    peft's merged model embeds them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    base = store.get("gqa")
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    tokenizer.add_tokens(["你好", "世界", "模型"])
+    model = _reference(base.path)
+    model.resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(7)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # "trained" rows for the new tokens
+        for module in (
+            peft_model.base_model.model.model.embed_tokens,
+            peft_model.base_model.model.lm_head,
+        ):
+            module.modules_to_save["default"].weight[-3:].normal_()
+    peft_model.save_pretrained(tmp_path / "zh")
+    tokenizer.save_pretrained(tmp_path / "zh")
+    created = create_model(store, "zh", Recipe(base="gqa", adapters=(tmp_path / "zh",)))
+    assert json.loads((created.path / "config.json").read_text())["vocab_size"] == 387
+    ids = AutoTokenizer.from_pretrained(created.path)("你好世界模型")["input_ids"]
+    assert any(i >= 384 for i in ids)  # the new tokens, from the adapter's tokenizer
+    tokens = torch.tensor([ids + [5, 9, 384, 385, 386]])
+    expected = _logits(peft_model.merge_and_unload(), tokens)
+    assert (_logits(_reference(created.path), tokens) - expected).abs().max() <= 1e-5
+    assert (_engine_logits(created.path, tokens) - expected).abs().max() <= 1e-4
+
+
+def test_resized_embeddings_without_a_tokenizer_are_refused(store, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = _reference(store.get("gqa").path)
+    model.resize_token_embeddings(390)
+    config = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    get_peft_model(model, config).save_pretrained(tmp_path / "bare")
+    with pytest.raises(AdapterError, match="390 tokens but bring no tokenizer"):
+        create_model(store, "bare", Recipe(base="gqa", adapters=(tmp_path / "bare",)))

@@ -785,7 +785,10 @@ class LlamaChatApp(App):
         if not confirmed:
             return
         self.history.delete(conversation_id)
+        # Its saved KV caches go with it, as `history rm` removes them (no torch needed).
+        ContextFiles(self.home.kv).remove_key(str(conversation_id))
         if conversation_id == self.conversation_id:
+            self.conversation_id = None  # not left but gone: nothing of it is saved
             self.action_new_chat()
         self.refresh_conversations()
 

@@ -9,6 +9,7 @@ import pytest
 from llamachat.backends import local
 from llamachat.history.store import HistoryStore
 from llamachat.kv_files import ContextFiles
+from llamachat.tui.widgets.conversation_list import ConversationList
 from tests.tui.conftest import app_for, send, settle
 
 
@@ -74,3 +75,34 @@ async def test_nothing_is_saved_with_a_budget_of_zero(home):
         app.action_new_chat()
         await settle(pilot, app)
     assert saved(home) == {}
+
+
+async def test_deleting_a_conversation_in_the_app_removes_its_saved_cache(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        first = app.conversation_id
+        app.action_new_chat()  # leaves it: saved
+        await settle(pilot, app)
+        await send(pilot, app, "Something else entirely")
+        assert str(first) in saved(home)
+        listing = app.query_one(ConversationList)
+        listing.focus()
+        listing.highlighted = listing.get_option_index(str(first))
+        await pilot.press("f8", "y")
+        await settle(pilot, app)
+        assert app.conversation_id is not None  # the open one stays open
+        assert str(first) not in saved(home)
+
+
+async def test_deleting_the_open_conversation_saves_no_cache_for_it(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        deleted = app.conversation_id
+        await pilot.press("f8", "y")
+        await settle(pilot, app)
+        assert app.conversation_id is None
+    assert str(deleted) not in saved(home)  # nor did quitting save it

@@ -162,12 +162,28 @@ class LlamaChatApp(App):
 
     # The model
 
-    def start_loading(self, name: str) -> None:
+    def start_loading(self, name: str, leaving: Chat | None = None) -> None:
+        """Open `name`; `leaving`: the model it replaces, closed (the open conversation's cache
+        saved first) on the loading thread."""
         self.show_status(model=name, device="", note="loading…")
-        self.load_model(name)
+        self.load_model(name, leaving, self.conversation_id)
+
+    def reopen_model(self, name: str) -> bool:
+        """Close the model and open `name` (Ctrl+L): the open conversation is left as a new
+        chat leaves it, its cache saved, and loaded again into the new model once it is open
+        (on_model_ready). False (and said) while a reply is written."""
+        if self._busy():
+            return False
+        leaving, self.chat = self.chat, None
+        self.start_loading(name, leaving)
+        return True
 
     @work(thread=True, exclusive=True, group="model")
-    def load_model(self, name: str) -> None:
+    def load_model(self, name: str, leaving: Chat | None, conversation: int | None) -> None:
+        if leaving is not None:
+            if conversation is not None:
+                self._save_context(leaving, conversation)
+            leaving.close()
         try:
             chat = self.backend.open_chat(self.options.spec(name))
         except Exception as error:  # shown in the app: a bad model must not kill it
@@ -481,15 +497,19 @@ class LlamaChatApp(App):
         chat = self.chat
         if chat is None:
             return
+        if leaving is not None:
+            self._save_context(chat, leaving)
+        if opening is not None:
+            chat.restore_context(str(opening))
+
+    def _save_context(self, chat: Chat, conversation: int) -> None:
+        """On a worker thread: save the conversation's cache, a failure said in a notice."""
         try:
-            if leaving is not None:
-                chat.save_context(str(leaving))
+            chat.save_context(str(conversation))
         except OSError as error:  # a full disk: the conversation is only prefilled next time
             self.call_from_thread(
                 self.notify, f"the KV cache was not saved: {error}", severity="warning"
             )
-        if opening is not None:
-            chat.restore_context(str(opening))
 
     def _keep_context(self) -> None:
         """Quitting: save the open conversation's cache, here, as the app closes."""
@@ -737,13 +757,8 @@ class LlamaChatApp(App):
     def _switch_model(self, name: str | None) -> None:
         if name is None or name == self.model_name:
             return
-        if self.generating:
-            self.notify("a reply is being written: Esc stops it", severity="warning")
+        if not self.reopen_model(name):
             return
-        if self.chat is not None:
-            self.chat.close()
-            self.chat = None
-        self.start_loading(name)
         if self.conversation_id is not None:
             self.history.set_model(self.conversation_id, name)
 

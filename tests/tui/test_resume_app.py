@@ -106,3 +106,22 @@ async def test_deleting_the_open_conversation_saves_no_cache_for_it(home):
         await settle(pilot, app)
         assert app.conversation_id is None
     assert str(deleted) not in saved(home)  # nor did quitting save it
+
+
+async def test_switching_model_saves_the_conversations_cache_for_switching_back(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        await pilot.press("ctrl+l")
+        await settle(pilot, app)  # the models are listed on a thread
+        choices = app.screen.query_one("#choices")
+        choices.highlighted = choices.get_option_index("tiny-mqa")
+        await pilot.press("enter")
+        await settle(pilot, app)
+        assert app.model_name == "tiny-mqa"
+        assert set(saved(home)) == {str(app.conversation_id)}  # tiny's, left
+        app._switch_model("tiny")  # what the model picker does
+        await settle(pilot, app)
+        await send(pilot, app, "And then?")
+        assert app.status.reused_tokens >= first_prompt(app, app.conversation_id) - 1

@@ -21,7 +21,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Markdown, OptionList
 
 from .. import remotes
-from ..backends.base import Chat, PromptTooLongError, ReplyRequest
+from ..backends.base import Chat, ChatSpec, PromptTooLongError, ReplyRequest
 from ..backends.routing import Router
 from ..chat_options import ChatOptions, OptionsError, chosen_model
 from ..history.conversation_settings import ConversationSettings
@@ -47,7 +47,7 @@ from .messages import (
     ReplyStarted,
     UnshownText,
 )
-from .screens.conversation_settings import ConversationSettingsScreen
+from .screens.conversation_settings import ConversationSettingsScreen, PanelChoice
 from .screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
 from .screens.help import HelpScreen
 from .screens.search import Found, SearchScreen
@@ -87,6 +87,7 @@ class LlamaChatApp(App):
         self.conversation_id: int | None = None
         self.new_system = options.new_system  # the system prompt a new conversation starts with
         self.new_settings = ConversationSettings()  # and its own settings (Ctrl+O before it)
+        self.opened_ctx: int | None = None  # the ctx the model was opened with; None: its own
         self.editing: int | None = None  # the user message being edited and resent
         self.cancel = threading.Event()
         self.generating = False
@@ -115,8 +116,11 @@ class LlamaChatApp(App):
         else:
             self.show_status()
         self.query_one(PromptInput).focus()
+        continued = latest.model if latest is not None else None  # -c: its model, as the CLI's
         try:
-            name = chosen_model(self.options, self.backend.store, remotes=self.backend.remotes)
+            name = chosen_model(
+                self.options, self.backend.store, continued, remotes=self.backend.remotes
+            )
         except StoreError as error:
             self.show_status(model="no model", note=str(error))
             self.notify(str(error), severity="error", timeout=15)
@@ -166,7 +170,23 @@ class LlamaChatApp(App):
         """Open `name`; `leaving`: the model it replaces, closed (the open conversation's cache
         saved first) on the loading thread."""
         self.show_status(model=name, device="", note="loading…")
-        self.load_model(name, leaving, self.conversation_id)
+        spec = self._options().spec(name)
+        self.opened_ctx = spec.ctx
+        self.load_model(spec, leaving, self.conversation_id)
+
+    def _own_settings(self) -> ConversationSettings:
+        """The open conversation's own settings, else those the next message starts with."""
+        if self.conversation_id is None:
+            return self.new_settings
+        return self.history.get(self.conversation_id).settings
+
+    def _options(self) -> ChatOptions:
+        """The options for the open conversation: its own settings over the config's, under
+        the flags (its ctx is what the model opens with)."""
+        try:
+            return self.options.for_conversation(self._own_settings())
+        except OptionsError:  # said when a reply uses them (_request)
+            return self.options
 
     def reopen_model(self, name: str) -> bool:
         """Close the model and open `name` (Ctrl+L): the open conversation is left as a new
@@ -179,13 +199,14 @@ class LlamaChatApp(App):
         return True
 
     @work(thread=True, exclusive=True, group="model")
-    def load_model(self, name: str, leaving: Chat | None, conversation: int | None) -> None:
+    def load_model(self, spec: ChatSpec, leaving: Chat | None, conversation: int | None) -> None:
+        name = spec.model
         if leaving is not None:
             if conversation is not None:
                 self._save_context(leaving, conversation)
             leaving.close()
         try:
-            chat = self.backend.open_chat(self.options.spec(name))
+            chat = self.backend.open_chat(spec)
         except Exception as error:  # shown in the app: a bad model must not kill it
             self.post_message(ModelFailed(name, _describe(error)))
             return
@@ -702,10 +723,8 @@ class LlamaChatApp(App):
     # System prompt and model
 
     def action_system_prompt(self) -> None:
-        current = self.new_system
-        if self.conversation_id is not None:
-            current = self.history.get(self.conversation_id).system_prompt
-        self.push_screen(SystemPromptScreen(self.history, current), self._apply_system_prompt)
+        screen = SystemPromptScreen(self.history, self._system_prompt())
+        self.push_screen(screen, self._apply_system_prompt)
 
     def _apply_system_prompt(self, choice: PromptChoice | None) -> None:
         if choice is None:
@@ -718,30 +737,51 @@ class LlamaChatApp(App):
         self.query_one(ChatView).add(SystemNote(choice.prompt, message_id))
 
     def action_conversation_settings(self) -> None:
-        current = self.new_settings
-        context = "its context: llamachat history set ID --ctx N"
-        if self.conversation_id is not None:
-            current = self.history.get(self.conversation_id).settings
-            context = f"its context: llamachat history set {self.conversation_id} --ctx N"
-        elsewhere = f"Its model: Ctrl+L ({self.model_name}) · its system prompt: Ctrl+S · {context}"
-        self.push_screen(ConversationSettingsScreen(current, elsewhere), self._apply_settings)
+        self.list_models(for_settings=True)  # its model field offers what Ctrl+L offers
 
-    def _apply_settings(self, settings: ConversationSettings | None) -> None:
-        if settings is None:
+    def _open_settings(self, models: list[tuple[str, str]]) -> None:
+        panel = ConversationSettingsScreen(
+            self._own_settings(), self.model_name, models, self._system_prompt()
+        )
+        self.push_screen(panel, self._apply_settings)
+
+    def _apply_settings(self, choice: PanelChoice | None) -> None:
+        if choice is None:
+            return
+        settings = choice.settings
+        ctx = self.options.for_conversation(settings).ctx  # the flag's where --ctx was given
+        model = choice.model or self.model_name
+        reopen = model is not None and (model != self.model_name or ctx != self.opened_ctx)
+        if reopen and self._busy():  # nothing is kept: the model must not change under a reply
             return
         if self.conversation_id is None:
             self.new_settings = settings  # given to the conversation the next message starts
         else:
             self.history.set_settings(self.conversation_id, settings)
-        self.notify(f"this conversation: {settings.described() or 'the defaults'}")
+        if choice.system_prompt != (self._system_prompt() or ""):
+            self._apply_system_prompt(PromptChoice(choice.system_prompt))
+        if reopen:
+            assert model is not None
+            self._switch_model(model, again=True)
+        said = settings.described() or "the defaults"
+        flagged = sorted(k for k in settings.chosen() if k in self.options.flagged)
+        if flagged:  # the command line's flags win over a conversation's own
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in flagged)
+            said += f" ({flags} given: the flag wins)"
+        self.notify(f"this conversation: {said}")
+
+    def _system_prompt(self) -> str | None:
+        if self.conversation_id is None:
+            return self.new_system
+        return self.history.get(self.conversation_id).system_prompt
 
     def action_pick_model(self) -> None:
         self.list_models()  # a remote may take seconds to answer: not on the event loop
 
     @work(thread=True, exclusive=True, group="listing")
-    def list_models(self) -> None:
+    def list_models(self, for_settings: bool = False) -> None:
         found = self.backend.models()
-        self.post_message(ModelsListed(found, dict(self.backend.unreachable)))
+        self.post_message(ModelsListed(found, dict(self.backend.unreachable), for_settings))
 
     def on_models_listed(self, message: ModelsListed) -> None:
         if self._closing_down():
@@ -749,13 +789,18 @@ class LlamaChatApp(App):
         for name, why in message.unreachable.items():
             self.notify(f"{name}'s models are not listed: {why}", severity="warning", timeout=10)
         choices = [(m.name, f"{m.name} ({m.description})") for m in message.models]
+        if message.for_settings:
+            self._open_settings(choices)
+            return
         if not choices:
             self.notify("no models installed: run `llamachat pull smollm2`", severity="error")
             return
         self.push_screen(PickScreen("Switch model", choices, self.model_name), self._switch_model)
 
-    def _switch_model(self, name: str | None) -> None:
-        if name is None or name == self.model_name:
+    def _switch_model(self, name: str | None, again: bool = False) -> None:
+        """Open model `name` for the conversation (Ctrl+L; the panel's model or ctx, `again`
+        when it is the open one, its context changed)."""
+        if name is None or (name == self.model_name and not again):
             return
         if not self.reopen_model(name):
             return

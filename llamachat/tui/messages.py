@@ -41,6 +41,7 @@ class ModelsListed(Message):
 
     models: list[ModelInfo]
     unreachable: dict[str, str]
+    for_settings: bool = False  # for the Ctrl+O panel's model field; else for Ctrl+L's picker
 
 
 @dataclass

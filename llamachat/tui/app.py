@@ -93,6 +93,7 @@ class LlamaChatApp(App):
         self.generating = False
         self.stream: Any = None  # MarkdownStream of the reply being written
         self.reply_turn: ReplyTurn | None = None
+        self.continued_from: tuple[str, str | None] = ("error", None)  # status, finish reason
         self.status = Status()
         self._theme_ready = False
 
@@ -335,6 +336,7 @@ class LlamaChatApp(App):
             self.query_one(ChatView).add(self.reply_turn)
         else:
             self.reply_turn = continuing
+            self.continued_from = (continuing.status, continuing.finish_reason)
             continuing.set_status("streaming")
         self.stream = Markdown.get_stream(self.reply_turn)
         self.cancel = threading.Event()
@@ -382,7 +384,15 @@ class LlamaChatApp(App):
         except PromptTooLongError as error:
             self.post_message(ReplyFailed(str(error), question_id))
             return
-        recorder = ReplyRecorder(self.history, conversation_id, self.model_name, continuing)
+        try:
+            recorder = ReplyRecorder(self.history, conversation_id, self.model_name, continuing)
+        except HistoryError as error:  # a full disk: a continued reply cannot be reopened
+            reply.cancel()
+            for _ in reply:  # to its end, within a token: it holds the chat till then
+                pass
+            reason = f"the reply was not continued: {error}"
+            self.post_message(ReplyFailed(reason, untouched=True))
+            return
         unseen = {ids[i] for i in reply.dropped if ids[i] is not None}
         self.post_message(ReplyStarted(recorder.message_id, unseen, reply.prompt_tokens))
         unshown = UnshownText()
@@ -439,7 +449,8 @@ class LlamaChatApp(App):
         if self._closing_down():
             return
         turn = self.reply_turn
-        await self._end_reply("error")
+        # A reply that could not be continued is shown as it was, to be continued later.
+        await self._end_reply(*(self.continued_from if message.untouched else ("error",)))
         if message.question_id is not None and self.conversation_id is not None:
             # Nothing was answered (the message does not fit): take the question back, into
             # the editor, for the user to shorten.

@@ -79,3 +79,4 @@ class ReplyDone(Message):
 class ReplyFailed(Message):
     reason: str
     question_id: int | None = None  # the turn to take back when nothing could be answered
+    untouched: bool = False  # a reply to continue that the history could not reopen

@@ -537,17 +537,25 @@ class LlamaChatApp(App):
     def _save_context(self, chat: Chat, conversation: int) -> None:
         """On a worker thread: save the conversation's cache, a failure said in a notice."""
         try:
-            chat.save_context(str(conversation))
+            self._keep(chat, conversation)
         except OSError as error:  # a full disk: the conversation is only prefilled next time
             self.call_from_thread(
                 self.notify, f"the KV cache was not saved: {error}", severity="warning"
             )
 
+    def _keep(self, chat: Chat, conversation: int) -> None:
+        """Save the conversation's cache (OSError when the disk refuses it), unless it was
+        deleted meanwhile (F8 while it was saved, `history rm` elsewhere): checked after the
+        write, so that a deletion after the check removes the file itself."""
+        chat.save_context(str(conversation))
+        if not self.history.exists(conversation):
+            ContextFiles(self.home.kv).remove_key(str(conversation))
+
     def _keep_context(self) -> None:
         """Quitting: save the open conversation's cache, here, as the app closes."""
         if self.chat is not None and self.conversation_id is not None:
             try:
-                self.chat.save_context(str(self.conversation_id))
+                self._keep(self.chat, self.conversation_id)
             except OSError:
                 pass  # the app is gone; the next start prefills
 

@@ -125,3 +125,25 @@ async def test_switching_model_saves_the_conversations_cache_for_switching_back(
         await settle(pilot, app)
         await send(pilot, app, "And then?")
         assert app.status.reused_tokens >= first_prompt(app, app.conversation_id) - 1
+
+
+async def test_a_conversation_deleted_elsewhere_while_open_leaves_no_cache_when_left(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        deleted = app.conversation_id
+        HistoryStore(home.history_db).delete(deleted)  # `llamachat history rm` in a terminal
+        app.action_new_chat()  # leaves it: its cache would be saved for nothing
+        await settle(pilot, app)
+        assert str(deleted) not in saved(home)
+
+
+async def test_a_conversation_deleted_elsewhere_while_open_leaves_no_cache_on_quitting(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        deleted = app.conversation_id
+        HistoryStore(home.history_db).delete(deleted)
+    assert str(deleted) not in saved(home)

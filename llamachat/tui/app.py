@@ -759,8 +759,9 @@ class LlamaChatApp(App):
         self.list_models(for_settings=True)  # its model field offers what Ctrl+L offers
 
     def _open_settings(self, models: list[tuple[str, str]]) -> None:
+        most = self.chat.info.context_length if self.chat is not None else 0
         panel = ConversationSettingsScreen(
-            self._own_settings(), self.model_name, models, self._system_prompt()
+            self._own_settings(), self.model_name, models, self._system_prompt(), most
         )
         self.push_screen(panel, self._apply_settings)
 

@@ -137,6 +137,21 @@ async def test_a_context_set_in_the_panel_opens_the_model_again_with_it(home):
         assert app.chat is before
 
 
+async def test_a_context_larger_than_the_models_is_said_and_nothing_is_kept(home):
+    app = app_for(home)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        most = app.chat.info.context_length
+        before = app.chat
+        await fill(pilot, app, ctx=str(most + 1))
+        screen = app.screen
+        assert isinstance(screen, ConversationSettingsScreen)  # still open
+        problem = str(screen.query_one("#problem", Label).render())
+        assert f"at most {most:,} tokens" in problem
+        await pilot.press("escape")
+        assert app.chat is before and app.new_settings == ConversationSettings()
+
+
 async def test_a_ctx_flag_wins_over_the_one_set_in_the_panel(home):
     app = app_for(home, ctx=128, flagged=frozenset({"ctx"}))
     async with app.run_test() as pilot:

@@ -46,10 +46,12 @@ class ConversationSettingsScreen(ModalScreen[PanelChoice | None]):
         model: str | None = None,
         models: list[tuple[str, str]] | None = None,
         system_prompt: str | None = None,
+        most_ctx: int = 0,
     ):
         super().__init__(classes="dialog wide")
         self.current = current
         self.model = model
+        self.most_ctx = most_ctx  # the open model's context length; 0: not known
         # (name, label) as Ctrl+L lists them; the open model is offered even when not listed.
         self.models = list(models or [])
         if model is not None and model not in {name for name, _ in self.models}:
@@ -89,12 +91,15 @@ class ConversationSettingsScreen(ModalScreen[PanelChoice | None]):
             self.action_cancel()
 
     def action_apply(self) -> None:
+        model = self.query_one("#model", Select).value
         try:
             settings = self._read()
+            # Another model's length is not known before it opens: that opening says.
+            if model == self.model and self.most_ctx and (settings.ctx or 0) > self.most_ctx:
+                raise ValueError(f"the context must be at most {self.most_ctx:,} tokens")
         except ValueError as error:
             self.query_one("#problem", Label).update(str(error))
             return
-        model = self.query_one("#model", Select).value
         self.dismiss(
             PanelChoice(
                 settings,

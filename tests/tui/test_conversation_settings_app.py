@@ -172,3 +172,14 @@ async def test_continuing_opens_the_conversations_own_model_and_context(home):
     async with app.run_test() as pilot:
         await settle(pilot, app)
         assert app.model_name == "tiny-mqa" and app.chat.info.context_size == 64
+
+
+async def test_with_no_model_open_the_panel_opens_none_unless_one_is_chosen(home):
+    app = app_for(home, model="missing")  # not installed: no model opens
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        assert app.chat is None
+        await fill(pilot, app, temperature="0.5")
+        assert app.chat is None and app.new_settings == ConversationSettings(temperature=0.5)
+        await fill(pilot, app, model="tiny")
+        assert app.model_name == "tiny" and app.chat is not None

@@ -67,8 +67,12 @@ class ConversationSettingsScreen(ModalScreen[PanelChoice | None]):
                 with Grid(id="numbers"):
                     yield Label("Model")
                     choices = [(name, name) for name, _ in self.models]  # Ctrl+L's describe
-                    value = self.model if self.model is not None else Select.NULL
-                    yield Select(choices, value=value, allow_blank=False, id="model")
+                    # None open: blank, so that applying the numbers opens none unasked.
+                    none = self.model is None
+                    value = Select.NULL if none else self.model
+                    yield Select(
+                        choices, prompt="none open", value=value, allow_blank=none, id="model"
+                    )
                     for name, label, hint in FIELDS:
                         yield Label(label)
                         number = chosen.get(name)

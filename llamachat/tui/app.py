@@ -864,6 +864,8 @@ class LlamaChatApp(App):
     def _delete(self, conversation_id: int, confirmed: bool | None) -> None:
         if not confirmed:
             return
+        if conversation_id == self.conversation_id and self._busy():  # its reply is recorded
+            return
         self.history.delete(conversation_id)
         # Its saved KV caches go with it, as `history rm` removes them (no torch needed).
         ContextFiles(self.home.kv).remove_key(str(conversation_id))

@@ -171,9 +171,12 @@ class LlamaChatApp(App):
         """Open `name`; `leaving`: the model it replaces, closed (the open conversation's cache
         saved first) on the loading thread."""
         self.show_status(model=name, device="", note="loading…")
-        spec = self._options().spec(name)
-        self.opened_ctx = spec.ctx
-        self.load_model(spec, leaving, self.conversation_id)
+        # Only the conversation's ctx goes with the model: its sampling and reply length go
+        # with each of its replies (_request), never to another conversation's.
+        self.opened_ctx = self._ctx_for(self._own_settings())
+        self.load_model(
+            replace(self.options, ctx=self.opened_ctx).spec(name), leaving, self.conversation_id
+        )
 
     def _own_settings(self) -> ConversationSettings:
         """The open conversation's own settings, else those the next message starts with."""
@@ -181,13 +184,10 @@ class LlamaChatApp(App):
             return self.new_settings
         return self.history.get(self.conversation_id).settings
 
-    def _options(self) -> ChatOptions:
-        """The options for the open conversation: its own settings over the config's, under
-        the flags (its ctx is what the model opens with)."""
-        try:
-            return self.options.for_conversation(self._own_settings())
-        except OptionsError:  # said when a reply uses them (_request)
-            return self.options
+    def _ctx_for(self, own: ConversationSettings) -> int | None:
+        """The ctx to open the model with for a conversation's own settings: its own over the
+        config's, under --ctx (as for_conversation decides); None: the model's."""
+        return self.options.for_conversation(ConversationSettings(ctx=own.ctx)).ctx
 
     def reopen_model(self, name: str) -> bool:
         """Close the model and open `name` (Ctrl+L): the open conversation is left as a new
@@ -769,7 +769,7 @@ class LlamaChatApp(App):
         if choice is None:
             return
         settings = choice.settings
-        ctx = self.options.for_conversation(settings).ctx  # the flag's where --ctx was given
+        ctx = self._ctx_for(settings)
         model = choice.model or self.model_name
         reopen = model is not None and (model != self.model_name or ctx != self.opened_ctx)
         if reopen and self._busy():  # nothing is kept: the model must not change under a reply

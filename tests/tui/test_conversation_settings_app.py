@@ -183,3 +183,17 @@ async def test_with_no_model_open_the_panel_opens_none_unless_one_is_chosen(home
         assert app.chat is None and app.new_settings == ConversationSettings(temperature=0.5)
         await fill(pilot, app, model="tiny")
         assert app.model_name == "tiny" and app.chat is not None
+
+
+async def test_only_the_context_of_the_conversation_opened_with_stays_with_the_model(home):
+    history = HistoryStore(home.history_db)
+    conversation = history.create(model="tiny")
+    history.add_message(conversation, "user", "Hi")
+    history.set_settings(conversation, ConversationSettings(max_tokens=3, ctx=64))
+    app = app_for(home, continue_latest=True)  # the model opens for it: its ctx
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        assert app.chat.info.context_size == 64
+        app.action_new_chat()
+        await send(pilot, app, "Hello")  # a conversation of its own: the defaults' 12 tokens
+        assert stored(app).messages[-1].generated_tokens == 12

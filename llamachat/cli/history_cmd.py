@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..backends.base import Sampling
-from ..history.conversation_settings import ConversationSettings
+from ..history.conversation_settings import MIN_CTX, ConversationSettings
 from ..history.export import to_json, to_markdown, to_outline
 from ..history.store import Conversation, HistoryStore
 from ..home import Home
@@ -134,7 +134,7 @@ def set_settings(
     min_p: Annotated[float | None, typer.Option("--min-p")] = None,
     repeat_penalty: Annotated[float | None, typer.Option("--repeat-penalty")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1)] = None,
-    ctx: Annotated[int | None, typer.Option(min=16, help="Context window in tokens.")] = None,
+    ctx: Annotated[int | None, typer.Option(min=MIN_CTX, help="Context window in tokens.")] = None,
     unset: Annotated[
         list[str] | None,
         typer.Option("--unset", metavar="NAME", help="Forget one (temperature, top_p…)."),

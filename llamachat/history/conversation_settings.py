@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 FLOATS = ("temperature", "top_p", "min_p", "repeat_penalty")
 INTEGERS = ("top_k", "max_tokens", "ctx")
+MIN_CTX = 16  # tokens: the smallest context a conversation may ask for
 
 
 @dataclass(frozen=True)

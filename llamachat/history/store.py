@@ -265,6 +265,11 @@ class HistoryStore:
             _summary(row), tuple(reversed(path)), tree, row["active_leaf"], settings
         )
 
+    def exists(self, conversation_id: int) -> bool:
+        _check_id(conversation_id)
+        found = self._db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,))
+        return found.fetchone() is not None
+
     def rename(self, conversation_id: int, title: str) -> None:
         with self._transaction() as db:
             db.execute(

@@ -108,7 +108,7 @@ ACTIONS: tuple[Action, ...] = (
     Action(
         "conversation_settings",
         "Conversation settings",
-        "This conversation's own temperature, top-p/k, min-p, repeat penalty, max tokens",
+        "This conversation's own model, context, system prompt, sampling and reply length",
         key="ctrl+o",
         show=False,
     ),

@@ -21,7 +21,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Markdown, OptionList
 
 from .. import remotes
-from ..backends.base import Chat, PromptTooLongError, ReplyRequest
+from ..backends.base import Chat, ChatSpec, PromptTooLongError, ReplyRequest
 from ..backends.routing import Router
 from ..chat_options import ChatOptions, OptionsError, chosen_model
 from ..history.conversation_settings import ConversationSettings
@@ -47,7 +47,7 @@ from .messages import (
     ReplyStarted,
     UnshownText,
 )
-from .screens.conversation_settings import ConversationSettingsScreen
+from .screens.conversation_settings import ConversationSettingsScreen, PanelChoice
 from .screens.dialogs import ConfirmScreen, PickScreen, TextPromptScreen
 from .screens.help import HelpScreen
 from .screens.search import Found, SearchScreen
@@ -87,11 +87,13 @@ class LlamaChatApp(App):
         self.conversation_id: int | None = None
         self.new_system = options.new_system  # the system prompt a new conversation starts with
         self.new_settings = ConversationSettings()  # and its own settings (Ctrl+O before it)
+        self.opened_ctx: int | None = None  # the ctx the model was opened with; None: its own
         self.editing: int | None = None  # the user message being edited and resent
         self.cancel = threading.Event()
         self.generating = False
         self.stream: Any = None  # MarkdownStream of the reply being written
         self.reply_turn: ReplyTurn | None = None
+        self.continued_from: tuple[str, str | None] = ("error", None)  # status, finish reason
         self.status = Status()
         self._theme_ready = False
 
@@ -115,8 +117,11 @@ class LlamaChatApp(App):
         else:
             self.show_status()
         self.query_one(PromptInput).focus()
+        continued = latest.model if latest is not None else None  # -c: its model, as the CLI's
         try:
-            name = chosen_model(self.options, self.backend.store, remotes=self.backend.remotes)
+            name = chosen_model(
+                self.options, self.backend.store, continued, remotes=self.backend.remotes
+            )
         except StoreError as error:
             self.show_status(model="no model", note=str(error))
             self.notify(str(error), severity="error", timeout=15)
@@ -162,14 +167,47 @@ class LlamaChatApp(App):
 
     # The model
 
-    def start_loading(self, name: str) -> None:
+    def start_loading(self, name: str, leaving: Chat | None = None) -> None:
+        """Open `name`; `leaving`: the model it replaces, closed (the open conversation's cache
+        saved first) on the loading thread."""
         self.show_status(model=name, device="", note="loading…")
-        self.load_model(name)
+        # Only the conversation's ctx goes with the model: its sampling and reply length go
+        # with each of its replies (_request), never to another conversation's.
+        self.opened_ctx = self._ctx_for(self._own_settings())
+        self.load_model(
+            replace(self.options, ctx=self.opened_ctx).spec(name), leaving, self.conversation_id
+        )
+
+    def _own_settings(self) -> ConversationSettings:
+        """The open conversation's own settings, else those the next message starts with."""
+        if self.conversation_id is None:
+            return self.new_settings
+        return self.history.get(self.conversation_id).settings
+
+    def _ctx_for(self, own: ConversationSettings) -> int | None:
+        """The ctx to open the model with for a conversation's own settings: its own over the
+        config's, under --ctx (as for_conversation decides); None: the model's."""
+        return self.options.for_conversation(ConversationSettings(ctx=own.ctx)).ctx
+
+    def reopen_model(self, name: str) -> bool:
+        """Close the model and open `name` (Ctrl+L): the open conversation is left as a new
+        chat leaves it, its cache saved, and loaded again into the new model once it is open
+        (on_model_ready). False (and said) while a reply is written."""
+        if self._busy():
+            return False
+        leaving, self.chat = self.chat, None
+        self.start_loading(name, leaving)
+        return True
 
     @work(thread=True, exclusive=True, group="model")
-    def load_model(self, name: str) -> None:
+    def load_model(self, spec: ChatSpec, leaving: Chat | None, conversation: int | None) -> None:
+        name = spec.model
+        if leaving is not None:
+            if conversation is not None:
+                self._save_context(leaving, conversation)
+            leaving.close()
         try:
-            chat = self.backend.open_chat(self.options.spec(name))
+            chat = self.backend.open_chat(spec)
         except Exception as error:  # shown in the app: a bad model must not kill it
             self.post_message(ModelFailed(name, _describe(error)))
             return
@@ -298,6 +336,7 @@ class LlamaChatApp(App):
             self.query_one(ChatView).add(self.reply_turn)
         else:
             self.reply_turn = continuing
+            self.continued_from = (continuing.status, continuing.finish_reason)
             continuing.set_status("streaming")
         self.stream = Markdown.get_stream(self.reply_turn)
         self.cancel = threading.Event()
@@ -345,7 +384,15 @@ class LlamaChatApp(App):
         except PromptTooLongError as error:
             self.post_message(ReplyFailed(str(error), question_id))
             return
-        recorder = ReplyRecorder(self.history, conversation_id, self.model_name, continuing)
+        try:
+            recorder = ReplyRecorder(self.history, conversation_id, self.model_name, continuing)
+        except HistoryError as error:  # a full disk: a continued reply cannot be reopened
+            reply.cancel()
+            for _ in reply:  # to its end, within a token: it holds the chat till then
+                pass
+            reason = f"the reply was not continued: {error}"
+            self.post_message(ReplyFailed(reason, untouched=True))
+            return
         unseen = {ids[i] for i in reply.dropped if ids[i] is not None}
         self.post_message(ReplyStarted(recorder.message_id, unseen, reply.prompt_tokens))
         unshown = UnshownText()
@@ -402,7 +449,8 @@ class LlamaChatApp(App):
         if self._closing_down():
             return
         turn = self.reply_turn
-        await self._end_reply("error")
+        # A reply that could not be continued is shown as it was, to be continued later.
+        await self._end_reply(*(self.continued_from if message.untouched else ("error",)))
         if message.question_id is not None and self.conversation_id is not None:
             # Nothing was answered (the message does not fit): take the question back, into
             # the editor, for the user to shorten.
@@ -481,21 +529,33 @@ class LlamaChatApp(App):
         chat = self.chat
         if chat is None:
             return
+        if leaving is not None:
+            self._save_context(chat, leaving)
+        if opening is not None:
+            chat.restore_context(str(opening))
+
+    def _save_context(self, chat: Chat, conversation: int) -> None:
+        """On a worker thread: save the conversation's cache, a failure said in a notice."""
         try:
-            if leaving is not None:
-                chat.save_context(str(leaving))
+            self._keep(chat, conversation)
         except OSError as error:  # a full disk: the conversation is only prefilled next time
             self.call_from_thread(
                 self.notify, f"the KV cache was not saved: {error}", severity="warning"
             )
-        if opening is not None:
-            chat.restore_context(str(opening))
+
+    def _keep(self, chat: Chat, conversation: int) -> None:
+        """Save the conversation's cache (OSError when the disk refuses it), unless it was
+        deleted meanwhile (F8 while it was saved, `history rm` elsewhere): checked after the
+        write, so that a deletion after the check removes the file itself."""
+        chat.save_context(str(conversation))
+        if not self.history.exists(conversation):
+            ContextFiles(self.home.kv).remove_key(str(conversation))
 
     def _keep_context(self) -> None:
         """Quitting: save the open conversation's cache, here, as the app closes."""
         if self.chat is not None and self.conversation_id is not None:
             try:
-                self.chat.save_context(str(self.conversation_id))
+                self._keep(self.chat, self.conversation_id)
             except OSError:
                 pass  # the app is gone; the next start prefills
 
@@ -682,10 +742,8 @@ class LlamaChatApp(App):
     # System prompt and model
 
     def action_system_prompt(self) -> None:
-        current = self.new_system
-        if self.conversation_id is not None:
-            current = self.history.get(self.conversation_id).system_prompt
-        self.push_screen(SystemPromptScreen(self.history, current), self._apply_system_prompt)
+        screen = SystemPromptScreen(self.history, self._system_prompt())
+        self.push_screen(screen, self._apply_system_prompt)
 
     def _apply_system_prompt(self, choice: PromptChoice | None) -> None:
         if choice is None:
@@ -698,30 +756,52 @@ class LlamaChatApp(App):
         self.query_one(ChatView).add(SystemNote(choice.prompt, message_id))
 
     def action_conversation_settings(self) -> None:
-        current = self.new_settings
-        context = "its context: llamachat history set ID --ctx N"
-        if self.conversation_id is not None:
-            current = self.history.get(self.conversation_id).settings
-            context = f"its context: llamachat history set {self.conversation_id} --ctx N"
-        elsewhere = f"Its model: Ctrl+L ({self.model_name}) · its system prompt: Ctrl+S · {context}"
-        self.push_screen(ConversationSettingsScreen(current, elsewhere), self._apply_settings)
+        self.list_models(for_settings=True)  # its model field offers what Ctrl+L offers
 
-    def _apply_settings(self, settings: ConversationSettings | None) -> None:
-        if settings is None:
+    def _open_settings(self, models: list[tuple[str, str]]) -> None:
+        most = self.chat.info.context_length if self.chat is not None else 0
+        panel = ConversationSettingsScreen(
+            self._own_settings(), self.model_name, models, self._system_prompt(), most
+        )
+        self.push_screen(panel, self._apply_settings)
+
+    def _apply_settings(self, choice: PanelChoice | None) -> None:
+        if choice is None:
+            return
+        settings = choice.settings
+        ctx = self._ctx_for(settings)
+        model = choice.model or self.model_name
+        reopen = model is not None and (model != self.model_name or ctx != self.opened_ctx)
+        if reopen and self._busy():  # nothing is kept: the model must not change under a reply
             return
         if self.conversation_id is None:
             self.new_settings = settings  # given to the conversation the next message starts
         else:
             self.history.set_settings(self.conversation_id, settings)
-        self.notify(f"this conversation: {settings.described() or 'the defaults'}")
+        if choice.system_prompt != (self._system_prompt() or ""):
+            self._apply_system_prompt(PromptChoice(choice.system_prompt))
+        if reopen:
+            assert model is not None
+            self._switch_model(model, again=True)
+        said = settings.described() or "the defaults"
+        flagged = sorted(k for k in settings.chosen() if k in self.options.flagged)
+        if flagged:  # the command line's flags win over a conversation's own
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in flagged)
+            said += f" ({flags} given: the flag wins)"
+        self.notify(f"this conversation: {said}")
+
+    def _system_prompt(self) -> str | None:
+        if self.conversation_id is None:
+            return self.new_system
+        return self.history.get(self.conversation_id).system_prompt
 
     def action_pick_model(self) -> None:
         self.list_models()  # a remote may take seconds to answer: not on the event loop
 
     @work(thread=True, exclusive=True, group="listing")
-    def list_models(self) -> None:
+    def list_models(self, for_settings: bool = False) -> None:
         found = self.backend.models()
-        self.post_message(ModelsListed(found, dict(self.backend.unreachable)))
+        self.post_message(ModelsListed(found, dict(self.backend.unreachable), for_settings))
 
     def on_models_listed(self, message: ModelsListed) -> None:
         if self._closing_down():
@@ -729,21 +809,21 @@ class LlamaChatApp(App):
         for name, why in message.unreachable.items():
             self.notify(f"{name}'s models are not listed: {why}", severity="warning", timeout=10)
         choices = [(m.name, f"{m.name} ({m.description})") for m in message.models]
+        if message.for_settings:
+            self._open_settings(choices)
+            return
         if not choices:
             self.notify("no models installed: run `llamachat pull smollm2`", severity="error")
             return
         self.push_screen(PickScreen("Switch model", choices, self.model_name), self._switch_model)
 
-    def _switch_model(self, name: str | None) -> None:
-        if name is None or name == self.model_name:
+    def _switch_model(self, name: str | None, again: bool = False) -> None:
+        """Open model `name` for the conversation (Ctrl+L; the panel's model or ctx, `again`
+        when it is the open one, its context changed)."""
+        if name is None or (name == self.model_name and not again):
             return
-        if self.generating:
-            self.notify("a reply is being written: Esc stops it", severity="warning")
+        if not self.reopen_model(name):
             return
-        if self.chat is not None:
-            self.chat.close()
-            self.chat = None
-        self.start_loading(name)
         if self.conversation_id is not None:
             self.history.set_model(self.conversation_id, name)
 
@@ -784,8 +864,13 @@ class LlamaChatApp(App):
     def _delete(self, conversation_id: int, confirmed: bool | None) -> None:
         if not confirmed:
             return
+        if conversation_id == self.conversation_id and self._busy():  # its reply is recorded
+            return
         self.history.delete(conversation_id)
+        # Its saved KV caches go with it, as `history rm` removes them (no torch needed).
+        ContextFiles(self.home.kv).remove_key(str(conversation_id))
         if conversation_id == self.conversation_id:
+            self.conversation_id = None  # not left but gone: nothing of it is saved
             self.action_new_chat()
         self.refresh_conversations()
 

@@ -41,6 +41,7 @@ class ModelsListed(Message):
 
     models: list[ModelInfo]
     unreachable: dict[str, str]
+    for_settings: bool = False  # for the Ctrl+O panel's model field; else for Ctrl+L's picker
 
 
 @dataclass
@@ -78,3 +79,4 @@ class ReplyDone(Message):
 class ReplyFailed(Message):
     reason: str
     question_id: int | None = None  # the turn to take back when nothing could be answered
+    untouched: bool = False  # a reply to continue that the history could not reopen

@@ -141,6 +141,33 @@ async def chat_app(home: Path) -> dict:
     return {"replies": shown, "notifications": notes, "later": later, "editor": editor}
 
 
+async def chat_app_continuing(home: Path) -> dict:
+    """The chat app: a reply cut by its token limit, continued (Ctrl+G) once the disk is full."""
+    from llamachat.backends import Sampling
+    from llamachat.home import Home
+    from llamachat.tui.widgets.chat_view import ReplyTurn
+    from llamachat.tui.widgets.prompt_input import PromptInput
+    from tests.tui.conftest import app_for, settle
+
+    greedy = Sampling(temperature=0.0, repeat_penalty=1.0)
+    app = app_for(Home(home, home, home / "cache"), quantize="none", sampling=greedy, max_tokens=5)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        app.query_one(PromptInput).text = QUESTION
+        await pilot.press("enter")
+        await settle(pilot, app)
+        cut = [turn.text for turn in app.query(ReplyTurn)]
+        fill(home)
+        await pilot.press("ctrl+g")
+        await settle(pilot, app)
+        shown = [turn.text for turn in app.query(ReplyTurn)]
+        notes = [(str(n.message), n.severity) for n in app._notifications]
+        status = str(app.query(ReplyTurn).last().border_subtitle)
+        running = app.is_running
+    report = {"cut": cut, "replies": shown, "notifications": notes, "status": status}
+    return {**report, "running": running}
+
+
 def ended(process: subprocess.Popen) -> dict:
     stdout, stderr = process.communicate(timeout=300)
     return outcome(process.returncode, stdout, stderr)
@@ -169,6 +196,8 @@ def main() -> None:
     else:
         if scenario == "app":
             report = asyncio.run(chat_app(home))
+        elif scenario == "app-continue":
+            report = asyncio.run(chat_app_continuing(home))
         else:
             report = {"one-shot": one_shot, "plain-chat": plain_chat}[scenario](home, env)
         free(home)  # to read what the history kept

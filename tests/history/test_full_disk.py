@@ -108,3 +108,15 @@ def test_a_history_on_a_full_disk_says_the_disk_is_full(tmp_path, models):
         (line,) = result["stderr"].splitlines()
         assert line.startswith("llamachat: error: cannot open the history at ")
         assert line.endswith("/history.db: the disk is full")
+
+
+def test_a_reply_continued_on_a_full_disk_is_left_as_it_was_with_one_notice(tmp_path, models):
+    report = on_a_full_disk(tmp_path, models, "app-continue")
+    assert report["running"]  # the app did not fall over
+    assert report["replies"] == report["cut"]
+    ((text, severity),) = report["notifications"]
+    assert severity == "error" and "\n" not in text
+    assert text.startswith("the reply was not continued: ") and text.endswith("the disk is full")
+    assert report["status"] == "cut: token limit"  # Ctrl+G can try again once there is room
+    reply = report["saved"]["messages"][-1]
+    assert reply["status"] == "length" and reply["content"] == report["cut"][0]

@@ -49,6 +49,13 @@ def test_conversations_are_listed_newest_first(store):
     assert store.latest().id == first
 
 
+def test_exists_says_whether_a_conversation_is_there_until_it_is_deleted(store):
+    conversation = store.create(model="tiny")
+    assert store.exists(conversation) and not store.exists(conversation + 1)
+    store.delete(conversation)
+    assert not store.exists(conversation)
+
+
 def test_long_titles_are_cut(store):
     conversation = store.create()
     store.add_message(conversation, "user", "x" * 200)

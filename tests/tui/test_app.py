@@ -265,6 +265,22 @@ async def test_rename_and_delete_with_confirmation(home):
         assert app.conversation_id is None
 
 
+async def test_the_open_conversation_is_not_deleted_while_its_reply_is_written(home):
+    app = app_for(home, max_tokens=900)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there")
+        app.post_message(PromptInput.Submitted("Tell me everything"))
+        await pilot.pause()
+        assert app.generating
+        await pilot.press("f8", "y")
+        await pilot.pause()
+        assert app.conversation_id is not None
+        await pilot.press("escape")
+        await settle(pilot, app)
+        assert HistoryStore(home.history_db).get(app.conversation_id).messages[-1].content
+
+
 async def test_export_markdown_and_json(home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = app_for(home)

@@ -9,6 +9,7 @@ import pytest
 from llamachat.backends import local
 from llamachat.history.store import HistoryStore
 from llamachat.kv_files import ContextFiles
+from llamachat.tui.widgets.conversation_list import ConversationList
 from tests.tui.conftest import app_for, send, settle
 
 
@@ -74,3 +75,75 @@ async def test_nothing_is_saved_with_a_budget_of_zero(home):
         app.action_new_chat()
         await settle(pilot, app)
     assert saved(home) == {}
+
+
+async def test_deleting_a_conversation_in_the_app_removes_its_saved_cache(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        first = app.conversation_id
+        app.action_new_chat()  # leaves it: saved
+        await settle(pilot, app)
+        await send(pilot, app, "Something else entirely")
+        assert str(first) in saved(home)
+        listing = app.query_one(ConversationList)
+        listing.focus()
+        listing.highlighted = listing.get_option_index(str(first))
+        await pilot.press("f8", "y")
+        await settle(pilot, app)
+        assert app.conversation_id is not None  # the open one stays open
+        assert str(first) not in saved(home)
+
+
+async def test_deleting_the_open_conversation_saves_no_cache_for_it(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        deleted = app.conversation_id
+        await pilot.press("f8", "y")
+        await settle(pilot, app)
+        assert app.conversation_id is None
+    assert str(deleted) not in saved(home)  # nor did quitting save it
+
+
+async def test_switching_model_saves_the_conversations_cache_for_switching_back(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        await pilot.press("ctrl+l")
+        await settle(pilot, app)  # the models are listed on a thread
+        choices = app.screen.query_one("#choices")
+        choices.highlighted = choices.get_option_index("tiny-mqa")
+        await pilot.press("enter")
+        await settle(pilot, app)
+        assert app.model_name == "tiny-mqa"
+        assert set(saved(home)) == {str(app.conversation_id)}  # tiny's, left
+        app._switch_model("tiny")  # what the model picker does
+        await settle(pilot, app)
+        await send(pilot, app, "And then?")
+        assert app.status.reused_tokens >= first_prompt(app, app.conversation_id) - 1
+
+
+async def test_a_conversation_deleted_elsewhere_while_open_leaves_no_cache_when_left(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        deleted = app.conversation_id
+        HistoryStore(home.history_db).delete(deleted)  # `llamachat history rm` in a terminal
+        app.action_new_chat()  # leaves it: its cache would be saved for nothing
+        await settle(pilot, app)
+        assert str(deleted) not in saved(home)
+
+
+async def test_a_conversation_deleted_elsewhere_while_open_leaves_no_cache_on_quitting(home):
+    app = app_for(home)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Hello there, tell me about foxes")
+        deleted = app.conversation_id
+        HistoryStore(home.history_db).delete(deleted)
+    assert str(deleted) not in saved(home)

@@ -107,6 +107,27 @@ def test_system_prompt_dialog(snap_compare, conversation_home, size):
     assert snap_compare(app, terminal_size=size, run_before=open_dialog)
 
 
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_conversation_settings_panel(snap_compare, conversation_home, size):
+    """The latest conversation's own context, temperature and system prompt, filled in."""
+    with sqlite3.connect(conversation_home.history_db) as db:  # its time kept as it is
+        db.execute(
+            "UPDATE conversations SET settings = ? WHERE id = 4",
+            ('{"ctx": 512, "temperature": 0.3}',),
+        )
+
+    async def open_panel(pilot):
+        await _ready(pilot)
+        await pilot.press("ctrl+o")
+        await settle(pilot, pilot.app)  # the models are listed first
+        for field in pilot.app.screen.query("Input, TextArea"):
+            field.cursor_blink = False
+        await pilot.pause()
+
+    app = pinned_app(conversation_home)
+    assert snap_compare(app, terminal_size=size, run_before=open_panel)
+
+
 def test_high_contrast_theme(snap_compare, conversation_home):
     """With a context filling up, so that the meter shows its warning colour."""
     app = pinned_app(conversation_home, theme="high-contrast", ctx=512)

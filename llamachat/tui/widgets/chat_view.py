@@ -95,6 +95,7 @@ class ReplyTurn(Markdown, Turn):
         """Mark how the reply ended: `status` is the history's (complete, interrupted, length,
         error...), `finish_reason` the engine's (stop, length, context, cancelled) when known."""
         self.status = status
+        self.finish_reason = finish_reason
         self.set_class(status == "interrupted", "interrupted")
         self.set_class(status == "error", "error")
         self.set_class(status == "length", "cut")

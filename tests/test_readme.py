@@ -30,6 +30,8 @@ EXPECTED_FAILURES = {
     "llamachat pull hf:": 1,
     "llamachat pull ./my-finetune": 1,  # the user's own files
     "llamachat pull ./model.Q4_K_M.gguf": 1,
+    "llamachat create french -f Chatfile": 2,  # a Chatfile of the user's (a usage error)
+    "--adapter ./my-lora": 1,
     "-m tinyllama": 1,  # pulled above, which cannot happen here
     "llamachat chat": 2,  # needs a terminal
     "vllm serve": 127,  # needs vLLM and its GPUs (not installed here: "command not found")
@@ -65,12 +67,14 @@ def expected_exit(command: str) -> int:
 
 @pytest.fixture(scope="module")
 def readme_home(smollm2_env, tmp_path_factory):
-    """A user's home with SmolLM2 installed, notes.txt in the folder the examples run in, and no
+    """A user's home with SmolLM2 installed (the shared install's files, hard-linked: the
+    examples install models of their own), notes.txt in the folder the examples run in, and no
     Hub within reach (a port nothing listens on)."""
     root = tmp_path_factory.mktemp("readme")
     home = root / "llamachat"
     home.mkdir()
-    (home / "models").symlink_to(Path(smollm2_env["LLAMACHAT_HOME"]) / "models")
+    shared = Path(smollm2_env["LLAMACHAT_HOME"]) / "models"
+    shutil.copytree(shared, home / "models", copy_function=os.link, symlinks=True)
     work = root / "work"
     work.mkdir()
     (work / "notes.txt").write_text("Paris is the capital of France.\n")

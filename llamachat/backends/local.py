@@ -16,7 +16,7 @@ from ..chat_options import weight_format_for
 from ..kv_files import ContextFiles
 from ..models.errors import StoreError
 from ..models.reply_defaults import ReplyDefaults, reply_defaults
-from ..models.store import ModelStore
+from ..models.store import InstalledModel, ModelStore
 from .base import (
     BackendError,
     ChatLoad,
@@ -84,6 +84,7 @@ class LocalBackend:
             try:
                 installed = self.store.get(spec.model)
                 installed.check_sizes()  # a truncated or missing file: named, before torch reads
+                weights_folder, adjust = _weights_of(self.store, installed)
             except StoreError as error:
                 raise ModelUnavailableError(str(error)) from None
             name, defaults = installed.name, reply_defaults(installed.path)
@@ -104,6 +105,8 @@ class LocalBackend:
                     chat_format=spec.chat_format or defaults.chat_format,
                     quantization=weight_format_for(spec.weight_format, recorded),
                     threads=spec.threads,
+                    weights_folder=weights_folder,
+                    adjust=adjust,
                 )
 
         try:
@@ -471,3 +474,13 @@ class LocalReply:
 
     def cancel(self) -> None:
         self._reply.cancel.set()
+
+
+def _weights_of(store: ModelStore, installed: InstalledModel):
+    """Where a model's weights are read from: its own folder, or for a created model whose
+    adapters apply on loading its base's (create/loading.py, which imports torch)."""
+    if installed.manifest.lineage is None or installed.manifest.lineage.merged:
+        return installed.path, None
+    from ..create.loading import weights_of
+
+    return weights_of(store, installed)

@@ -42,6 +42,14 @@ def create(
         str | None,
         typer.Option("--chat-format", help="llama-2, llama-3, chatml, alpaca, vicuna, or model."),
     ] = None,
+    no_merge: Annotated[
+        bool,
+        typer.Option(
+            "--no-merge",
+            help="Keep the adapters beside the base's weights and apply them on loading: a"
+            " persona costs the disk of its adapters, and needs its base installed.",
+        ),
+    ] = False,
     parameters: Annotated[
         list[str] | None,
         typer.Option(
@@ -80,12 +88,13 @@ def create(
             done += count
             task.update(done)
 
-        model = create_model(store, name, recipe, advance)
+        model = create_model(store, name, recipe, advance, merge=not no_merge)
         if task is not None:
             task.finish()
     count = len(recipe.adapters)
     stderr.print(
         f"created {model.name} from {recipe.base}"
-        + (f" with {count} adapter{'s' if count != 1 else ''} merged" if count else ""),
+        + (f" with {count} adapter{'s' if count != 1 else ''}" if count else "")
+        + (" (applied on loading)" if count and no_merge else " merged" if count else ""),
         markup=False,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -193,10 +194,11 @@ def show(
     if (remote_model := remotes.split_model(name, known)) is not None:
         _show_remote(*remote_model, as_json)
         return
-    model = ModelStore(home.models).get(name)
+    store = ModelStore(home.models)
+    model = store.get(name)
     damage = model.size_problems()
     try:
-        details = _details(model, damage)
+        details = _details(model, damage, _base_weights(store, model))
     except (StoreError, EngineError):
         if damage:  # what cannot be read is most likely what was damaged: say that
             raise model.damaged(damage) from None
@@ -309,17 +311,25 @@ def verify(
 def rm(
     name: Annotated[str, typer.Argument(help="An installed model.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Remove a base that models created with --no-merge still load from."
+        ),
+    ] = False,
 ) -> None:
     """Remove an installed model."""
     store = ModelStore(Home.current().models)
     model = store.entry(name)
+    if not force:
+        store.check_removable(name)  # before anything is asked
     if not yes:
         if not stdin_is_terminal():
             raise CliError(f"not removing {name} without confirmation: pass --yes", exit_code=2)
         what = "broken" if isinstance(model, BrokenModel) else _bytes(model.manifest.size)
         if not typer.confirm(f"Remove {name} ({what})?", err=True):
             raise typer.Exit(1)
-    store.remove(name)
+    store.remove(name, force=force)
     stderr.print(f"removed {name}", markup=False)
 
 
@@ -341,10 +351,25 @@ def _integrity(model: InstalledModel, damage: list[FileProblem]) -> str:
     return f"sizes as recorded (`llamachat verify {model.name}` checks every sha256)"
 
 
-def _details(model: InstalledModel, damage: list[FileProblem]) -> dict[str, Any]:
+def _base_weights(store: ModelStore, model: InstalledModel) -> Path | None:
+    """A created model's base's folder, when the model loads its weights from there."""
+    lineage = model.manifest.lineage
+    if lineage is None or lineage.merged:
+        return None
+    try:
+        return store.get(lineage.base).path
+    except StoreError:
+        raise StoreError(
+            f"{model.name} loads its weights from {lineage.base}, which is not installed"
+        ) from None
+
+
+def _details(
+    model: InstalledModel, damage: list[FileProblem], weights_folder: Path | None = None
+) -> dict[str, Any]:
     manifest = model.manifest
     problems = {problem.path: problem for problem in damage}
-    facts = inspect_folder(model.path, manifest.chat_format)
+    facts = inspect_folder(model.path, manifest.chat_format, weights_folder)
     config: ModelConfig = facts.config
     scaling = config.rope_scaling
     kv_per_token = config.kv_bytes_per_token(2)

@@ -8,6 +8,7 @@ manifest recording the lineage: a create that fails or is killed leaves nothing 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 
 from ..engine.chat_format import BUILTIN_FORMATS, MODEL_FORMAT
@@ -19,9 +20,11 @@ from ..models.lineage import AdapterRecord, Lineage
 from ..models.manifest import MANIFEST_NAME, Manifest, file_records
 from ..models.reply_defaults import CREATED_DEFAULTS
 from ..models.store import InstalledModel, ModelStore, check_name
-from .adapter import TOKENIZER_FILES, LoraAdapter
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TOKENIZER_FILES, AdapterError, LoraAdapter
 from .chatfile import ChatfileError, Recipe
-from .merge import merge_checkpoint
+from .merge import INDEX, Plan, merge_checkpoint
+
+ADAPTERS = "adapters"  # a model's adapters applied on loading: adapters/0, adapters/1...
 
 _TOKENIZER_FILES = set(TOKENIZER_FILES)
 
@@ -31,9 +34,12 @@ def create_model(
     name: str,
     recipe: Recipe,
     on_tensor: Callable[[int], None] | None = None,
+    merge: bool = True,
 ) -> InstalledModel:
     """Make `name` from `recipe`. Raises StoreError (ChatfileError, AdapterError...) with a
-    one-line message; nothing is installed then."""
+    one-line message; nothing is installed then. Without `merge` the adapters are kept, copied,
+    in the model's adapters/ and applied each time it loads, over its base's weights, which are
+    not copied (open_created says how)."""
     check_name(name)
     if recipe.base is None:
         raise ChatfileError("create needs a base model: FROM in the Chatfile, or --from")
@@ -50,30 +56,41 @@ def create_model(
         config = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise StoreError(f"{base.name}'s config.json cannot be read ({error})") from None
-    linked: dict[str, str] = {}  # files shared with the base: their digests are the base's
-    digests = {record.path: record.sha256 for record in base.manifest.files}
+    plan = Plan.of(base.path, config, adapters, base.name) if adapters else None
+    if plan is not None and plan.extra and not merge:
+        raise AdapterError(
+            f"an adapter gives {base.name} an lm_head of its own (the base ties it to the"
+            " embeddings): create it merged, without --no-merge"
+        )
     with store.install(name) as staging:
-        merged = None  # without adapters the weights are the base's own files, linked
-        if adapters:
-            merged = merge_checkpoint(
-                base.path, config, adapters, staging.path, base.name, on_tensor
-            )
+        if plan is not None and merge:
+            merge_checkpoint(base.path, plan, adapters, staging.path, on_tensor)
+        for number, adapter in enumerate(adapters if not merge else []):
+            kept = staging.path / ADAPTERS / str(number)  # applied on loading: a copy of each
+            kept.mkdir(parents=True)
+            for file_name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                shutil.copyfile(adapter.folder / file_name, kept / file_name)
         written = {path.name for path in staging.path.iterdir()}
         takes_tokenizer = next((a for a in reversed(adapters) if a.tokenizer_files), None)
+        linked: dict[str, str] = {}  # files shared with the base: their digests are the base's
+        digests = {record.path: record.sha256 for record in base.manifest.files}
         for source in sorted(base.path.iterdir()):
             skip = source.name in written or source.name in (MANIFEST_NAME, CREATED_DEFAULTS)
+            skip = skip or source.name == "config.json" or not source.is_file()
             if takes_tokenizer and source.name in _TOKENIZER_FILES:
                 skip = True  # the adapter's tokenizer replaces the base's
-            if source.is_file() and not skip and source.name != "config.json":
+            if not merge and (source.suffix == ".safetensors" or source.name == INDEX):
+                skip = True  # the base's weights stay the base's
+            if not skip:
                 link_or_copy(source, staging.path / source.name)
                 if source.name in digests:
                     linked[source.name] = digests[source.name]
         if takes_tokenizer is not None:
             for file_name in takes_tokenizer.tokenizer_files:
                 link_or_copy(takes_tokenizer.folder / file_name, staging.path / file_name)
-        if merged is not None and merged.vocab_size is not None:
-            config["vocab_size"] = merged.vocab_size
-        if merged is not None and merged.untied:
+        if plan is not None and plan.vocab_size is not None:
+            config["vocab_size"] = plan.vocab_size
+        if plan is not None and plan.extra:
             config["tie_word_embeddings"] = False
         (staging.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         defaults = {
@@ -82,8 +99,9 @@ def create_model(
             "parameters": recipe.parameters,
         }
         (staging.path / CREATED_DEFAULTS).write_text(json.dumps(defaults, indent=2) + "\n")
+        weights_folder = None if merge else base.path
         try:
-            facts = inspect_folder(staging.path)
+            facts = inspect_folder(staging.path, weights_folder=weights_folder)
         except EngineError as error:
             raise StoreError(f"the created model cannot be read: {error}") from None
         lineage = Lineage(
@@ -91,9 +109,10 @@ def create_model(
             base_source=base.manifest.source,
             base_revision=base.manifest.revision,
             adapters=tuple(_record(adapter) for adapter in adapters),
-            merged=True,
+            merged=merge,
         )
         count = len(adapters)
+        how = " (LoRA merged)" if merge else " (LoRA applied on loading)"
         staging.manifest = Manifest(
             name=name,
             source=f"{base.name} + {count} adapter{'s' if count != 1 else ''}",
@@ -102,7 +121,7 @@ def create_model(
             chat_format=recipe.chat_format or base.manifest.chat_format,
             parameters=facts.config.parameter_count(),
             context_length=facts.config.max_position_embeddings,
-            weights=facts.weights_dtype + (" (LoRA merged)" if adapters else ""),
+            weights=facts.weights_dtype + (how if adapters else ""),
             quantization=base.manifest.quantization,
             lineage=lineage,
         )

@@ -26,14 +26,7 @@ from .adapter import AdapterError, LoraAdapter
 
 EMBEDDINGS = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
-_INDEX = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    changed: int  # tensors given an adapter's change or replaced
-    vocab_size: int | None  # the new vocabulary's size, when an adapter resized it
-    untied: bool  # the adapter saved an lm_head of its own for a base that tied it
+INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -45,54 +38,95 @@ class _Planned:
     changed_by: tuple[LoraAdapter, ...]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the adapters make of the base's checkpoint, checked: each tensor's file, dtype and
+    final shape, which adapter replaces it and which change it."""
+
+    files: dict[str, dict[str, tuple[str, tuple[int, ...]]]]  # file → name → (dtype, shape)
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    replaced_by: dict[str, LoraAdapter]
+    extra: list[str]  # tensors the base lacks: an lm_head of its own for a tied base
+    vocab_size: int | None  # the new vocabulary's size, when an adapter resized it
+
+    @classmethod
+    def of(
+        cls, base: Path, config: dict[str, Any], adapters: list[LoraAdapter], base_name: str
+    ) -> Plan:
+        """Raises AdapterError for an adapter that does not fit the base."""
+        files = {path.name: _header(path) for path in weight_files(base)}
+        shapes = {name: shape for header in files.values() for name, (_, shape) in header.items()}
+        dtypes = {name: dtype for header in files.values() for name, (dtype, _) in header.items()}
+        replaced_by: dict[str, LoraAdapter] = {}
+        extra: list[str] = []
+        for adapter in adapters:
+            for target in adapter.replaced:
+                if target not in shapes:
+                    if not (target == LM_HEAD and config.get("tie_word_embeddings")):
+                        raise AdapterError(
+                            f"adapter {adapter.folder} saves {target}, which {base_name} does"
+                            " not have (an adapter for another architecture?)"
+                        )
+                    extra.append(target)
+                    dtypes[target] = dtypes[EMBEDDINGS]  # the weights it was tied to
+                shapes[target] = adapter.replacement_shape(target)
+                replaced_by[target] = adapter
+        for adapter in adapters:
+            adapter.check(shapes, base_name)
+        vocab_size = _new_vocabulary(shapes, config, adapters, base_name)
+        return cls(files, shapes, dtypes, replaced_by, extra, vocab_size)
+
+
 def merge_checkpoint(
     base: Path,
-    config: dict[str, Any],
+    plan: Plan,
     adapters: list[LoraAdapter],
     out: Path,
-    base_name: str,
     on_tensor: Callable[[int], None] | None = None,
-) -> MergeResult:
-    """Write the merged checkpoint of `base` (its config.json as `config`) into `out`;
-    `on_tensor(bytes)` after each tensor written."""
-    files = {path.name: _header(path) for path in weight_files(base)}
-    shapes = {name: shape for header in files.values() for name, (_, shape) in header.items()}
-    dtypes = {name: dtype for header in files.values() for name, (dtype, _) in header.items()}
-    replaced_by: dict[str, LoraAdapter] = {}
-    extra: list[str] = []
-    for adapter in adapters:
-        for target in adapter.replaced:
-            if target not in shapes:
-                if not (target == LM_HEAD and config.get("tie_word_embeddings")):
-                    raise AdapterError(
-                        f"adapter {adapter.folder} saves {target}, which {base_name} does not"
-                        " have (an adapter for another architecture?)"
-                    )
-                extra.append(target)
-                dtypes[target] = dtypes[EMBEDDINGS]  # the weights it was tied to
-            shapes[target] = adapter.replacement_shape(target)
-            replaced_by[target] = adapter
-    for adapter in adapters:
-        adapter.check(shapes, base_name)
-    vocab_size = _new_vocabulary(shapes, config, adapters, base_name)
+) -> int:
+    """Write the merged checkpoint of `base` (as `plan` found it) into `out`; returns how many
+    tensors changed. `on_tensor(bytes)` after each tensor written."""
 
-    def plan(name: str) -> _Planned:
+    def planned(name: str) -> _Planned:
         changed = tuple(a for a in adapters if name in a.pairs)
-        return _Planned(name, dtypes[name], shapes[name], replaced_by.get(name), changed)
+        return _Planned(
+            name, plan.dtypes[name], plan.shapes[name], plan.replaced_by.get(name), changed
+        )
 
     changed = 0
-    names = list(files)
-    for number, (file_name, header) in enumerate(files.items()):
-        planned = [plan(name) for name in header]
+    names = list(plan.files)
+    for number, (file_name, header) in enumerate(plan.files.items()):
+        tensors = [planned(name) for name in header]
         if number == len(names) - 1:
-            planned += [plan(name) for name in extra]
-        changed += sum(1 for p in planned if p.replaced_by or p.changed_by)
+            tensors += [planned(name) for name in plan.extra]
+        changed += sum(1 for t in tensors if t.replaced_by or t.changed_by)
         with safe_open(base / file_name, framework="pt") as handle:
-            entries = [TensorEntry(p.name, p.dtype, p.shape, _loader(p, handle)) for p in planned]
+            entries = [TensorEntry(t.name, t.dtype, t.shape, _loader(t, handle)) for t in tensors]
             report = (lambda entry: on_tensor(entry.nbytes)) if on_tensor else None
             write_safetensors(out / file_name, entries, on_tensor=report)
-    _write_index(base, out, files, extra, names[-1], shapes, dtypes)
-    return MergeResult(changed, vocab_size, bool(extra))
+    _write_index(base, out, plan.files, plan.extra, names[-1], plan.shapes, plan.dtypes)
+    return changed
+
+
+def adjust_on_loading(adapters: list[LoraAdapter]) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The engine's `adjust` (engine/loading.py) that applies the adapters as the base's tensors
+    are read, in the dtype and on the device they are read into: what merge_checkpoint writes,
+    without writing it."""
+    replaced_by = {target: a for a in adapters for target in a.replaced}
+
+    def adjust(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name in replaced_by:
+            tensor = replaced_by[name].replacement(name).to(tensor.device, tensor.dtype)
+        changes = [adapter for adapter in adapters if name in adapter.pairs]
+        if not changes:
+            return tensor
+        total = tensor.float()
+        for adapter in changes:
+            total += adapter.change(name).to(tensor.device)
+        return total.to(tensor.dtype)
+
+    return adjust
 
 
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -171,7 +205,7 @@ def _write_index(
     dtypes: dict[str, str],
 ) -> None:
     """A sharded base's index, for the merged shards (a tensor added goes to the last)."""
-    if not (base / _INDEX).is_file():
+    if not (base / INDEX).is_file():
         return
     weight_map = {name: file for file, header in files.items() for name in header}
     weight_map.update({name: last for name in extra})
@@ -179,4 +213,4 @@ def _write_index(
         int(np.prod(shapes[name], dtype=np.int64)) * ITEM_SIZES[dtypes[name]] for name in weight_map
     )
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

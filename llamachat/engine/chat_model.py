@@ -12,7 +12,7 @@ from .chat_format import ChatFormat, ChatMessage, chat_format_for, render
 from .config import ModelConfig
 from .decode import choose_decode_step
 from .errors import EngineError, ModelLoadError
-from .loading import load_transformer, resolve_device, resolve_dtype
+from .loading import AdjustWeight, load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
 from .quantize import resolve_quantization
 from .session import ChatSession
@@ -58,12 +58,16 @@ class ChatModel:
         chat_format: str | None = None,
         quantization: str | None = None,
         threads: int | None = None,
+        weights_folder: str | Path | None = None,
+        adjust: AdjustWeight | None = None,
     ) -> ChatModel:
         """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights).
         `quantization` stores the projections' weights as int8, int4 or (CPU) f16, "auto" picks
         (see quantize.resolve_quantization); None keeps the checkpoint's precision. On a CPU,
         `threads` sets PyTorch's thread count for the whole process; None: the cores other
-        processes leave idle, measured while loading and again before each reply (threads.py)."""
+        processes leave idle, measured while loading and again before each reply (threads.py).
+        `weights_folder`: the safetensors' folder, when not `folder` (a model whose adapters
+        apply on loading over its base's weights), `adjust` as for load_transformer."""
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(f"{folder} is not a folder")
@@ -73,7 +77,10 @@ class ChatModel:
         quantization = resolve_quantization(quantization, target_device, target_dtype)
         threads_used = cpu_threads(target_device, threads)
         tokenizer = load_tokenizer(folder)
-        transformer = load_transformer(folder, config, target_device, target_dtype, quantization)
+        weights = Path(weights_folder).expanduser() if weights_folder is not None else folder
+        transformer = load_transformer(
+            weights, config, target_device, target_dtype, quantization, adjust
+        )
         transformer.decode_step = choose_decode_step(transformer)
         chosen_format = chat_format_for(tokenizer, chat_format)
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(

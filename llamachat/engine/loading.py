@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ _TOP_LEVEL = {
     "lm_head.weight": "output.weight",
 }
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+AdjustWeight = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -112,10 +114,13 @@ def load_transformer(
     device: torch.device,
     dtype: torch.dtype,
     quantization: str | None = None,
+    adjust: AdjustWeight | None = None,
 ) -> Transformer:
     """Build the model on the meta device and assign the checkpoint's tensors into it. With a
     quantisation, each projection is quantised as soon as its tensors are read, so the
-    full-precision copy of the whole model never exists (a 70B model loads as int4 on one GPU)."""
+    full-precision copy of the whole model never exists (a 70B model loads as int4 on one GPU).
+    `adjust(name, tensor)` gives each checkpoint tensor, by its checkpoint name, the value to
+    use instead (LoRA adapters applied on loading), before any is stacked or quantised."""
     with torch.device("meta"):
         model = Transformer(config)
     expected = model.state_dict()
@@ -139,6 +144,8 @@ def load_transformer(
                 target = _target_name(key)
                 if target is None:
                     continue
+                if adjust is not None:
+                    tensor = adjust(key, tensor)
                 name, slot, slots[name] = target
                 parts.setdefault(name, {})[slot] = tensor
                 if len(parts[name]) == slots[name]:

@@ -28,7 +28,11 @@ class ModelFacts:
     weights_dtype: str
 
 
-def inspect_folder(folder: Path, chat_format: str | None = None) -> ModelFacts:
+def inspect_folder(
+    folder: Path, chat_format: str | None = None, weights_folder: Path | None = None
+) -> ModelFacts:
+    """`weights_folder`: where the weights are, when not in `folder` (a created model whose
+    adapters apply on loading, over its base's weights)."""
     config = ModelConfig.from_file(folder / "config.json")
     template = chat_template(folder)
     if chat_format is None:
@@ -37,7 +41,7 @@ def inspect_folder(folder: Path, chat_format: str | None = None) -> ModelFacts:
         else:
             builtin = builtin_for_vocabulary(_vocabulary(folder))
             chat_format, template = builtin.name, builtin.template
-    return ModelFacts(config, chat_format, template or "", weights_dtype(folder))
+    return ModelFacts(config, chat_format, template or "", weights_dtype(weights_folder or folder))
 
 
 def chat_template(folder: Path) -> str | None:

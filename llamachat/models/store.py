@@ -181,8 +181,32 @@ class ModelStore:
         models = self.installed()
         return max(models, key=lambda m: m.manifest.installed_at) if models else None
 
-    def remove(self, name: str) -> None:
+    def needed_by(self, name: str) -> list[str]:
+        """The created models that apply their adapters to `name` on loading (--no-merge)."""
+        return sorted(
+            model.name
+            for model in self.installed()
+            if model.manifest.lineage is not None
+            and not model.manifest.lineage.merged
+            and model.manifest.lineage.base == name
+        )
+
+    def check_removable(self, name: str) -> None:
+        """Raises StoreError for a base that created models still load their weights from."""
+        needing = self.needed_by(name)
+        if needing:
+            many = len(needing) > 1
+            raise StoreError(
+                f"{', '.join(needing)} {'load' if many else 'loads'} its weights from {name}:"
+                f" remove {'them' if many else 'it'} first, or pass --force (then"
+                f" {'they' if many else 'it'} cannot load)"
+            )
+
+    def remove(self, name: str, force: bool = False) -> None:
+        """Unless `force`, refuses a base that created models load from (check_removable)."""
         model = self.entry(name)
+        if not force:
+            self.check_removable(name)
         self._trash.mkdir(parents=True, exist_ok=True)
         doomed = self._trash / f"{name}.{os.getpid()}"
         os.replace(model.path, doomed)  # gone from `list` in one step

@@ -180,3 +180,31 @@ def test_a_create_killed_half_way_leaves_nothing_and_the_next_one_succeeds(
     assert "big-tuned" in listed(env)
     assert not [p for p in staging.glob("big-tuned.*") if p.is_dir()]
     assert run_cli("verify", "big-tuned", env=env).returncode == 0
+
+
+def test_a_model_created_without_merging_answers_as_the_merged_one_and_keeps_its_base(home):
+    env, _, root = home
+    lora = str(root / "adapters" / "lora")
+    common = ["--from", "tiny", "--adapter", lora, "--param", "temperature=0"]
+    assert run_cli("create", "merged", *common, env=env).returncode == 0
+    lazy = run_cli("create", "lazy", *common, "--no-merge", env=env)
+    assert lazy.returncode == 0, lazy.stderr.decode()
+    assert b"applied on loading" in lazy.stderr
+    answers = [
+        run_cli("ask", QUESTION, "-m", name, "--max-tokens", "8", env=env)
+        for name in ("merged", "lazy")
+    ]
+    assert answers[0].returncode == answers[1].returncode == 0
+    assert answers[0].stdout == answers[1].stdout != b""
+    entries = listed(env)
+    assert entries["lazy"]["size"] < entries["merged"]["size"] / 2  # no weights of its own
+    shown = json.loads(run_cli("show", "lazy", "--json", env=env).stdout)
+    assert shown["lineage"]["merged"] is False and "applied on loading" in shown["weights"]
+    refused = run_cli("rm", "tiny", "--yes", env=env)
+    assert refused.returncode == 1
+    assert refused.stderr.decode() == (
+        "llamachat: error: lazy loads its weights from tiny: remove it first, or pass --force"
+        " (then it cannot load)\n"
+    )
+    assert "tiny" in listed(env)
+    assert run_cli("rm", "lazy", "--yes", env=env).returncode == 0

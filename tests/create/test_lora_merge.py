@@ -13,6 +13,7 @@ from llamachat.create.adapter import AdapterError
 from llamachat.create.build import create_model
 from llamachat.create.chatfile import Recipe
 from llamachat.engine import ChatModel, KVCache
+from llamachat.models.errors import StoreError
 from llamachat.models.pull import pull
 from llamachat.models.store import ModelStore
 
@@ -195,3 +196,39 @@ def test_resized_embeddings_without_a_tokenizer_are_refused(store, tmp_path):
     get_peft_model(model, config).save_pretrained(tmp_path / "bare")
     with pytest.raises(AdapterError, match="390 tokens but bring no tokenizer"):
         create_model(store, "bare", Recipe(base="gqa", adapters=(tmp_path / "bare",)))
+
+
+def _loaded_logits(model: ChatModel, tokens: torch.Tensor) -> torch.Tensor:
+    model.transformer.setup_rope(64)
+    cache = KVCache(model.config, 64, model.device, model.dtype)
+    with torch.inference_mode():
+        positions = torch.arange(tokens.shape[1])
+        return model.transformer(tokens, positions, cache, 64, last_only=False)
+
+
+def test_adapters_applied_on_loading_give_the_merged_models_logits(store, tmp_path):
+    """--no-merge: the created model holds copies of its adapters and no weights; loading it
+    reads its base's weights with the adapters applied, as the merge would have written them."""
+    from llamachat.create.loading import weights_of
+
+    base = store.get("gqa")
+    make_adapter(base.path, tmp_path / "first", seed=8, use_rslora=True)
+    make_adapter(base.path, tmp_path / "second", seed=9, target_modules=["o_proj"], r=2)
+    recipe = Recipe(base="gqa", adapters=(tmp_path / "first", tmp_path / "second"))
+    merged = create_model(store, "both-merged", recipe)
+    lazy = create_model(store, "both-lazy", recipe, merge=False)
+    assert not list(lazy.path.glob("*.safetensors"))  # the weights stay the base's
+    assert lazy.manifest.lineage.merged is False
+    folder, adjust = weights_of(store, lazy)
+    assert folder == base.path and adjust is not None
+    applied = ChatModel.load(lazy.path, device="cpu", weights_folder=folder, adjust=adjust)
+    tokens = _tokens(384)
+    expected = _loaded_logits(ChatModel.load(merged.path, device="cpu"), tokens)
+    assert (_loaded_logits(applied, tokens) - expected).abs().max() <= 1e-5
+    assert (
+        expected - _loaded_logits(ChatModel.load(base.path, device="cpu"), tokens)
+    ).abs().max() > 1e-2
+    # The base's weights are shared: the store refuses to remove it while both-lazy needs it.
+    assert store.needed_by("gqa") == ["both-lazy"]
+    with pytest.raises(StoreError, match="both-lazy loads its weights from gqa"):
+        store.remove("gqa")

@@ -31,7 +31,7 @@ EXPECTED_FAILURES = {
     "llamachat pull ./my-finetune": 1,  # the user's own files
     "llamachat pull ./model.Q4_K_M.gguf": 1,
     "llamachat create french -f Chatfile": 2,  # a Chatfile of the user's (a usage error)
-    "--adapter ./my-lora": 1,
+    "--adapter ./my-lora": 1,  # the user's own adapter
     "-m tinyllama": 1,  # pulled above, which cannot happen here
     "llamachat chat": 2,  # needs a terminal
     "vllm serve": 127,  # needs vLLM and its GPUs (not installed here: "command not found")

@@ -65,6 +65,11 @@ class LoraAdapter:
     replaced: dict[str, str]  # modules_to_save: target → key in the adapter file
     sha256: str  # of adapter_model.safetensors
     tokenizer_files: tuple[str, ...]  # a tokenizer of its own (an extended vocabulary)
+    source: Path | None = None  # what it was read from, when not `folder` (a GGUF file)
+
+    @property
+    def origin(self) -> Path:
+        return self.source or self.folder
 
     @classmethod
     def read(cls, folder: Path) -> LoraAdapter:
@@ -128,13 +133,13 @@ class LoraAdapter:
             shape = base_shapes.get(target)
             if shape is None:
                 raise AdapterError(
-                    f"adapter {self.folder} changes {target}, which {base_name} does not have"
+                    f"adapter {self.origin} changes {target}, which {base_name} does not have"
                     " (an adapter for another architecture?)"
                 )
             change = self._change_shape(pair)
             if change != shape:
                 raise AdapterError(
-                    f"adapter {self.folder} is for a different shape: its {target} is"
+                    f"adapter {self.origin} is for a different shape: its {target} is"
                     f" {_shape(change)}, {base_name}'s is {_shape(shape)}"
                     " (another model size or hidden size?)"
                 )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from ..engine.chat_format import BUILTIN_FORMATS, MODEL_FORMAT
 from ..engine.errors import EngineError
@@ -51,11 +53,38 @@ def create_model(
     if name == base.name:
         raise ChatfileError(f"{name} cannot be made from itself: choose another name")
     base.check_sizes()
-    adapters = [LoraAdapter.read(folder.resolve()) for folder in recipe.adapters]
     try:
         config = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise StoreError(f"{base.name}'s config.json cannot be read ({error})") from None
+    with tempfile.TemporaryDirectory(prefix="llamachat-create-") as scratch:
+        adapters = [
+            _read_adapter(path.resolve(), config, Path(scratch) / str(number))
+            for number, path in enumerate(recipe.adapters)
+        ]
+        return _create(store, name, recipe, base, config, adapters, on_tensor, merge)
+
+
+def _read_adapter(path: Path, config: dict, scratch: Path) -> LoraAdapter:
+    """A PEFT folder as it is; a llama.cpp GGUF adapter converted into `scratch` first."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf_adapter import read_gguf_adapter
+
+        scratch.mkdir()
+        return read_gguf_adapter(path, config, scratch)
+    return LoraAdapter.read(path)
+
+
+def _create(
+    store: ModelStore,
+    name: str,
+    recipe: Recipe,
+    base: InstalledModel,
+    config: dict,
+    adapters: list[LoraAdapter],
+    on_tensor: Callable[[int], None] | None,
+    merge: bool,
+) -> InstalledModel:
     plan = Plan.of(base.path, config, adapters, base.name) if adapters else None
     if plan is not None and plan.extra and not merge:
         raise AdapterError(
@@ -131,5 +160,5 @@ def create_model(
 def _record(adapter: LoraAdapter) -> AdapterRecord:
     scaling = adapter.alpha / (adapter.rank**0.5 if adapter.rslora else adapter.rank)
     return AdapterRecord(
-        str(adapter.folder), adapter.sha256, adapter.rank, adapter.alpha, adapter.rslora, scaling
+        str(adapter.origin), adapter.sha256, adapter.rank, adapter.alpha, adapter.rslora, scaling
     )

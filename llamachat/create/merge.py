@@ -65,7 +65,7 @@ class Plan:
                 if target not in shapes:
                     if not (target == LM_HEAD and config.get("tie_word_embeddings")):
                         raise AdapterError(
-                            f"adapter {adapter.folder} saves {target}, which {base_name} does"
+                            f"adapter {adapter.origin} saves {target}, which {base_name} does"
                             " not have (an adapter for another architecture?)"
                         )
                     extra.append(target)

@@ -232,3 +232,59 @@ def test_adapters_applied_on_loading_give_the_merged_models_logits(store, tmp_pa
     assert store.needed_by("gqa") == ["both-lazy"]
     with pytest.raises(StoreError, match="both-lazy loads its weights from gqa"):
         store.remove("gqa")
+
+
+def _llama_cpp_permute(weights: torch.Tensor, heads: int) -> torch.Tensor:
+    """How llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) orders the rows of
+    q and k for its rotary kernel: each head's two halves interleaved."""
+    rows = weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+    return rows.swapaxes(1, 2).reshape(weights.shape)
+
+
+def _gguf_adapter(peft_folder: Path, out: Path, heads: int, kv_heads: int, alpha: float) -> None:
+    """A peft adapter as llama.cpp's convert_lora_to_gguf.py writes it: general.type adapter,
+    adapter.type lora, adapter.lora.alpha, blk.N.attn_q.weight.lora_a / .lora_b in float32,
+    with B of q and k in llama.cpp's row order. Written with gguf-py's own GGUFWriter."""
+    import gguf
+    from safetensors.torch import load_file
+
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    names |= {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(out, "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for key, tensor in load_file(peft_folder / "adapter_model.safetensors").items():
+        layer, part = key.split(".layers.")[1].split(".")[0], key.split(".")[-3]
+        side = "lora_a" if ".lora_A." in key else "lora_b"
+        if side == "lora_b" and part in ("q_proj", "k_proj"):
+            tensor = _llama_cpp_permute(tensor, heads if part == "q_proj" else kv_heads)
+        name = f"blk.{layer}.{names[part]}.weight.{side}"
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_llama_cpp_gguf_lora_adapter_merges_as_the_peft_one_it_was_made_from(store, tmp_path):
+    base = store.get("gqa")
+    peft_model = make_adapter(base.path, tmp_path / "lora", seed=10, r=4, lora_alpha=8)
+    _gguf_adapter(tmp_path / "lora", tmp_path / "lora.gguf", heads=8, kv_heads=2, alpha=8)
+    created = create_model(
+        store, "from-gguf", Recipe(base="gqa", adapters=(tmp_path / "lora.gguf",))
+    )
+    expected = _logits(peft_model.merge_and_unload(), _tokens(384))
+    assert (_logits(_reference(created.path), _tokens(384)) - expected).abs().max() <= 1e-5
+    (record,) = created.manifest.lineage.adapters
+    assert record.path == str(tmp_path / "lora.gguf") and (record.rank, record.scaling) == (4, 2.0)
+    # A GGUF model is not an adapter: refused in one line.
+    model_gguf = tmp_path / "model.gguf"
+    writer = __import__("gguf").GGUFWriter(model_gguf, "llama")
+    writer.add_type("model")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(AdapterError, match="not a LoRA adapter"):
+        create_model(store, "not-lora", Recipe(base="gqa", adapters=(model_gguf,)))

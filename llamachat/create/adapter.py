@@ -75,7 +75,8 @@ class LoraAdapter:
     def read(cls, folder: Path) -> LoraAdapter:
         """The adapter in `folder`. Raises AdapterError, saying what is missing or unusable."""
         if not folder.is_dir():
-            raise AdapterError(f"adapter {folder}: no such folder")
+            what = "not a folder (a PEFT LoRA folder or a .gguf file)" if folder.exists() else None
+            raise AdapterError(f"adapter {folder}: {what or 'no such folder'}")
         config = _config(folder)
         weights = folder / ADAPTER_WEIGHTS
         if not weights.is_file():

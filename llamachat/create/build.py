@@ -41,7 +41,7 @@ def create_model(
     """Make `name` from `recipe`. Raises StoreError (ChatfileError, AdapterError...) with a
     one-line message; nothing is installed then. Without `merge` the adapters are kept, copied,
     in the model's adapters/ and applied each time it loads, over its base's weights, which are
-    not copied (open_created says how)."""
+    not copied (create/loading.py reads it so)."""
     check_name(name)
     if recipe.base is None:
         raise ChatfileError("create needs a base model: FROM in the Chatfile, or --from")
@@ -99,24 +99,11 @@ def _create(
             kept.mkdir(parents=True)
             for file_name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 shutil.copyfile(adapter.folder / file_name, kept / file_name)
-        written = {path.name for path in staging.path.iterdir()}
         takes_tokenizer = next((a for a in reversed(adapters) if a.tokenizer_files), None)
-        linked: dict[str, str] = {}  # files shared with the base: their digests are the base's
-        digests = {record.path: record.sha256 for record in base.manifest.files}
-        for source in sorted(base.path.iterdir()):
-            skip = source.name in written or source.name in (MANIFEST_NAME, CREATED_DEFAULTS)
-            skip = skip or source.name == "config.json" or not source.is_file()
-            if takes_tokenizer and source.name in _TOKENIZER_FILES:
-                skip = True  # the adapter's tokenizer replaces the base's
-            if not merge and (source.suffix == ".safetensors" or source.name == INDEX):
-                skip = True  # the base's weights stay the base's
-            if not skip:
-                link_or_copy(source, staging.path / source.name)
-                if source.name in digests:
-                    linked[source.name] = digests[source.name]
-        if takes_tokenizer is not None:
+        linked = _link_base_files(base, staging.path, bool(takes_tokenizer), merge)
+        if takes_tokenizer is not None:  # copied: the user's folder may change later
             for file_name in takes_tokenizer.tokenizer_files:
-                link_or_copy(takes_tokenizer.folder / file_name, staging.path / file_name)
+                shutil.copyfile(takes_tokenizer.folder / file_name, staging.path / file_name)
         if plan is not None and plan.vocab_size is not None:
             config["vocab_size"] = plan.vocab_size
         if plan is not None and plan.extra:
@@ -155,6 +142,26 @@ def _create(
             lineage=lineage,
         )
     return store.get(name)
+
+
+def _link_base_files(
+    base: InstalledModel, folder: Path, own_tokenizer: bool, merged: bool
+) -> dict[str, str]:
+    """Link the base's files the created model shares into `folder` (not what is there
+    already, its config or manifest; not its tokenizer when an adapter brings one; not its
+    weights when the adapters apply on loading). Returns their sha256s, the base's records."""
+    written = {path.name for path in folder.iterdir()}
+    digests = {record.path: record.sha256 for record in base.manifest.files}
+    linked = {}
+    for source in sorted(base.path.iterdir()):
+        own = source.name in (*written, MANIFEST_NAME, CREATED_DEFAULTS, "config.json")
+        tokenizer = own_tokenizer and source.name in _TOKENIZER_FILES
+        weights = not merged and (source.suffix == ".safetensors" or source.name == INDEX)
+        if source.is_file() and not (own or tokenizer or weights):
+            link_or_copy(source, folder / source.name)
+            if source.name in digests:
+                linked[source.name] = digests[source.name]
+    return linked
 
 
 def _record(adapter: LoraAdapter) -> AdapterRecord:

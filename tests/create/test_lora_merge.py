@@ -288,3 +288,18 @@ def test_a_llama_cpp_gguf_lora_adapter_merges_as_the_peft_one_it_was_made_from(s
     writer.close()
     with pytest.raises(AdapterError, match="not a LoRA adapter"):
         create_model(store, "not-lora", Recipe(base="gqa", adapters=(model_gguf,)))
+
+
+def test_a_base_pulled_from_a_quantised_gguf_merges_in_the_float32_it_was_converted_to(
+    store, tiny_model_factory, tmp_path
+):
+    from tests.models.tiny_gguf import write_tiny_gguf
+
+    gguf_file = write_tiny_gguf(tiny_model_factory()[0], tmp_path / "tiny.Q8_0.gguf")
+    pull(str(gguf_file), store, tmp_path / "cache", name="from-q8")
+    base = store.get("from-q8")
+    peft_model = make_adapter(base.path, tmp_path / "lora", seed=13)
+    created = create_model(store, "q8-tuned", Recipe(base="from-q8", adapters=(tmp_path / "lora",)))
+    expected = _logits(peft_model.merge_and_unload(), _tokens(384))
+    assert (_logits(_reference(created.path), _tokens(384)) - expected).abs().max() <= 1e-5
+    assert created.manifest.weights == "float32 (LoRA merged)"

@@ -182,9 +182,25 @@ def smollm2_gguf(smollm2_env, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
+    """SmolLM2 in float32, its weights as converted: the exact reference."""
     from llamachat.engine import ChatModel
 
     return ChatModel.load(smollm2_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_default(smollm2_dir):
+    """SmolLM2 as the `llamachat` command loads it on this CPU without a --quantize: its
+    weight format is what auto picks for a model converted from a 4-bit GGUF (int4 on the C
+    kernels), the other choices their defaults. The engine's answers from it are what the
+    command must print."""
+    from llamachat.engine import ChatModel
+    from llamachat.models.manifest import Manifest
+
+    manifest = Manifest.from_json(json.loads((smollm2_dir / "manifest.json").read_text()))
+    return ChatModel.load(
+        smollm2_dir, device="cpu", quantization="auto", source_bits=manifest.source_bits
+    )
 
 
 @pytest.fixture(scope="session")

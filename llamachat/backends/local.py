@@ -107,6 +107,7 @@ class LocalBackend:
                     threads=spec.threads,
                     weights_folder=weights_folder,
                     adjust=adjust,
+                    source_bits=installed.manifest.source_bits,
                 )
 
         try:

@@ -74,7 +74,12 @@ def bench(
         installed.check_sizes()
         choice = weight_format_for(quantize or settings.quantize, installed.manifest.quantization)
         chat_model = ChatModel.load(
-            installed.path, str(target), dtype, quantization=choice, threads=threads
+            installed.path,
+            str(target),
+            dtype,
+            quantization=choice,
+            threads=threads,
+            source_bits=installed.manifest.source_bits,
         )
         name = installed.name
     gpu = target.type == "cuda"

@@ -91,8 +91,7 @@ def random_model(
     config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[shape]})
     threads_used = cpu_threads(torch.device(device), threads)
     check_quantization(quantization, torch.device(device), dtype)
-    with torch.device("meta"):
-        transformer = Transformer(config)
+    transformer = Transformer(config, device="meta")
     generator = torch.Generator(device=device).manual_seed(0)
     state: dict[str, torch.Tensor] = {}
     for name, parameter in list(transformer.named_parameters()):

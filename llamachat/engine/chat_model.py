@@ -60,6 +60,7 @@ class ChatModel:
         threads: int | None = None,
         weights_folder: str | Path | None = None,
         adjust: AdjustWeight | None = None,
+        source_bits: int | None = None,
     ) -> ChatModel:
         """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights).
         `quantization` stores the projections' weights as int8, int4 or (CPU) f16, "auto" picks
@@ -67,14 +68,16 @@ class ChatModel:
         `threads` sets PyTorch's thread count for the whole process; None: the cores other
         processes leave idle, measured while loading and again before each reply (threads.py).
         `weights_folder`: the safetensors' folder, when not `folder` (a model whose adapters
-        apply on loading over its base's weights), `adjust` as for load_transformer."""
+        apply on loading over its base's weights), `adjust` as for load_transformer.
+        `source_bits`: the bits per weight the checkpoint was quantised to before it was
+        converted (a GGUF's), which "auto" takes into account."""
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(f"{folder} is not a folder")
         config = ModelConfig.from_file(folder / "config.json")
         target_device = resolve_device(device)
         target_dtype = resolve_dtype(dtype, target_device)
-        quantization = resolve_quantization(quantization, target_device, target_dtype)
+        quantization = resolve_quantization(quantization, target_device, target_dtype, source_bits)
         threads_used = cpu_threads(target_device, threads)
         tokenizer = load_tokenizer(folder)
         weights = Path(weights_folder).expanduser() if weights_folder is not None else folder

@@ -121,8 +121,7 @@ def load_transformer(
     full-precision copy of the whole model never exists (a 70B model loads as int4 on one GPU).
     `adjust(name, tensor)` gives each checkpoint tensor, by its checkpoint name, the value to
     use instead (LoRA adapters applied on loading), before any is stacked or quantised."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = Transformer(config, device="meta")
     expected = model.state_dict()
     parts: dict[str, dict[int, torch.Tensor]] = {}
     slots: dict[str, int] = {}

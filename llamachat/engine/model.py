@@ -19,17 +19,36 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .quantize import Int8Linear
 from .rope import apply_rope, rope_tables
 
 if TYPE_CHECKING:
     from .decode import DecodeStep
 
+Device = torch.device | str | None
+
+
+class Linear(nn.Linear):
+    """nn.Linear without its random initialisation, which the checkpoint's tensors replace:
+    on the meta device that initialisation runs PyTorch's Python reference kernels, and their
+    first call imports torch._dynamo (a second or more of every start)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without its random initialisation, as Linear."""
+
+    def reset_parameters(self) -> None:
+        pass
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device: Device = None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused kernel, accumulating in float32 whatever the activation dtype.
@@ -37,14 +56,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, device: Device = None):
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         self.split = (config.q_size, config.kv_size, config.kv_size)
-        self.wqkv = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
-        self.wo = nn.Linear(config.q_size, config.hidden_size, bias=config.attention_bias)
+        bias = config.attention_bias
+        self.wqkv = Linear(config.hidden_size, sum(self.split), bias=bias, device=device)
+        self.wo = Linear(config.q_size, config.hidden_size, bias=bias, device=device)
 
     def forward(
         self,
@@ -119,10 +139,11 @@ def _decode_attention(
 class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) · up(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, device: Device = None):
         super().__init__()
-        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        dim, hidden, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.w13 = Linear(dim, 2 * hidden, bias=bias, device=device)
+        self.w2 = Linear(hidden, dim, bias=bias, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -130,12 +151,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, device: Device = None):
         super().__init__()
-        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
+        self.attention = Attention(config, device)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
+        self.feed_forward = FeedForward(config, device)
 
     def forward(self, x, cos, sin, mask, cache, layer, positions) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, positions)
@@ -143,13 +164,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Its tensors are left uninitialised, for a checkpoint's to be assigned in; on
+    `device="meta"` they take no memory (loading.py)."""
+
+    def __init__(self, config: ModelConfig, device: Device = None):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        dim, vocab = config.hidden_size, config.vocab_size
+        self.tok_embeddings = Embedding(vocab, dim, device=device)
+        self.layers = nn.ModuleList(Block(config, device) for _ in range(config.n_layers))
+        self.norm = RMSNorm(dim, config.rms_norm_eps, device)
+        self.output = Linear(dim, vocab, bias=False, device=device)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         # The route a one-token step takes where it has a faster one than forward(): set once
@@ -182,6 +207,11 @@ class Transformer(nn.Module):
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope first"
         if tokens.shape[1] == 1 and self.decode_step is not None:
             return self.decode_step(tokens, positions, cache, attend_len)
+        # A step that reads prompts too (the C step) reads them with its own arithmetic, so that
+        # a prompt's keys and values are those its tokens would get decoded one by one.
+        prompt = getattr(self.decode_step, "prompt", None)
+        if prompt is not None:
+            return prompt(tokens, positions, cache, last_only)
         x = self.tok_embeddings(tokens)  # (1, T, D)
         cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (T, 1, hd): every head alike
         sin = self.rope_sin[positions].to(x.dtype)[:, None]
@@ -196,4 +226,26 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, index, positions)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        return logits(self.output, self.norm(x))
+
+
+def logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Float32 logits (..., V) of the final norm's output h (..., D). The head's products sum in
+    float32 on every device; on a GPU those sums are written as they are rather than rounded to
+    h's half precision first: the best tokens' logits are often closer than one bf16 step (0.125
+    near 30), and sampling should see which is larger."""
+    if h.device.type != "cuda" or h.dtype == torch.float32:
+        return head(h).float()
+    flat = h.reshape(-1, h.shape[-1])
+    if isinstance(head, Int8Linear):
+        out = head(flat, out_dtype=torch.float32)
+    elif type(head) in (nn.Linear, Linear) and head.bias is None:
+        if flat.shape[0] == 1:
+            from .kernels.cuda.gemv import gemv
+
+            out = gemv(flat, head.weight, torch.float32)
+        else:
+            out = torch.mm(flat, head.weight.T, out_dtype=torch.float32)
+    else:
+        return head(h).float()
+    return out.view(*h.shape[:-1], out.shape[-1])

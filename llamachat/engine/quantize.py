@@ -48,14 +48,19 @@ PROMPT_KERNEL_ROWS = 1024
 
 
 def resolve_quantization(
-    choice: str | None, device: torch.device, dtype: torch.dtype
+    choice: str | None, device: torch.device, dtype: torch.dtype, source_bits: int | None = None
 ) -> str | None:
-    """A choice → the format to load with (None and "none": the weights as they are). `auto` is
-    f16 on a CPU computing in float32 where fbgemm runs (same answers, 2.4× the speed on
-    SmolLM2), else none."""
+    """A choice → the format to load with (None and "none": the weights as they are). `auto`,
+    on a CPU computing in float32: int4 for weights that were 4-bit before (`source_bits`, a
+    model converted from a Q4 GGUF: int4's groups of 32 give back their own values) where the
+    C kernels run (several times f16's speed), else f16 where fbgemm runs (same answers, 2.4×
+    float32's speed on SmolLM2); elsewhere none."""
     if choice == "auto":
-        fast_cpu = device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
-        return "f16" if fast_cpu else None
+        if device.type != "cpu" or dtype != torch.float32:
+            return None
+        if source_bits is not None and source_bits <= 4 and native.enabled():
+            return "int4"
+        return "f16" if fbgemm_available() else None
     if choice in (None, "none"):
         return None
     check_quantization(choice, device, dtype)
@@ -178,21 +183,24 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(scale_dtype))
         self.bias = bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`out_dtype`: the result's dtype where not x's (float32 logits, on a GPU written from
+        the kernels' float32 sums)."""
         flat = x.reshape(-1, self.in_features)
         if x.device.type == "cpu":
             out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scale)
-            out = out.to(x.dtype)
+            out = out.to(out_dtype or x.dtype)
         elif flat.shape[0] == 1:
             from .kernels.cuda.gemv import int8_gemv
 
-            out = int8_gemv(flat, self.weight, self.scale)
+            out = int8_gemv(flat, self.weight, self.scale, out_dtype)
         elif flat.shape[0] <= PROMPT_KERNEL_ROWS:
             from .kernels.cuda.prefill import int8_matmul
 
-            out = int8_matmul(flat, self.weight, self.scale)
+            out = int8_matmul(flat, self.weight, self.scale, out_dtype)
         else:
-            out = F.linear(flat, self.weight.to(x.dtype)) * self.scale
+            weight = self.weight.to(x.dtype).T
+            out = torch.mm(flat, weight, out_dtype=out_dtype or x.dtype) * self.scale
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

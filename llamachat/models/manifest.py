@@ -24,6 +24,10 @@ FORMAT_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+# "(from Q4_1 GGUF)", "(from IQ4_XS GGUF)", "(from Q4_K GGUF)": GGUF's quantised types
+_GGUF_ORIGIN = re.compile(r"\(from I?Q(\d)_\w+ GGUF\)")
+
+
 @dataclass(frozen=True)
 class FileRecord:
     path: str
@@ -51,6 +55,14 @@ class Manifest:
     @property
     def size(self) -> int:
         return sum(record.size for record in self.files)
+
+    @property
+    def source_bits(self) -> int | None:
+        """Bits per weight of the GGUF it was converted from ("float32 (from Q4_1 GGUF)": 4),
+        whose grid its float weights still lie on; None for weights that were never quantised
+        (a float GGUF, a Hugging Face checkpoint)."""
+        match = _GGUF_ORIGIN.search(self.weights)
+        return int(match.group(1)) if match else None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

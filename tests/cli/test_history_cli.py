@@ -68,7 +68,9 @@ def test_continue_with_no_history_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.smollm2
-def test_piped_exchanges_are_saved_and_continue_adds_the_next_turn(smollm2_env, smollm2, tmp_path):
+def test_piped_exchanges_are_saved_and_continue_adds_the_next_turn(
+    smollm2_env, smollm2_default, tmp_path
+):
     env = {**smollm2_env, "LLAMACHAT_HOME": str(tmp_path)}
     (tmp_path / "models").symlink_to(Path(smollm2_env["LLAMACHAT_HOME"]) / "models")
     flags = ["--temperature", "0", "--max-tokens", "16"]
@@ -83,7 +85,7 @@ def test_piped_exchanges_are_saved_and_continue_adds_the_next_turn(smollm2_env, 
     assert shown["messages"][1]["content"] + "\n" == first.stdout.decode()
     # The continued answer is the engine's answer to the whole conversation so far.
     messages = [{"role": m["role"], "content": m["content"]} for m in shown["messages"][:3]]
-    reply = smollm2.session().reply(messages, CLI_GREEDY, max_new_tokens=16)
+    reply = smollm2_default.session().reply(messages, CLI_GREEDY, max_new_tokens=16)
     assert second.stdout.decode() == "".join(reply) + "\n"
     # Each reply is kept with how the engine ended it.
     assert [(m["role"], m["status"]) for m in shown["messages"][::2]] == [("user", "complete")] * 2

@@ -19,16 +19,20 @@ def engine_answer(model, messages, max_new_tokens):
 
 
 @pytest.mark.parametrize("question", ["What is the capital of France?", "用一句话介绍长城。"])
-def test_piped_answer_is_the_engines_greedy_answer_and_nothing_else(smollm2_env, smollm2, question):
+def test_piped_answer_is_the_engines_greedy_answer_and_nothing_else(
+    smollm2_env, smollm2_default, question
+):
     result = run_cli(
         "--temperature", "0", "--max-tokens", "40", env=smollm2_env, input=question.encode()
     )
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout == engine_answer(smollm2, [{"role": "user", "content": question}], 40)
+    assert result.stdout == engine_answer(
+        smollm2_default, [{"role": "user", "content": question}], 40
+    )
     assert result.stderr == b""
 
 
-def test_ask_puts_the_prompt_before_the_piped_text(smollm2_env, smollm2):
+def test_ask_puts_the_prompt_before_the_piped_text(smollm2_env, smollm2_default):
     notes = "Paris is the capital of France.\nBerlin is the capital of Germany.\n"
     result = run_cli(
         "ask",
@@ -42,10 +46,12 @@ def test_ask_puts_the_prompt_before_the_piped_text(smollm2_env, smollm2):
     )
     assert result.returncode == 0, result.stderr.decode()
     content = "Summarise this in one line.\n\n" + notes.strip("\n")
-    assert result.stdout == engine_answer(smollm2, [{"role": "user", "content": content}], 30)
+    assert result.stdout == engine_answer(
+        smollm2_default, [{"role": "user", "content": content}], 30
+    )
 
 
-def test_system_prompt_and_verbose_stats(smollm2_env, smollm2):
+def test_system_prompt_and_verbose_stats(smollm2_env, smollm2_default):
     result = run_cli(
         "-s",
         "Answer in French.",
@@ -62,13 +68,13 @@ def test_system_prompt_and_verbose_stats(smollm2_env, smollm2):
         {"role": "system", "content": "Answer in French."},
         {"role": "user", "content": "Hello!"},
     ]
-    assert result.stdout == engine_answer(smollm2, messages, 20)
+    assert result.stdout == engine_answer(smollm2_default, messages, 20)
     stderr = result.stderr.decode()
     for label in ("prompt tokens:", "reused from cache:", "time to first token:", "decode rate:"):
         assert label in stderr
 
 
-def test_config_defaults_apply_and_flags_override_them(smollm2_env, smollm2, tmp_path):
+def test_config_defaults_apply_and_flags_override_them(smollm2_env, smollm2_default, tmp_path):
     env = {**smollm2_env, "LLAMACHAT_HOME": str(tmp_path)}
     models = tmp_path / "models"
     models.mkdir()
@@ -79,9 +85,9 @@ def test_config_defaults_apply_and_flags_override_them(smollm2_env, smollm2, tmp
     assert "temperature = 0.0" in shown and str(tmp_path / "config.toml") in shown
     messages = [{"role": "user", "content": "Tell me about owls."}]
     configured = run_cli(env=env, input=b"Tell me about owls.")
-    assert configured.stdout == engine_answer(smollm2, messages, 12)
+    assert configured.stdout == engine_answer(smollm2_default, messages, 12)
     overridden = run_cli("--max-tokens", "4", env=env, input=b"Tell me about owls.")
-    assert overridden.stdout == engine_answer(smollm2, messages, 4)
+    assert overridden.stdout == engine_answer(smollm2_default, messages, 4)
 
 
 def test_empty_input_is_a_usage_error(smollm2_env):

@@ -62,6 +62,17 @@ def test_without_any_choice_the_model_loads_as_auto_picks(env, folder):
     assert weight_format(ask(env)) == ("f16" if fbgemm_available() else "none")
 
 
+@pytest.mark.smollm2
+def test_a_model_pulled_from_a_4_bit_gguf_loads_as_int4_by_default(smollm2_env):
+    """SmolLM2's weights came from a Q4_1 GGUF: int4 gives back their own values, and where
+    the C kernels run (CI's CPU) it is the fastest format, so auto picks it; a flag still wins."""
+    result = run_cli("show", "smollm2", "--json", env=smollm2_env)
+    assert json.loads(result.stdout)["quantization"] == "auto"
+    expected = "int4" if native.enabled() else "f16"
+    assert weight_format(ask(smollm2_env)) == expected
+    assert weight_format(ask(smollm2_env, "--quantize", "f16")) == "f16"
+
+
 def test_pull_records_the_format_and_a_later_ask_loads_with_it(env, folder):
     assert "it loads as int4 by default" in pull(env, folder, "--quantize", "int4")
     assert shown(env)["quantization"] == "int4"

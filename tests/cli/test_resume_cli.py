@@ -46,14 +46,14 @@ def reused(stderr: bytes) -> int:
     return int(re.search(rb"reused from cache:\s+(\d+)", stderr)[1])
 
 
-def answered_as_a_full_prefill(env, smollm2, stdout: bytes) -> None:
+def answered_as_a_full_prefill(env, model, stdout: bytes) -> None:
     (conversation,) = HistoryStore(Path(env["LLAMACHAT_HOME"]) / "history.db").conversations()
     messages = HistoryStore(Path(env["LLAMACHAT_HOME"]) / "history.db").get(conversation.id)
     asked = messages.chat_messages()[:-1]  # what the last answer answered
-    assert stdout == engine_answer(smollm2, asked, 16)
+    assert stdout == engine_answer(model, asked, 16)
 
 
-def test_continue_in_a_new_process_loads_the_saved_cache_and_answers_the_same(env, smollm2):
+def test_continue_in_a_new_process_loads_the_saved_cache_and_answers_the_same(env, smollm2_default):
     first = run_cli(*ASK, env=env, input=f"Summarise this: {LONG}".encode())
     assert first.returncode == 0, first.stderr.decode()
     assert reused(first.stderr) == 0
@@ -67,7 +67,7 @@ def test_continue_in_a_new_process_loads_the_saved_cache_and_answers_the_same(en
     assert second.returncode == 0, second.stderr.decode()
     assert reused(second.stderr) > 300  # the first exchange, from the file
     assert saved.stat().st_mtime > 1_000_000
-    answered_as_a_full_prefill(env, smollm2, second.stdout)
+    answered_as_a_full_prefill(env, smollm2_default, second.stdout)
 
     listed = run_cli("history", "list", env=env).stdout.decode()
     assert "KV CACHE" in listed and " MB" in listed
@@ -76,7 +76,7 @@ def test_continue_in_a_new_process_loads_the_saved_cache_and_answers_the_same(en
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
-def test_a_damaged_cache_is_ignored_and_the_answer_is_the_same(env, smollm2, damage):
+def test_a_damaged_cache_is_ignored_and_the_answer_is_the_same(env, smollm2_default, damage):
     assert run_cli(*ASK, env=env, input=f"Summarise this: {LONG}".encode()).returncode == 0
     (saved,) = kv_files(env)
     data = bytearray(saved.read_bytes())
@@ -88,7 +88,7 @@ def test_a_damaged_cache_is_ignored_and_the_answer_is_the_same(env, smollm2, dam
     result = run_cli("-c", *ASK, env=env, input=b"And in one word?")
     assert result.returncode == 0, result.stderr.decode()
     assert reused(result.stderr) == 0
-    answered_as_a_full_prefill(env, smollm2, result.stdout)
+    answered_as_a_full_prefill(env, smollm2_default, result.stdout)
 
 
 def test_cache_lists_and_clear_removes_every_saved_cache(env):

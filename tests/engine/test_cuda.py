@@ -36,6 +36,29 @@ def test_half_precision_logits_are_close_to_the_fp32_cpu_reference(tiny_model_fa
     assert relative < 2e-2
 
 
+def on_the_bf16_grid(values: torch.Tensor) -> float:
+    """The share of float32 values that bfloat16 holds exactly."""
+    return (values == values.bfloat16().float()).float().mean().item()
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_logits_are_the_heads_float32_sums_not_rounded_to_bf16(tiny_model_factory, quantization):
+    """In bf16 the head still sums in float32; its logits are those sums, for the prompt (the
+    matrix product), a decode step (the one-row kernels) and a CUDA-graph replay: with the
+    sums rounded to bf16, every logit would lie on the bf16 grid."""
+    folder, _ = tiny_model_factory()
+    model = ChatModel.load(folder, device="cuda", dtype="bfloat16", quantization=quantization)
+    tokens = torch.randint(0, 384, (1, 40), generator=torch.Generator().manual_seed(2))
+    prompt = logits(model, tokens)  # (1, 40, V) through forward()
+    assert prompt.dtype == torch.float32 and on_the_bf16_grid(prompt) < 0.2
+    session = model.session(ctx=256)
+    reply = session.reply([{"role": "user", "content": "Hi"}], GREEDY, 8, top_logprobs=1)
+    list(reply)
+    with torch.inference_mode():
+        step = session._forward([int(tokens[0, 0])])  # the decode step (graphs where on)
+    assert step.dtype == torch.float32 and on_the_bf16_grid(step) < 0.2
+
+
 def test_auto_picks_the_gpu_in_bf16(tiny_model_factory):
     folder, _ = tiny_model_factory()
     model = ChatModel.load(folder)
@@ -213,8 +236,15 @@ def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape, 
         logits = torch.stack([step[0, -1].float().cpu() for step in steps])
         runs.append((logits, session.cache.k.float().cpu(), session.cache.v.float().cpu()))
     (fused, k_fused, v_fused), (plain, k_plain, v_plain) = runs
-    assert (fused - plain).abs().max() <= 3e-2 * plain.abs().max()
-    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+    tolerance = 3e-2 * plain.abs().max()
+    assert (fused - plain).abs().max() <= tolerance
+    # The same best token at every step, but where the plain step's two best logits are closer
+    # than the rounding between the two (float32 logits keep such near-ties apart: in bf16 they
+    # used to round to one value). Seen once in 9 steps with int4 on the MQA shape.
+    chosen, expected = fused.argmax(-1), plain.argmax(-1)
+    steps = torch.arange(len(plain))
+    gaps = plain[steps, expected] - plain[steps, chosen]
+    assert (chosen != expected).sum() <= 1 and (gaps <= tolerance).all()
     # Layers after the first see slightly different inputs (one rounding fewer in the fused
     # residual add and norm), so their keys and values differ by bf16 rounding too.
     for fused_cache, plain_cache in ((k_fused, k_plain), (v_fused, v_plain)):

@@ -36,6 +36,17 @@ def native_on(monkeypatch):
     assert native.library() is not None, "the C kernels did not build on a CPU that has AVX2"
 
 
+@pytest.fixture(params=["native", "portable"])
+def build(request, monkeypatch):
+    """Each build of the kernels in turn: the one for this CPU (-march=native: AVX-512 VNNI on
+    CI's), and the AVX2 one that CPUs without it get; the layers loaded meanwhile use it."""
+    if request.param == "portable":
+        lib = native.load(native.PORTABLE_FLAGS)
+        assert lib.vnni512() == 0
+        monkeypatch.setattr(native, "_loaded", lambda: lib)
+    return request.param
+
+
 def reference_dequantized(weight: torch.Tensor) -> torch.Tensor:
     """quantize_int4's weight with its scale and offset stored in float16, as the layer keeps
     them, computed here in float32 by PyTorch."""
@@ -46,13 +57,17 @@ def reference_dequantized(weight: torch.Tensor) -> torch.Tensor:
     return groups.view(rows, columns)
 
 
+KV_HEADS = [pytest.param(8, id="mha"), pytest.param(2, id="gqa"), pytest.param(1, id="mqa")]
+TOKENS = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3))
+
+
 # SmolLM2's shapes (K = 576 and 1536, neither a multiple of 256), fewer groups than the kernel
 # takes at once (K = 96), and a remainder after whole blocks of 8 groups (K = 800).
 SHAPES = [(1728, 576), (576, 1536), (40, 96), (24, 800)]
 
 
 @pytest.mark.parametrize(("rows", "columns"), SHAPES)
-def test_one_row_product_is_the_int8_rounded_row_times_the_dequantized_weight(rows, columns):
+def test_one_row_product_is_the_int8_rounded_row_times_the_dequantized_weight(rows, columns, build):
     generator = torch.Generator().manual_seed(rows + columns)
     weight = torch.randn(rows, columns, generator=generator) * 0.05
     x = torch.randn(1, columns, generator=generator) * 3
@@ -69,8 +84,10 @@ def test_one_row_product_is_the_int8_rounded_row_times_the_dequantized_weight(ro
     assert (error <= 1e-6 * magnitude).all()
 
 
-@pytest.mark.parametrize("rows", [2, 7, native.ROUNDED_ROWS])
-def test_a_few_rows_are_each_multiplied_as_a_single_row_would_be(rows):
+# Rows in blocks of 4 and the rest, and (400) more rows than one pass over the weights takes
+# (cpu_kernels.c's BLOCK_BYTES: 160 rows of 800 columns).
+@pytest.mark.parametrize("rows", [2, 7, 24, 400])
+def test_every_row_is_multiplied_as_a_single_row_would_be(rows, build):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 800, generator=generator) * 0.05
     x = torch.randn(1, rows, 800, generator=generator)
@@ -81,16 +98,50 @@ def test_a_few_rows_are_each_multiplied_as_a_single_row_would_be(rows):
         assert torch.equal(out[0, row], layer(x[:, row]).view(-1))
 
 
-def test_longer_prompts_multiply_the_float32_weight_block_by_block(monkeypatch):
-    monkeypatch.setattr(native, "DEQUANTIZED_FLOATS", 10 * 256)  # blocks of 10 rows, then 6
-    generator = torch.Generator().manual_seed(7)
-    weight = torch.randn(96, 256, generator=generator) * 0.05
-    x = torch.randn(2, native.ROUNDED_ROWS, 256, generator=generator)  # twice the C's rows
-    layer = Int4Linear(weight, None)
-    out = layer(x)
-    assert out.shape == (2, native.ROUNDED_ROWS, 96) and out.is_contiguous()
-    expected = x @ reference_dequantized(weight).T
-    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_a_prompt_read_at_once_or_in_pieces_is_what_decoding_it_token_by_token_gives(
+    tiny_model_factory, kv_heads, build
+):
+    """The C step reads prompts with the decode step's own arithmetic: every row's logits and
+    keys and values are bit for bit those of the tokens fed one at a time, however the prompt
+    is cut (what makes a served answer the CLI's, and a resumed one a fresh session's)."""
+    folder, _ = tiny_model_factory(num_key_value_heads=kv_heads, intermediate_size=384)
+    model = ChatModel.load(folder, device="cpu", quantization="int4")
+    transformer = model.transformer
+    transformer.setup_rope(64)
+    tokens = TOKENS[:30]
+    one_by_one = KVCache(model.config, 64, model.device, model.dtype)
+    pieces = KVCache(model.config, 64, model.device, model.dtype)
+    with torch.inference_mode():
+        stepped = torch.cat([
+            transformer(tokens[None, p : p + 1], torch.tensor([p]), one_by_one, 64)
+            for p in range(len(tokens))
+        ], dim=1)  # fmt: skip
+        read = [
+            transformer(tokens[None, a:b], torch.arange(a, b), pieces, 64, last_only=False)
+            for a, b in ((0, 7), (7, 8), (8, 30))
+        ]
+    assert torch.equal(torch.cat(read, dim=1), stepped)
+    assert torch.equal(pieces.k, one_by_one.k) and torch.equal(pieces.v, one_by_one.v)
+
+
+@pytest.mark.parametrize("kv_heads", [pytest.param(2, id="gqa"), pytest.param(1, id="mqa")])
+def test_more_threads_give_the_same_logits_bit_for_bit(tiny_model_factory, kv_heads):
+    """Each weight row and each query head is computed whole by one thread, in one order, so
+    the thread count cannot change a result; 3 threads over 2 kv heads split a group."""
+    folder, _ = tiny_model_factory(num_key_value_heads=kv_heads, intermediate_size=384)
+    model = ChatModel.load(folder, device="cpu", quantization="int4")
+    assert isinstance(model.transformer.decode_step, NativeDecodeStep)
+    before = torch.get_num_threads()
+    try:
+        by_threads = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            by_threads.append(decode_logits(model, TOKENS[:12]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(by_threads[0], by_threads[1])
+    assert torch.equal(by_threads[0], by_threads[2])
 
 
 class Float32Head(nn.Module):
@@ -126,13 +177,9 @@ def relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return ((logits - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
 
 
-KV_HEADS = [pytest.param(8, id="mha"), pytest.param(2, id="gqa"), pytest.param(1, id="mqa")]
-TOKENS = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3))
-
-
 @pytest.mark.parametrize("kv_heads", KV_HEADS)
 def test_native_step_computes_what_the_python_step_computes_on_the_same_weights(
-    tiny_model_factory, kv_heads
+    tiny_model_factory, kv_heads, build
 ):
     folder, _ = tiny_model_factory(num_key_value_heads=kv_heads, intermediate_size=384)
     model = ChatModel.load(folder, device="cpu", quantization="int4")

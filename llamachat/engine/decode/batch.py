@@ -2,7 +2,8 @@
 engine/batching.py): the projections once for the whole batch, as a matrix product.
 
 - BatchedCpuStep: attention per sequence over exactly its own positions, the arithmetic of
-  cpu.CpuDecodeStep, so that a greedy answer is the one the sequence gets alone.
+  cpu.CpuDecodeStep, so that a greedy answer is the one the sequence gets alone; a model that
+  has the C step (int4 on an x86 CPU) runs that step for each sequence in turn.
 - BatchedGpuStep: the session's fused kernels with a row per sequence, each reading and writing
   its own slot of the batch's KV pool, replayed as a CUDA graph per batch size; prompt chunks
   can share a step with the decoding rows.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from ..transfer import to_device
 from .cpu import _rotation
+from .native import NativeDecodeStep
 
 if TYPE_CHECKING:
     from ..kv_cache import KVCache
@@ -35,6 +37,15 @@ class BatchedCpuStep:
     ) -> torch.Tensor:
         """Float32 logits (B, V); each token's keys and values go into its own cache."""
         transformer = self.transformer
+        if isinstance(transformer.decode_step, NativeDecodeStep):
+            # The C step, one sequence after another: each answer is the one a lone session
+            # (the CLI, the app) gets, bit for bit, which PyTorch's arithmetic here would not be.
+            step = transformer.decode_step
+            rows = [
+                step(torch.tensor([[token]]), torch.tensor([position]), cache, cache.max_len)
+                for token, cache, position in zip(tokens, caches, positions, strict=True)
+            ]
+            return torch.cat([row.view(1, -1) for row in rows])
         config = transformer.config
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         groups, eps, width = config.n_groups, config.rms_norm_eps, config.intermediate_size

@@ -21,6 +21,7 @@ from ..kernels.cuda.fused import (
     silu_mul,
 )
 from ..kernels.cuda.gemv import gemv
+from ..model import logits
 from ..quantize import Int4Linear
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def fused_forward(
     if logit_rows is not None:
         x, out = x[logit_rows], out[logit_rows]
     h, rounded = add_rms_norm(x, out, model.norm.weight, eps, one_row and _takes_int8(model.output))
-    return project(model.output, h, rounded).float()
+    return logits(model.output, h)
 
 
 def _takes_int8(linear: nn.Module) -> bool:

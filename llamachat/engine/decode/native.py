@@ -89,25 +89,66 @@ class NativeDecodeStep:
             return None
         return cls(model, projections[0].native)  # the library the int4 layers loaded
 
+    def prompt(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool
+    ) -> torch.Tensor:
+        """Logits (1, 1, V), or (1, T, V) unless `last_only`, for a prompt's tokens (1, T) at
+        consecutive `positions` (T,), each row computed exactly as this step computes it alone:
+        its keys and values are the same however the prompt was cut into calls."""
+        count, start = tokens.shape[1], int(positions[0])
+        assert positions.tolist() == list(range(start, start + count))
+        k, v = self._checked(cache)
+        embeddings = self.embeddings[tokens[0]].contiguous()
+        logits = torch.empty(1 if last_only else count, self.vocab_size)
+        status = self.lib.prompt_step(
+            ctypes.byref(self.model),
+            embeddings.data_ptr(),
+            start,
+            count,
+            k.data_ptr(),
+            v.data_ptr(),
+            cache.max_len,
+            k.stride(0),
+            self.transformer.rope_cos.data_ptr(),
+            self.transformer.rope_sin.data_ptr(),
+            logits.data_ptr(),
+            0 if last_only else 1,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("the native prompt step could not allocate its scratch memory")
+        return logits.unsqueeze(0)
+
+    def _checked(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache's keys and values, as the C code reads them: each layer's block contiguous
+        and the layers evenly apart (a cache of its own, or one slot of a batch's pool)."""
+        k, v = cache.k, cache.v
+        inner = (cache.max_len * k.shape[3], k.shape[3], 1)
+        assert k.dtype == v.dtype == torch.float32 and k.stride()[1:] == v.stride()[1:] == inner
+        assert k.stride(0) == v.stride(0)
+        return k, v
+
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attend_len: int
     ) -> torch.Tensor:
         """Logits (1, 1, V) for the token (1, 1) at `positions` (1,), its keys and values
         written. Attention reads exactly the positions up to this one, whatever attend_len."""
         position = int(positions[0])
-        assert cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+        k, v = self._checked(cache)
         rope_cos, rope_sin = self.transformer.rope_cos, self.transformer.rope_sin
         logits = torch.empty(self.vocab_size)
         status = self.lib.decode_step(
             ctypes.byref(self.model),
             self.embeddings[int(tokens[0, 0])].data_ptr(),
             position,
-            cache.k.data_ptr(),
-            cache.v.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
             cache.max_len,
+            k.stride(0),
             rope_cos[position].data_ptr(),
             rope_sin[position].data_ptr(),
             logits.data_ptr(),
+            torch.get_num_threads(),  # what threads.py chose for this reply
         )
         if status != 0:
             raise MemoryError("the native decode step could not allocate its scratch memory")

@@ -2,13 +2,15 @@
 use, kept in a cache folder, loaded with ctypes.
 
 PyTorch's CPU int4 kernel takes bfloat16 activations and costs microseconds per operation; the
-C decode step runs a whole token in one call, reading each packed weight once (SmolLM2: ~3× the
-tokens/s). It needs AVX2, FMA and F16C and a C compiler; without them, or with
-LLAMACHAT_NATIVE=0, int4 on the CPU runs on PyTorch's kernels as before.
+C decode step runs a whole token in one call, reading each packed weight once, on as many
+threads as PyTorch is given. It needs AVX2, FMA and F16C and a C compiler; without them, or
+with LLAMACHAT_NATIVE=0, int4 on the CPU runs on PyTorch's kernels as before.
 
-The library's file name carries a hash of the source and the flags, so an edited source builds
-anew; it is compiled under a temporary name and renamed into place, so a build that is killed,
-or two that race, never leave a broken library behind.
+It is compiled for the CPU it runs on (-march=native: AVX-512 VNNI where there is one). The
+library's file name carries a hash of the source, the flags and the CPU's model and features,
+so an edited source, or a home folder shared with another machine, builds anew; it is compiled
+under a temporary name and renamed into place, so a build that is killed, or two that race,
+never leave a broken library behind.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,9 @@ import torch
 SWITCH = "LLAMACHAT_NATIVE"  # "0" turns the C kernels off
 CACHE_DIR_VARIABLE = "LLAMACHAT_NATIVE_CACHE_DIR"
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-pthread")
+# What a CPU with AVX2 but no AVX-512 VNNI gets from FLAGS: the tests build it to check that path.
+PORTABLE_FLAGS = tuple(flag for flag in FLAGS if flag != "-march=native")
 CPU_FEATURES = ("avx2", "fma", "f16c")
 
 
@@ -54,15 +57,24 @@ def cpu_supported() -> bool:
     elsewhere the answer is no and PyTorch's kernels run)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
+    flags = set(_cpu_description().get("flags", "").split())
+    return all(feature in flags for feature in CPU_FEATURES)
+
+
+@functools.cache
+def _cpu_description() -> dict[str, str]:
+    """The first processor's lines of /proc/cpuinfo that say what code runs on it."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return False
+        return {}
+    found: dict[str, str] = {}
     for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return all(feature in flags for feature in CPU_FEATURES)
-    return False
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "model name", "flags") and key not in found:
+            found[key] = value.strip()
+    return found
 
 
 def cache_dir() -> Path:
@@ -85,7 +97,7 @@ def _loaded() -> ctypes.CDLL | None:
     if not cpu_supported():
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        return load(FLAGS)
     except (BuildError, OSError) as error:
         warnings.warn(
             f"llamachat: int4 on the CPU runs on PyTorch's slower kernels: {error}",
@@ -93,14 +105,20 @@ def _loaded() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
+
+
+def load(flags: tuple[str, ...]) -> ctypes.CDLL:
+    """The library built with `flags`, loaded (a copy of its own, its own threads)."""
+    lib = ctypes.CDLL(str(build(flags)))
     _declare(lib)
     return lib
 
 
-def build() -> Path:
+def build(flags: tuple[str, ...] = FLAGS) -> Path:
     """The compiled library, compiling it if this source and flags have not been yet."""
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    machine = " ".join(flags) + repr(sorted(_cpu_description().items()))
+    digest = hashlib.sha256(source + machine.encode()).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"cpu_kernels-{digest}.so"
     if target.exists():
@@ -115,7 +133,7 @@ def build() -> Path:
     except OSError as error:
         raise BuildError(f"cannot write to {folder}: {error}") from None
     try:
-        command = [compiler, *FLAGS, "-o", temporary, str(SOURCE), "-lm"]
+        command = [compiler, *flags, "-o", temporary, str(SOURCE), "-lm"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as error:
@@ -165,7 +183,7 @@ class Model(ctypes.Structure):
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.int4_matmul.argtypes = [_POINTER] * 5 + [_INT, _INT, _INT, _POINTER]
+    lib.int4_matmul.argtypes = [_POINTER] * 5 + [_INT, _INT, _INT, _POINTER, _INT]
     lib.int4_matmul.restype = _INT
     lib.int4_dequantize.argtypes = [_POINTER] * 4 + [_INT, _INT]
     lib.int4_dequantize.restype = None
@@ -176,11 +194,31 @@ def _declare(lib: ctypes.CDLL) -> None:
         _POINTER,
         _POINTER,
         _INT,
+        ctypes.c_longlong,
         _POINTER,
         _POINTER,
         _POINTER,
+        _INT,
     ]
     lib.decode_step.restype = _INT
+    lib.prompt_step.argtypes = [
+        ctypes.POINTER(Model),
+        _POINTER,
+        _INT,
+        _INT,
+        _POINTER,
+        _POINTER,
+        _INT,
+        ctypes.c_longlong,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _INT,
+        _INT,
+    ]
+    lib.prompt_step.restype = _INT
+    lib.vnni512.argtypes = []
+    lib.vnni512.restype = _INT
 
 
 def int4_matrix(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> Int4Matrix:
@@ -197,50 +235,35 @@ def int4_linear(
     scale: torch.Tensor,
     offset: torch.Tensor,
 ) -> torch.Tensor:
-    """x (T, K) times the int4 matrix's transpose, float32 (T, N).
+    """x (T, K) times the int4 matrix's transpose, float32 (T, N): each row rounded to int8 in
+    groups of 32 (quantize_activations) and multiplied in C on PyTorch's thread count, each
+    weight row read once for four of them.
 
-    Up to ROUNDED_ROWS rows (a decode step, a short follow-up turn) are rounded to int8 in groups
-    of 32 (quantize_activations) and multiplied in C, each row exactly as a decode step would,
-    each weight row read once for four of them. Longer prompts multiply float32 weights
-    dequantised block by block into a reused buffer, as CUDA's prefill does: past ~24-32 rows
-    PyTorch's float32 GEMM out-runs the single-threaded int8 kernel (SmolLM2's forward, 8 rows:
-    61 ms in C, 167 dequantised; 42 rows: 327 in C, 216 dequantised)."""
+    Every row gets exactly what it would get alone, so a token's keys and values are the same
+    whether its prompt was read in one chunk, in several, partly borrowed from another
+    conversation's cache, or token by token: a served answer is the CLI's, a resumed one a
+    fresh session's. (A float32 GEMM on dequantised weights read long prompts about twice as
+    fast on two cores, but its sums, and the rounding they skipped, depended on the chunk.)"""
     rows, columns = x.shape
     out_features = weight.shape[0]
     x = x.float().contiguous()
-    if rows <= ROUNDED_ROWS:
-        out = torch.empty(rows, out_features)
-        scratch = torch.empty((rows + 1) * (columns // 4 + 2 * (columns // 32)))  # rows + 6 K/32
-        status = lib.int4_matmul(
-            weight.data_ptr(),
-            scale.data_ptr(),
-            offset.data_ptr(),
-            x.data_ptr(),
-            out.data_ptr(),
-            rows,
-            out_features,
-            columns,
-            scratch.data_ptr(),
-        )
-        if status != 0:
-            raise MemoryError("the int4 product could not allocate its scratch memory")
-        return out
-    block = max(1, DEQUANTIZED_FLOATS // columns)  # weight rows per product
-    buffer = _dequantized_buffer(min(block, out_features) * columns)
-    out = torch.empty(out_features, rows)  # (N, T): each block of weight rows is contiguous
-    for start in range(0, out_features, block):
-        count = min(block, out_features - start)
-        dequantized = buffer[: count * columns].view(count, columns)
-        lib.int4_dequantize(
-            weight[start].data_ptr(),
-            scale[start].data_ptr(),
-            offset[start].data_ptr(),
-            dequantized.data_ptr(),
-            count,
-            columns,
-        )
-        torch.mm(dequantized, x.T, out=out[start : start + count])
-    return out.T
+    out = torch.empty(rows, out_features)
+    scratch = torch.empty(rows * (columns // 4 + 2 * (columns // 32)))
+    status = lib.int4_matmul(
+        weight.data_ptr(),
+        scale.data_ptr(),
+        offset.data_ptr(),
+        x.data_ptr(),
+        out.data_ptr(),
+        rows,
+        out_features,
+        columns,
+        scratch.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the int4 product could not allocate its scratch memory")
+    return out
 
 
 def int4_dequantize(
@@ -253,17 +276,3 @@ def int4_dequantize(
         weight.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(), rows, columns
     )
     return out
-
-
-ROUNDED_ROWS = 24  # rows up to which a product rounds x to int8 and runs in C
-# Dequantised weights per product of more rows: all of any SmolLM2 matrix (16 MB), blocks of a
-# bigger model's. One buffer per thread, kept: a fresh one per call costs its page faults.
-DEQUANTIZED_FLOATS = 1 << 22
-_buffers = threading.local()
-
-
-def _dequantized_buffer(floats: int) -> torch.Tensor:
-    buffer = getattr(_buffers, "tensor", None)
-    if buffer is None or buffer.numel() < floats:
-        buffer = _buffers.tensor = torch.empty(floats)
-    return buffer

@@ -53,10 +53,15 @@ def _int8_matmul_kernel(
 _TILES = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) · (weight int8 (N, K) · scale (N,))ᵀ → (M, N) in x's dtype."""
+def int8_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x (M, K) · (weight int8 (N, K) · scale (N,))ᵀ → (M, N) in x's dtype or `out_dtype`."""
     (m, k), n = x.shape, weight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     grid = (triton.cdiv(m, _TILES["BLOCK_M"]) * triton.cdiv(n, _TILES["BLOCK_N"]),)
     _int8_matmul_kernel[grid](x.contiguous(), weight, scale, out, m, n, k, **_TILES)
     return out

@@ -76,22 +76,32 @@ def _int4_dequantize_kernel(
     N,
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
-    # Program (row block, group): BLOCK_N rows of one group of 32 columns, packed → weights.
-    # Byte j of the group (j = 4c + b, word c) holds column 8c + b low and 8c + 4 + b high.
+    # Program (row block, group block): BLOCK_N rows of GROUPS groups of 32 columns, packed →
+    # weights. Byte j of a group (j = 4c + b, word c) holds column 8c + b low and 8c + 4 + b
+    # high: each word's low and high nibbles are put side by side in registers, so that every
+    # row's GROUPS · 32 columns go out as one contiguous store.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    group = tl.program_id(1)
-    row_ok = rows[:, None] < N
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    ok = (rows[:, None] < N) & (groups[None, :] < K // 32)
     j = tl.arange(0, 16)
-    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + group * 16 + j[None, :], mask=row_ok)
-    at = rows * (K // 32) + group
-    scale = tl.load(scale_ptr + at, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-    offset = tl.load(offset_ptr + at, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+    packed_at = rows[:, None, None] * (K // 2) + groups[None, :, None] * 16 + j[None, None, :]
+    packed = tl.load(w_ptr + packed_at, mask=ok[:, :, None])  # (BLOCK_N, GROUPS, 16)
+    at = rows[:, None] * (K // 32) + groups[None, :]
+    scale = tl.load(scale_ptr + at, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+    offset = tl.load(offset_ptr + at, mask=ok, other=0.0).to(tl.float32)[:, :, None]
     low = (packed & 15).to(tl.float32) * scale + offset
     high = (packed >> 4).to(tl.float32) * scale + offset
-    out = out_ptr + rows[:, None] * K + group * 32 + ((j // 4) * 8 + j % 4)[None, :]
-    tl.store(out, low.to(out_ptr.dtype.element_ty), mask=row_ok)
-    tl.store(out + 4, high.to(out_ptr.dtype.element_ty), mask=row_ok)
+    # (rows, groups, word, byte) twice → (rows, groups, word, low/high, byte) → 32 columns
+    pairs = tl.join(
+        tl.reshape(low, (BLOCK_N, GROUPS, 4, 4)), tl.reshape(high, (BLOCK_N, GROUPS, 4, 4))
+    )
+    weights = tl.reshape(tl.permute(pairs, (0, 1, 2, 4, 3)), (BLOCK_N, GROUPS * 32))
+    columns = tl.program_id(1) * GROUPS * 32 + tl.arange(0, GROUPS * 32)
+    out = out_ptr + rows[:, None] * K + columns[None, :]
+    store_ok = (rows[:, None] < N) & (columns[None, :] < K)
+    tl.store(out, weights.to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
 def int4_dequantize(
@@ -100,7 +110,11 @@ def int4_dequantize(
     """The (N, K) weight in `dtype`, for multi-token products (prefill) that go to cuBLAS."""
     n, k = packed.shape[0], packed.shape[1] * 2
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    _int4_dequantize_kernel[(triton.cdiv(n, 32), k // 32)](
-        packed, scale, offset, out, n, k, BLOCK_N=32
+    # 16 rows of 512 columns a program: 3.3 TB/s read and written on an H200 (the 8b gate/up
+    # and down matrices), where a program per group of 32 columns, storing its two halves apart,
+    # ran at 1.5-1.8 (int4 prefill of 512 tokens: 11.6k tok/s then, 23.2k now).
+    rows, groups = 16, 16
+    _int4_dequantize_kernel[(triton.cdiv(n, rows), triton.cdiv(k // 32, groups))](
+        packed, scale, offset, out, n, k, BLOCK_N=rows, GROUPS=groups, num_warps=4
     )
     return out

@@ -18,7 +18,7 @@ import torch
 from .chat_format import BUILTIN_FORMATS
 from .chat_model import ChatModel
 from .config import ModelConfig
-from .decode import choose_decode_step
+from .decode import choose_decode_step, choose_logits
 from .model import Transformer
 from .quantize import (
     check_quantization,
@@ -113,6 +113,7 @@ def random_model(
     # The fused CUDA step or PyTorch's CPU step, never the C one: an int4 shape on the CPU has
     # always measured PyTorch's step here, not the one ChatModel.load picks.
     transformer.decode_step = choose_decode_step(transformer, native=False)
+    transformer.logits = choose_logits(transformer)
     # No tokenizer: the benchmark works on token ids.
     llama3 = BUILTIN_FORMATS["llama-3"]
     return ChatModel(

@@ -10,7 +10,7 @@ import torch
 
 from .chat_format import ChatFormat, ChatMessage, chat_format_for, render
 from .config import ModelConfig
-from .decode import choose_decode_step
+from .decode import choose_decode_step, choose_logits
 from .errors import EngineError, ModelLoadError
 from .loading import AdjustWeight, load_transformer, resolve_device, resolve_dtype
 from .model import Transformer
@@ -85,6 +85,7 @@ class ChatModel:
             weights, config, target_device, target_dtype, quantization, adjust
         )
         transformer.decode_step = choose_decode_step(transformer)
+        transformer.logits = choose_logits(transformer)
         chosen_format = chat_format_for(tokenizer, chat_format)
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop

@@ -19,11 +19,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .quantize import Int8Linear
 from .rope import apply_rope, rope_tables
 
 if TYPE_CHECKING:
-    from .decode import DecodeStep
+    from .decode import DecodeStep, Logits
 
 Device = torch.device | str | None
 
@@ -180,6 +179,9 @@ class Transformer(nn.Module):
         # The route a one-token step takes where it has a faster one than forward(): set once
         # the weights are in place (decode.choose_decode_step).
         self.decode_step: DecodeStep | None = None
+        # How the head's output becomes float32 logits where the device has a better way than
+        # a cast (decode.choose_logits): set with the decode step.
+        self.logits: Logits | None = None
 
     def setup_rope(self, max_len: int) -> None:
         """Build the rotary tables for positions [0, max_len) on the weights' device."""
@@ -226,26 +228,5 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, index, positions)
         if last_only:
             x = x[:, -1:]
-        return logits(self.output, self.norm(x))
-
-
-def logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Float32 logits (..., V) of the final norm's output h (..., D). The head's products sum in
-    float32 on every device; on a GPU those sums are written as they are rather than rounded to
-    h's half precision first: the best tokens' logits are often closer than one bf16 step (0.125
-    near 30), and sampling should see which is larger."""
-    if h.device.type != "cuda" or h.dtype == torch.float32:
-        return head(h).float()
-    flat = h.reshape(-1, h.shape[-1])
-    if isinstance(head, Int8Linear):
-        out = head(flat, out_dtype=torch.float32)
-    elif type(head) in (nn.Linear, Linear) and head.bias is None:
-        if flat.shape[0] == 1:
-            from .kernels.cuda.gemv import gemv
-
-            out = gemv(flat, head.weight, torch.float32)
-        else:
-            out = torch.mm(flat, head.weight.T, out_dtype=torch.float32)
-    else:
-        return head(h).float()
-    return out.view(*h.shape[:-1], out.shape[-1])
+        h = self.norm(x)
+        return self.output(h).float() if self.logits is None else self.logits(self.output, h)

@@ -26,6 +26,23 @@ if TYPE_CHECKING:
     from ..model import Transformer
 
 
+class Logits(Protocol):
+    def __call__(self, head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (..., V) of the final norm's output h (..., D) through `head`."""
+        ...
+
+
+def choose_logits(transformer: Transformer) -> Logits | None:
+    """How this model's head writes float32 logits: its float32 sums as they are on a GPU in
+    half precision (logits.py); None where casting its output loses nothing."""
+    weight = transformer.tok_embeddings.weight
+    if weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16):
+        from .logits import float32_logits
+
+        return float32_logits
+    return None
+
+
 class DecodeStep(Protocol):
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attend_len: int

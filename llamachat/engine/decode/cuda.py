@@ -21,8 +21,8 @@ from ..kernels.cuda.fused import (
     silu_mul,
 )
 from ..kernels.cuda.gemv import gemv
-from ..model import logits
 from ..quantize import Int4Linear
+from .logits import float32_logits
 
 if TYPE_CHECKING:
     from ..kernels.cuda.activations import Int8Activations
@@ -97,7 +97,7 @@ def fused_forward(
     if logit_rows is not None:
         x, out = x[logit_rows], out[logit_rows]
     h, rounded = add_rms_norm(x, out, model.norm.weight, eps, one_row and _takes_int8(model.output))
-    return logits(model.output, h)
+    return float32_logits(model.output, h)
 
 
 def _takes_int8(linear: nn.Module) -> bool:

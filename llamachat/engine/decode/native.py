@@ -1,9 +1,11 @@
-"""The whole one-token decode step of an int4 model on the CPU as one call into C (kernels/cpu/).
+"""The whole decode step of an int4 model on the CPU as one call into C (kernels/cpu/), and a
+prompt's rows through the same call.
 
 Each PyTorch operation costs microseconds of overhead however small its work; a step of a
-30-layer model is hundreds of them. Here the token's embedding row goes in and its logits come
+30-layer model is hundreds of them. Here the tokens' embedding rows go in and their logits come
 out of one C function that reads the model's own tensors in place (packed int4 weights, norms,
-rotary tables, the session's KV cache): nothing is copied, only pointers are passed.
+rotary tables, the session's KV cache): nothing is copied, only pointers are passed. A token
+decoded is the prompt of one row, so a prompt's keys and values are those of its tokens decoded.
 """
 
 from __future__ import annotations
@@ -97,8 +99,27 @@ class NativeDecodeStep:
         its keys and values are the same however the prompt was cut into calls."""
         count, start = tokens.shape[1], int(positions[0])
         assert positions.tolist() == list(range(start, start + count))
-        k, v = self._checked(cache)
-        embeddings = self.embeddings[tokens[0]].contiguous()
+        return self._run(self.embeddings[tokens[0]].contiguous(), start, cache, last_only)
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attend_len: int
+    ) -> torch.Tensor:
+        """Logits (1, 1, V) for the token (1, 1) at `positions` (1,), its keys and values
+        written. Attention reads exactly the positions up to this one, whatever attend_len."""
+        embedding = self.embeddings[int(tokens[0, 0])]
+        return self._run(embedding.view(1, -1), int(positions[0]), cache, last_only=True)
+
+    def _run(
+        self, embeddings: torch.Tensor, start: int, cache: KVCache, last_only: bool
+    ) -> torch.Tensor:
+        """The C prompt_step over rows `embeddings` (T, D) from position `start`."""
+        # Each layer's block contiguous and the layers evenly apart: a cache of its own, or one
+        # slot of a batch's pool.
+        k, v = cache.k, cache.v
+        inner = (cache.max_len * k.shape[3], k.shape[3], 1)
+        assert k.dtype == v.dtype == torch.float32 and k.stride()[1:] == v.stride()[1:] == inner
+        assert k.stride(0) == v.stride(0)
+        count = embeddings.shape[0]
         logits = torch.empty(1 if last_only else count, self.vocab_size)
         status = self.lib.prompt_step(
             ctypes.byref(self.model),
@@ -113,46 +134,11 @@ class NativeDecodeStep:
             self.transformer.rope_sin.data_ptr(),
             logits.data_ptr(),
             0 if last_only else 1,
-            torch.get_num_threads(),
-        )
-        if status != 0:
-            raise MemoryError("the native prompt step could not allocate its scratch memory")
-        return logits.unsqueeze(0)
-
-    def _checked(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cache's keys and values, as the C code reads them: each layer's block contiguous
-        and the layers evenly apart (a cache of its own, or one slot of a batch's pool)."""
-        k, v = cache.k, cache.v
-        inner = (cache.max_len * k.shape[3], k.shape[3], 1)
-        assert k.dtype == v.dtype == torch.float32 and k.stride()[1:] == v.stride()[1:] == inner
-        assert k.stride(0) == v.stride(0)
-        return k, v
-
-    def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attend_len: int
-    ) -> torch.Tensor:
-        """Logits (1, 1, V) for the token (1, 1) at `positions` (1,), its keys and values
-        written. Attention reads exactly the positions up to this one, whatever attend_len."""
-        position = int(positions[0])
-        k, v = self._checked(cache)
-        rope_cos, rope_sin = self.transformer.rope_cos, self.transformer.rope_sin
-        logits = torch.empty(self.vocab_size)
-        status = self.lib.decode_step(
-            ctypes.byref(self.model),
-            self.embeddings[int(tokens[0, 0])].data_ptr(),
-            position,
-            k.data_ptr(),
-            v.data_ptr(),
-            cache.max_len,
-            k.stride(0),
-            rope_cos[position].data_ptr(),
-            rope_sin[position].data_ptr(),
-            logits.data_ptr(),
             torch.get_num_threads(),  # what threads.py chose for this reply
         )
         if status != 0:
-            raise MemoryError("the native decode step could not allocate its scratch memory")
-        return logits.view(1, 1, -1)
+            raise MemoryError("the native step could not allocate its scratch memory")
+        return logits.unsqueeze(0)
 
 
 def _matrix(linear: Int4Linear) -> native.Int4Matrix:

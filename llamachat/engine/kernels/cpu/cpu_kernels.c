@@ -3,7 +3,7 @@
    through ctypes. Where the CPU has AVX-512 VNNI, the int4 products multiply 64 weights an
    instruction (vpdpbusd) instead of 32 in two.
 
-   The products and the decode step's attention run on a pool of threads kept alive between
+   The products and the attention run on a pool of threads kept alive between
    calls (the caller's thread is one of them): they wait for work spinning for a moment, then
    sleep, so between tokens (sampling, the Python around it) they leave the cores to PyTorch.
 
@@ -307,7 +307,34 @@ static inline float offsets_dot(const float *offset, const float *sum, int G) {
     return sum8(acc) + _mm_cvtss_f32(tail);
 }
 
+/* f[g] = scale[g] * step[g]: each group's factor for one weight row and one activation row. */
+static inline void group_factors(const float *scale, const float *step, int G, float *f) {
+    int g = 0;
+    for (; g + 8 <= G; g += 8)
+        _mm256_storeu_ps(f + g, _mm256_mul_ps(_mm256_loadu_ps(scale + g), _mm256_loadu_ps(step + g)));
+    for (; g < G; g++) f[g] = scale[g] * step[g];
+}
+
 #if VNNI512
+/* A pair of groups' 32 packed bytes, broadcast to both halves of a register and the upper half
+   shifted by a nibble: the 64 weights that pair with the pair's 64 int8 bytes (see low_at). */
+static inline __m512i pair_nibbles(const uint8_t *w) {
+    const __m512i shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+    __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w));
+    return _mm512_and_si512(_mm512_srlv_epi64(bytes, shifts), _mm512_set1_epi8(15));
+}
+
+/* acc + the pair's products with its 64 int8 bytes `q`, each group's times its factor (the two
+   floats at `f`): the int32 sums of the first group sit in lanes 0-3 and 8-11, the second's in
+   4-7 and 12-15. */
+static inline __m512 pair_times(__m512i nibbles, const int8_t *q, const float *f, __m512 acc) {
+    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles, _mm512_loadu_si512(q));
+    __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)f));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
+                           _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two)), acc);
+}
+
 /* `count` (1..4, a constant after inlining) activation rows times one weight row: out[j] =
    sum over groups of scale * step_j * (q . x_j) + offset * sum_j. `factors` holds 4 K/32.
    Two groups an instruction: their 32 packed bytes, broadcast to both halves of a register and
@@ -315,31 +342,12 @@ static inline float offsets_dot(const float *offset, const float *sum, int G) {
 static inline __attribute__((always_inline)) void weight_row_times(
     const uint8_t *w, const float *scale, const float *offset, const Int8Row *x, int count,
     int G, float *factors, float *out) {
-    for (int j = 0; j < count; j++) {
-        float *f = factors + j * G;
-        int g = 0;
-        for (; g + 16 <= G; g += 16)
-            _mm512_storeu_ps(f + g, _mm512_mul_ps(_mm512_loadu_ps(scale + g),
-                                                  _mm512_loadu_ps(x[j].step + g)));
-        for (; g < G; g++) f[g] = scale[g] * x[j].step[g];
-    }
-    const __m512i shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-    const __m512i mask = _mm512_set1_epi8(15);
-    /* the int32 sums of group g sit in lanes 0-3 and 8-11, those of g + 1 in 4-7 and 12-15 */
-    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int j = 0; j < count; j++) group_factors(scale, x[j].step, G, factors + j * G);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-#define PAIR(acc, j)                                                                          \
-    do {                                                                                      \
-        __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles,                    \
-                                           _mm512_loadu_si512(x[j].q + g * GROUP));            \
-        __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(factors + (j) * G + g)));     \
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),                                        \
-                              _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two)), acc); \
-    } while (0)
+#define PAIR(acc, j) acc = pair_times(nibbles, x[j].q + g * GROUP, factors + (j) * G + g, acc)
     int g = 0;
     for (; g + 2 <= G; g += 2) {
-        __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + g * 16)));
-        __m512i nibbles = _mm512_and_si512(_mm512_srlv_epi64(bytes, shifts), mask);
+        __m512i nibbles = pair_nibbles(w + g * 16);
         PAIR(acc0, 0);
         if (count > 1) PAIR(acc1, 1);
         if (count > 2) PAIR(acc2, 2);
@@ -363,27 +371,15 @@ static inline __attribute__((always_inline)) void weight_row_times(
    pair of the row's int8 groups is loaded once for all four. `factors` holds 4 K/32. */
 static inline void four_rows_times_one(const uint8_t *w, size_t row_bytes, const uint16_t *scale,
                                        const uint16_t *offset, const Int8Row *x, int G,
-                                       float *offsets, float *factors, float *out) {
+                                       float *row, float *factors, float *out) {
     for (int line = 0; line < 4 * G * 2; line += 64) { /* the next rows' scales and offsets */
         _mm_prefetch((const char *)(scale + 4 * G) + line, _MM_HINT_T0);
         _mm_prefetch((const char *)(offset + 4 * G) + line, _MM_HINT_T0);
     }
     for (int i = 0; i < 4; i++) {
-        float *f = factors + i * G;
-        const uint16_t *s = scale + (size_t)i * G;
-        int g = 0;
-        for (; g + 16 <= G; g += 16)
-            _mm512_storeu_ps(f + g, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g))),
-                                                  _mm512_loadu_ps(x->step + g)));
-        if (g < G) {
-            __mmask16 m = (__mmask16)((1u << (G - g)) - 1);
-            __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s + g));
-            _mm512_mask_storeu_ps(f + g, m, _mm512_mul_ps(scales, _mm512_maskz_loadu_ps(m, x->step + g)));
-        }
+        float16_row(scale + (size_t)i * G, row, G);
+        group_factors(row, x->step, G, factors + i * G);
     }
-    const __m512i shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-    const __m512i mask = _mm512_set1_epi8(15);
-    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
     int g = 0;
@@ -391,18 +387,10 @@ static inline void four_rows_times_one(const uint8_t *w, size_t row_bytes, const
        matrices are far larger than the caches) in one stream a row. */
     const uint8_t *next = w + 4 * row_bytes;
     for (; g + 2 <= G; g += 2) {
-        const __m512i q = _mm512_loadu_si512(x->q + g * GROUP);
         for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(next + i * row_bytes + g * 16), _MM_HINT_T0);
-        for (int i = 0; i < 4; i++) {
-            __m512i bytes = _mm512_broadcast_i64x4(
-                _mm256_loadu_si256((const __m256i *)(w + i * row_bytes + g * 16)));
-            __m512i nibbles = _mm512_and_si512(_mm512_srlv_epi64(bytes, shifts), mask);
-            __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles, q);
-            __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(factors + i * G + g)));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
-                                     _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two)),
-                                     acc[i]);
-        }
+        for (int i = 0; i < 4; i++)
+            acc[i] = pair_times(pair_nibbles(w + i * row_bytes + g * 16), x->q + g * GROUP,
+                                factors + i * G + g, acc[i]);
     }
     /* The rest exactly as weight_row_times ends: the same sums in the same order. */
     for (int i = 0; i < 4; i++) {
@@ -411,8 +399,8 @@ static inline void four_rows_times_one(const uint8_t *w, size_t row_bytes, const
             __m256i nibbles = unpack_group(w + i * row_bytes + g * (GROUP / 2));
             lone = sum8(group_dot(nibbles, x->q + g * GROUP)) * factors[i * G + g];
         }
-        float16_row(offset + (size_t)i * G, offsets, G);
-        out[i] = (_mm512_reduce_add_ps(acc[i]) + lone) + offsets_dot(offsets, x->sum, G);
+        float16_row(offset + (size_t)i * G, row, G);
+        out[i] = (_mm512_reduce_add_ps(acc[i]) + lone) + offsets_dot(row, x->sum, G);
     }
 }
 #else
@@ -421,14 +409,7 @@ static inline void four_rows_times_one(const uint8_t *w, size_t row_bytes, const
 static inline __attribute__((always_inline)) void weight_row_times(
     const uint8_t *w, const float *scale, const float *offset, const Int8Row *x, int count,
     int G, float *factors, float *out) {
-    for (int j = 0; j < count; j++) {
-        float *f = factors + j * G;
-        int g = 0;
-        for (; g + 8 <= G; g += 8)
-            _mm256_storeu_ps(f + g, _mm256_mul_ps(_mm256_loadu_ps(scale + g),
-                                                  _mm256_loadu_ps(x[j].step + g)));
-        for (; g < G; g++) f[g] = scale[g] * x[j].step[g];
-    }
+    for (int j = 0; j < count; j++) group_factors(scale, x[j].step, G, factors + j * G);
     /* Two accumulators a row, even and odd groups: a row alone (decode) would otherwise wait on
        its one FMA chain's latency. Every count sums in the same order, so a prompt's rows get
        exactly what each would get alone. Named variables, not an array: GCC kept an array of
@@ -644,7 +625,7 @@ static void head_part(void *context, int part, int parts) {
     int8_rows(p->weight, p->scale, p->x, p->y, start, end, p->K);
 }
 
-/* ------------------------------------------------------------------- the whole decode step */
+/* ------------------------------------------------- the model's layers, for a prompt or a token */
 
 typedef struct {
     Int4Matrix qkv, wo, w13, w2; /* (H + 2 KV) hd x D, D x H hd, 2F x D, D x F */
@@ -760,98 +741,6 @@ static void silu_mul(float *gate_up, int width) {
     for (; i < width; i++) gate_up[i] = gate_up[i] / (1.0f + expf(-gate_up[i])) * gate_up[width + i];
 }
 
-/* One layer's attention for the new token: each part takes a share of the query heads, those
-   of one kv head together (its keys and values read once for them). */
-typedef struct {
-    const float *q;     /* (H hd), rotated */
-    const float *keys, *values; /* this layer's, (KV, max_len, hd) */
-    float *out;         /* (H hd) */
-    float *scores;      /* groups x length floats for each part */
-    int heads, groups, length, max_len, head_dim;
-    float scale;
-} Attention;
-
-static void attention_part(void *context, int part, int parts) {
-    const Attention *a = context;
-    int start, end;
-    share(a->heads, 1, part, parts, &start, &end);
-    float *scores = a->scores + (size_t)part * a->groups * a->length;
-    for (int head = start; head < end;) {
-        int kv = head / a->groups, last = (kv + 1) * a->groups;
-        int count = (last < end ? last : end) - head;
-        size_t at = (size_t)kv * a->max_len * a->head_dim;
-        attend(a->q + (size_t)head * a->head_dim, a->keys + at, a->values + at, count, a->length,
-               a->head_dim, a->scale, scores, a->out + (size_t)head * a->head_dim);
-        head += count;
-    }
-}
-
-/* One token through the model on `threads` threads: `embedding` (dim) in, logits (vocab) out,
-   this position's keys and values written into the caches (layers, kv_heads, max_len,
-   head_dim), a layer's (kv_heads, max_len, head_dim) contiguous and `layer_stride` floats after
-   the last's (one slot of a batch's pool lies between the other slots' layers). rope_cos/rope_sin
-   are the position's rows (head_dim). Returns 0, or -1 when
-   scratch memory was not available. head_dim is a multiple of 8 and dim and ffn of 32 (checked
-   by the caller). */
-int decode_step(const Model *m, const float *embedding, int position, float *k_cache,
-                float *v_cache, int max_len, long long layer_stride, const float *rope_cos,
-                const float *rope_sin, float *logits, int threads) {
-    const int D = m->dim, H = m->n_heads, KV = m->n_kv_heads, HD = m->head_dim, F = m->ffn;
-    const int groups = H / KV, length = position + 1, qkv_width = (H + 2 * KV) * HD;
-    const int widest = larger(larger(2 * F, qkv_width), D); /* the longest product output */
-    const int inputs = larger(larger(F, H * HD), D);         /* the longest product input */
-    const int parts = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    /* x, h (D); projections (widest); attention out (H hd); scores (groups x length a part);
-       the int8 row (inputs/4 + 2 inputs/32); the products' scratch (a part's each) */
-    size_t floats = 2 * (size_t)D + widest + (size_t)H * HD + (size_t)parts * groups * length +
-                    inputs / 4 + 2 * (inputs / GROUP) + parts * part_scratch(inputs) + 64;
-    float *memory = malloc(floats * sizeof(float));
-    if (!memory) return -1;
-    float *x = memory, *h = x + D, *projected = h + D, *attended = projected + widest;
-    float *scores = attended + H * HD, *row_memory = scores + (size_t)parts * groups * length;
-    Int8Row row = {(int8_t *)row_memory, row_memory + inputs / 4,
-                   row_memory + inputs / 4 + inputs / GROUP};
-    float *products = row_memory + inputs / 4 + 2 * (inputs / GROUP);
-
-    pthread_mutex_lock(&caller);
-    use_threads(parts);
-    memcpy(x, embedding, sizeof(float) * D);
-    for (int l = 0; l < m->n_layers; l++) {
-        const Layer *layer = &m->layers[l];
-        rms_norm(x, layer->attention_norm, h, D, m->eps);
-        quantize_row(h, D, row);
-        int4_product(&layer->qkv, &row, 1, projected, qkv_width, D, products);
-        for (int head = 0; head < H + KV; head++) rope(projected + head * HD, rope_cos, rope_sin, HD);
-        float *keys = k_cache + (size_t)l * layer_stride;
-        float *values = v_cache + (size_t)l * layer_stride;
-        for (int g = 0; g < KV; g++) {
-            size_t at = ((size_t)g * max_len + position) * HD;
-            memcpy(keys + at, projected + (H + g) * HD, sizeof(float) * HD);
-            memcpy(values + at, projected + (H + KV + g) * HD, sizeof(float) * HD);
-        }
-        Attention attention = {projected, keys, values, attended, scores, H, groups,
-                               length, max_len, HD, m->attention_scale};
-        run_parts(attention_part, &attention);
-        quantize_row(attended, H * HD, row);
-        int4_product(&layer->wo, &row, 1, projected, D, H * HD, products);
-        add(x, projected, D);
-        rms_norm(x, layer->ffn_norm, h, D, m->eps);
-        quantize_row(h, D, row);
-        int4_product(&layer->w13, &row, 1, projected, 2 * F, D, products);
-        silu_mul(projected, F);
-        quantize_row(projected, F, row);
-        int4_product(&layer->w2, &row, 1, h, D, F, products);
-        add(x, h, D);
-    }
-    rms_norm(x, m->final_norm, h, D, m->eps);
-    HeadProduct head = {m->head_weight, m->head_scale, h, logits, m->vocab, D};
-    run_parts(head_part, &head);
-    pthread_mutex_unlock(&caller);
-    free(memory);
-    return 0;
-}
-
-/* ------------------------------------------------------------------------ a prompt's rows */
 
 /* The attention of a prompt's rows: row t attends positions [0, start + t], each part taking a
    share of the (row, query head) pairs, those of one row and kv head together. */
@@ -882,10 +771,13 @@ static void prompt_attention_part(void *context, int part, int parts) {
     }
 }
 
-/* T tokens at positions start .. start + T - 1 through the model, each row computed exactly
-   as decode_step computes it (the same functions in the same order: the products give a row
-   what it gets alone), so a prompt read in one call, in chunks, or token by token leaves the
-   same keys and values and the same logits. `embeddings` (T, dim); rope_cos/rope_sin the
+/* T tokens at positions start .. start + T - 1 through the model on `threads` threads: a
+   decode step is one row. Every row is computed alone (the products give a row what it gets in
+   any block, its attention reads exactly positions [0, its own]), so a prompt read in one call,
+   in chunks, or token by token leaves the same keys and values and the same logits. The caches
+   are (layers, kv_heads, max_len, head_dim), a layer's (kv_heads, max_len, head_dim) contiguous
+   and `layer_stride` floats after the last's (one slot of a batch's pool lies between the other
+   slots' layers); head_dim is a multiple of 8 and dim and ffn of 32 (checked by the caller). `embeddings` (T, dim); rope_cos/rope_sin the
    whole tables (positions, head_dim); logits (vocab) for the last row, or (T, vocab) with
    `every_row`. Returns 0, or -1 when scratch memory was not available. */
 int prompt_step(const Model *m, const float *embeddings, int start, int T, float *k_cache,

@@ -187,20 +187,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.int4_matmul.restype = _INT
     lib.int4_dequantize.argtypes = [_POINTER] * 4 + [_INT, _INT]
     lib.int4_dequantize.restype = None
-    lib.decode_step.argtypes = [
-        ctypes.POINTER(Model),
-        _POINTER,
-        _INT,
-        _POINTER,
-        _POINTER,
-        _INT,
-        ctypes.c_longlong,
-        _POINTER,
-        _POINTER,
-        _POINTER,
-        _INT,
-    ]
-    lib.decode_step.restype = _INT
     lib.prompt_step.argtypes = [
         ctypes.POINTER(Model),
         _POINTER,
@@ -242,8 +228,8 @@ def int4_linear(
     Every row gets exactly what it would get alone, so a token's keys and values are the same
     whether its prompt was read in one chunk, in several, partly borrowed from another
     conversation's cache, or token by token: a served answer is the CLI's, a resumed one a
-    fresh session's. (A float32 GEMM on dequantised weights read long prompts about twice as
-    fast on two cores, but its sums, and the rounding they skipped, depended on the chunk.)"""
+    fresh session's. (A float32 GEMM on dequantised weights read long prompts faster on two
+    cores, but its sums, and the rounding they skipped, depended on the chunk.)"""
     rows, columns = x.shape
     out_features = weight.shape[0]
     x = x.float().contiguous()

@@ -108,6 +108,7 @@ class LocalBackend:
                     weights_folder=weights_folder,
                     adjust=adjust,
                     source_bits=installed.manifest.source_bits,
+                    quantized_cache=installed.quantized_cache,
                 )
 
         try:

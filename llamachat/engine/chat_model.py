@@ -61,6 +61,7 @@ class ChatModel:
         weights_folder: str | Path | None = None,
         adjust: AdjustWeight | None = None,
         source_bits: int | None = None,
+        quantized_cache: str | Path | None = None,
     ) -> ChatModel:
         """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights).
         `quantization` stores the projections' weights as int8, int4 or (CPU) f16, "auto" picks
@@ -70,7 +71,8 @@ class ChatModel:
         `weights_folder`: the safetensors' folder, when not `folder` (a model whose adapters
         apply on loading over its base's weights), `adjust` as for load_transformer.
         `source_bits`: the bits per weight the checkpoint was quantised to before it was
-        converted (a GGUF's), which "auto" takes into account."""
+        converted (a GGUF's), which "auto" takes into account. `quantized_cache`: a folder
+        where the quantised layers are kept for the next load (quantized_cache.py)."""
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(f"{folder} is not a folder")
@@ -81,8 +83,10 @@ class ChatModel:
         threads_used = cpu_threads(target_device, threads)
         tokenizer = load_tokenizer(folder)
         weights = Path(weights_folder).expanduser() if weights_folder is not None else folder
+        if quantized_cache is not None:
+            quantized_cache = Path(quantized_cache).expanduser()
         transformer = load_transformer(
-            weights, config, target_device, target_dtype, quantization, adjust
+            weights, config, target_device, target_dtype, quantization, adjust, quantized_cache
         )
         transformer.decode_step = choose_decode_step(transformer)
         transformer.logits = choose_logits(transformer)

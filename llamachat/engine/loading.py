@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .errors import DeviceError, ModelLoadError
 from .model import Transformer
 from .quantize import head_quantization, quantizable, quantize_linear
+from .quantized_cache import cache_file, read_layers, write_layers
 from .weights_reader import read_tensors
 
 DTYPE_BY_NAME = {
@@ -115,18 +116,32 @@ def load_transformer(
     dtype: torch.dtype,
     quantization: str | None = None,
     adjust: AdjustWeight | None = None,
+    cache_folder: Path | None = None,
 ) -> Transformer:
     """Build the model on the meta device and assign the checkpoint's tensors into it. With a
     quantisation, each projection is quantised as soon as its tensors are read, so the
     full-precision copy of the whole model never exists (a 70B model loads as int4 on one GPU).
     `adjust(name, tensor)` gives each checkpoint tensor, by its checkpoint name, the value to
-    use instead (LoRA adapters applied on loading), before any is stacked or quantised."""
+    use instead (LoRA adapters applied on loading), before any is stacked or quantised.
+    `cache_folder`: where quantised layers are kept between loads (quantized_cache.py), read
+    instead of the checkpoint's projections when they are there, written when not."""
     model = Transformer(config, device="meta")
     expected = model.state_dict()
     parts: dict[str, dict[int, torch.Tensor]] = {}
     slots: dict[str, int] = {}
     state: dict[str, torch.Tensor] = {}
-    quantized: dict[str, nn.Module] = {}
+    files = weight_files(folder)
+    kept = None
+    if quantization and cache_folder is not None and adjust is None:
+        kept = cache_file(cache_folder, files, quantization, device, dtype)
+    quantized = (read_layers(kept, device) if kept else None) or {}
+    if not _fits(quantized, expected):
+        quantized = {}
+    write_back = kept is not None and not quantized
+
+    def wanted(key: str) -> bool:
+        target = _target_name(key)
+        return target is None or target[0].rpartition(".")[0] not in quantized
 
     def finish(name: str) -> None:
         found = parts.pop(name)
@@ -137,9 +152,9 @@ def load_transformer(
         if quantization and quantizable(module_name) and module_name != "output":
             _quantize_when_whole(module_name, state, expected, quantized, quantization)
 
-    for path in weight_files(folder):
+    for path in files:
         try:
-            for key, tensor in read_tensors(path, device, dtype):
+            for key, tensor in read_tensors(path, device, dtype, wanted):
                 target = _target_name(key)
                 if target is None:
                     continue
@@ -154,12 +169,15 @@ def load_transformer(
     if parts:
         name, found = next(iter(parts.items()))
         raise ModelLoadError(f"checkpoint lacks part of {name} ({len(found)} of {slots[name]})")
-    if config.tie_word_embeddings and "tok_embeddings.weight" in state:
+    head_kept = "output" in quantized
+    if config.tie_word_embeddings and "tok_embeddings.weight" in state and not head_kept:
         state["output.weight"] = state["tok_embeddings.weight"]
-    if quantization:
+    if quantization and not head_kept:
         head = head_quantization(quantization)
         _quantize_when_whole("output", state, expected, quantized, head)
     _check_complete(state, expected, quantized)
+    if write_back and kept is not None:
+        write_layers(kept, quantized)
     for module_name, module in quantized.items():
         model.set_submodule(module_name, module)
     model.load_state_dict(state, assign=True, strict=False)
@@ -185,6 +203,16 @@ def _quantize_when_whole(
     quantized[module_name] = quantize_linear(
         weight, tensors.get(f"{module_name}.bias"), quantization
     )
+
+
+def _fits(layers: dict[str, nn.Module], expected: dict[str, torch.Tensor]) -> bool:
+    """Whether kept layers are the model's own: each a quantisable module of its shape."""
+    for module_name, layer in layers.items():
+        weight = expected.get(f"{module_name}.weight")
+        shape = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+        if weight is None or not quantizable(module_name) or tuple(weight.shape) != shape:
+            return False
+    return True
 
 
 def _target_name(key: str) -> tuple[str, int, int] | None:

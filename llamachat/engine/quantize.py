@@ -175,13 +175,27 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, scale = quantize_int8(weight)
         # PyTorch's CPU kernel wants the scales in the activations' dtype, bf16 there.
         scale_dtype = torch.bfloat16 if weight.device.type == "cpu" else weight.dtype
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale.to(scale_dtype))
+        self._hold({"weight": q, "scale": scale.to(scale_dtype)}, bias)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, torch.Tensor], bias: torch.Tensor | None) -> Int8Linear:
+        """The layer whose `stored_tensors()` these are, quantised by an earlier load."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._hold(stored, bias)
+        return layer
+
+    def _hold(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = stored["weight"].shape
+        self.register_buffer("weight", stored["weight"])
+        self.register_buffer("scale", stored["scale"])
         self.bias = bias
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "scale": self.scale}
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """`out_dtype`: the result's dtype where not x's (float32 logits, on a GPU written from
@@ -212,24 +226,50 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, scale, offset = quantize_int4(weight)
-        self.bias = bias
-        self.on_cpu = weight.device.type == "cpu"
+        on_cpu = weight.device.type == "cpu"
         # On an x86 CPU with AVX2 the C kernels (kernels/cpu/) read the same layout as CUDA's.
-        self.native = native.library() if self.on_cpu else None
-        if self.on_cpu and self.native is None:
+        if on_cpu and native.library() is None:
             # PyTorch's CPU kernel computes (q - 8) · scale + zero with its own packing and the
             # pairs (scale, zero) laid out (K/GROUP, N, 2) in bf16.
             zero = offset + 8 * scale
             pairs = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
             packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
-            self.register_buffer("weight", packed)
-            self.register_buffer("scale_and_zero", pairs.to(torch.bfloat16))
+            stored = {"weight": packed, "scale_and_zero": pairs.to(torch.bfloat16)}
         else:
-            self.register_buffer("weight", pack_int4(q))
-            self.register_buffer("scale", scale.to(torch.float16))
-            self.register_buffer("offset", offset.to(torch.float16))
+            stored = {
+                "weight": pack_int4(q),
+                "scale": scale.to(torch.float16),
+                "offset": offset.to(torch.float16),
+            }
+        self._hold(stored, bias, weight.shape)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, torch.Tensor], bias: torch.Tensor | None) -> Int4Linear:
+        """The layer whose `stored_tensors()` these are, quantised by an earlier load on a
+        machine of the same kind (the C kernels' layout, or PyTorch's packing, as here)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        if "scale_and_zero" in stored:
+            groups = stored["scale_and_zero"].shape[0]
+            shape = (stored["scale_and_zero"].shape[1], groups * GROUP)
+        else:
+            shape = (stored["weight"].shape[0], stored["weight"].shape[1] * 2)
+        layer._hold(stored, bias, shape)
+        return layer
+
+    def _hold(
+        self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None, shape: torch.Size
+    ) -> None:
+        self.out_features, self.in_features = shape
+        self.bias = bias
+        self.on_cpu = stored["weight"].device.type == "cpu"
+        self.native = native.library() if self.on_cpu and "scale" in stored else None
+        for name, tensor in stored.items():
+            self.register_buffer(name, tensor)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_buffers())
 
     def forward(self, x: torch.Tensor, rounded: Int8Activations | None = None) -> torch.Tensor:
         """`rounded`: on CUDA, a one-row x already rounded to int8 by the kernel that made it."""

@@ -12,7 +12,7 @@ import json
 import mmap
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -72,11 +72,32 @@ def read_header(path: Path, mapped: mmap.mmap) -> list[StoredTensor]:
     return tensors
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string map a safetensors file's header keeps under __metadata__ ({} without one)."""
+    with open(path, "rb") as handle:
+        start = handle.read(8)
+        (length,) = struct.unpack("<Q", start) if len(start) == 8 else (0,)
+        try:
+            header = json.loads(handle.read(length)) if 0 < length < 100 * 1024**2 else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path.name} has an unreadable safetensors header")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelLoadError(f"{path.name} has unreadable safetensors metadata")
+    return metadata
+
+
 def read_tensors(
-    path: Path, device: torch.device, dtype: torch.dtype | None = None
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    wanted: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor on `device`, cast to `dtype` when given) for every tensor in the file, in
-    the header's order. Each tensor is a copy; nothing refers to the file afterwards."""
+    the header's order, or those whose names are `wanted`. Each tensor is a copy; nothing refers
+    to the file afterwards."""
     with open(path, "rb") as handle:
         if path.stat().st_size == 0:
             raise ModelLoadError(f"{path.name} is empty")
@@ -86,6 +107,8 @@ def read_tensors(
         staging = torch.empty(min(STAGING_BYTES, len(mapped)), dtype=torch.uint8, pin_memory=True)
     try:
         for stored in read_header(path, mapped):
+            if wanted is not None and not wanted(stored.name):
+                continue
             tensor = _copy(mapped, stored, device, staging)
             yield stored.name, tensor if dtype is None else tensor.to(dtype)
     finally:

@@ -52,6 +52,12 @@ class InstalledModel:
     def name(self) -> str:
         return self.path.name  # the folder names the model, whatever its manifest says
 
+    @property
+    def quantized_cache(self) -> Path:
+        """Where the engine keeps this model's weights quantised for the next load (not part
+        of the install: it goes with the model, and a missing one is made again)."""
+        return self.path / "quantized"
+
     def size_problems(self) -> list[FileProblem]:
         """Files missing or of another size than recorded (one stat each: cheap)."""
         return size_problems(self.path, self.manifest.files)

@@ -4,6 +4,7 @@ else; every kind of bad input ends in one line on stderr and a documented exit c
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -30,6 +31,26 @@ def test_piped_answer_is_the_engines_greedy_answer_and_nothing_else(
         smollm2_default, [{"role": "user", "content": question}], 40
     )
     assert result.stderr == b""
+
+
+def test_the_first_answer_keeps_the_quantised_weights_and_later_ones_read_them(
+    smollm2_env, smollm2_dir, smollm2_default
+):
+    """The int4 layers are kept in the model's quantized/ on the first load; the answers
+    given from them are the freshly quantised engine's, byte for byte."""
+    kept = smollm2_dir / "quantized"
+    shutil.rmtree(kept, ignore_errors=True)
+    question = "Name a colour."
+    expected = engine_answer(smollm2_default, [{"role": "user", "content": question}], 16)
+    flags = ("--temperature", "0", "--max-tokens", "16")
+    first = run_cli(*flags, env=smollm2_env, input=question.encode())
+    (file,) = kept.glob("int4-cpu-*.safetensors")
+    written = file.stat().st_mtime_ns
+    second = run_cli(*flags, env=smollm2_env, input=question.encode())
+    assert first.returncode == second.returncode == 0, second.stderr.decode()
+    assert first.stdout == second.stdout == expected
+    assert list(kept.glob("*.safetensors")) == [file]
+    assert file.stat().st_mtime_ns == written  # read, not made again
 
 
 def test_ask_puts_the_prompt_before_the_piped_text(smollm2_env, smollm2_default):

@@ -132,7 +132,9 @@ def load_transformer(
     state: dict[str, torch.Tensor] = {}
     files = weight_files(folder)
     kept = None
-    if quantization and cache_folder is not None and adjust is None:
+    # On a GPU quantising takes less time than reading the weights does: nothing is kept there
+    # (a 70B model's int4 layers would be 35 GB more on disk for a little time).
+    if quantization and cache_folder is not None and adjust is None and device.type == "cpu":
         kept = cache_file(cache_folder, files, quantization, device, dtype)
     quantized = (read_layers(kept, device) if kept else None) or {}
     if not _fits(quantized, expected):

@@ -3,7 +3,7 @@ time per call, bytes read per second, and the share of the card's copy bandwidth
 tiling in use and the best one found. What says whether a format's decode is bound by memory
 or by instructions on this card.
 
-    python benchmarks/gemv_sweep.py --shape 8b [--formats int8 int4]
+    python benchmarks/gemv_sweep.py --shape 8b [--formats int8 int4 fp8]
 
 Random weights of the shape's matrices (qkv, o, gate/up, down, the LM head), quantised as the
 engine quantises them; each tiling timed with CUDA events over 300 calls replayed from a CUDA graph.
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llamachat.engine.bench import SHAPES, copy_bandwidth  # noqa: E402
 from llamachat.engine.kernels.cuda.activations import round_to_int8  # noqa: E402
+from llamachat.engine.kernels.cuda.fp8 import _fp8_gemv_kernel, gemv_tiling  # noqa: E402
 from llamachat.engine.kernels.cuda.gemv import _gemv_kernel, _int4_gemv_kernel  # noqa: E402
-from llamachat.engine.quantize import Int4Linear, Int8Linear  # noqa: E402
+from llamachat.engine.quantize import Fp8Linear, Int4Linear, Int8Linear  # noqa: E402
 
 
 def matrices(shape: dict) -> dict[str, tuple[int, int]]:
@@ -74,6 +75,21 @@ def int4_tilings(n: int, k: int):
             yield {"ROWS": rows, "GROUPS": groups, "num_warps": warps, "num_stages": stages}
 
 
+def fp8_tilings(n: int, k: int):
+    for rows, block_k, warps, stages in itertools.product(
+        (4, 8, 16), (512, 1024, 2048), (4, 8), (3, 4)
+    ):
+        if block_k <= triton.next_power_of_2(k):
+            yield {"ROWS": rows, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
+
+
+def fp8_run(layer: Fp8Linear, x: torch.Tensor, tiling: dict):
+    n, k = layer.weight.shape
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, tiling["ROWS"]),)
+    return lambda: _fp8_gemv_kernel[grid](x, layer.weight, layer.scale, out, n, k, **tiling)
+
+
 def int8_run(layer: Int8Linear, x: torch.Tensor, tiling: dict):
     n, k = layer.weight.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
@@ -103,7 +119,11 @@ IN_USE = {  # what gemv.py launches today, by matrix height and width
         zip(("ROWS", "GROUPS", "num_warps"), (2, 32, 1) if n >= 16384 else (4, 64, 2),
             strict=True), num_stages=3,
     ),
+    "fp8": gemv_tiling,
 }  # fmt: skip
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
+RUNS = {"int8": int8_run, "int4": int4_run, "fp8": fp8_run}
+TILINGS = {"int8": int8_tilings, "int4": int4_tilings, "fp8": fp8_tilings}
 
 
 def main() -> None:
@@ -118,9 +138,7 @@ def main() -> None:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=generator)
         for form in args.formats:
-            layer = Int8Linear(weight, None) if form == "int8" else Int4Linear(weight, None)
-            run = int8_run if form == "int8" else int4_run
-            tilings = int8_tilings if form == "int8" else int4_tilings
+            layer, run, tilings = LAYERS[form](weight, None), RUNS[form], TILINGS[form]
             nbytes = sum(t.numel() * t.element_size() for t in layer.buffers())
             found = []
             for tiling in tilings(n, k):

@@ -7,9 +7,11 @@ and KL divergence at every position). f16 weights are compared with float32 the 
 
 "int4-cuda" is the CUDA int4 path's arithmetic emulated in float32 on the CPU: int4 weights (fp16
 scales and offsets, as on the GPU) times activations rounded to int8 in groups of 32
-(quantize.quantize_activations), the LM head int8.
+(quantize.quantize_activations), the LM head int8. "fp8" is the GPU's fp8 path the same way:
+E4M3 weights with a scale per row times each activation row rounded to E4M3
+(quantize.fp8_reference, what Fp8Linear runs on a CPU), the LM head int8.
 
-    python benchmarks/quant_quality.py MODEL_FOLDER [--tokens 256] [--pairs int8,int4,int4-cuda,f16]
+    python benchmarks/quant_quality.py MODEL_FOLDER [--tokens 256] [--pairs int8,fp8,f16]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn  # noqa: E402
 from llamachat.engine import GREEDY, ChatModel, KVCache  # noqa: E402
 from llamachat.engine.quantize import (  # noqa: E402
     GROUP,
+    Fp8Linear,
     Int8Linear,
     quantizable,
     quantize_activations,
@@ -44,6 +47,7 @@ PAIRS = {
     "int8": ("bfloat16", "int8"),
     "int4": ("bfloat16", "int4"),
     "int4-cuda": ("bfloat16", "int4-cuda"),
+    "fp8": ("bfloat16", "fp8"),
     "f16": ("float32", "f16"),
 }
 
@@ -52,7 +56,7 @@ class CudaInt4Emulation(nn.Module):
     """What gemv.int4_gemv computes, in float32: int8-rounded activations times the dequantised
     int4 weight."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: None = None):
         super().__init__()
         rows = weight.shape[0]
         q, scale, offset = quantize_int4(weight)
@@ -64,17 +68,18 @@ class CudaInt4Emulation(nn.Module):
         return (quantize_activations(x) @ self.weight.T).to(x.dtype)
 
 
+EMULATED = {"int4-cuda": CudaInt4Emulation, "fp8": Fp8Linear}  # GPU paths, on the CPU
+
+
 def load(folder: Path, dtype: str, quantization: str) -> ChatModel:
-    if quantization != "int4-cuda":
+    if quantization not in EMULATED:
         return ChatModel.load(folder, device="cpu", dtype=dtype, quantization=quantization)
     model = ChatModel.load(folder, device="cpu", dtype=dtype)
     for name, module in list(model.transformer.named_modules()):
         if quantizable(name) and isinstance(module, nn.Linear):
             head = name == "output"
-            replacement = (
-                Int8Linear(module.weight, None) if head else CudaInt4Emulation(module.weight)
-            )
-            model.transformer.set_submodule(name, replacement)
+            layer = Int8Linear if head else EMULATED[quantization]
+            model.transformer.set_submodule(name, layer(module.weight, None))
     return model
 
 

@@ -20,7 +20,7 @@ from .private import tighten, write_private
 
 # The engine's quantize.CHOICES, kept here too so that reading the config and parsing the command
 # line never import torch (tests/test_settings.py checks that the two agree).
-QUANTIZE_CHOICES = ("auto", "none", "int8", "int4", "f16")
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4", "fp8", "f16")
 
 
 class SettingsError(Exception):

@@ -45,7 +45,7 @@ def test_integers_are_accepted_where_numbers_are_expected(tmp_path):
         ("colour = 'red'\n", "unknown setting 'colour'"),
         ("ctx = 'big'\n", "ctx takes a whole number"),
         ("ctx = true\n", "ctx takes a whole number"),
-        ("quantize = 'int3'\n", "quantize takes one of auto, none, int8, int4, f16"),
+        ("quantize = 'int3'\n", "quantize takes one of auto, none, int8, int4, fp8, f16"),
     ],
 )
 def test_bad_files_are_named_with_the_problem(tmp_path, text, message):

@@ -88,7 +88,7 @@ class ChatSpec:
 
     model: str
     ctx: int | None = None  # the context window in tokens
-    weight_format: str | None = None  # auto, none, int8, int4, f16
+    weight_format: str | None = None  # auto, none, int8, int4, fp8, f16
     sampling: Sampling = Sampling()
     max_tokens: int | None = None  # most tokens in one reply
     device: str = "auto"

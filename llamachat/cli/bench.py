@@ -31,7 +31,7 @@ def bench(
         str | None,
         typer.Option(
             "--quantize",
-            help="Weight format: auto, none, int8, int4, f16 (CPU)."
+            help="Weight format: auto, none, int8, int4, fp8 (GPU), f16 (CPU)."
             " [default: the config's, else the model's, else auto]",
             callback=checked_quantize,
         ),

@@ -42,9 +42,9 @@ def pull(
         str | None,
         typer.Option(
             "--quantize",
-            help="The weight format the model loads in by default: none, int8, int4, f16 (CPU)"
-            " or auto. The files stay as downloaded; the format is applied each time the model"
-            " loads, and --quantize or the config's quantize override it."
+            help="The weight format the model loads in by default: none, int8, int4, fp8 (GPU),"
+            " f16 (CPU) or auto. The files stay as downloaded; the format is applied each time the"
+            " model loads, and --quantize or the config's quantize override it."
             " [default: auto, or what an earlier pull chose]",
             callback=checked_quantize,
         ),

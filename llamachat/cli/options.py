@@ -152,8 +152,9 @@ class GenerationOptions:
         str | None,
         typer.Option(
             "--quantize",
-            help="Weight format: auto, none, int8, int4, f16 (CPU). "
-            "[default: auto: f16 weights on a CPU, as stored on a GPU]",
+            help="Weight format: auto, none, int8, int4, fp8 (GPU), f16 (CPU). "
+            "[default: auto: int4 for a 4-bit GGUF's model on a CPU, else f16 there; as stored "
+            "on a GPU]",
             callback=checked_quantize,
             rich_help_panel=PANEL,
         ),

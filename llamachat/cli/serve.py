@@ -115,7 +115,9 @@ def serve(
     ] = None,
     quantize: Annotated[
         str | None,
-        typer.Option("--quantize", help="auto, none, int8, int4, f16.", callback=checked_quantize),
+        typer.Option(
+            "--quantize", help="auto, none, int8, int4, fp8, f16.", callback=checked_quantize
+        ),
     ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
     background: Annotated[

@@ -64,10 +64,10 @@ class ChatModel:
         quantized_cache: str | Path | None = None,
     ) -> ChatModel:
         """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights).
-        `quantization` stores the projections' weights as int8, int4 or (CPU) f16, "auto" picks
-        (see quantize.resolve_quantization); None keeps the checkpoint's precision. On a CPU,
-        `threads` sets PyTorch's thread count for the whole process; None: the cores other
-        processes leave idle, measured while loading and again before each reply (threads.py).
+        `quantization` stores the projections' weights as int8, int4, (GPU) fp8 or (CPU) f16,
+        "auto" picks (see quantize.resolve_quantization); None keeps the checkpoint's precision.
+        On a CPU, `threads` sets PyTorch's thread count for the whole process; None: the cores
+        other processes leave idle, measured while loading and again before each reply (threads.py).
         `weights_folder`: the safetensors' folder, when not `folder` (a model whose adapters
         apply on loading over its base's weights), `adjust` as for load_transformer.
         `source_bits`: the bits per weight the checkpoint was quantised to before it was

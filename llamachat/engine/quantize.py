@@ -6,6 +6,9 @@ bandwidth: int8 halves what bf16 reads, int4 nearly quarters it.
 - int8: one signed byte per weight and one scale per output channel (row).
 - int4: two weights per byte, in groups of GROUP (32) along the input axis, each group with its own
   scale and offset: w = q·scale + offset, q in 0..15 (the shape of GGUF's Q4_1).
+- fp8 (GPUs with FP8 tensor cores): E4M3 weights with a float32 scale per output channel,
+  each layer's input rounded to E4M3 per row (kernels/cuda/fp8.py): prompts multiply on the FP8
+  tensor cores, decode steps read a byte per weight as int8's do.
 - f16 (CPU only): half-precision weights multiplied in float32 arithmetic (fbgemm). On a CPU the
   float32 matrix-vector product is bound by arithmetic, not memory; fbgemm's fp16 one is ~4×
   faster on the same core and its weights round at 2⁻¹¹, far below any quantisation error.
@@ -36,10 +39,11 @@ from .kernels.cpu import native
 if TYPE_CHECKING:
     from .kernels.cuda.activations import Int8Activations
 
-QUANTIZATIONS = ("int8", "int4", "f16")
+QUANTIZATIONS = ("int8", "int4", "fp8", "f16")
 # int4 weights per scale/offset pair, as in GGUF's Q4_0/Q4_1: divides every LLaMA width (576 …
 # 28672), and a model shipped as Q4_1 (the default SmolLM2) re-quantises to its own values.
 GROUP = 32
+E4M3_MAX = 448.0  # float8_e4m3fn's largest finite value
 CHOICES = ("auto", "none", *QUANTIZATIONS)  # what a user may ask for
 # Up to this many rows an int8 product runs the prefill kernel: on an H100, 8b prompts of 512
 # tokens prefilled at 17.7k tok/s with it against 13.4k dequantising, but 4,000 at once at 19.0k
@@ -73,6 +77,19 @@ def check_quantization(name: str | None, device: torch.device, dtype: torch.dtyp
         return
     if name not in QUANTIZATIONS:
         raise DeviceError(f"unknown quantisation {name!r}: use {', '.join(QUANTIZATIONS)}")
+    if name == "fp8":
+        if device.type != "cuda":
+            raise DeviceError(
+                "fp8 weights need an NVIDIA GPU with FP8 tensor cores: on a CPU use int4"
+            )
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise DeviceError(
+                f"fp8 weights need FP8 tensor cores (compute capability 8.9 or later: Ada, "
+                f"Hopper); this GPU is {capability[0]}.{capability[1]}: use int8"
+            )
+        if dtype != torch.bfloat16:
+            raise DeviceError("fp8 weights compute in bfloat16: use --dtype bfloat16 with them")
     if name == "f16":
         if device.type != "cpu":
             raise DeviceError("f16 weights are a CPU mode: on a GPU use bfloat16, int8 or int4")
@@ -94,6 +111,10 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, name: str) 
         if weight.shape[1] % GROUP:
             return Int8Linear(weight, bias)  # no whole groups: the next best thing
         return Int4Linear(weight, bias)
+    if name == "fp8":
+        if weight.shape[0] % 16 or weight.shape[1] % 16:
+            return Int8Linear(weight, bias)  # cuBLASLt's FP8 products take multiples of 16
+        return Fp8Linear(weight, bias)
     if name == "f16":
         return HalfWeightLinear(weight, bias)
     raise ValueError(name)
@@ -107,7 +128,9 @@ def quantizable(module_name: str) -> bool:
 
 
 def head_quantization(name: str) -> str:
-    return "int8" if name == "int4" else name
+    """The LM head's format under `name`: int8 under int4 and fp8, whose activations' rounding
+    the head's logits would carry into every token's choice."""
+    return "int8" if name in ("int4", "fp8") else name
 
 
 def quantize_model(model: nn.Module, name: str) -> None:
@@ -160,6 +183,31 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     rows = packed.shape[0]
     words = packed.view(rows, -1, 4)
     return torch.stack((words & 15, words >> 4), dim=2).view(rows, -1)
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row E4M3: (q float8_e4m3fn (N, K), scale float32 (N,)), weight ≈ q · scale, each
+    row's largest |w| at E4M3's largest value (448)."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / E4M3_MAX
+    return (weight / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+def round_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) rounded to E4M3 per row as the FP8 kernels round it: (q, scale (..., 1))."""
+    x = x.float()
+    largest = x.abs().amax(dim=-1, keepdim=True)
+    # Times 1/448, as PyTorch divides by a number on a GPU, and the row times the scale's
+    # reciprocal: what the CUDA kernels compute, bit for bit, without a division per value.
+    scale = torch.where(largest > 0, largest * (1 / E4M3_MAX), torch.ones_like(largest))
+    return (x * torch.reciprocal(scale)).to(torch.float8_e4m3fn), scale
+
+
+def fp8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What the FP8 kernels compute, in float32 on any device: x (..., K) rounded per row times
+    the E4M3 weight q (N, K), times both scales."""
+    xq, x_scale = round_rows_fp8(x)
+    return (xq.float() @ q.float().T) * x_scale * scale.float()
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -306,6 +354,34 @@ class Int4Linear(nn.Module):
         q = unpack_int4(self.weight).view(self.out_features, -1, GROUP)
         weight = q * self.scale[..., None] + self.offset[..., None]  # (N, K/GROUP, GROUP) fp16
         return weight.view(self.out_features, self.in_features).float()
+
+
+class Fp8Linear(nn.Module):
+    """E4M3 weights, a float32 scale per output row (kernels/cuda/fp8.py); on a CPU (tests,
+    quality measurements) the same arithmetic in PyTorch (fp8_reference)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        q, scale = quantize_fp8(weight)
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale.view(1, -1))  # (1, N): cuBLASLt's row-wise form
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cuda":
+            from .kernels.cuda.fp8 import fp8_linear
+
+            out = fp8_linear(flat, self.weight, self.scale, out_dtype or x.dtype)
+        else:
+            out = fp8_reference(flat, self.weight, self.scale).to(out_dtype or x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scale.view(-1, 1)
 
 
 class HalfWeightLinear(nn.Module):

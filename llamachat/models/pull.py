@@ -139,8 +139,8 @@ def pull(
     progress: Progress | None = None,
     quantization: str | None = None,
 ) -> PullResult:
-    """Install `spec` as `name`. `quantization` (auto, none, int8, int4, f16) is recorded as the
-    weight format the model loads in by default; None keeps what an installed model of that
+    """Install `spec` as `name`. `quantization` (auto, none, int8, int4, fp8, f16) is recorded as
+    the weight format the model loads in by default; None keeps what an installed model of that
     name has recorded. An up-to-date model is not fetched again, only its record changes."""
     progress = progress or SilentProgress()
     source, default_name = parse_source(spec)

@@ -107,7 +107,7 @@ def test_the_config_refuses_an_unknown_format(env):
     result = run_cli("config", "set", "quantize", "int3", env=env)
     assert result.returncode == 2  # bad input
     (line,) = result.stderr.decode().strip().splitlines()
-    assert "quantize takes one of auto, none, int8, int4, f16, not 'int3'" in line
+    assert "quantize takes one of auto, none, int8, int4, fp8, f16, not 'int3'" in line
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_an_unknown_format_is_a_usage_error_in_one_line(env, folder, args):
     result = run_cli(*args, env=env, input=b"Hi")
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.decode().strip().splitlines()
-    assert "'int3' is not one of auto, none, int8, int4, f16" in line
+    assert "'int3' is not one of auto, none, int8, int4, fp8, f16" in line
     assert result.stdout == b""
 
 
@@ -183,3 +183,13 @@ def test_int4_without_a_working_compiler_answers_after_one_warning_line(env, fol
     assert lines == [warning + "false could not build its C kernels: no message"]
     assert "RuntimeWarning" not in result.stderr.decode()
     assert result.stdout.strip()
+
+
+def test_fp8_on_a_cpu_is_one_clear_line(env, folder):
+    pull(env, folder)
+    result = run_cli("ask", "Hi", "--device", "cpu", "--quantize", "fp8", env=env)
+    assert result.returncode == 1 and result.stdout == b""
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert line == (
+        "llamachat: error: fp8 weights need an NVIDIA GPU with FP8 tensor cores: on a CPU use int4"
+    )

@@ -41,7 +41,7 @@ def on_the_bf16_grid(values: torch.Tensor) -> float:
     return (values == values.bfloat16().float()).float().mean().item()
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4", "fp8"])
 def test_logits_are_the_heads_float32_sums_not_rounded_to_bf16(tiny_model_factory, quantization):
     """In bf16 the head still sums in float32; its logits are those sums, for the prompt (the
     matrix product), a decode step (the one-row kernels) and a CUDA-graph replay: with the
@@ -191,7 +191,32 @@ def test_triton_prompt_matmul_multiplies_by_the_dequantized_weight(rows, outputs
     assert (out - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 7, 512])
+@pytest.mark.parametrize(("outputs", "columns"), [(96, 576), (4096, 4096), (1024, 14336)])
+def test_fp8_kernels_are_the_rows_rounded_to_e4m3_times_the_e4m3_weight(rows, outputs, columns):
+    """The rounding kernel gives PyTorch's E4M3 rounding bit for bit; the one-row kernel and
+    cuBLASLt's FP8 product give fp8_reference's sums up to their order and bf16 output."""
+    from llamachat.engine.kernels.cuda.fp8 import fp8_linear, round_rows
+    from llamachat.engine.quantize import fp8_reference, quantize_fp8, round_rows_fp8
+
+    generator = torch.Generator(device="cuda").manual_seed(rows + outputs)
+    weight = torch.randn(outputs, columns, device="cuda", generator=generator) * 0.02
+    x = torch.randn(rows, columns, device="cuda", generator=generator).to(torch.bfloat16)
+    x[0, :7] = 0
+    q, scale = quantize_fp8(weight)
+    got_q, got_scale = round_rows(x)
+    want_q, want_scale = round_rows_fp8(x)
+    assert torch.equal(got_scale, want_scale)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    expected = fp8_reference(x, q, scale.view(1, -1))
+    out = fp8_linear(x, q, scale.view(1, -1), torch.bfloat16).float()
+    assert (out - expected).abs().max() <= 1e-2 * expected.abs().max()
+    if rows == 1:  # the logits' path: float32 sums as they are
+        out = fp8_linear(x, q, scale.view(1, -1), torch.float32)
+        assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4", "fp8"])
 def test_quantized_model_on_the_gpu_matches_the_cpu_one_and_graphs_match_eager(
     tiny_model_factory, quantization
 ):
@@ -201,7 +226,7 @@ def test_quantized_model_on_the_gpu_matches_the_cpu_one_and_graphs_match_eager(
     model = ChatModel.load(folder, device="cuda", quantization=quantization)
     quantized = logits(model, tokens)
     relative = (quantized - reference).norm() / reference.norm()
-    assert relative < {"int8": 0.05, "int4": 0.3}[quantization]
+    assert relative < {"int8": 0.05, "int4": 0.3, "fp8": 0.1}[quantization]
     prompt = tokens[0].tolist()[:250]
     eager, _ = decode_logits(model, False, prompt, 12)
     graphed, _ = decode_logits(model, True, prompt, 12)
@@ -217,7 +242,8 @@ def test_quantized_model_on_the_gpu_matches_the_cpu_one_and_graphs_match_eager(
         dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=1, intermediate_size=384),
     ],
 )
-@pytest.mark.parametrize("quantization", [None, "int4"])  # int4: norms round x for the next layer
+# int4: norms round x for the next layer; fp8: its own rounding kernel before each product
+@pytest.mark.parametrize("quantization", [None, "int4", "fp8"])
 def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape, quantization):
     from llamachat.engine.decode.cuda import FusedDecodeStep
 
@@ -236,7 +262,10 @@ def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape, 
         logits = torch.stack([step[0, -1].float().cpu() for step in steps])
         runs.append((logits, session.cache.k.float().cpu(), session.cache.v.float().cpu()))
     (fused, k_fused, v_fused), (plain, k_plain, v_plain) = runs
-    tolerance = 3e-2 * plain.abs().max()
+    # fp8: E4M3 keeps 3 bits, so an input one bf16 step apart may round to the next E4M3 value,
+    # 1/16 away: the two steps' inputs differ so (below) and their products by more.
+    share = 8e-2 if quantization == "fp8" else 3e-2
+    tolerance = share * plain.abs().max()
     assert (fused - plain).abs().max() <= tolerance
     # The same best token at every step, but where the plain step's two best logits are closer
     # than the rounding between the two (float32 logits keep such near-ties apart: in bf16 they
@@ -248,7 +277,7 @@ def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape, 
     # Layers after the first see slightly different inputs (one rounding fewer in the fused
     # residual add and norm), so their keys and values differ by bf16 rounding too.
     for fused_cache, plain_cache in ((k_fused, k_plain), (v_fused, v_plain)):
-        assert (fused_cache - plain_cache).abs().max() <= 3e-2 * plain_cache.abs().max()
+        assert (fused_cache - plain_cache).abs().max() <= share * plain_cache.abs().max()
 
 
 def _batched_texts(model: ChatModel, questions, graphs: bool) -> tuple[list[str], list]:

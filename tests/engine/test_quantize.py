@@ -7,15 +7,21 @@ import torch
 
 from llamachat.engine import ChatModel, DeviceError, KVCache
 from llamachat.engine.quantize import (
+    E4M3_MAX,
     GROUP,
+    Fp8Linear,
     HalfWeightLinear,
     Int4Linear,
     Int8Linear,
+    fp8_reference,
     pack_int4,
     quantize_activations,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
+    quantize_linear,
     quantize_model,
+    round_rows_fp8,
     unpack_int4,
     weight_bytes,
 )
@@ -66,6 +72,62 @@ def test_activations_round_to_within_half_an_int8_step_of_their_group():
     assert torch.equal(rounded[0, :GROUP], x[0, :GROUP])
     steps = rounded.view(3, 4, GROUP)[1:] / step[1:]
     assert torch.allclose(steps, steps.round(), atol=1e-3)  # whole multiples of the step
+
+
+def e4m3_values() -> torch.Tensor:
+    """Every finite float8_e4m3fn value, from its 256 bit patterns."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return values[values.isfinite()]
+
+
+def test_fp8_rounds_each_weight_to_the_nearest_e4m3_step_of_its_row():
+    weight = random_weight()
+    weight[3, 5] = 0.0
+    q, scale = quantize_fp8(weight)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (96,)
+    assert q.float().abs().amax(dim=1).eq(E4M3_MAX).all()  # each row's largest at 448
+    scaled = weight / scale[:, None]
+    # The nearest representable value: no E4M3 value lies closer to w / scale than q does.
+    grid = e4m3_values()
+    nearest = (scaled[..., None] - grid).abs().amin(-1)
+    assert torch.allclose((q.float() - scaled).abs(), nearest, rtol=0, atol=1e-6)
+    assert q[3, 5].float() == 0
+
+
+def test_fp8_rows_round_to_e4m3_each_with_its_own_scale():
+    x = torch.randn(4, 192, generator=torch.Generator().manual_seed(3)) * 7
+    x[1] = 0  # an all-zero row: scale 1, values 0
+    x[2] *= 1000  # rows are scaled alone: one large row changes no other
+    q, scale = round_rows_fp8(x)
+    assert scale[1].item() == 1.0 and q[1].float().eq(0).all()
+    largest = x[[0, 2, 3]].abs().amax(-1)
+    # Each row's largest |x| lands on E4M3's largest value; the scale is that times 1/448, as
+    # the CUDA kernels compute it (a float32 rounding from the division, at most).
+    assert torch.equal(scale[[0, 2, 3], 0], largest * (1 / E4M3_MAX))
+    assert torch.allclose(scale[[0, 2, 3], 0], largest / E4M3_MAX, rtol=2**-23, atol=0)
+    alone = [round_rows_fp8(x[row : row + 1]) for row in range(4)]
+    assert torch.equal(q.float(), torch.cat([a[0].float() for a in alone]))
+    relative = (q.float() * scale - x).abs() / x.abs().clamp(min=1e-3)
+    assert relative[[0, 2, 3]].median() < 0.04  # E4M3: 3 mantissa bits, ≤ 1/16 off
+
+
+def test_fp8_product_is_the_rounded_rows_times_the_e4m3_weight_times_both_scales():
+    weight, x = random_weight(), torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    q, scale = quantize_fp8(weight)
+    xq, x_scale = round_rows_fp8(x)
+    expected = (xq.double() * x_scale.double()) @ (q.double() * scale.double()[:, None]).T
+    out = fp8_reference(x, q, scale)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-6)
+    exact = x @ weight.T
+    assert (out - exact).norm() <= 0.05 * exact.norm()
+    layer = Fp8Linear(weight, None)
+    assert torch.allclose(layer(x), out, rtol=1e-6, atol=1e-6)
+
+
+def test_fp8_falls_back_to_int8_where_cublaslt_takes_no_fp8_product():
+    assert isinstance(quantize_linear(random_weight(96, 256), None, "fp8"), Fp8Linear)
+    assert isinstance(quantize_linear(random_weight(90, 256), None, "fp8"), Int8Linear)
+    assert isinstance(quantize_linear(random_weight(96, 200), None, "fp8"), Int8Linear)
 
 
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear, HalfWeightLinear])
@@ -138,7 +200,11 @@ def test_a_width_without_whole_int4_groups_falls_back_to_int8(tiny_model_factory
 
 @pytest.mark.parametrize(
     ("quantization", "dtype", "message"),
-    [("int3", "float32", "unknown quantisation"), ("f16", "bfloat16", "float32")],
+    [
+        ("int3", "float32", "unknown quantisation"),
+        ("f16", "bfloat16", "float32"),
+        ("fp8", "float32", "GPU with FP8 tensor cores"),
+    ],
 )
 def test_an_impossible_quantization_is_refused_clearly(
     tiny_model_factory, quantization, dtype, message

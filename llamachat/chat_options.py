@@ -22,7 +22,7 @@ from .remotes import Remote, split_model
 from .settings import Settings
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
-PLACEMENT = ("device", "dtype", "quantize", "threads", "chat_format")
+PLACEMENT = ("device", "dtype", "quantize", "threads", "gpus", "chat_format")
 OWN_LIMITS = ("max_tokens", "ctx")  # besides sampling, what a conversation may set for itself
 
 
@@ -51,6 +51,7 @@ class GivenOptions(Protocol):
     dtype: str | None
     quantize: str | None
     threads: int | None
+    gpus: int | None
     chat_format: str | None
     continue_: bool
     local: bool
@@ -67,6 +68,7 @@ class ChatOptions:
     dtype: str | None = None
     quantize: str | None = None  # None: the format the model's pull recorded, else auto
     threads: int | None = None  # CPU threads; None: the engine's default
+    gpus: int = 1  # GPUs the model is split over (tensor parallel)
     ctx: int | None = None
     chat_format: str | None = None
     sampling: Sampling = Sampling()
@@ -115,6 +117,7 @@ class ChatOptions:
             device=self.device,
             dtype=self.dtype,
             threads=self.threads,
+            gpus=self.gpus,
             chat_format=self.chat_format,
         )
 
@@ -140,6 +143,7 @@ def resolve(
         dtype=_pick(given.dtype, settings.dtype),
         quantize=_pick(given.quantize, settings.quantize),
         threads=_pick(given.threads, settings.threads),
+        gpus=given.gpus or 1,
         ctx=_pick(given.ctx, settings.ctx),
         chat_format=given.chat_format,
         sampling=chosen,

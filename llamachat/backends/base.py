@@ -94,6 +94,7 @@ class ChatSpec:
     device: str = "auto"
     dtype: str | None = None
     threads: int | None = None
+    gpus: int = 1  # GPUs to split the model over (tensor parallel), a process each
     chat_format: str | None = None
     # Replies the chat may write at once (a server's); 1: one at a time, callers wait their turn.
     concurrency: int = 1

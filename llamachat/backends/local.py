@@ -109,8 +109,14 @@ class LocalBackend:
                     adjust=adjust,
                     source_bits=installed.manifest.source_bits,
                     quantized_cache=installed.quantized_cache,
+                    gpus=spec.gpus,
                 )
 
+        if spec.gpus > 1 and (spec.shape is not None or spec.concurrency > 1):
+            raise ModelUnavailableError(
+                "--gpus runs one conversation at a time on an installed model for now: "
+                "not random weights, nor a server's concurrent replies"
+            )
         try:
             model = load()
             if spec.ctx is not None and spec.ctx > model.context_length:
@@ -132,7 +138,8 @@ class LocalBackend:
 
             return BatchedChat(name, model, scheduler, sampling, defaults, max_tokens)
         chat = LocalChat(name, model, session, sampling, defaults, max_tokens)
-        if identity is not None and self.contexts is not None:
+        # A tensor-parallel model's cache is spread over its ranks: nothing to save here.
+        if identity is not None and self.contexts is not None and spec.gpus == 1:
             chat.keep_contexts(self.contexts, identity)
         return chat
 

@@ -46,6 +46,12 @@ def bench(
         int | None,
         typer.Option(min=1, help="CPU threads. [default: the config's, else the idle cores]"),
     ] = None,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Split the model over this many GPUs (tensor parallel). [default: 1]"
+        ),
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure prefill, decode and time to first token (with and without the KV cache)."""
@@ -67,7 +73,7 @@ def bench(
         choice = quantize or settings.quantize or "auto"
         quantization = resolve_quantization(choice, target, torch_dtype)
         stderr.print(f"making a {shape} model with random weights on {target}…", markup=False)
-        chat_model = random_model(shape, str(target), torch_dtype, quantization, threads)
+        chat_model = random_model(shape, str(target), torch_dtype, quantization, threads, gpus)
         name = shape
     else:
         installed = ModelStore(home.models).get(model)
@@ -80,6 +86,7 @@ def bench(
             quantization=choice,
             threads=threads,
             source_bits=installed.manifest.source_bits,
+            gpus=gpus,
         )
         name = installed.name
     gpu = target.type == "cuda"
@@ -100,7 +107,8 @@ def bench(
         return
     weights = f", {result.quantization}" if result.quantization else ""
     on_cpu = f", {chat_model.threads} threads" if chat_model.threads else ""
-    title = f"{name} on {result.device} ({result.dtype}{weights}{on_cpu})"
+    split = f" over {gpus} {'GPUs' if gpu else 'processes'}" if gpus > 1 else ""
+    title = f"{name} on {result.device}{split} ({result.dtype}{weights}{on_cpu})"
     table = Table(title=title, box=None, pad_edge=False)
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -115,8 +123,11 @@ def bench(
     turn = f"TTFT, 64-token turn after {result.history_tokens}"
     table.add_row(f"{turn}, cache reused", f"{result.ttft_new_turn_reused_ms:.1f} ms")
     table.add_row(f"{turn}, all prefilled", f"{result.ttft_new_turn_full_ms:.1f} ms")
-    table.add_row("weights", f"{result.weight_bytes / 1e9:.2f} GB")
-    table.add_row("KV cache per token", f"{result.kv_bytes_per_token / 1024:.0f} KiB")
+    if result.all_reduce_ms_per_token is not None:
+        table.add_row("all-reduces a token", f"{result.all_reduce_ms_per_token:.2f} ms")
+    each = ", each rank's" if gpus > 1 else ""
+    table.add_row(f"weights{each}", f"{result.weight_bytes / 1e9:.2f} GB")
+    table.add_row(f"KV cache per token{each}", f"{result.kv_bytes_per_token / 1024:.0f} KiB")
     table.add_row("copy bandwidth (read + write)", f"{bandwidth / 1e9:,.0f} GB/s")
     if result.peak_memory_bytes:
         table.add_row("peak GPU memory", f"{result.peak_memory_bytes / 1e9:.1f} GB")

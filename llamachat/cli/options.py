@@ -168,6 +168,16 @@ class GenerationOptions:
             rich_help_panel=PANEL,
         ),
     ] = None
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus",
+            min=1,
+            help="Split the model over this many GPUs of this machine (tensor parallel, a "
+            "process each). [default: 1]",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
     chat_format: Annotated[
         str | None,
         typer.Option(

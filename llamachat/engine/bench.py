@@ -71,11 +71,20 @@ class BenchResult:
     ttft_new_turn_full_ms: float = 0.0
     history_tokens: int = 0
     peak_memory_bytes: int = 0
+    # Split over several GPUs: how many, and the all-reduces' time a decode step (two a layer
+    # and the embedding's, timed alone). weight_bytes and kv_bytes_per_token are then rank 0's
+    # share, so bandwidth_share with one GPU's bandwidth is the share of the GPUs' together.
+    gpus: int = 1
+    all_reduce_ms_per_token: float | None = None
 
     def bandwidth_share(self, context: int, copy_bytes_per_s: float) -> float:
         """Decode speed × bytes each token must read, over the measured copy bandwidth."""
         per_token = self.weight_bytes + self.kv_bytes_per_token * context
         return self.decode_tokens_per_s[context] * per_token / copy_bytes_per_s
+
+
+def shape_config(shape: str) -> ModelConfig:
+    return ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[shape]})
 
 
 def random_model(
@@ -84,15 +93,51 @@ def random_model(
     dtype: torch.dtype = torch.bfloat16,
     quantization: str | None = None,
     threads: int | None = None,
+    gpus: int = 1,
 ) -> ChatModel:
     """A model of `shape` with random weights (N(0, 0.02), norms at 1) made on `device`. With a
     quantisation each matrix is quantised as it is made, so a 70B model fits one GPU in int4.
-    `threads` as for ChatModel.load."""
-    config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[shape]})
+    `threads` as for ChatModel.load; `gpus`: split over that many GPUs (tensor parallel), each
+    rank making its own part."""
+    config = shape_config(shape)
     threads_used = cpu_threads(torch.device(device), threads)
     check_quantization(quantization, torch.device(device), dtype)
+    if gpus > 1:
+        from .parallel.group import Launch
+        from .parallel.load import check_gpus, load_parallel
+        from .parallel.shards import check_world
+
+        check_world(config, gpus)
+        check_gpus(torch.device(device), gpus)
+        launch = Launch(
+            folder=None, weights_folder=None, device=torch.device(device).type,
+            dtype=str(dtype).removeprefix("torch."), quantization=quantization, world=gpus,
+            shape=shape,
+        )  # fmt: skip
+        transformer, _ = load_parallel(launch)
+    else:
+        transformer = random_transformer(config, torch.device(device), dtype, quantization)
+        # The fused CUDA step or PyTorch's CPU step, never the C one: an int4 shape on the CPU
+        # has always measured PyTorch's step here, not the one ChatModel.load picks.
+        transformer.decode_step = choose_decode_step(transformer, native=False)
+        transformer.logits = choose_logits(transformer)
+    # No tokenizer: the benchmark works on token ids.
+    llama3 = BUILTIN_FORMATS["llama-3"]
+    return ChatModel(
+        None, config, transformer, None, llama3, frozenset(), quantization, threads_used
+    )
+
+
+def random_transformer(
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str | None,
+    seed: int = 0,
+) -> Transformer:
+    """The transformer of `config` with random weights, as random_model makes them."""
     transformer = Transformer(config, device="meta")
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name, parameter in list(transformer.named_parameters()):
         module_name, _, kind = name.rpartition(".")
@@ -109,16 +154,7 @@ def random_model(
     transformer.load_state_dict(state, assign=True, strict=False)
     if config.tie_word_embeddings and not quantization:
         transformer.output.weight = transformer.tok_embeddings.weight
-    transformer.eval().requires_grad_(False)
-    # The fused CUDA step or PyTorch's CPU step, never the C one: an int4 shape on the CPU has
-    # always measured PyTorch's step here, not the one ChatModel.load picks.
-    transformer.decode_step = choose_decode_step(transformer, native=False)
-    transformer.logits = choose_logits(transformer)
-    # No tokenizer: the benchmark works on token ids.
-    llama3 = BUILTIN_FORMATS["llama-3"]
-    return ChatModel(
-        None, config, transformer, None, llama3, frozenset(), quantization, threads_used
-    )
+    return transformer.eval().requires_grad_(False)
 
 
 def copy_bandwidth(device: str = "cuda", size: float = 2 * 1024**3, repeats: int = 20) -> float:
@@ -188,6 +224,12 @@ def measure(
     result.ttft_new_turn_full_ms = statistics.median(full)
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated()
+    leader = model.transformer.leader
+    if leader is not None:
+        result.gpus = model.gpus
+        config = model.config
+        seconds = leader.all_reduce_seconds(config.hidden_size, model.dtype, device)
+        result.all_reduce_ms_per_token = seconds * (2 * config.n_layers + 1) * 1000
     return result
 
 

@@ -62,6 +62,7 @@ class ChatModel:
         adjust: AdjustWeight | None = None,
         source_bits: int | None = None,
         quantized_cache: str | Path | None = None,
+        gpus: int = 1,
     ) -> ChatModel:
         """Load a Hugging Face model folder (config.json, tokenizer, safetensors weights).
         `quantization` stores the projections' weights as int8, int4, (GPU) fp8 or (CPU) f16,
@@ -72,7 +73,9 @@ class ChatModel:
         apply on loading over its base's weights), `adjust` as for load_transformer.
         `source_bits`: the bits per weight the checkpoint was quantised to before it was
         converted (a GGUF's), which "auto" takes into account. `quantized_cache`: a folder
-        where the quantised layers are kept for the next load (quantized_cache.py)."""
+        where the quantised layers are kept for the next load (quantized_cache.py).
+        `gpus`: run the model over that many GPUs with tensor parallelism, a process each
+        (parallel/); on a CPU, that many processes."""
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(f"{folder} is not a folder")
@@ -85,11 +88,16 @@ class ChatModel:
         weights = Path(weights_folder).expanduser() if weights_folder is not None else folder
         if quantized_cache is not None:
             quantized_cache = Path(quantized_cache).expanduser()
-        transformer = load_transformer(
-            weights, config, target_device, target_dtype, quantization, adjust, quantized_cache
-        )
-        transformer.decode_step = choose_decode_step(transformer)
-        transformer.logits = choose_logits(transformer)
+        if gpus != 1:
+            transformer = _load_parallel(
+                folder, weights, config, target_device, target_dtype, quantization, adjust, gpus
+            )
+        else:
+            transformer = load_transformer(
+                weights, config, target_device, target_dtype, quantization, adjust, quantized_cache
+            )
+            transformer.decode_step = choose_decode_step(transformer)
+            transformer.logits = choose_logits(transformer)
         chosen_format = chat_format_for(tokenizer, chat_format)
         eos = _eos_token_ids(folder, config, tokenizer) | _special_token_ids(
             tokenizer, chosen_format.stop
@@ -97,6 +105,17 @@ class ChatModel:
         return cls(
             folder, config, transformer, tokenizer, chosen_format, eos, quantization, threads_used
         )
+
+    @property
+    def gpus(self) -> int:
+        """The ranks the model runs over (1: one device)."""
+        leader = self.transformer.leader
+        return 1 if leader is None else leader.world
+
+    def close(self) -> None:
+        """Stop a tensor-parallel model's other ranks (they stop at exit too)."""
+        if self.transformer.leader is not None:
+            self.transformer.leader.close()
 
     @property
     def threads(self) -> int | None:
@@ -122,7 +141,8 @@ class ChatModel:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.config.kv_bytes_per_token(self.dtype.itemsize)
+        """The KV cache a token takes here: on each GPU of a split model, that GPU's kv heads."""
+        return self.transformer.config.kv_bytes_per_token(self.dtype.itemsize)
 
     def kv_bytes(self, ctx: int) -> int:
         """The KV cache a session of `ctx` tokens allocates."""
@@ -155,6 +175,39 @@ class ChatModel:
                 f"ctx must be between 16 and the model's context length {self.context_length}"
             )
         return ctx
+
+
+def _load_parallel(
+    folder: Path,
+    weights: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str | None,
+    adjust: AdjustWeight | None,
+    gpus: int,
+) -> Transformer:
+    from .parallel.group import Launch
+    from .parallel.load import check_gpus, load_parallel
+    from .parallel.shards import check_world
+
+    check_world(config, gpus)
+    check_gpus(device, gpus)
+    if adjust is not None:
+        raise EngineError(
+            "a model whose adapters apply on loading cannot run over several GPUs yet: "
+            "merge them into its weights first"
+        )
+    launch = Launch(
+        folder=str(folder.resolve()),
+        weights_folder=str(weights.resolve()),
+        device=device.type,
+        dtype=str(dtype).removeprefix("torch."),
+        quantization=quantization,
+        world=gpus,
+    )
+    transformer, _ = load_parallel(launch)
+    return transformer
 
 
 def _eos_token_ids(folder: Path, config: ModelConfig, tokenizer: Tokenizer) -> frozenset[int]:

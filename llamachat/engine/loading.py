@@ -15,6 +15,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import DeviceError, ModelLoadError
 from .model import Transformer
+from .parallel.shards import Shard
 from .quantize import head_quantization, quantizable, quantize_linear
 from .quantized_cache import cache_file, read_layers, write_layers
 from .weights_reader import read_tensors
@@ -117,6 +118,7 @@ def load_transformer(
     quantization: str | None = None,
     adjust: AdjustWeight | None = None,
     cache_folder: Path | None = None,
+    shard: Shard | None = None,
 ) -> Transformer:
     """Build the model on the meta device and assign the checkpoint's tensors into it. With a
     quantisation, each projection is quantised as soon as its tensors are read, so the
@@ -124,8 +126,10 @@ def load_transformer(
     `adjust(name, tensor)` gives each checkpoint tensor, by its checkpoint name, the value to
     use instead (LoRA adapters applied on loading), before any is stacked or quantised.
     `cache_folder`: where quantised layers are kept between loads (quantized_cache.py), read
-    instead of the checkpoint's projections when they are there, written when not."""
-    model = Transformer(config, device="meta")
+    instead of the checkpoint's projections when they are there, written when not.
+    `shard`: keep only a tensor-parallel rank's part of each tensor (parallel/shards.py), in a
+    model of that part's shape."""
+    model = Transformer(config if shard is None else shard.local_config(), device="meta")
     expected = model.state_dict()
     parts: dict[str, dict[int, torch.Tensor]] = {}
     slots: dict[str, int] = {}
@@ -134,7 +138,13 @@ def load_transformer(
     kept = None
     # On a GPU quantising takes less time than reading the weights does: nothing is kept there
     # (a 70B model's int4 layers would be 35 GB more on disk for a little time).
-    if quantization and cache_folder is not None and adjust is None and device.type == "cpu":
+    if (
+        quantization
+        and cache_folder is not None
+        and adjust is None
+        and shard is None
+        and device.type == "cpu"
+    ):
         kept = cache_file(cache_folder, files, quantization, device, dtype)
     quantized = (read_layers(kept, device) if kept else None) or {}
     if not _fits(quantized, expected):
@@ -163,6 +173,8 @@ def load_transformer(
                 if adjust is not None:
                     tensor = adjust(key, tensor)
                 name, slot, slots[name] = target
+                if shard is not None:
+                    tensor = shard.take(name, slot, tensor)
                 parts.setdefault(name, {})[slot] = tensor
                 if len(parts[name]) == slots[name]:
                     finish(name)

@@ -23,6 +23,7 @@ from .rope import apply_rope, rope_tables
 
 if TYPE_CHECKING:
     from .decode import DecodeStep, Logits
+    from .parallel.group import Leader
 
 Device = torch.device | str | None
 
@@ -182,9 +183,14 @@ class Transformer(nn.Module):
         # How the head's output becomes float32 logits where the device has a better way than
         # a cast (decode.choose_logits): set with the decode step.
         self.logits: Logits | None = None
+        # Rank 0 of a tensor-parallel model: tells the other ranks to run each call it runs
+        # (parallel/group.py). None for a model on one device.
+        self.leader: Leader | None = None
 
     def setup_rope(self, max_len: int) -> None:
         """Build the rotary tables for positions [0, max_len) on the weights' device."""
+        if self.leader is not None:
+            self.leader.setup_rope(max_len)
         device = self.tok_embeddings.weight.device
         self.rope_cos, self.rope_sin = rope_tables(self.config, max_len, device)
 
@@ -206,6 +212,19 @@ class Transformer(nn.Module):
         (T = 1) at any position within one attend_len is the same computation graph.
         Returns float32 logits (1, 1, V) for the last token, or (1, T, V) with last_only=False.
         """
+        if self.leader is not None:
+            with self.leader.forward(tokens, positions, cache, attend_len, last_only):
+                return self._run(tokens, positions, cache, attend_len, last_only)
+        return self._run(tokens, positions, cache, attend_len, last_only)
+
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        attend_len: int,
+        last_only: bool,
+    ) -> torch.Tensor:
         assert self.rope_cos is not None and self.rope_sin is not None, "call setup_rope first"
         if tokens.shape[1] == 1 and self.decode_step is not None:
             return self.decode_step(tokens, positions, cache, attend_len)

@@ -64,13 +64,16 @@ class ChatSession:
         capacity = _whole_buckets(ctx)
         if model.transformer.rope_len < capacity:
             model.transformer.setup_rope(capacity)
-        self.cache = KVCache(model.config, capacity, model.device, model.dtype)
+        # The transformer's own shape: under tensor parallelism, this rank's kv heads only.
+        self.cache = KVCache(model.transformer.config, capacity, model.device, model.dtype)
         self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
         # Prompt tokens per second of the latest prefill of RATE_MIN_TOKENS or more, to the
         # first sampled token; None until one ran. Whether saving the cache pays goes by it.
         self.prefill_rate: float | None = None
         if cuda_graphs is None:
             cuda_graphs = model.device.type == "cuda"
+        # A graph's replay would run rank 0's kernels without telling the other ranks to.
+        cuda_graphs = cuda_graphs and model.transformer.leader is None
         self.decoder = GraphedDecoder(model.transformer, self.cache) if cuda_graphs else None
 
     def reset(self) -> None:

@@ -605,3 +605,47 @@ def test_packed_attention_reads_a_packs_keys_once_for_each_rows_own_position():
             expected = torch.einsum("hs,hsd->hd", torch.softmax(scores, -1), v).flatten()
             got = out[row].double()
             assert (got - expected).norm() / expected.norm() < 1e-2, (shares, row)
+
+
+def _prompt_and_steps(transformer, dtype: torch.dtype) -> torch.Tensor:
+    """Last logits of a prompt and of five decode steps after it, (6, V), through forward()."""
+    prompt = [5, 17, 33, 2, 90, 61, 7, 250, 14, 3, 101, 44]
+    transformer.setup_rope(512)
+    cache = KVCache(transformer.config, 512, torch.device("cuda"), dtype)
+    rows = []
+    with torch.inference_mode():
+        tokens = torch.tensor([prompt], device="cuda")
+        rows.append(transformer(tokens, torch.arange(len(prompt), device="cuda"), cache, 256))
+        for index, token in enumerate([31, 64, 128, 7, 200]):
+            position = torch.tensor([len(prompt) + index], device="cuda")
+            rows.append(transformer(torch.tensor([[token]], device="cuda"), position, cache, 256))
+    return torch.cat([row.view(1, -1).float().cpu() for row in rows])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_ranks_sharing_the_gpu_give_one_ranks_logits(tiny_model_factory, dtype):
+    """The tensor-parallel path on CUDA tensors (its head's float32 logits, the forward() decode
+    step): two ranks on the one GPU, over gloo (NCCL takes a GPU a rank)."""
+    from llamachat.engine.parallel.group import Launch
+    from llamachat.engine.parallel.load import load_parallel
+
+    folder, _ = tiny_model_factory()
+    torch_dtype = getattr(torch, dtype)
+    expected = _prompt_and_steps(
+        ChatModel.load(folder, device="cuda", dtype=dtype).transformer, torch_dtype
+    )
+    launch = Launch(
+        folder=str(folder), weights_folder=str(folder), device="cuda", dtype=dtype,
+        quantization=None, world=2,
+    )  # fmt: skip
+    assert launch.backend == "gloo"
+    split, leader = load_parallel(launch)
+    try:
+        got = _prompt_and_steps(split, torch_dtype)
+    finally:
+        leader.close()
+    assert got.shape == expected.shape
+    if dtype == "float32":
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    else:  # bf16 partial sums added across ranks, against one bf16 product
+        assert ((got - expected).norm() / expected.norm()).item() < 3e-2

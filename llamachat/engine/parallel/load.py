@@ -1,0 +1,81 @@
+"""Loading a model over several ranks: each reads the checkpoint and keeps its part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..decode import choose_logits
+from ..decode.cpu import CpuDecodeStep
+from ..errors import DeviceError
+from ..loading import DTYPE_BY_NAME, load_transformer
+from ..model import Transformer
+from .group import Launch, Leader, await_followers, join, master_store, start_followers
+from .layers import parallelize
+from .shards import Shard, check_world
+
+
+def load_part(launch: Launch, rank: int) -> Transformer:
+    """Rank `rank`'s part of the model, wired to the other ranks (layers.parallelize)."""
+    config = _config(launch)
+    shard = Shard(config, rank, launch.world)
+    device, dtype = launch.device_of(rank), DTYPE_BY_NAME[launch.dtype]
+    if device.type == "cpu":  # the ranks share the cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // launch.world))
+    if launch.weights_folder is None:  # a benchmark's random weights, each rank its own part
+        from ..bench import random_transformer
+
+        transformer = random_transformer(
+            shard.local_config(), device, dtype, launch.quantization, seed=rank
+        )
+    else:
+        transformer = load_transformer(
+            Path(launch.weights_folder), config, device, dtype, launch.quantization, shard=shard
+        )
+    logits = choose_logits(transformer)
+    parallelize(transformer, shard, logits)
+    # The PyTorch CPU step runs a token through the same modules (and so the same collectives);
+    # the C step and the fused CUDA kernels would bypass them: forward() runs the token there.
+    transformer.decode_step = CpuDecodeStep(transformer) if device.type == "cpu" else None
+    return transformer
+
+
+def check_gpus(device: torch.device, gpus: int) -> None:
+    """DeviceError unless this machine has `gpus` GPUs for a model split over GPUs 0…N-1."""
+    if device.type != "cuda":
+        return
+    if device.index not in (None, 0):
+        raise DeviceError("--gpus N runs on GPUs 0 to N-1: leave out --device's number")
+    if gpus > torch.cuda.device_count():
+        raise DeviceError(
+            f"--gpus {gpus} asks for more GPUs than this machine has ({torch.cuda.device_count()})"
+        )
+
+
+def _config(launch: Launch) -> ModelConfig:
+    if launch.shape is not None:
+        from ..bench import shape_config
+
+        return shape_config(launch.shape)
+    assert launch.folder is not None
+    return ModelConfig.from_file(Path(launch.folder) / "config.json")
+
+
+def load_parallel(launch: Launch) -> tuple[Transformer, Leader]:
+    """Rank 0's part, the other ranks started as processes and loaded: (part, its Leader)."""
+    check_world(_config(launch), launch.world)
+    store = master_store(launch.world)
+    processes = start_followers(launch, store)
+    try:
+        transformer = load_part(launch, 0)
+        await_followers(store, processes)
+        control = join(launch, 0, store)
+    except BaseException:
+        for process in processes:
+            process.kill()
+        raise
+    leader = Leader(processes, control)
+    transformer.leader = leader
+    return transformer, leader

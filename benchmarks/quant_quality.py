@@ -9,7 +9,8 @@ and KL divergence at every position). f16 weights are compared with float32 the 
 scales and offsets, as on the GPU) times activations rounded to int8 in groups of 32
 (quantize.quantize_activations), the LM head int8. "fp8" is the GPU's fp8 path the same way:
 E4M3 weights with a scale per row times each activation row rounded to E4M3
-(quantize.fp8_reference, what Fp8Linear runs on a CPU), the LM head int8.
+(quantize.fp8_reference, what Fp8Linear runs on a CPU), the LM head int8; "fp8-weights" the same
+weights times the activations unrounded.
 
     python benchmarks/quant_quality.py MODEL_FOLDER [--tokens 256] [--pairs int8,fp8,f16]
 """
@@ -48,6 +49,7 @@ PAIRS = {
     "int4": ("bfloat16", "int4"),
     "int4-cuda": ("bfloat16", "int4-cuda"),
     "fp8": ("bfloat16", "fp8"),
+    "fp8-weights": ("bfloat16", "fp8-weights"),
     "f16": ("float32", "f16"),
 }
 
@@ -68,7 +70,20 @@ class CudaInt4Emulation(nn.Module):
         return (quantize_activations(x) @ self.weight.T).to(x.dtype)
 
 
-EMULATED = {"int4-cuda": CudaInt4Emulation, "fp8": Fp8Linear}  # GPU paths, on the CPU
+class Fp8WeightsOnly(nn.Module):
+    """E4M3 weights (fp8's) times the activations as they are: what fp8 would cost without
+    rounding each layer's input, to tell the two roundings' shares apart."""
+
+    def __init__(self, weight: torch.Tensor, bias: None = None):
+        super().__init__()
+        self.weight = Fp8Linear(weight, None).dequantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() @ self.weight.T).to(x.dtype)
+
+
+# GPU paths, emulated on the CPU
+EMULATED = {"int4-cuda": CudaInt4Emulation, "fp8": Fp8Linear, "fp8-weights": Fp8WeightsOnly}
 
 
 def load(folder: Path, dtype: str, quantization: str) -> ChatModel:

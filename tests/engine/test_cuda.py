@@ -624,8 +624,10 @@ def _prompt_and_steps(transformer, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_two_ranks_sharing_the_gpu_give_one_ranks_logits(tiny_model_factory, dtype):
-    """The tensor-parallel path on CUDA tensors (its head's float32 logits, the forward() decode
-    step): two ranks on the one GPU, over gloo (NCCL takes a GPU a rank)."""
+    """The tensor-parallel path on CUDA tensors (its head's float32 logits; in bf16 the fused
+    decode step, its row-parallel products reduced across the ranks; in float32 forward()):
+    two ranks on the one GPU, over gloo (NCCL takes a GPU a rank)."""
+    from llamachat.engine.decode.cuda import FusedDecodeStep
     from llamachat.engine.parallel.group import Launch
     from llamachat.engine.parallel.load import load_parallel
 
@@ -641,6 +643,7 @@ def test_two_ranks_sharing_the_gpu_give_one_ranks_logits(tiny_model_factory, dty
     assert launch.backend == "gloo"
     split, leader = load_parallel(launch)
     try:
+        assert isinstance(split.decode_step, FusedDecodeStep) == (dtype == "bfloat16")
         got = _prompt_and_steps(split, torch_dtype)
     finally:
         leader.close()

@@ -21,6 +21,7 @@ from ..kernels.cuda.fused import (
     silu_mul,
 )
 from ..kernels.cuda.gemv import gemv
+from ..parallel.layers import RowParallel
 from ..quantize import Int4Linear
 from .logits import float32_logits
 
@@ -102,7 +103,7 @@ def fused_forward(
 
 def _takes_int8(linear: nn.Module) -> bool:
     """Whether the kernel making this layer's input should also round it to int8 (gemv.py)."""
-    return isinstance(linear, Int4Linear)
+    return isinstance(linear.local if isinstance(linear, RowParallel) else linear, Int4Linear)
 
 
 def _one_row_product(
@@ -111,6 +112,8 @@ def _one_row_product(
     """linear(x) for one row x (1, K): plain weights through the Triton GEMV (faster than
     cuBLAS at one row), quantised layers through their own one-row kernels (an int4 layer takes
     x already rounded to int8 when the kernel that made x did that too)."""
+    if isinstance(linear, RowParallel):  # a rank's part of o or down: its sum, then the others'
+        return linear.reduce(_one_row_product(linear.local, x, rounded))
     if isinstance(linear, Int4Linear):
         return linear(x, rounded)
     if not isinstance(linear, nn.Linear):

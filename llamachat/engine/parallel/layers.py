@@ -22,7 +22,11 @@ class RowParallel(nn.Module):
         self.local = local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.local(x)
+        return self.reduce(self.local(x))
+
+    @staticmethod
+    def reduce(out: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sums `out` → the whole product's, on every rank."""
         dist.all_reduce(out)
         return out
 

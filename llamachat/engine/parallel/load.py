@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..decode import choose_logits
+from ..decode import DecodeStep, choose_logits, fused_kernels_fit
 from ..decode.cpu import CpuDecodeStep
 from ..errors import DeviceError
 from ..loading import DTYPE_BY_NAME, load_transformer
@@ -36,10 +36,20 @@ def load_part(launch: Launch, rank: int) -> Transformer:
         )
     logits = choose_logits(transformer)
     parallelize(transformer, shard, logits)
-    # The PyTorch CPU step runs a token through the same modules (and so the same collectives);
-    # the C step and the fused CUDA kernels would bypass them: forward() runs the token there.
-    transformer.decode_step = CpuDecodeStep(transformer) if device.type == "cpu" else None
+    transformer.decode_step = _decode_step(transformer)
     return transformer
+
+
+def _decode_step(transformer: Transformer) -> DecodeStep | None:
+    """The fused CUDA step and the PyTorch CPU step reach the parts' collectives (they call the
+    row-parallel projections, embedding and head); the C step would bypass them."""
+    if fused_kernels_fit(transformer):
+        from ..decode.cuda import FusedDecodeStep
+
+        return FusedDecodeStep(transformer)
+    if transformer.tok_embeddings.weight.device.type == "cpu":
+        return CpuDecodeStep(transformer)
+    return None
 
 
 def check_gpus(device: torch.device, gpus: int) -> None:

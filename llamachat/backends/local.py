@@ -112,10 +112,10 @@ class LocalBackend:
                     gpus=spec.gpus,
                 )
 
-        if spec.gpus > 1 and (spec.shape is not None or spec.concurrency > 1):
+        if spec.gpus > 1 and (spec.concurrency > 1 or spec.kv_memory is not None):
             raise ModelUnavailableError(
-                "--gpus runs one conversation at a time on an installed model for now: "
-                "not random weights, nor a server's concurrent replies"
+                "a model split with --gpus writes one reply at a time for now, with no "
+                "conversations kept beside it"
             )
         try:
             model = load()
@@ -180,7 +180,7 @@ def _random_model(spec: ChatSpec, folder: Path) -> ChatModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     quantization = resolve_quantization(weight_format_for(spec.weight_format, None), device, dtype)
-    model = random_model(spec.shape, str(device), dtype, quantization, spec.threads)
+    model = random_model(spec.shape, str(device), dtype, quantization, spec.threads, spec.gpus)
     model.folder = folder
     model.tokenizer = _Folded(tokenizer)
     model.chat_format = chat_format_for(tokenizer, spec.chat_format)

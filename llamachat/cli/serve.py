@@ -70,8 +70,13 @@ def serve(
         ),
     ] = False,
     max_batch: Annotated[
-        int, typer.Option("--max-batch", min=1, help="Replies written at once, per model.")
-    ] = 8,
+        int | None,
+        typer.Option(
+            "--max-batch",
+            min=1,
+            help="Replies written at once, per model. [default: 8; 1 with --gpus]",
+        ),
+    ] = None,
     max_queue: Annotated[
         int,
         typer.Option(
@@ -120,6 +125,13 @@ def serve(
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Split each model over this many GPUs (tensor parallel); one reply at a time.",
+        ),
+    ] = None,
     background: Annotated[
         bool,
         typer.Option(
@@ -142,6 +154,15 @@ def serve(
             " LLAMACHAT_API_KEY), or pass --no-api-key-on-network to serve it open",
             exit_code=2,
         )
+    if gpus is not None and gpus > 1:
+        if max_batch is not None and max_batch > 1:
+            raise CliError(
+                "a model split with --gpus writes one reply at a time for now: leave out "
+                "--max-batch (or give 1)",
+                exit_code=2,
+            )
+        max_batch = 1
+    max_batch = max_batch or 8
     home = Home.current()
     if background:
         return start_in_background(home, _flags(locals()), api_key)
@@ -150,7 +171,7 @@ def serve(
     from ..server import create_app
 
     given = GenerationOptions(
-        ctx=ctx, device=device, dtype=dtype, quantize=quantize, threads=threads
+        ctx=ctx, device=device, dtype=dtype, quantize=quantize, threads=threads, gpus=gpus
     )
     options = resolve(given, load(home.config_file), open_history())
     store = ModelStore(home.models)
@@ -235,7 +256,7 @@ def _flags(given: dict) -> list[str]:
     for option in (*named, "step_tokens"):
         if given[option] is not None:
             flags += [f"--{option.replace('_', '-')}", str(given[option])]
-    for option in ("ctx", "device", "dtype", "quantize", "threads"):
+    for option in ("ctx", "device", "dtype", "quantize", "threads", "gpus"):
         if given[option] is not None:
             flags += [f"--{option}", str(given[option])]
     if given["no_api_key_on_network"]:

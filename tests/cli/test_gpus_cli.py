@@ -88,3 +88,29 @@ def test_the_other_ranks_exit_when_the_command_is_killed(smollm2_env):
     while any(_alive(pid) for pid in followers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in followers)
+
+
+def test_serve_answers_from_a_split_model_as_the_engine_does(smollm2_env, smollm2):
+    from tests.server.conftest import start_server
+
+    served = start_server(smollm2_env, "-m", "smollm2", *PLACED, "--gpus", "3", "--ctx", "1024")
+    try:
+        completion = served.client().chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": QUESTION}],
+            temperature=0,
+            max_tokens=24,
+            extra_body={"repeat_penalty": CLI_GREEDY.repeat_penalty},
+        )
+    finally:
+        assert served.stop() == 0
+    messages = [{"role": "user", "content": QUESTION}]
+    expected = "".join(smollm2.session().reply(messages, CLI_GREEDY, max_new_tokens=24))
+    assert completion.choices[0].message.content == expected
+
+
+def test_serve_refuses_a_batch_from_a_split_model_in_one_line(smollm2_env):
+    result = run_cli("serve", "-m", "smollm2", "--gpus", "3", "--max-batch", "4", env=smollm2_env)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "one reply at a time" in lines[0], lines

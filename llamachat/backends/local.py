@@ -422,6 +422,7 @@ class LocalChat(EngineChat):
         )
 
     def close(self) -> None:
+        self.model.close()  # a split model's other processes stop now, not at exit
         del self.session, self.model  # the cache and the weights go with the last reference
 
 

@@ -235,3 +235,15 @@ def test_a_watched_batched_reply_says_once_for_each_step_that_will_not_wait(batc
     )
     assert "llamachat-batch" in told  # from the scheduler's thread
     assert not chat.reply([{"role": "user", "content": "hi"}], request=GREEDY).watch(tell)
+
+
+def test_a_split_model_closed_with_its_chat_lets_the_next_one_split(tiny_store, engine):
+    """The app closes the chat it leaves before it opens the next: a model split over
+    processes must let go of them then (one split model at a time in a process)."""
+    backend = LocalBackend(tiny_store)
+    messages = [{"role": "user", "content": "hello there"}]
+    for _ in range(2):
+        chat = backend.open_chat(ChatSpec(model="tiny", ctx=128, device="cpu", gpus=2))
+        text = "".join(chat.reply(messages, request=GREEDY))
+        assert text == engine.decode(engine_answer(engine, messages))
+        chat.close()

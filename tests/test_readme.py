@@ -33,6 +33,8 @@ EXPECTED_FAILURES = {
     "llamachat create french -f Chatfile": 2,  # a Chatfile of the user's (a usage error)
     "--adapter ./my-lora": 1,  # the user's own adapter
     "-m tinyllama": 1,  # pulled above, which cannot happen here
+    "llamachat pull 70b-chat": 1,  # the Hub
+    "-m 70b-chat --gpus": 1,  # pulled above, and 4 GPUs
     "llamachat chat": 2,  # needs a terminal
     "vllm serve": 127,  # needs vLLM and its GPUs (not installed here: "command not found")
     "-m cluster/llama-70b": 1,  # a cluster this machine cannot reach

@@ -33,7 +33,7 @@ from ..model import Transformer
 
 # Commands wait for the user between turns: no timeout a chat would run into. A rank that dies
 # closes its connections, which the others see at once.
-_IDLE = timedelta(days=365)
+IDLE = timedelta(days=365)
 STARTED_WITHIN_S = 600.0  # for every rank to load its part (a 70B model over 8 GPUs)
 PROBES = 200  # all-reduces timed by Leader.all_reduce_seconds
 
@@ -179,7 +179,7 @@ def master_store(world: int) -> Any:
     if dist.is_initialized():
         raise EngineError("one tensor-parallel model at a time: close the first one")
     return dist.TCPStore(
-        "127.0.0.1", 0, world, is_master=True, timeout=_IDLE, wait_for_workers=False
+        "127.0.0.1", 0, world, is_master=True, timeout=IDLE, wait_for_workers=False
     )
 
 
@@ -188,8 +188,8 @@ def join(launch: Launch, rank: int, store: Any) -> Any:
     backend = launch.backend
     if launch.device == "cuda":
         torch.cuda.set_device(launch.device_of(rank))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=launch.world, timeout=_IDLE)
-    return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=_IDLE)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=launch.world, timeout=IDLE)
+    return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=IDLE)
 
 
 def await_followers(store: Any, processes: list[subprocess.Popen[bytes]]) -> None:
@@ -255,33 +255,11 @@ def _time_all_reduces(width: int, dtype: torch.dtype, device: torch.device) -> f
     return (time.perf_counter() - started) / PROBES
 
 
-def worker_main(arguments: str) -> int:
-    """`python -m llamachat.engine.parallel.worker ARGUMENTS`: load rank r's part, follow."""
-    from .load import load_part
-
-    values = json.loads(arguments)
-    rank, port = values.pop("rank"), values.pop("port")
-    launch = Launch(**values)
-    _exit_with_parent()
-    store = dist.TCPStore("127.0.0.1", port, launch.world, is_master=False, timeout=_IDLE)
-    transformer = load_part(launch, rank)
-    store.set(f"loaded/{rank}", "1")
-    control = join(launch, rank, store)
-    try:
-        follow(transformer, launch, rank, control)
-    except Exception as error:  # one line from a follower, not a traceback
-        if os.getppid() == launch_parent():  # rank 0 lives: say what went wrong here
-            print(f"llamachat: tensor-parallel rank {rank}: {error}", file=sys.stderr)
-        return 1  # else rank 0 is gone (its connections closed): nothing to add
-    dist.destroy_process_group()
-    return 0
-
-
 def launch_parent() -> int:
     return int(os.environ.get("LLAMACHAT_PARENT_PID", "0"))
 
 
-def _exit_with_parent() -> None:
+def exit_with_parent() -> None:
     # A follower outlives nothing: if rank 0's process is gone, so is this one.
     parent = launch_parent()
 

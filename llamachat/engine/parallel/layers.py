@@ -3,14 +3,18 @@ the two row-parallel projections of each block, the embedding and the LM head.""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..decode import Logits
-from ..model import Transformer
 from .shards import Shard
+
+if TYPE_CHECKING:
+    from ..decode import Logits
+    from ..model import Transformer
 
 
 class RowParallel(nn.Module):

@@ -12,6 +12,7 @@ from ..decode.cpu import CpuDecodeStep
 from ..errors import DeviceError
 from ..loading import DTYPE_BY_NAME, load_transformer
 from ..model import Transformer
+from ..random_weights import random_transformer, shape_config
 from .group import Launch, Leader, await_followers, join, master_store, start_followers
 from .layers import parallelize
 from .shards import Shard, check_world
@@ -25,8 +26,6 @@ def load_part(launch: Launch, rank: int) -> Transformer:
     if device.type == "cpu":  # the ranks share the cores
         torch.set_num_threads(max(1, torch.get_num_threads() // launch.world))
     if launch.weights_folder is None:  # a benchmark's random weights, each rank its own part
-        from ..bench import random_transformer
-
         transformer = random_transformer(
             shard.local_config(), device, dtype, launch.quantization, seed=rank
         )
@@ -66,8 +65,6 @@ def check_gpus(device: torch.device, gpus: int) -> None:
 
 def _config(launch: Launch) -> ModelConfig:
     if launch.shape is not None:
-        from ..bench import shape_config
-
         return shape_config(launch.shape)
     assert launch.folder is not None
     return ModelConfig.from_file(Path(launch.folder) / "config.json")

@@ -45,10 +45,12 @@ QUANTIZATIONS = ("int8", "int4", "fp8", "f16")
 GROUP = 32
 E4M3_MAX = 448.0  # float8_e4m3fn's largest finite value
 CHOICES = ("auto", "none", *QUANTIZATIONS)  # what a user may ask for
-# Up to this many rows an int8 product runs the prefill kernel: on an H100, 8b prompts of 512
-# tokens prefilled at 17.7k tok/s with it against 13.4k dequantising, but 4,000 at once at 19.0k
-# against 23.8k.
-PROMPT_KERNEL_ROWS = 1024
+# Up to this many rows an int8 product runs the Triton prompt kernel, which reads the int8
+# weight as it is; more go to cuBLAS through a bf16 copy of the weight times its scales
+# (benchmarks/int8_prefill_sweep.py, H200, the 8b matrices, a layer: 512 rows 0.60 ms in the
+# kernel against 0.54 through the copy, 4,000 rows 4.30 against 2.39; bf16 itself 0.31 and 2.19).
+# The serve step's 384 rows and fewer keep the kernel, whose weight reads do not grow with rows.
+PROMPT_KERNEL_ROWS = 384
 
 
 def resolve_quantization(
@@ -261,8 +263,10 @@ class Int8Linear(nn.Module):
 
             out = int8_matmul(flat, self.weight, self.scale, out_dtype)
         else:
-            weight = self.weight.to(x.dtype).T
-            out = torch.mm(flat, weight, out_dtype=out_dtype or x.dtype) * self.scale
+            from .kernels.cuda.prefill import int8_dequantize
+
+            weight = int8_dequantize(self.weight, self.scale, x.dtype)
+            out = torch.mm(flat, weight.T, out_dtype=out_dtype or x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

@@ -191,6 +191,25 @@ def test_triton_prompt_matmul_multiplies_by_the_dequantized_weight(rows, outputs
     assert (out - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
+def test_a_long_int8_prompt_multiplies_by_the_weight_times_its_scales():
+    """Past the Triton kernel's rows, the weight times its scales goes to cuBLAS as one bf16
+    copy (int8_dequantize: the float32 products rounded once, bit for bit)."""
+    from llamachat.engine.kernels.cuda.prefill import int8_dequantize
+    from llamachat.engine.quantize import PROMPT_KERNEL_ROWS, Int8Linear
+
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    weight = torch.randn(1000, 2048, device="cuda", generator=generator) * 0.02
+    layer = Int8Linear(weight.to(torch.bfloat16), None)
+    copy = int8_dequantize(layer.weight, layer.scale, torch.bfloat16)
+    want = (layer.weight.float() * layer.scale.float()[:, None]).to(torch.bfloat16)
+    assert torch.equal(copy, want)
+    rows = PROMPT_KERNEL_ROWS + 300
+    x = torch.randn(rows, 2048, device="cuda", generator=generator).to(torch.bfloat16)
+    expected = x.float() @ layer.dequantized().T
+    out = layer(x).float()
+    assert (out - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
 @pytest.mark.parametrize("rows", [1, 7, 512])
 @pytest.mark.parametrize(("outputs", "columns"), [(96, 576), (4096, 4096), (1024, 14336)])
 def test_fp8_kernels_are_the_rows_rounded_to_e4m3_times_the_e4m3_weight(rows, outputs, columns):

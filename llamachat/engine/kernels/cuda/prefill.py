@@ -1,11 +1,12 @@
 """Triton kernels for products of several activation rows (a prompt) by quantised weights (CUDA).
 
-Prefill is bound by arithmetic, so the tensor cores must do the work. int8: the kernel loads a
-tile of int8 weights, turns it into bf16 in registers (exactly: they are small integers; the
-per-row scale applies to the fp32 sums) and feeds `tl.dot`. Dequantising the whole matrix to a
-bf16 copy first, then calling cuBLAS, wrote and re-read twice the bf16 weights for every prompt.
-int4: the weight is dequantised once per call and the product goes to cuBLAS (a version that
-unpacked nibbles and group scales per tile measured 10× slower than dequantising).
+Prefill is bound by arithmetic, so the tensor cores must do the work. int8, up to
+quantize.PROMPT_KERNEL_ROWS rows: the kernel loads a tile of int8 weights, turns it into bf16 in
+registers (exactly: they are small integers; the per-row scale applies to the fp32 sums) and
+feeds `tl.dot`, reading the int8 weight once. More rows: one pass writes a bf16 copy of the
+weight times its scales (int8_dequantize) and cuBLAS multiplies by it, faster than the Triton
+kernel's tiles from 512 rows on. int4: the weight is dequantised once per call and the product
+goes to cuBLAS (a version that unpacked nibbles and group scales per tile measured 10× slower).
 """
 
 from __future__ import annotations
@@ -58,12 +59,39 @@ def int8_matmul(
     weight: torch.Tensor,
     scale: torch.Tensor,
     out_dtype: torch.dtype | None = None,
+    tiles: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """x (M, K) · (weight int8 (N, K) · scale (N,))ᵀ → (M, N) in x's dtype or `out_dtype`."""
+    """x (M, K) · (weight int8 (N, K) · scale (N,))ᵀ → (M, N) in x's dtype or `out_dtype`.
+    `tiles`: another tiling than _TILES (benchmarks/int8_prefill_sweep.py)."""
     (m, k), n = x.shape, weight.shape[0]
+    tiles = tiles or _TILES
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
-    grid = (triton.cdiv(m, _TILES["BLOCK_M"]) * triton.cdiv(n, _TILES["BLOCK_N"]),)
-    _int8_matmul_kernel[grid](x.contiguous(), weight, scale, out, m, n, k, **_TILES)
+    grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)
+    _int8_matmul_kernel[grid](x.contiguous(), weight, scale, out, m, n, k, **tiles)
+    return out
+
+
+@triton.jit
+def _int8_dequantize_kernel(
+    w_ptr, scale_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    columns = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rows[:, None] < N) & (columns[None, :] < K)
+    at = rows[:, None] * K + columns[None, :]
+    w = tl.load(w_ptr + at, mask=ok, other=0).to(tl.float32)
+    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, (w * scale[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def int8_dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight times its rows' scales, in `dtype`, in one pass."""
+    n, k = weight.shape
+    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    rows, columns = 16, 512
+    _int8_dequantize_kernel[(triton.cdiv(n, rows), triton.cdiv(k, columns))](
+        weight, scale, out, n, k, BLOCK_N=rows, BLOCK_K=columns, num_warps=4
+    )
     return out
 
 

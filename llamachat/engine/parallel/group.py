@@ -48,7 +48,7 @@ class Launch:
     dtype: str
     quantization: str | None
     world: int
-    shape: str | None = None  # engine/bench.py's SHAPES, for benchmarks
+    shape: str | None = None  # random_weights.SHAPES, for benchmarks
 
     def device_of(self, rank: int) -> torch.device:
         if self.device == "cpu":
@@ -188,6 +188,10 @@ def join(launch: Launch, rank: int, store: Any) -> Any:
     backend = launch.backend
     if launch.device == "cuda":
         torch.cuda.set_device(launch.device_of(rank))
+    if backend == "nccl":
+        # NVLink multicast (NVLS) off unless the environment says otherwise: the multi-GPU
+        # machines this was written for must run NCCL without it (their documentation).
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dist.init_process_group(backend, store=store, rank=rank, world_size=launch.world, timeout=IDLE)
     return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=IDLE)
 

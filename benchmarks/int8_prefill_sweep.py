@@ -18,24 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from decode_step_probe import timed  # noqa: E402
 from gemv_sweep import matrices  # noqa: E402
 
 from llamachat.engine.bench import SHAPES  # noqa: E402
 from llamachat.engine.kernels.cuda.prefill import int8_dequantize, int8_matmul  # noqa: E402
 from llamachat.engine.quantize import Int8Linear  # noqa: E402
-
-
-def timed(work, calls: int = 10) -> float:
-    for _ in range(2):
-        work()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        work()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def tilings():

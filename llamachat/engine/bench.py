@@ -71,9 +71,7 @@ def random_model(
     if gpus > 1:
         from .parallel.group import Launch
         from .parallel.load import check_gpus, load_parallel
-        from .parallel.shards import check_world
 
-        check_world(config, gpus)
         check_gpus(torch.device(device), gpus)
         launch = Launch(
             folder=None, weights_folder=None, device=torch.device(device).type,

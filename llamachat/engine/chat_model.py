@@ -90,7 +90,7 @@ class ChatModel:
             quantized_cache = Path(quantized_cache).expanduser()
         if gpus != 1:
             transformer = _load_parallel(
-                folder, weights, config, target_device, target_dtype, quantization, adjust, gpus
+                folder, weights, target_device, target_dtype, quantization, adjust, gpus
             )
         else:
             transformer = load_transformer(
@@ -180,7 +180,6 @@ class ChatModel:
 def _load_parallel(
     folder: Path,
     weights: Path,
-    config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
     quantization: str | None,
@@ -189,9 +188,7 @@ def _load_parallel(
 ) -> Transformer:
     from .parallel.group import Launch
     from .parallel.load import check_gpus, load_parallel
-    from .parallel.shards import check_world
 
-    check_world(config, gpus)
     check_gpus(device, gpus)
     if adjust is not None:
         raise EngineError(

@@ -197,22 +197,22 @@ def join(launch: Launch, rank: int, store: Any) -> Any:
 
 
 def await_followers(store: Any, processes: list[subprocess.Popen[bytes]]) -> None:
-    """Wait until every follower has loaded its part; EngineError if one exits first."""
+    """Wait until every follower has loaded its part; EngineError if one exits first (the
+    caller stops the others)."""
     deadline = time.monotonic() + STARTED_WITHIN_S
     for rank, process in enumerate(processes, start=1):
         while not store.check([f"loaded/{rank}"]):
             code = process.poll()
             if code is not None:
-                for other in processes:
-                    other.kill()
                 raise EngineError(
                     f"tensor-parallel rank {rank} stopped while loading (exit {code}): "
                     "its message is above"
                 )
             if time.monotonic() > deadline:
-                for other in processes:
-                    other.kill()
-                raise EngineError(f"tensor-parallel rank {rank} did not load within 10 minutes")
+                raise EngineError(
+                    f"tensor-parallel rank {rank} did not load within "
+                    f"{STARTED_WITHIN_S / 60:.0f} minutes"
+                )
             time.sleep(0.05)
 
 

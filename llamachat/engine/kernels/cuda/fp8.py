@@ -5,8 +5,8 @@ E4M3 per row as they come (a scale per token: its largest |x| / 448, E4M3's larg
 that a prompt multiplies on the FP8 tensor cores, twice bf16's rate on a Hopper, through
 cuBLASLt's row-wise scaled product (torch._scaled_mm). One row (a decode step) goes through a
 Triton kernel instead that rounds the row itself, bound by reading the weights: a byte each, as
-int8's. Both compute
-Σ xq·wq in float32 times the two scales; quantize.fp8_reference is the same in PyTorch.
+int8's. Both compute Σ xq·wq in float32 times the two scales; quantize.fp8_reference is the same
+in PyTorch.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from torch import nn
 from .config import ModelConfig
 from .errors import DeviceError, ModelLoadError
 from .model import Transformer
-from .parallel.shards import Shard
 from .quantize import head_quantization, quantizable, quantize_linear
 from .quantized_cache import cache_file, read_layers, write_layers
+from .shards import Shard
 from .weights_reader import read_tensors
 
 DTYPE_BY_NAME = {
@@ -127,7 +127,7 @@ def load_transformer(
     use instead (LoRA adapters applied on loading), before any is stacked or quantised.
     `cache_folder`: where quantised layers are kept between loads (quantized_cache.py), read
     instead of the checkpoint's projections when they are there, written when not.
-    `shard`: keep only a tensor-parallel rank's part of each tensor (parallel/shards.py), in a
+    `shard`: keep only a tensor-parallel rank's part of each tensor (shards.py), in a
     model of that part's shape."""
     model = Transformer(config if shard is None else shard.local_config(), device="meta")
     expected = model.state_dict()

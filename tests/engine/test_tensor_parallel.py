@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llamachat.engine import GREEDY, ChatModel, EngineError
-from llamachat.engine.parallel.shards import Shard, check_world
+from llamachat.engine.shards import Shard, check_world
 
 PROMPT = [5, 17, 33, 2, 90, 61, 7, 250, 14, 3, 101, 44, 180, 9, 75, 12, 300, 8]
 STEPS = [31, 64, 128, 7, 200]

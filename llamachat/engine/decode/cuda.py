@@ -21,8 +21,8 @@ from ..kernels.cuda.fused import (
     silu_mul,
 )
 from ..kernels.cuda.gemv import gemv
-from ..parallel.layers import RowParallel
 from ..quantize import Int4Linear
+from ..shard_layers import RowParallel
 from .logits import float32_logits
 
 if TYPE_CHECKING:

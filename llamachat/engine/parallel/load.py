@@ -13,13 +13,13 @@ from ..errors import DeviceError
 from ..loading import DTYPE_BY_NAME, load_transformer
 from ..model import Transformer
 from ..random_weights import random_transformer, shape_config
+from ..shard_layers import parallelize
+from ..shards import Shard, check_world
 from .group import Launch, Leader, await_followers, join, master_store, start_followers
-from .layers import parallelize
-from .shards import Shard, check_world
 
 
 def load_part(launch: Launch, rank: int) -> Transformer:
-    """Rank `rank`'s part of the model, wired to the other ranks (layers.parallelize)."""
+    """Rank `rank`'s part of the model, wired to the other ranks (shard_layers.parallelize)."""
     config = _config(launch)
     shard = Shard(config, rank, launch.world)
     device, dtype = launch.device_of(rank), DTYPE_BY_NAME[launch.dtype]

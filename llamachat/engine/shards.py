@@ -6,8 +6,8 @@ the SwiGLU width and a slice of the vocabulary:
 - column-parallel (the output axis split): q/k/v and gate/up; each rank computes its own heads
   and its slice of the hidden width from the whole input;
 - row-parallel (the input axis split): o and down; each rank's product is a partial sum, and
-  one all-reduce per projection adds them (layers.RowParallel);
-- the embedding and LM head split by vocabulary (layers.VocabParallelEmbedding and Head).
+  one all-reduce per projection adds them (shard_layers.RowParallel);
+- the embedding and LM head split by vocabulary (shard_layers.VocabParallelEmbedding and Head).
 
 kv heads are split when N divides them; with fewer kv heads than ranks (MQA, or 8 kv heads over
 16 ranks) each kv head is kept by the N/KV ranks whose queries read it, as vLLM does, so the
@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import ModelConfig
-from ..errors import EngineError
+from .config import ModelConfig
+from .errors import EngineError
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The layers of a rank's part of the model that talk to the other ranks (torch.distributed):
-the two row-parallel projections of each block, the embedding and the LM head."""
+"""The layers of a tensor-parallel rank's part of the model that talk to the other ranks
+(torch.distributed): the two row-parallel projections of each block, the embedding and the LM
+head. Below decode/ and parallel/, which both use them."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from torch import nn
 from .shards import Shard
 
 if TYPE_CHECKING:
-    from ..decode import Logits
-    from ..model import Transformer
+    from .decode import Logits
+    from .model import Transformer
 
 
 class RowParallel(nn.Module):

@@ -142,3 +142,30 @@ def test_each_rank_keeps_the_kv_heads_its_queries_read(tiny_model_factory):
             read = {query // shaped.n_groups for query in queries}
             kept = set(range(shard.first_kv_head, shard.first_kv_head + shard.kv_heads))
             assert read == kept
+
+
+def test_a_follower_that_cannot_load_its_part_says_so_in_one_line(tmp_path):
+    """Its message is the one rank 0's error points to ("its message is above")."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    (tmp_path / "config.json").write_text("{not json")
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    launch = dict(
+        folder=str(tmp_path), weights_folder=str(tmp_path), device="cpu", dtype="float32",
+        quantization=None, world=2, shape=None, rank=1, port=store.port,
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "llamachat.engine.parallel.worker", json.dumps(launch)],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "LLAMACHAT_PARENT_PID": str(os.getpid())},
+    )
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llamachat: tensor-parallel rank 1:"), lines
+    assert "config.json" in lines[0]

@@ -19,10 +19,10 @@ def worker_main(arguments: str) -> int:
     launch = Launch(**values)
     exit_with_parent()
     store = dist.TCPStore("127.0.0.1", port, launch.world, is_master=False, timeout=IDLE)
-    transformer = load_part(launch, rank)
-    store.set(f"loaded/{rank}", "1")
-    control = join(launch, rank, store)
     try:
+        transformer = load_part(launch, rank)
+        store.set(f"loaded/{rank}", "1")
+        control = join(launch, rank, store)
         follow(transformer, launch, rank, control)
     except Exception as error:  # one line from a follower, not a traceback
         if os.getppid() == launch_parent():  # rank 0 lives: say what went wrong here

@@ -183,7 +183,30 @@ def _not_utf8(args: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    """The command on `argv`, or on the process's own arguments; its exit code. Run as the
+    process's command (no `argv`), a command that loaded PyTorch ends the process itself."""
+    code = _run(list(sys.argv[1:] if argv is None else argv))
+    if argv is None and "torch" in sys.modules:
+        _exit_without_teardown(code)
+    return code
+
+
+def _exit_without_teardown(code: int) -> None:
+    # PyTorch's share of the interpreter's teardown takes ~0.5 s (a piped answer's exit, which
+    # `answer=$(... | llamachat)` waits for). Every store is committed and every reply written
+    # by now; the exit handlers (tensor-parallel ranks are stopped by one) still run.
+    import atexit
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # the reader went away, or stdout is closed
+        code = code or 141
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
+def _run(args: list[str]) -> int:
     # --debug works anywhere on the line, so it is taken out before the parser sees it.
     debug = "--debug" in args or os.environ.get("LLAMACHAT_DEBUG") == "1"
     args = [arg for arg in args if arg != "--debug"]

@@ -3,7 +3,7 @@ time per call, bytes read per second, and the share of the card's copy bandwidth
 tiling in use and the best one found. What says whether a format's decode is bound by memory
 or by instructions on this card.
 
-    python benchmarks/gemv_sweep.py --shape 8b [--formats int8 int4 fp8]
+    python benchmarks/gemv_sweep.py --shape 8b [--formats int8 int8-dp4a int4 fp8]
 
 Random weights of the shape's matrices (qkv, o, gate/up, down, the LM head), quantised as the
 engine quantises them; each tiling timed with CUDA events over 300 calls replayed from a CUDA graph.
@@ -25,7 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llamachat.engine.bench import SHAPES, copy_bandwidth  # noqa: E402
 from llamachat.engine.kernels.cuda.activations import round_to_int8  # noqa: E402
 from llamachat.engine.kernels.cuda.fp8 import _fp8_gemv_kernel, gemv_tiling  # noqa: E402
-from llamachat.engine.kernels.cuda.gemv import _gemv_kernel, _int4_gemv_kernel  # noqa: E402
+from llamachat.engine.kernels.cuda.gemv import (  # noqa: E402
+    _gemv_kernel,
+    _int4_gemv_kernel,
+    _int8_dp4a_gemv_kernel,
+    int8_dp4a_tiling,
+)
 from llamachat.engine.quantize import Fp8Linear, Int4Linear, Int8Linear  # noqa: E402
 
 
@@ -75,6 +80,14 @@ def int4_tilings(n: int, k: int):
             yield {"ROWS": rows, "GROUPS": groups, "num_warps": warps, "num_stages": stages}
 
 
+def int8_dp4a_tilings(n: int, k: int):
+    for rows, groups, warps, stages in itertools.product(
+        (1, 2, 4, 8), (16, 32, 64), (1, 2, 4), (3,)
+    ):
+        if groups <= k // 32:
+            yield {"ROWS": rows, "GROUPS": groups, "num_warps": warps, "num_stages": stages}
+
+
 def fp8_tilings(n: int, k: int):
     for rows, block_k, warps, stages in itertools.product(
         (4, 8, 16), (512, 1024, 2048), (4, 8), (3, 4)
@@ -99,6 +112,17 @@ def int8_run(layer: Int8Linear, x: torch.Tensor, tiling: dict):
     )
 
 
+def int8_dp4a_run(layer: Int8Linear, x: torch.Tensor, tiling: dict):
+    n, k = layer.weight.shape
+    xq, x_scale, _ = round_to_int8(x)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, tiling["ROWS"]),)
+    return lambda: _int8_dp4a_gemv_kernel[grid](
+        xq.view(torch.int32), x_scale, layer.weight.view(torch.int32), layer.scale, out, n, k,
+        **tiling,
+    )  # fmt: skip
+
+
 def int4_run(layer: Int4Linear, x: torch.Tensor, tiling: dict):
     n, k = layer.weight.shape[0], layer.weight.shape[1] * 2
     xq, x_scale, x_sum = round_to_int8(x)
@@ -120,10 +144,14 @@ IN_USE = {  # what gemv.py launches today, by matrix height and width
             strict=True), num_stages=3,
     ),
     "fp8": gemv_tiling,
+    "int8-dp4a": int8_dp4a_tiling,
 }  # fmt: skip
-LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
-RUNS = {"int8": int8_run, "int4": int4_run, "fp8": fp8_run}
-TILINGS = {"int8": int8_tilings, "int4": int4_tilings, "fp8": fp8_tilings}
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear, "int8-dp4a": Int8Linear}
+RUNS = {"int8": int8_run, "int4": int4_run, "fp8": fp8_run, "int8-dp4a": int8_dp4a_run}
+TILINGS = {
+    "int8": int8_tilings, "int4": int4_tilings, "fp8": fp8_tilings,
+    "int8-dp4a": int8_dp4a_tilings,
+}  # fmt: skip
 
 
 def main() -> None:

@@ -7,7 +7,10 @@ and KL divergence at every position). f16 weights are compared with float32 the 
 
 "int4-cuda" is the CUDA int4 path's arithmetic emulated in float32 on the CPU: int4 weights (fp16
 scales and offsets, as on the GPU) times activations rounded to int8 in groups of 32
-(quantize.quantize_activations), the LM head int8. "fp8" is the GPU's fp8 path the same way:
+(quantize.quantize_activations), the LM head int8; "int8-cuda" the CUDA int8 path's one-row
+products the same way (int8 weights, bf16 row scales, times activations rounded to int8 in
+groups of 32, the head too; prompts on the GPU multiply the activations unrounded, so this
+is the decode steps' arithmetic at every position). "fp8" is the GPU's fp8 path the same way:
 E4M3 weights with a scale per row times each activation row rounded to E4M3
 (quantize.fp8_reference, what Fp8Linear runs on a CPU), the LM head int8; "fp8-weights" the same
 weights times the activations unrounded.
@@ -36,6 +39,7 @@ from llamachat.engine.quantize import (  # noqa: E402
     quantizable,
     quantize_activations,
     quantize_int4,
+    quantize_int8,
 )
 
 PROMPTS = [
@@ -47,6 +51,7 @@ PROMPTS = [
 PAIRS = {
     "int8": ("bfloat16", "int8"),
     "int4": ("bfloat16", "int4"),
+    "int8-cuda": ("bfloat16", "int8-cuda"),
     "int4-cuda": ("bfloat16", "int4-cuda"),
     "fp8": ("bfloat16", "fp8"),
     "fp8-weights": ("bfloat16", "fp8-weights"),
@@ -70,6 +75,19 @@ class CudaInt4Emulation(nn.Module):
         return (quantize_activations(x) @ self.weight.T).to(x.dtype)
 
 
+class CudaInt8Emulation(nn.Module):
+    """What gemv.int8_dp4a_gemv computes for one row, in float32: int8-rounded activations
+    times the int8 weight and its bf16 row scales (the head too)."""
+
+    def __init__(self, weight: torch.Tensor, bias: None = None):
+        super().__init__()
+        q, scale = quantize_int8(weight)
+        self.weight = q.float() * scale.to(torch.bfloat16).float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (quantize_activations(x) @ self.weight.T).to(x.dtype)
+
+
 class Fp8WeightsOnly(nn.Module):
     """E4M3 weights (fp8's) times the activations as they are: what fp8 would cost without
     rounding each layer's input, to tell the two roundings' shares apart."""
@@ -83,7 +101,10 @@ class Fp8WeightsOnly(nn.Module):
 
 
 # GPU paths, emulated on the CPU
-EMULATED = {"int4-cuda": CudaInt4Emulation, "fp8": Fp8Linear, "fp8-weights": Fp8WeightsOnly}
+EMULATED = {
+    "int8-cuda": CudaInt8Emulation, "int4-cuda": CudaInt4Emulation, "fp8": Fp8Linear,
+    "fp8-weights": Fp8WeightsOnly,
+}  # fmt: skip
 
 
 def load(folder: Path, dtype: str, quantization: str) -> ChatModel:
@@ -92,7 +113,7 @@ def load(folder: Path, dtype: str, quantization: str) -> ChatModel:
     model = ChatModel.load(folder, device="cpu", dtype=dtype)
     for name, module in list(model.transformer.named_modules()):
         if quantizable(name) and isinstance(module, nn.Linear):
-            head = name == "output"
+            head = name == "output" and quantization != "int8-cuda"
             layer = Int8Linear if head else EMULATED[quantization]
             model.transformer.set_submodule(name, layer(module.weight, None))
     return model

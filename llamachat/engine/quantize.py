@@ -27,6 +27,7 @@ The LM head is quantised to int8 under int4 too: it is one matrix and it decides
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -222,6 +223,11 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.floor(groups / step + 0.5) * step).flatten(-2)
 
 
+# LLAMACHAT_INT8_DP4A=0: one-row int8 products on a GPU multiply the activations unrounded, in
+# float (the kernel before dp4a; benchmarks/decode_variants.py compares the two).
+INT8_DP4A = os.environ.get("LLAMACHAT_INT8_DP4A", "1") == "1"
+
+
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -247,13 +253,29 @@ class Int8Linear(nn.Module):
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "scale": self.scale}
 
-    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    @property
+    def rounds_one_row(self) -> bool:
+        """Whether one row on a GPU is multiplied rounded to int8 in groups of GROUP, as for
+        int4 (kernels/cuda/gemv.py: int8_dp4a_gemv)."""
+        return INT8_DP4A and self.in_features % GROUP == 0
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        out_dtype: torch.dtype | None = None,
+        activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """`out_dtype`: the result's dtype where not x's (float32 logits, on a GPU written from
-        the kernels' float32 sums)."""
+        the kernels' float32 sums). `activations`: one row x already rounded to int8 in groups
+        (kernels/cuda/activations.py), where rounds_one_row."""
         flat = x.reshape(-1, self.in_features)
         if x.device.type == "cpu":
             out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scale)
             out = out.to(out_dtype or x.dtype)
+        elif flat.shape[0] == 1 and self.rounds_one_row:
+            from .kernels.cuda.gemv import int8_dp4a_gemv
+
+            out = int8_dp4a_gemv(flat, self.weight, self.scale, out_dtype, activations)
         elif flat.shape[0] == 1:
             from .kernels.cuda.gemv import int8_gemv
 

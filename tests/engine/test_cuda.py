@@ -146,7 +146,7 @@ def test_graphed_session_matches_an_eager_one_in_a_chat(tiny_model_factory):
 
 @pytest.mark.parametrize(("rows", "columns"), [(100, 576), (4096, 4096), (1000, 14336)])
 def test_triton_gemv_kernels_multiply_by_the_dequantized_weight(rows, columns):
-    from llamachat.engine.kernels.cuda.gemv import int4_gemv, int8_gemv
+    from llamachat.engine.kernels.cuda.gemv import int4_gemv, int8_dp4a_gemv, int8_gemv
     from llamachat.engine.quantize import (
         GROUP,
         pack_int4,
@@ -162,6 +162,14 @@ def test_triton_gemv_kernels_multiply_by_the_dequantized_weight(rows, columns):
     expected = x.float() @ (q.float() * scale[:, None]).T
     out = int8_gemv(x, q, scale.to(torch.bfloat16))
     assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    # dp4a: the int8-rounded activations times the int8 weights, up to the float32 sums of the
+    # groups (the logits' case: no bf16 rounding of the output) and the odd activation that
+    # the kernel's division rounds to the neighbouring step (seen: 1.1e-4 of the largest)...
+    out = int8_dp4a_gemv(x, q, scale.to(torch.bfloat16), torch.float32)
+    rounded = quantize_activations(x) @ (q.float() * scale.to(torch.bfloat16).float()[:, None]).T
+    assert (out - rounded).abs().max() <= 1e-3 * rounded.abs().max()
+    # ...which stay within a percent of the exact product.
+    assert (out - expected).norm() <= 0.01 * expected.norm()
     q4, scale4, offset4 = quantize_int4(weight)
     scale4, offset4 = scale4.half(), offset4.half()
     dequantized = q4.float().view(rows, -1, GROUP) * scale4.float()[..., None]
@@ -261,8 +269,8 @@ def test_quantized_model_on_the_gpu_matches_the_cpu_one_and_graphs_match_eager(
         dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=1, intermediate_size=384),
     ],
 )
-# int4: norms round x for the next layer; fp8: its own rounding kernel before each product
-@pytest.mark.parametrize("quantization", [None, "int4", "fp8"])
+# int8 and int4: norms round x for the next layer; fp8: each product rounds its row itself
+@pytest.mark.parametrize("quantization", [None, "int8", "int4", "fp8"])
 def test_fused_decode_kernels_match_the_unfused_step(tiny_model_factory, shape, quantization):
     from llamachat.engine.decode.cuda import FusedDecodeStep
 

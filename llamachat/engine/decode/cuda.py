@@ -21,7 +21,7 @@ from ..kernels.cuda.fused import (
     silu_mul,
 )
 from ..kernels.cuda.gemv import gemv
-from ..quantize import Int4Linear
+from ..quantize import Int4Linear, Int8Linear
 from ..shard_layers import RowParallel
 from .logits import float32_logits
 
@@ -98,12 +98,13 @@ def fused_forward(
     if logit_rows is not None:
         x, out = x[logit_rows], out[logit_rows]
     h, rounded = add_rms_norm(x, out, model.norm.weight, eps, one_row and _takes_int8(model.output))
-    return float32_logits(model.output, h)
+    return float32_logits(model.output, h, rounded)
 
 
 def _takes_int8(linear: nn.Module) -> bool:
     """Whether the kernel making this layer's input should also round it to int8 (gemv.py)."""
-    return isinstance(linear.local if isinstance(linear, RowParallel) else linear, Int4Linear)
+    layer = linear.local if isinstance(linear, RowParallel) else linear
+    return isinstance(layer, Int4Linear) or (isinstance(layer, Int8Linear) and layer.rounds_one_row)
 
 
 def _one_row_product(
@@ -116,6 +117,8 @@ def _one_row_product(
         return linear.reduce(_one_row_product(linear.local, x, rounded))
     if isinstance(linear, Int4Linear):
         return linear(x, rounded)
+    if isinstance(linear, Int8Linear):
+        return linear(x, activations=rounded)
     if not isinstance(linear, nn.Linear):
         return linear(x)
     out = gemv(x, linear.weight)

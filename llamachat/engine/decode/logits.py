@@ -12,12 +12,17 @@ from torch import nn
 
 from ..quantize import Int8Linear
 
+Int8Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-def float32_logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Float32 logits (..., V) of the final norm's output h (..., D) on a GPU."""
+
+def float32_logits(
+    head: nn.Module, h: torch.Tensor, rounded: Int8Activations | None = None
+) -> torch.Tensor:
+    """Float32 logits (..., V) of the final norm's output h (..., D) on a GPU; `rounded`: one
+    row h rounded to int8 in groups, for an int8 head that multiplies it so."""
     flat = h.reshape(-1, h.shape[-1])
     if isinstance(head, Int8Linear):
-        out = head(flat, out_dtype=torch.float32)
+        out = head(flat, out_dtype=torch.float32, activations=rounded)
     elif isinstance(head, nn.Linear) and head.bias is None:
         if flat.shape[0] == 1:
             from ..kernels.cuda.gemv import gemv

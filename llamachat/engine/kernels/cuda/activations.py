@@ -1,5 +1,5 @@
-"""An activation row rounded to int8 in groups of 32, the input the int4 matrix-vector kernel
-multiplies (gemv.py) (CUDA).
+"""An activation row rounded to int8 in groups of 32, the input the int4 and int8 matrix-vector
+kernels multiply (gemv.py) (CUDA).
 
 Rounding is a kernel of its own (round_to_int8), or the tail of the kernel that made the row:
 the fused decode kernels (fused.py) call store_int8_groups on their output, saving a launch.

@@ -16,8 +16,8 @@ many (one token of each sequence in a batch, whose caches are slots of one pool)
 - `silu_mul`: SwiGLU's gate.
 
 `add_rms_norm`, `silu_mul` and `decode_attention` can also write their output rounded to int8
-in groups of 32, the input an int4 layer's kernel multiplies (gemv.py, activations.py), saving a
-launch of its own. Inside a CUDA graph on a Hopper GPU each kernel starts with a
+in groups of 32, the input an int4 or int8 layer's kernel multiplies (gemv.py, activations.py),
+saving a launch of its own. Inside a CUDA graph on a Hopper GPU each kernel starts with a
 programmatic-dependent-launch wait (launch.py).
 """
 

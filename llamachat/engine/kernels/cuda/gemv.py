@@ -6,11 +6,13 @@ write a big copy and read it again; these kernels read each packed byte once and
 arithmetic in registers. Each program owns a few output rows and walks the input axis; the GPU's
 many programs keep enough loads in flight to fill the memory bus.
 
-bf16 and int8 weights multiply in float32. int4 weights would need an unpack, an int→float
-conversion and an FMA per weight, which caps a float kernel near half the memory bandwidth
-(measured: 1.3-1.7 TB/s of packed bytes on an H100, whatever the tiling); so the activation row
-is first rounded to int8 in groups of 32 (llama.cpp's Q8_1 idea) and four products at a time run
-as one integer dot-product instruction (dp4a). Groups are quantize.GROUP = 32 columns; the
+bf16 weights multiply in float32. int4 weights would need an unpack, an int→float conversion
+and an FMA per weight, which caps a float kernel near half the memory bandwidth (measured:
+1.3-1.7 TB/s of packed bytes on an H100, whatever the tiling); so the activation row is first
+rounded to int8 in groups of 32 (llama.cpp's Q8_1 idea) and four products at a time run as one
+integer dot-product instruction (dp4a). int8 weights go the same way (int8_dp4a_gemv): their
+one conversion a weight held the float kernel (int8_gemv, kept for rows not made of whole
+groups) at 63-82% of an H200's copy bandwidth. Groups are quantize.GROUP = 32 columns; the
 rounding is activations.py's.
 
 Imported only on CUDA (Triton ships with PyTorch's CUDA builds).
@@ -128,6 +130,70 @@ def _int4_gemv_kernel(
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _signed_dp4a(a, b, c):
+    # c + Σ over the 4 signed bytes of a · the 4 signed bytes of b.
+    if _INTERPRETED:
+        total = c
+        for i in tl.static_range(4):
+            total += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return total
+    else:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True,
+            pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
+def _int8_dp4a_gemv_kernel(
+    xq_ptr,
+    x_scale_ptr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,
+    N,
+    K: tl.constexpr,
+    ROWS: tl.constexpr,
+    GROUPS: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    # int8 weights (a scale per row) times the row rounded to int8 in groups of 32, four
+    # products per dp4a: converting each weight byte to float caps the float kernel near the
+    # conversion unit's rate, under the memory's. A group is 8 int32 words of each:
+    # Σ w·x = row scale · Σ_groups x_scale · Σ q·xq. Each block of weights is
+    # read while the one before is multiplied.
+    n_words: tl.constexpr = K // 4
+    n_groups: tl.constexpr = K // 32
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    word = tl.arange(0, 8)
+    w_at = rows[:, None, None] * n_words + (tl.arange(0, GROUPS)[:, None] * 8 + word[None, :])[None]
+    await_previous_kernel(PDL)
+    words = tl.load(
+        w_ptr + w_at,
+        mask=row_ok[:, None, None] & (tl.arange(0, GROUPS) < n_groups)[None, :, None],
+        other=0,
+    )
+    acc = tl.zeros((ROWS, GROUPS), dtype=tl.float32)
+    for first in range(0, n_groups, GROUPS):
+        groups = first + tl.arange(0, GROUPS)
+        group_ok = groups < n_groups
+        x_words = tl.load(
+            xq_ptr + groups[:, None] * 8 + word[None, :], mask=group_ok[:, None], other=0
+        )
+        current = words
+        following_ok = row_ok[:, None, None] & (groups + GROUPS < n_groups)[None, :, None]
+        words = tl.load(w_ptr + w_at + (first + GROUPS) * 8, mask=following_ok, other=0)
+        dot = _signed_dp4a(
+            current, tl.broadcast_to(x_words[None], current.shape), tl.zeros_like(current)
+        )
+        x_scale = tl.load(x_scale_ptr + groups, mask=group_ok, other=0.0)
+        acc += tl.sum(dot, axis=2).to(tl.float32) * x_scale[None, :]
+    total = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -185,5 +251,35 @@ def int4_gemv(
     _int4_gemv_kernel[(triton.cdiv(n, rows),)](
         xq.view(torch.int32), x_scale, x_sum, packed.view(torch.int32), scale, offset, out, n, k,
         ROWS=rows, GROUPS=groups, num_warps=warps, **launch_options(),
+    )  # fmt: skip
+    return out
+
+
+def int8_dp4a_tiling(n: int, k: int) -> dict[str, int]:
+    """The dp4a int8 kernel's tiling: two rows a program, 32 groups a step, four warps, for
+    every matrix. Chosen by whole decode steps (benchmarks/decode_variants.py, H200, 8b int8:
+    409 tok/s; four rows and two warps 400; one row for the tall matrices 371), not by
+    gemv_sweep.py's matrices alone, whose best tilings (one row for gate/up and the head) were
+    slower inside the step."""
+    return {"ROWS": 2, "GROUPS": 32, "num_warps": 4, "num_stages": 3}
+
+
+def int8_dp4a_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    activations: Int8Activations | None = None,
+) -> torch.Tensor:
+    """int8_gemv with x rounded to int8 in groups of 32 (as for int4_gemv), the products as
+    integer dot products of four bytes. `activations`: x already rounded, by the kernel that
+    made x."""
+    n, k = weight.shape
+    xq, x_scale, _ = round_to_int8(x) if activations is None else activations
+    out = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)
+    tiling = int8_dp4a_tiling(n, k)
+    _int8_dp4a_gemv_kernel[(triton.cdiv(n, tiling["ROWS"]),)](
+        xq.view(torch.int32), x_scale, weight.view(torch.int32), scale, out, n, k, **tiling,
+        **launch_options(),
     )  # fmt: skip
     return out

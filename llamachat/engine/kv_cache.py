@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import mmap
+import math
+
 import torch
 
 from .config import ModelConfig
+
+
+def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed tensor; on a CPU in anonymous mapped memory, which the OS hands out zeroed and
+    only as it is written, so a cache's unused positions (most of an 8k window in a one-shot
+    answer) cost neither memory nor the time to zero them."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 class KVCache:
@@ -18,8 +33,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, max_len: int, device: torch.device, dtype: torch.dtype):
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = _zeros(shape, device, dtype)
+        self.v = _zeros(shape, device, dtype)
         self.max_len = max_len
         # Each layer's (n_kv, max_len, hd) keys and values, as views made once.
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))

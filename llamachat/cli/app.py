@@ -10,7 +10,6 @@ import os
 import sys
 import traceback
 import warnings
-from importlib.metadata import version
 from typing import Annotated, Any
 
 import click
@@ -59,6 +58,8 @@ class _Commands(TyperGroup):
 
 def _print_version(wanted: bool) -> None:
     if wanted:
+        from importlib.metadata import version  # 30 ms to import, for this flag alone
+
         print(f"llamachat {version('llamachat')}")
         raise typer.Exit()
 

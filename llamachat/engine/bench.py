@@ -130,6 +130,11 @@ def measure(
     ).tolist()
 
     for length in prefills:
+        # One untimed run first: the first prompt of a length compiles its kernels and picks
+        # cuBLAS's algorithms, and on a GPU that idled the clocks are still rising (the
+        # 512-token figure moved by ±30% between calls without it).
+        session.reset()
+        _timed(lambda n=length: session._forward(tokens[:n]), device)
         times = []
         for _ in range(3):
             session.reset()

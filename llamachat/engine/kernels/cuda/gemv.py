@@ -10,9 +10,9 @@ bf16 weights multiply in float32. int4 weights would need an unpack, an int→fl
 and an FMA per weight, which caps a float kernel near half the memory bandwidth (measured:
 1.3-1.7 TB/s of packed bytes on an H100, whatever the tiling); so the activation row is first
 rounded to int8 in groups of 32 (llama.cpp's Q8_1 idea) and four products at a time run as one
-integer dot-product instruction (dp4a). int8 weights go the same way (int8_dp4a_gemv): their
-one conversion a weight held the float kernel (int8_gemv, kept for rows not made of whole
-groups) at 63-82% of an H200's copy bandwidth. Groups are quantize.GROUP = 32 columns; the
+integer dot-product instruction (dp4a). int8 weights go the same way (int8_dp4a_gemv):
+converting each weight byte to float held the float kernel (int8_gemv, kept for rows not made
+of whole groups) at 63-82% of an H200's copy bandwidth. Groups are quantize.GROUP = 32 columns; the
 rounding is activations.py's.
 
 Imported only on CUDA (Triton ships with PyTorch's CUDA builds).

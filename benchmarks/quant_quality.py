@@ -39,7 +39,6 @@ from llamachat.engine.quantize import (  # noqa: E402
     quantizable,
     quantize_activations,
     quantize_int4,
-    quantize_int8,
 )
 
 PROMPTS = [
@@ -81,8 +80,7 @@ class CudaInt8Emulation(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: None = None):
         super().__init__()
-        q, scale = quantize_int8(weight)
-        self.weight = q.float() * scale.to(torch.bfloat16).float()[:, None]
+        self.weight = Int8Linear(weight, None).dequantized()  # its scales bf16 on a CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (quantize_activations(x) @ self.weight.T).to(x.dtype)

@@ -36,7 +36,9 @@ class StreamDecoder:
         return self._release(new_text, final=False)
 
     def finish(self) -> str:
-        """Release whatever is left: the end of the reply, or the point it was cut off."""
+        """Release whatever is left: the end of the reply, or the point it was cut off. A
+        character left unfinished there is dropped, not shown as U+FFFD (as llama.cpp's server
+        and vLLM do); its tokens stay in the reply's ids."""
         if self.stopped:
             return ""
         return self._release(self._new_text(final=True), final=True)
@@ -48,6 +50,10 @@ class StreamDecoder:
         current = self._decode(self._ids[self._prefix :])
         if not final and (len(current) <= len(known) or current.endswith(REPLACEMENT)):
             return ""  # an unfinished character (or nothing visible yet): wait for more tokens
+        if final:
+            # The bytes decoded here cannot tell a U+FFFD the reply spelled out whole at its very
+            # end from an unfinished character; the second is what a cut-off leaves.
+            current = current.rstrip(REPLACEMENT)
         self._prefix, self._read = self._read, len(self._ids)
         return current[len(known) :]
 

@@ -43,11 +43,18 @@ def test_text_after_a_stop_string_is_ignored():
     assert out == decoder.text == "abc"
 
 
-def test_finish_releases_an_unfinished_character():
+def test_a_reply_cut_off_inside_a_character_ends_before_it():
+    # As llama.cpp's server and vLLM do: the bytes of a character the reply never finished
+    # (its token budget ran out, or it was stopped) are not shown as U+FFFD.
     decoder = StreamDecoder(byte_decode)
-    partial = "长".encode()[:2]
-    assert decoder.push(partial[0]) == "" and decoder.push(partial[1]) == ""
-    assert decoder.finish() == byte_decode(list(partial))
+    pieces = [decoder.push(b) for b in "长城很".encode() + "长".encode()[:2]]
+    assert "".join(pieces) + decoder.finish() == "长城很" == decoder.text
+
+
+def test_a_finished_replacement_character_is_kept():
+    # U+FFFD that the reply spelled out whole (EF BF BD), then more text, is text like any other.
+    pieces, decoder = stream("a\ufffdb")
+    assert "".join(pieces) == "a\ufffdb" == decoder.text
 
 
 def test_earliest_of_several_stop_strings_wins():

@@ -4,6 +4,7 @@ whether asked alone or beside others, and a second turn reuses the first one's c
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 
 import pytest
 
@@ -121,3 +122,24 @@ def test_another_users_conversation_reuses_a_shared_system_prompt(server):
     answer = {"role": "assistant", "content": replies[0].choices[0].message.content}
     back = ask([*conversations[0], answer, {"role": "user", "content": "Why?"}]).usage
     assert back.prompt_tokens_details.cached_tokens >= first.prompt_tokens - 1
+
+
+def test_a_reply_cut_off_inside_a_character_ends_before_it(server):
+    # SmolLM2 spells most Chinese characters in two or three tokens, so some token budgets
+    # run out inside one: what was said then ends at the last whole character, no U+FFFD.
+    client = server.client()
+    question = [{"role": "user", "content": "请用三句话介绍一下长城。"}]
+
+    def answer(max_tokens: int, stream: bool) -> str:
+        options = dict(temperature=0, max_tokens=max_tokens, stream=stream)
+        reply = client.chat.completions.create(model="smollm2", messages=question, **options)
+        if stream:
+            return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices)
+        return reply.choices[0].message.content
+
+    whole = answer(12, stream=False)
+    cut = [answer(tokens, stream=False) for tokens in range(1, 9)]
+    assert all(whole.startswith(text) and "\ufffd" not in text for text in cut), cut
+    # Some budget ended inside a character: its answer is no longer than the one before.
+    assert any(len(later) <= len(earlier) for earlier, later in itertools.pairwise(cut)), cut
+    assert [answer(tokens, stream=True) for tokens in range(1, 9)] == cut
